@@ -1,0 +1,1 @@
+"""Building blocks both model families share."""

@@ -1,0 +1,55 @@
+"""Grouped-query attention with a padding/causal mask, plus the one-row attention probabilities that
+the IVT-LR latent loop ranks image patches with (REFERENCE.md section 3, step 2).
+
+Shapes: B batch, T query length, S key length, N query heads, K key/value heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
+
+
+def causal_mask(query_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
+    """[B, T, S] bool: query at slot t sees key slot s when s <= t and the key is not padding.
+
+    query_slots: [T] or [B, T] absolute slot index of each query in the key sequence.
+    key_valid: [B, S] bool, False on padding and on cache slots not written yet.
+    """
+    key_slots = jnp.arange(key_valid.shape[1])
+    if query_slots.ndim == 1:
+        query_slots = query_slots[None]
+    return (key_slots[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :]
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> jax.Array:
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]. Softmax in fp32."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def row_attention_probs(
+    q: jax.Array, k: jax.Array, mask: jax.Array, rows: jax.Array, scale: float
+) -> jax.Array:
+    """Attention probabilities of one query row per example, averaged over heads: [B, S] fp32.
+
+    rows: [B] index into the T queries. Costs one [B, N, S] logit block, never the [T, S] matrix.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q_row = jnp.take_along_axis(q, rows[:, None, None, None], axis=1)[:, 0]  # [B, N, H]
+    mask_row = jnp.take_along_axis(mask, rows[:, None, None], axis=1)[:, 0]  # [B, S]
+    q_row = q_row.reshape(b, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("bkgh,bskh->bkgs", q_row, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask_row[:, None, None, :], logits, NEG_INF)
+    return jax.nn.softmax(logits, axis=-1).mean(axis=(1, 2))

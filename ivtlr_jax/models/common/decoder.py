@@ -1,0 +1,169 @@
+"""The decoder stack both models share: pre-norm GQA attention + gated MLP, layers stacked on a
+leading axis and run under `jax.lax.scan` (compile time does not grow with depth), with an optional
+remat policy, a KV cache, and the per-layer one-row attention probabilities used by the latent loop.
+
+Model families differ only by options of `DecoderConfig` (Qwen2: q/k/v biases), not by copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import dot_product_attention, row_attention_probs
+from .layers import activation, param, rms_norm
+from .rope import apply_rope
+from .sharding import ShardingRules, constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+
+
+class DecoderOutput(NamedTuple):
+    hidden: jax.Array  # [B, T, D] output of the last layer (before the final norm)
+    cache_kv: tuple[jax.Array, jax.Array] | None  # updated (k, v), each [L, B, S, K, H]
+    row_probs: jax.Array | None  # [L, B, S] head-averaged attention probabilities of the chosen rows
+    all_hidden: jax.Array | None  # [L, B, T, D] output of every layer
+
+
+class DecoderLayers(nnx.Module):
+    """`num_layers` decoder layers; every parameter has a leading `layers` axis.
+
+    Suffix letters name the axes after the layer axis: d model width, n query heads, k key/value
+    heads, h head dim, f MLP width.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        L, D, N, K, H, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                            cfg.head_dim, cfg.intermediate_size)
+        p = lambda shape, axes, init="normal": param(rngs, (L, *shape), ("layers", *axes), param_dtype, init)
+        self.attn_norm_d = p((D,), ("norm",), "ones")
+        self.q_weight_dnh = p((D, N, H), ("embed", "heads", "head_dim"))
+        self.k_weight_dkh = p((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.v_weight_dkh = p((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.o_weight_nhd = p((N, H, D), ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:
+            self.q_bias_nh = p((N, H), ("heads", "head_dim"), "zeros")
+            self.k_bias_kh = p((K, H), ("kv_heads", "head_dim"), "zeros")
+            self.v_bias_kh = p((K, H), ("kv_heads", "head_dim"), "zeros")
+        self.mlp_norm_d = p((D,), ("norm",), "ones")
+        self.gate_weight_df = p((D, F), ("embed", "mlp"))
+        self.up_weight_df = p((D, F), ("embed", "mlp"))
+        self.down_weight_fd = p((F, D), ("mlp", "embed"))
+
+
+def _layer(
+    lp: DecoderLayers,
+    cfg: DecoderConfig,
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
+    k_cache: jax.Array | None,
+    v_cache: jax.Array | None,
+    write_index: jax.Array | None,
+    prob_rows: jax.Array | None,
+    dtype,
+    rules: ShardingRules | None,
+):
+    """One layer on h [B, T, D]; `lp` holds one layer's parameters (the scanned slice)."""
+    w = lambda v: v[...].astype(dtype)
+    eps = cfg.rms_norm_eps
+    act = activation(cfg.hidden_act)
+
+    x = rms_norm(h, lp.attn_norm_d[...], eps)
+    q = jnp.einsum("btd,dnh->btnh", x, w(lp.q_weight_dnh))
+    k = jnp.einsum("btd,dkh->btkh", x, w(lp.k_weight_dkh))
+    v = jnp.einsum("btd,dkh->btkh", x, w(lp.v_weight_dkh))
+    if cfg.qkv_bias:
+        q, k, v = q + w(lp.q_bias_nh), k + w(lp.k_bias_kh), v + w(lp.v_bias_kh)
+    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), rules)
+    k = apply_rope(k, cos, sin)
+
+    if k_cache is not None:
+        start = (0, write_index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        new_kv = (k_all, v_all)
+        k_att, v_att = k_all.astype(dtype), v_all.astype(dtype)
+    else:
+        new_kv = None
+        k_att, v_att = k, v
+    scale = cfg.head_dim**-0.5
+    attn = dot_product_attention(q, k_att, v_att, mask, scale)
+    rows = None if prob_rows is None else row_attention_probs(q, k_att, mask, prob_rows, scale)
+    attn_out = jnp.einsum("btnh,nhd->btd", attn, w(lp.o_weight_nhd))
+    h = constrain(h + attn_out, ("batch", "length", "embed"), rules)
+
+    x = rms_norm(h, lp.mlp_norm_d[...], eps)
+    gated = act(jnp.einsum("btd,df->btf", x, w(lp.gate_weight_df))) * jnp.einsum(
+        "btd,df->btf", x, w(lp.up_weight_df)
+    )
+    gated = constrain(gated, ("batch", "length", "mlp"), rules)
+    mlp_out = jnp.einsum("btf,fd->btd", gated, w(lp.down_weight_fd))
+    h = constrain(h + mlp_out, ("batch", "length", "embed"), rules)
+    return h, new_kv, rows
+
+
+def run_decoder(
+    layers: DecoderLayers,
+    cfg: DecoderConfig,
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
+    *,
+    cache_kv: tuple[jax.Array, jax.Array] | None = None,
+    write_index: jax.Array | int | None = None,
+    prob_rows: jax.Array | None = None,
+    collect_hidden: bool = False,
+    remat: str = "none",
+    dtype=jnp.float32,
+    rules: ShardingRules | None = None,
+) -> DecoderOutput:
+    """Scan the stacked layers over h [B, T, D].
+
+    Without a cache, keys are the T inputs themselves and mask is [B, T, T]. With `cache_kv` (k, v each
+    [L, B, S, K, H]) the T new keys/values are written at slot `write_index` and queries attend over
+    all S slots under mask [B, T, S]. `prob_rows` [B] picks, per example, the query whose head-averaged
+    attention probabilities are returned per layer.
+    """
+    graphdef, state = nnx.split(layers)
+    if write_index is not None:
+        write_index = jnp.asarray(write_index, jnp.int32)
+
+    def body(h, xs):
+        layer_state, k_cache, v_cache = xs
+        lp = nnx.merge(graphdef, layer_state)
+        h, new_kv, rows = _layer(lp, cfg, h, cos, sin, mask, k_cache, v_cache, write_index, prob_rows, dtype, rules)
+        return h, (new_kv, rows, h if collect_hidden else None)
+
+    if REMAT_POLICIES.get(remat, "?") == "?":
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+    k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
+    h, (new_kv, rows, all_hidden) = jax.lax.scan(body, h, (state, k_cache, v_cache))
+    return DecoderOutput(h, new_kv, rows, all_hidden)

@@ -1,0 +1,108 @@
+"""Qwen2-VL architecture settings, read from a Hugging Face `config.json` (hub layout of
+Qwen2-VL-*-Instruct with flat text fields, or transformers 5's nested `text_config`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..common.decoder import DecoderConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    embed_dim: int
+    num_heads: int
+    mlp_ratio: float
+    out_hidden_size: int  # the LM's hidden size, output of the patch merger
+    hidden_act: str = "quick_gelu"
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLConfig:
+    text: DecoderConfig
+    vision: VisionConfig
+    vocab_size: int
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    tie_word_embeddings: bool
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    eos_token_id: int | None = None
+
+    model_type = "qwen2_vl"
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "Qwen2VLConfig":
+        text = {**d, **(d.get("text_config") or {})}
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", text.get("rope_theta", 1000000.0))
+        heads = text["num_attention_heads"]
+        hidden = text["hidden_size"]
+        head_dim = text.get("head_dim") or hidden // heads
+        mrope = tuple(rope.get("mrope_section") or (16, 24, 24))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (only default/mrope)")
+        if text.get("use_sliding_window"):
+            raise ValueError("config.json: use_sliding_window=true is not supported")
+        dec = DecoderConfig(
+            hidden_size=hidden,
+            intermediate_size=text["intermediate_size"],
+            num_layers=text["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=text.get("num_key_value_heads", heads),
+            head_dim=head_dim,
+            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            hidden_act=text.get("hidden_act", "silu"),
+            qkv_bias=True,
+        )
+        v = d["vision_config"]
+        vis_rope = v.get("rope_parameters") or {}
+        vision = VisionConfig(
+            depth=v["depth"],
+            embed_dim=v["embed_dim"],
+            num_heads=v["num_heads"],
+            mlp_ratio=v.get("mlp_ratio", 4),
+            out_hidden_size=v.get("hidden_size", hidden),
+            hidden_act=v.get("hidden_act", "quick_gelu"),
+            patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
+            temporal_patch_size=v.get("temporal_patch_size", 2),
+            spatial_merge_size=v.get("spatial_merge_size", 2),
+            in_channels=v.get("in_channels", v.get("in_chans", 3)),
+            rope_theta=vis_rope.get("rope_theta", 10000.0),
+        )
+        eos = text.get("eos_token_id")
+        return cls(
+            text=dec,
+            vision=vision,
+            vocab_size=text["vocab_size"],
+            rope_theta=float(theta),
+            mrope_section=mrope,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            image_token_id=d.get("image_token_id", 151655),
+            video_token_id=d.get("video_token_id", 151656),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+            vision_end_token_id=d.get("vision_end_token_id", 151653),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )

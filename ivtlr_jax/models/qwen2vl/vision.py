@@ -1,0 +1,123 @@
+"""The Qwen2-VL vision tower: patch embedding (the 3-D conv over 2 x 14 x 14 patches as one matmul),
+2-D RoPE, pre-norm ViT blocks run under `lax.scan`, and the 2x2 patch merger.
+
+Input is the processor's layout: `pixel_values` [Np, C * 2 * 14 * 14] with all images' patches
+concatenated (each image's patches ordered by 2x2 merge blocks), `image_grid_thw` [n_images, 3].
+Images of different sizes share one call; attention is block-diagonal per image frame.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..common.attention import dot_product_attention
+from ..common.decoder import REMAT_POLICIES
+from ..common.layers import activation, layer_norm, param
+from ..common.rope import apply_vision_rope, vision_rope_cos_sin
+from ..common.sharding import ShardingRules, constrain
+from .config import VisionConfig
+
+LN_EPS = 1e-6
+
+
+class VisionBlocks(nnx.Module):
+    """`depth` ViT blocks, stacked on a leading `layers` axis. e: width, n: heads, h: head dim, f: MLP."""
+
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
+        L, E, N, H, F = cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+        p = lambda shape, axes, init="normal": param(rngs, (L, *shape), ("layers", *axes), param_dtype, init)
+        self.norm1_scale_e = p((E,), ("norm",), "ones")
+        self.norm1_bias_e = p((E,), ("norm",), "zeros")
+        self.qkv_weight_e3nh = p((E, 3, N, H), ("vision_embed", None, "heads", "head_dim"))
+        self.qkv_bias_3nh = p((3, N, H), (None, "heads", "head_dim"), "zeros")
+        self.proj_weight_nhe = p((N, H, E), ("heads", "head_dim", "vision_embed"))
+        self.proj_bias_e = p((E,), ("norm",), "zeros")
+        self.norm2_scale_e = p((E,), ("norm",), "ones")
+        self.norm2_bias_e = p((E,), ("norm",), "zeros")
+        self.fc1_weight_ef = p((E, F), ("vision_embed", "mlp"))
+        self.fc1_bias_f = p((F,), ("mlp",), "zeros")
+        self.fc2_weight_fe = p((F, E), ("mlp", "vision_embed"))
+        self.fc2_bias_e = p((E,), ("norm",), "zeros")
+
+
+def patch_layout(image_grid_thw: jax.Array, num_patches: int, merge: int) -> tuple[jax.Array, jax.Array]:
+    """Per patch: its (row, column) in its image [Np, 2] and its frame's segment id [Np].
+
+    Matches the processor's patch order (merge x merge blocks, block-major) and transformers'
+    `get_vision_position_ids` / per-frame `cu_seqlens`. Works on traced grids (static Np).
+    """
+    grid = image_grid_thw.astype(jnp.int32)
+    t, h, w = grid[:, 0], grid[:, 1], grid[:, 2]
+    sizes = t * h * w
+    ends = jnp.cumsum(sizes)
+    n = jnp.arange(num_patches)
+    img = jnp.searchsorted(ends, n, side="right")
+    local = n - (ends - sizes)[img]
+    frame_size = (h * w)[img]
+    frame, within = local // frame_size, local % frame_size
+    blocks_per_row = w[img] // merge
+    block, in_block = within // (merge * merge), within % (merge * merge)
+    row = (block // blocks_per_row) * merge + in_block // merge
+    col = (block % blocks_per_row) * merge + in_block % merge
+    segment = (jnp.cumsum(t) - t)[img] + frame
+    return jnp.stack([row, col], axis=-1), segment
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        E, M = cfg.embed_dim, cfg.embed_dim * cfg.spatial_merge_size**2
+        self.patch_weight_pe = param(rngs, (cfg.patch_dim, E), (None, "vision_embed"), param_dtype)
+        self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.merger_norm_scale_e = param(rngs, (E,), ("norm",), param_dtype, "ones")
+        self.merger_norm_bias_e = param(rngs, (E,), ("norm",), param_dtype, "zeros")
+        self.merger_fc1_weight_mm = param(rngs, (M, M), (None, "mlp"), param_dtype)
+        self.merger_fc1_bias_m = param(rngs, (M,), ("mlp",), param_dtype, "zeros")
+        self.merger_fc2_weight_md = param(rngs, (M, cfg.out_hidden_size), ("mlp", "embed"), param_dtype)
+        self.merger_fc2_bias_d = param(rngs, (cfg.out_hidden_size,), ("norm",), param_dtype, "zeros")
+
+    def __call__(
+        self,
+        cfg: VisionConfig,
+        pixel_values: jax.Array,
+        image_grid_thw: jax.Array,
+        *,
+        dtype=jnp.float32,
+        remat: str = "none",
+        rules: ShardingRules | None = None,
+    ) -> jax.Array:
+        """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D]."""
+        num_patches = pixel_values.shape[0]
+        if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
+            raise ValueError(f"pixel_values must be [num_patches, {cfg.patch_dim}], got {pixel_values.shape}")
+        w = lambda v: v[...].astype(dtype)
+        hw, segment = patch_layout(image_grid_thw, num_patches, cfg.spatial_merge_size)
+        cos, sin = vision_rope_cos_sin(hw, cfg.head_dim, cfg.rope_theta)
+        mask = (segment[:, None] == segment[None, :])[None]  # [1, Np, Np] block-diagonal per frame
+        act = activation(cfg.hidden_act)
+
+        x = pixel_values.astype(dtype) @ w(self.patch_weight_pe)  # [Np, E]
+        graphdef, state = nnx.split(self.blocks)
+
+        def block(x, layer_state):
+            b = nnx.merge(graphdef, layer_state)
+            y = layer_norm(x, b.norm1_scale_e[...], b.norm1_bias_e[...], LN_EPS)
+            qkv = jnp.einsum("pe,eknh->pknh", y, w(b.qkv_weight_e3nh)) + w(b.qkv_bias_3nh)
+            q = apply_vision_rope(qkv[:, 0], cos, sin)
+            k = apply_vision_rope(qkv[:, 1], cos, sin)
+            attn = dot_product_attention(q[None], k[None], qkv[None, :, 2], mask, cfg.head_dim**-0.5)[0]
+            x = x + jnp.einsum("pnh,nhe->pe", attn, w(b.proj_weight_nhe)) + w(b.proj_bias_e)
+            y = layer_norm(x, b.norm2_scale_e[...], b.norm2_bias_e[...], LN_EPS)
+            y = act(y @ w(b.fc1_weight_ef) + w(b.fc1_bias_f))
+            x = x + y @ w(b.fc2_weight_fe) + w(b.fc2_bias_e)
+            return constrain(x, ("length", "vision_embed"), rules), None
+
+        if remat != "none":
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        x, _ = jax.lax.scan(block, x, state)
+
+        x = layer_norm(x, self.merger_norm_scale_e[...], self.merger_norm_bias_e[...], LN_EPS)
+        x = x.reshape(num_patches // cfg.spatial_merge_size**2, -1)  # [Np / 4, 4E]
+        x = jax.nn.gelu(x @ w(self.merger_fc1_weight_mm) + w(self.merger_fc1_bias_m), approximate=False)
+        return x @ w(self.merger_fc2_weight_md) + w(self.merger_fc2_bias_d)

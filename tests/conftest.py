@@ -1,0 +1,28 @@
+"""Test set-up: 4 host CPU devices (set before jax is imported) and shared tiny-model fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from tests import hf_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl(tmp_path_factory):
+    """(folder, transformers model) of a tiny random Qwen2-VL saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny_qwen2vl")
+    model = hf_tiny.build_qwen2vl(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_batch():
+    """Two rows with images of different sizes, right-padded."""
+    return hf_tiny.qwen2vl_image_batch(seed=0)

@@ -1,0 +1,94 @@
+"""Tiny random transformers models and inputs for parity tests (built in-process, nothing downloaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 290, 291, 292, 293
+TEXT_VOCAB = 280  # ordinary text ids are drawn below this
+
+
+def qwen2vl_config(**text_overrides):
+    from transformers import Qwen2VLConfig
+
+    text = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+        max_position_embeddings=512,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    text.update(text_overrides)
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+
+
+def build_qwen2vl(folder, seed: int = 0, **text_overrides):
+    """Save a tiny random Qwen2VLForConditionalGeneration to `folder`; return it in eval mode (fp32)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(qwen2vl_config(**text_overrides)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def image_inputs(sizes, seed=0):
+    """pixel_values [Np, 1176] and image_grid_thw [n, 3] from the real Qwen2-VL image processor."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    out = Qwen2VLImageProcessorPil()(images=images, return_tensors="np")
+    return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
+
+
+def qwen2vl_image_batch(seed=0, left_pad=False, sizes=((56, 56), (84, 56)), text_lens=((5, 7), (3, 2))):
+    """Rows `text, <vision_start>, <image_pad> x n, <vision_end>, text`, one image per row, padded."""
+    rng = np.random.default_rng(seed)
+    pixel_values, grid = image_inputs(sizes, seed)
+    n_tokens = (grid.prod(-1) // 4).tolist()
+    rows = [
+        list(rng.integers(0, TEXT_VOCAB, pre)) + [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END]
+        + list(rng.integers(0, TEXT_VOCAB, post))
+        for n, (pre, post) in zip(n_tokens, text_lens)
+    ]
+    return pad_rows(rows, left_pad) + (pixel_values, grid)
+
+
+def text_batch(lengths=(9, 6), seed=1, left_pad=False):
+    rng = np.random.default_rng(seed)
+    return pad_rows([list(rng.integers(0, TEXT_VOCAB, n)) for n in lengths], left_pad)
+
+
+def pad_rows(rows, left_pad=False):
+    t = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), t), np.int64)
+    mask = np.zeros((len(rows), t), np.int64)
+    for i, r in enumerate(rows):
+        sl = slice(t - len(r), t) if left_pad else slice(0, len(r))
+        ids[i, sl] = r
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def hf_forward(model, ids, mask, pixel_values=None, grid=None, **kw):
+    kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw)
+    if pixel_values is not None:
+        kwargs.update(pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid),
+                      mm_token_type_ids=torch.tensor((ids == IMAGE_TOKEN).astype(np.int64)))
+    with torch.no_grad():
+        return model(**kwargs)
