@@ -9,7 +9,7 @@ IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 290, 291, 292, 293
 TEXT_VOCAB = 280  # ordinary text ids are drawn below this
 
 
-def qwen2vl_config(**text_overrides):
+def qwen2vl_config(tie_word_embeddings=False, **text_overrides):
     from transformers import Qwen2VLConfig
 
     text = dict(
@@ -24,8 +24,9 @@ def qwen2vl_config(**text_overrides):
         eos_token_id=None,
         bos_token_id=None,
     )
-    text.update(text_overrides)
+    text.update(text_overrides, tie_word_embeddings=tie_word_embeddings)
     return Qwen2VLConfig(
+        tie_word_embeddings=tie_word_embeddings,
         text_config=text,
         vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
@@ -36,12 +37,12 @@ def qwen2vl_config(**text_overrides):
     )
 
 
-def build_qwen2vl(folder, seed: int = 0, **text_overrides):
+def build_qwen2vl(folder, seed: int = 0, tie_word_embeddings=False, **text_overrides):
     """Save a tiny random Qwen2VLForConditionalGeneration to `folder`; return it in eval mode (fp32)."""
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(qwen2vl_config(**text_overrides)).eval()
+    model = Qwen2VLForConditionalGeneration(qwen2vl_config(tie_word_embeddings, **text_overrides)).eval()
     model.save_pretrained(folder)
     return model
 
