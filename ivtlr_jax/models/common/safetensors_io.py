@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -85,23 +85,34 @@ class SafetensorsFile:
         return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def save_file(tensors: Iterable[tuple[str, np.ndarray]] | dict[str, np.ndarray], path: str | os.PathLike,
-              metadata: dict[str, str] | None = None) -> None:
-    """Write tensors one at a time (the header is computed from shapes first)."""
-    items = list(tensors.items() if isinstance(tensors, dict) else tensors)
+def write_streaming(
+    path: str | os.PathLike,
+    entries: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write tensors one at a time: each entry is (name, shape, dtype, fetch); `fetch()` is called only
+    when that tensor's bytes are written, so at most one tensor is in memory."""
+    entries = list(entries)
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
-    for name, arr in items:
-        nbytes = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+    for name, shape, dtype, _ in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, arr in items:
-            f.write(np.ascontiguousarray(arr).tobytes())
+        for name, shape, dtype, fetch in entries:
+            arr = np.ascontiguousarray(fetch(), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise ValueError(f"{path}: tensor {name!r} has shape {arr.shape}, announced {tuple(shape)}")
+            f.write(arr.tobytes())
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    write_streaming(path, [(k, v.shape, v.dtype, lambda v=v: v) for k, v in tensors.items()], metadata)
 
 
 class SafetensorsFolder:

@@ -106,3 +106,42 @@ class Qwen2VLConfig:
             vision_end_token_id=d.get("vision_end_token_id", 151653),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A `config.json` dict in the hub layout of Qwen2-VL-*-Instruct (flat text fields), which both
+        transformers 4.x and 5.x read."""
+        t, v = self.text, self.vision
+        return {
+            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "model_type": self.model_type,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "rms_norm_eps": t.rms_norm_eps,
+            "hidden_act": t.hidden_act,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(self.mrope_section)},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": 32768,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "eos_token_id": self.eos_token_id,
+            "vision_config": {
+                "depth": v.depth,
+                "embed_dim": v.embed_dim,
+                "num_heads": v.num_heads,
+                "mlp_ratio": v.mlp_ratio,
+                "hidden_size": v.out_hidden_size,
+                "hidden_act": v.hidden_act,
+                "patch_size": v.patch_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "in_channels": v.in_channels,
+                "in_chans": v.in_channels,
+            },
+        }

@@ -1,0 +1,46 @@
+"""Write a Flax model as a Hugging Face folder (config.json + model.safetensors) that transformers
+loads, tensor by tensor (the inverse of `from_pretrained`'s weight table)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from .common.loading import variables_by_path
+from .common.safetensors_io import write_streaming
+
+TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
+                     np.dtype(np.float16): "float16"}
+
+
+def save_hf(model: nnx.Module, folder: str | os.PathLike, family=None) -> Path:
+    from . import FAMILIES
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    family = family or FAMILIES[config.model_type]
+    variables = variables_by_path(nnx.state(model))
+    entries = []
+    dtype = None
+    for path, spec in family.weight_specs(config).items():
+        v = variables[path]
+        dtype = np.dtype(v.dtype)
+        stacked = any(path[: len(s)] == s for s in family.stacked)
+        if stacked:
+            for i in range(v.shape[0]):
+                entries.append((spec.hf_name.format(i=i), spec.hf_shape, dtype,
+                                lambda v=v, i=i, spec=spec: spec.to_hf(np.asarray(v[i]))))
+        else:
+            entries.append((spec.hf_name, spec.hf_shape, dtype, lambda v=v, spec=spec: spec.to_hf(np.asarray(v[...]))))
+    entries.sort(key=lambda e: e[0])
+    write_streaming(folder / "model.safetensors", entries)
+    cfg = config.to_hf()
+    cfg["torch_dtype"] = TORCH_DTYPE_NAMES.get(dtype, "float32")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
