@@ -10,46 +10,13 @@ when complete, so an interrupted conversion never leaves a half-written model be
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-import time
 from pathlib import Path
-
-import jax.numpy as jnp
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ivtlr_jax.models import FLAX_MARKER, FLAX_PARAMS_DIR, from_pretrained, read_config, resolve_folder  # noqa: E402
-from ivtlr_jax.models.checkpoint_io import save_params  # noqa: E402
+from ivtlr_jax.models.convert import DTYPES, convert  # noqa: E402
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-def convert(hf: str, out: str | Path, dtype: str = "float32") -> Path:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output folder {out} is not empty; choose a new folder or empty it")
-    src = resolve_folder(hf)
-    family, _, _ = read_config(src)
-    model = from_pretrained(src, dtype=DTYPES[dtype])
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_params(nnx.state(model), tmp / FLAX_PARAMS_DIR)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "model.safetensors.index.json":
-            shutil.copy2(f, tmp / f.name)
-    (tmp / FLAX_MARKER).write_text(json.dumps(
-        {"format": "orbax", "source": str(hf), "param_dtype": dtype, "converted": time.strftime("%Y-%m-%dT%H:%M:%S")},
-        indent=2))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.hf_to_flax import convert
+from ivtlr_jax.models.convert import convert
 from ivtlr_jax.models import WeightLoadError, from_pretrained
 from ivtlr_jax.models.common.safetensors_io import CorruptCheckpointError, SafetensorsFolder, save_file
 from tests import hf_tiny

@@ -1,0 +1,137 @@
+"""Forward latency of the Flax port vs transformers (PyTorch, CPU) on the same random Qwen2-VL.
+
+For each config a random transformers `Qwen2VLForConditionalGeneration` is saved to a temporary
+folder and loaded into Flax with `from_pretrained`. Both run one full forward (vision tower +
+decoder + LM head -> logits) on the same right-padded batch of image+text rows:
+
+- Flax: the forward under `nnx.jit`; the first call (trace + XLA compile) is timed and reported
+  separately as "compile", then the median of `--repeats` calls (each waited on with
+  `block_until_ready`).
+- transformers: under `torch.no_grad()`, one warm-up call, then the median of `--repeats` calls.
+
+The logits of both are compared over the non-padding positions (max |dlogits|) so that the timings
+are known to be of the same computation. Absolute times depend on the machine and its load: compare
+the speed-up ratios (transformers time / Flax time), not the milliseconds, across machines.
+JAX runs on its default platform (printed at start; set JAX_PLATFORMS=cpu to force the CPU).
+
+    python bench/forward.py [--configs tiny,mid] [--repeats 10] [--threads N] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from ivtlr_jax.models import from_pretrained  # noqa: E402
+from tests import hf_tiny  # noqa: E402
+
+# name -> (text overrides of hf_tiny.qwen2vl_config, vision overrides, batch arguments)
+CONFIGS = {
+    # hf_tiny's default: hidden 64, 3 layers, vision depth 2, embed 32; two small images.
+    "tiny": (dict(), dict(), dict(sizes=((56, 56), (84, 56)), text_lens=((5, 7), (3, 2)))),
+    # head_dim 512 / 8 = 64, so sum(mrope_section) must be 32. A 224x224 image is a 16x16 patch
+    # grid (256 patches) merged 2x2 into 64 image tokens; rows are 216 and 176 tokens long.
+    "mid": (
+        dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+             rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12])),
+        dict(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4),
+        dict(sizes=((224, 224), (224, 224)), text_lens=((60, 90), (40, 70))),
+    ),
+}
+
+DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
+
+
+def build_hf(folder, text: dict, vision: dict, torch_dtype) -> torch.nn.Module:
+    """A random transformers Qwen2-VL saved (fp32) to `folder`, returned in eval mode in torch_dtype."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    config = hf_tiny.qwen2vl_config(**text)
+    for key, value in vision.items():
+        setattr(config.vision_config, key, value)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    return model.to(torch_dtype)  # the saved weights stay fp32; Flax casts them on load
+
+
+@nnx.jit
+def flax_forward(model, ids, mask, pv, grid):
+    return model(ids, mask, pv, grid).logits
+
+
+def median_ms(call, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def time_flax(model, batch, repeats: int) -> tuple[float, float, np.ndarray]:
+    """(compile seconds, median ms, logits)."""
+    args = [jnp.asarray(x) for x in batch]
+    start = time.perf_counter()
+    logits = flax_forward(model, *args).block_until_ready()
+    compile_s = time.perf_counter() - start
+    ms = median_ms(lambda: flax_forward(model, *args).block_until_ready(), repeats)
+    return compile_s, ms, np.asarray(logits, np.float32)
+
+
+def time_hf(model, batch, repeats: int) -> tuple[float, np.ndarray]:
+    """(median ms, logits); hf_forward runs under torch.no_grad()."""
+    logits = hf_tiny.hf_forward(model, *batch).logits.float().numpy()  # warm-up
+    ms = median_ms(lambda: hf_tiny.hf_forward(model, *batch), repeats)
+    return ms, logits
+
+
+def bench(name: str, repeats: int, dtype: str) -> str:
+    text, vision, batch_args = CONFIGS[name]
+    jax_dtype, torch_dtype = DTYPES[dtype]
+    batch = hf_tiny.qwen2vl_image_batch(seed=0, left_pad=False, **batch_args)
+    with tempfile.TemporaryDirectory() as folder:
+        hf = build_hf(folder, text, vision, torch_dtype)
+        flax_model = from_pretrained(folder, dtype=jax_dtype)
+    compile_s, flax_ms, flax_logits = time_flax(flax_model, batch, repeats)
+    hf_ms, hf_logits = time_hf(hf, batch, repeats)
+    valid = batch[1].astype(bool)
+    diff = np.abs(flax_logits - hf_logits)[valid].max()
+    return (f"{name}: flax {flax_ms:.1f} ms, transformers {hf_ms:.1f} ms, speed-up {hf_ms / flax_ms:.1f}x "
+            f"(compile {compile_s:.1f} s, max|dlogits| {diff:.1e})")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="tiny,mid", help=f"comma-separated, of {sorted(CONFIGS)}")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"jax devices: {jax.devices()}; torch threads: {torch.get_num_threads()}; dtype: {args.dtype}; "
+          f"repeats: {args.repeats}")
+    for name in names:
+        print(bench(name, args.repeats, args.dtype), flush=True)
+
+
+if __name__ == "__main__":
+    main()

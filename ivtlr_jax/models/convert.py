@@ -1,0 +1,41 @@
+"""HF folder -> Flax folder (orbax parameters in our layout + config, tokenizer and processor files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from . import FLAX_MARKER, FLAX_PARAMS_DIR, from_pretrained, read_config, resolve_folder
+from .checkpoint_io import save_params
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def convert(hf: str, out: str | Path, dtype: str = "float32") -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty; choose a new folder or empty it")
+    src = resolve_folder(hf)
+    read_config(src)  # fails early on an unsupported model type
+    model = from_pretrained(src, dtype=DTYPES[dtype])
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_params(nnx.state(model), tmp / FLAX_PARAMS_DIR)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, tmp / f.name)
+    (tmp / FLAX_MARKER).write_text(json.dumps(
+        {"format": "orbax", "source": str(hf), "param_dtype": dtype, "converted": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
