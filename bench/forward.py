@@ -9,6 +9,8 @@ decoder + LM head -> logits) on the same right-padded batch of image+text rows:
   `block_until_ready`).
 - transformers: under `torch.no_grad()`, one warm-up call, then the median of `--repeats` calls.
 
+The timed calls alternate (Flax, transformers, Flax, ...) so that both see the same machine load.
+
 The logits of both are compared over the non-padding positions (max |dlogits|) so that the timings
 are known to be of the same computation. Absolute times depend on the machine and its load: compare
 the speed-up ratios (transformers time / Flax time), not the milliseconds, across machines.
@@ -20,6 +22,7 @@ JAX runs on its default platform (printed at start; set JAX_PLATFORMS=cpu to for
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -58,7 +61,9 @@ DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, to
 def build_hf(folder, text: dict, vision: dict, torch_dtype) -> torch.nn.Module:
     """A random transformers Qwen2-VL saved (fp32) to `folder`, returned in eval mode in torch_dtype."""
     from transformers import Qwen2VLForConditionalGeneration
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
     config = hf_tiny.qwen2vl_config(**text)
     for key, value in vision.items():
         setattr(config.vision_config, key, value)
@@ -73,30 +78,20 @@ def flax_forward(model, ids, mask, pv, grid):
     return model(ids, mask, pv, grid).logits
 
 
-def median_ms(call, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def time_flax(model, batch, repeats: int) -> tuple[float, float, np.ndarray]:
-    """(compile seconds, median ms, logits)."""
-    args = [jnp.asarray(x) for x in batch]
+def timed(call) -> tuple[float, object]:
+    """(seconds, result) of one call."""
     start = time.perf_counter()
-    logits = flax_forward(model, *args).block_until_ready()
-    compile_s = time.perf_counter() - start
-    ms = median_ms(lambda: flax_forward(model, *args).block_until_ready(), repeats)
-    return compile_s, ms, np.asarray(logits, np.float32)
+    result = call()
+    return time.perf_counter() - start, result
 
 
-def time_hf(model, batch, repeats: int) -> tuple[float, np.ndarray]:
-    """(median ms, logits); hf_forward runs under torch.no_grad()."""
-    logits = hf_tiny.hf_forward(model, *batch).logits.float().numpy()  # warm-up
-    ms = median_ms(lambda: hf_tiny.hf_forward(model, *batch), repeats)
-    return ms, logits
+def interleaved_median_ms(calls: dict, repeats: int) -> dict:
+    """Median ms of each call, the calls alternating so that both see the same machine load."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(timed(call)[0])
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def bench(name: str, repeats: int, dtype: str) -> str:
@@ -106,12 +101,19 @@ def bench(name: str, repeats: int, dtype: str) -> str:
     with tempfile.TemporaryDirectory() as folder:
         hf = build_hf(folder, text, vision, torch_dtype)
         flax_model = from_pretrained(folder, dtype=jax_dtype)
-    compile_s, flax_ms, flax_logits = time_flax(flax_model, batch, repeats)
-    hf_ms, hf_logits = time_hf(hf, batch, repeats)
+    args = [jnp.asarray(x) for x in batch]
+    calls = {
+        "flax": lambda: flax_forward(flax_model, *args).block_until_ready(),
+        "transformers": lambda: hf_tiny.hf_forward(hf, *batch).logits,  # under torch.no_grad()
+    }
+    compile_s, flax_logits = timed(calls["flax"])  # trace + compile + one run
+    _, hf_logits = timed(calls["transformers"])  # warm-up
+    ms = interleaved_median_ms(calls, repeats)
+
     valid = batch[1].astype(bool)
-    diff = np.abs(flax_logits - hf_logits)[valid].max()
-    return (f"{name}: flax {flax_ms:.1f} ms, transformers {hf_ms:.1f} ms, speed-up {hf_ms / flax_ms:.1f}x "
-            f"(compile {compile_s:.1f} s, max|dlogits| {diff:.1e})")
+    diff = np.abs(np.asarray(flax_logits, np.float32) - hf_logits.float().numpy())[valid].max()
+    return (f"{name}: flax {ms['flax']:.1f} ms, transformers {ms['transformers']:.1f} ms, "
+            f"speed-up {ms['transformers'] / ms['flax']:.1f}x (compile {compile_s:.1f} s, max|dlogits| {diff:.1e})")
 
 
 def main(argv=None) -> None:
@@ -127,6 +129,10 @@ def main(argv=None) -> None:
         parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    load, cores = os.getloadavg()[0], os.cpu_count()
+    if load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores: other processes skew the timings "
+              "(PyTorch's thread pool suffers most)")
     print(f"jax devices: {jax.devices()}; torch threads: {torch.get_num_threads()}; dtype: {args.dtype}; "
           f"repeats: {args.repeats}")
     for name in names:
