@@ -2,7 +2,8 @@
 leading axis and run under `jax.lax.scan` (compile time does not grow with depth), with an optional
 remat policy, a KV cache, and the per-layer one-row attention probabilities used by the latent loop.
 
-Model families differ only by options of `DecoderConfig` (Qwen2: q/k/v biases), not by copies.
+Model families differ only by options of `DecoderConfig` (Qwen2: q/k/v biases; Chameleon: per-head
+q/k LayerNorm and, for the 30B model, swin-norm ordering), not by copies.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import dot_product_attention, row_attention_probs
-from .layers import activation, param, rms_norm
+from .layers import activation, layer_norm, param, rms_norm
 from .rope import apply_rope
 from .sharding import ShardingRules, constrain
+
+QK_NORM_EPS = 1e-5  # Chameleon's q/k LayerNorm epsilon (fixed in transformers)
 
 REMAT_POLICIES = {
     "none": None,
@@ -38,6 +41,8 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
     qkv_bias: bool = False
+    qk_layernorm: bool = False  # LayerNorm over head_dim with a weight and bias per head (Chameleon)
+    swin_norm: bool = False  # h + norm(attn(h)), h + norm(mlp(h)) instead of h + attn(norm(h)) (Chameleon-30B)
 
 
 class DecoderOutput(NamedTuple):
@@ -67,6 +72,11 @@ class DecoderLayers(nnx.Module):
             self.q_bias_nh = p((N, H), ("heads", "head_dim"), "zeros")
             self.k_bias_kh = p((K, H), ("kv_heads", "head_dim"), "zeros")
             self.v_bias_kh = p((K, H), ("kv_heads", "head_dim"), "zeros")
+        if cfg.qk_layernorm:
+            self.q_norm_scale_nh = p((N, H), ("heads", "head_dim"), "ones")
+            self.q_norm_bias_nh = p((N, H), ("heads", "head_dim"), "zeros")
+            self.k_norm_scale_kh = p((K, H), ("kv_heads", "head_dim"), "ones")
+            self.k_norm_bias_kh = p((K, H), ("kv_heads", "head_dim"), "zeros")
         self.mlp_norm_d = p((D,), ("norm",), "ones")
         self.gate_weight_df = p((D, F), ("embed", "mlp"))
         self.up_weight_df = p((D, F), ("embed", "mlp"))
@@ -92,12 +102,15 @@ def _layer(
     eps = cfg.rms_norm_eps
     act = activation(cfg.hidden_act)
 
-    x = rms_norm(h, lp.attn_norm_d[...], eps)
+    x = h if cfg.swin_norm else rms_norm(h, lp.attn_norm_d[...], eps)
     q = jnp.einsum("btd,dnh->btnh", x, w(lp.q_weight_dnh))
     k = jnp.einsum("btd,dkh->btkh", x, w(lp.k_weight_dkh))
     v = jnp.einsum("btd,dkh->btkh", x, w(lp.v_weight_dkh))
     if cfg.qkv_bias:
         q, k, v = q + w(lp.q_bias_nh), k + w(lp.k_bias_kh), v + w(lp.v_bias_kh)
+    if cfg.qk_layernorm:
+        q = layer_norm(q, lp.q_norm_scale_nh[...], lp.q_norm_bias_nh[...], QK_NORM_EPS)
+        k = layer_norm(k, lp.k_norm_scale_kh[...], lp.k_norm_bias_kh[...], QK_NORM_EPS)
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), rules)
     k = apply_rope(k, cos, sin)
 
@@ -114,14 +127,18 @@ def _layer(
     attn = dot_product_attention(q, k_att, v_att, mask, scale)
     rows = None if prob_rows is None else row_attention_probs(q, k_att, mask, prob_rows, scale)
     attn_out = jnp.einsum("btnh,nhd->btd", attn, w(lp.o_weight_nhd))
+    if cfg.swin_norm:
+        attn_out = rms_norm(attn_out, lp.attn_norm_d[...], eps)
     h = constrain(h + attn_out, ("batch", "length", "embed"), rules)
 
-    x = rms_norm(h, lp.mlp_norm_d[...], eps)
+    x = h if cfg.swin_norm else rms_norm(h, lp.mlp_norm_d[...], eps)
     gated = act(jnp.einsum("btd,df->btf", x, w(lp.gate_weight_df))) * jnp.einsum(
         "btd,df->btf", x, w(lp.up_weight_df)
     )
     gated = constrain(gated, ("batch", "length", "mlp"), rules)
     mlp_out = jnp.einsum("btf,fd->btd", gated, w(lp.down_weight_fd))
+    if cfg.swin_norm:
+        mlp_out = rms_norm(mlp_out, lp.mlp_norm_d[...], eps)
     h = constrain(h + mlp_out, ("batch", "length", "embed"), rules)
     return h, new_kv, rows
 

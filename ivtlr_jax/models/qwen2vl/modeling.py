@@ -8,42 +8,20 @@ attention-probability row per layer) -> `logits`. `__call__` chains them like tr
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..common.attention import causal_mask
-from ..common.decoder import DecoderLayers, DecoderOutput, run_decoder
-from ..common.kv_cache import KVCache
-from ..common.layers import param, rms_norm
+from ..common.lm import DecoderLM, ModelOutput, is_concrete, scatter_image_features
 from ..common.rope import rope_cos_sin
-from ..common.sharding import ShardingRules, constrain
+from ..common.sharding import ShardingRules
 from .config import Qwen2VLConfig
 from .rope_index import get_rope_index
 from .vision import VisionTower
 
 
-class DecodeOutput(NamedTuple):
-    hidden: jax.Array  # [B, T, D] after the final norm
-    cache: KVCache | None
-    row_probs: jax.Array | None  # [L, B, S]
-    layer_hidden: jax.Array | None  # [L, B, T, D] every layer's output (the last one before the final norm)
-
-
-class ModelOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V]
-    # as transformers: embeddings, the outputs of layers 1..L-1, then the final-norm output of layer L
-    hidden_states: tuple[jax.Array, ...] | None
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-class Qwen2VL(nnx.Module):
+class Qwen2VL(DecoderLM):
     def __init__(
         self,
         config: Qwen2VLConfig,
@@ -54,16 +32,11 @@ class Qwen2VL(nnx.Module):
         rules: ShardingRules | None = None,
         rngs: nnx.Rngs,
     ):
-        D, V = config.text.hidden_size, config.vocab_size
         self.config = config
-        self.dtype = dtype
-        self.remat = remat
-        self.rules = rules
+        self.text_config = config.text
+        self._init_lm(config.text, config.vocab_size, config.tie_word_embeddings, dtype=dtype,
+                      param_dtype=param_dtype, remat=remat, rules=rules, rngs=rngs)
         self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
-        self.embed_vd = param(rngs, (V, D), ("vocab", "embed"), param_dtype)
-        self.layers = DecoderLayers(config.text, param_dtype=param_dtype, rngs=rngs)
-        self.final_norm_d = param(rngs, (D,), ("norm",), param_dtype, "ones")
-        self.lm_head_dv = None if config.tie_word_embeddings else param(rngs, (D, V), ("embed", "vocab"), param_dtype)
 
     # ---- inputs -------------------------------------------------------------------------------
     def image_features(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
@@ -71,9 +44,6 @@ class Qwen2VL(nnx.Module):
         return self.visual(
             self.config.vision, pixel_values, image_grid_thw, dtype=self.dtype, remat=self.remat, rules=self.rules
         )
-
-    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-        return constrain(self.embed_vd[...].astype(self.dtype)[input_ids], ("batch", "length", "embed"), self.rules)
 
     def embed_inputs(
         self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None
@@ -133,61 +103,9 @@ class Qwen2VL(nnx.Module):
         pos = next_pos[:, None] + jnp.arange(length)[None]
         return jnp.broadcast_to(pos[None], (3, *pos.shape))
 
-    # ---- decoder ------------------------------------------------------------------------------
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        c = self.config.text
-        return KVCache.init(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, dtype or self.dtype)
-
-    def decode(
-        self,
-        embeds: jax.Array,
-        positions: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        cache: KVCache | None = None,
-        prob_rows: jax.Array | None = None,
-        collect_hidden: bool = False,
-    ) -> DecodeOutput:
-        """Run the decoder on embeds [B, T, D] at positions [3, B, T] (or [B, T] for 1-D RoPE).
-
-        With `cache`, the chunk is written at `cache.end` and attends to everything cached before it.
-        """
-        b, t, _ = embeds.shape
-        c = self.config
-        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        cos, sin = rope_cos_sin(positions, c.text.head_dim, c.rope_theta, c.mrope_section)
-        if cache is None:
-            mask = causal_mask(jnp.arange(t), valid)
-            cache_kv, write_index = None, None
-        else:
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.end))
-            mask = causal_mask(cache.end + jnp.arange(t), key_valid)
-            cache_kv, write_index = (cache.k, cache.v), cache.end
-        out: DecoderOutput = run_decoder(
-            self.layers,
-            c.text,
-            embeds.astype(self.dtype),
-            cos,
-            sin,
-            mask,
-            cache_kv=cache_kv,
-            write_index=write_index,
-            prob_rows=prob_rows,
-            collect_hidden=collect_hidden,
-            remat=self.remat,
-            dtype=self.dtype,
-            rules=self.rules,
-        )
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(k=out.cache_kv[0], v=out.cache_kv[1], valid=key_valid, end=cache.end + t)
-        hidden = rms_norm(out.hidden, self.final_norm_d[...], c.text.rms_norm_eps)
-        return DecodeOutput(hidden, new_cache, out.row_probs, out.all_hidden)
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [..., D] -> logits [..., V] (fp32 accumulation)."""
-        head = self.embed_vd[...].T if self.lm_head_dv is None else self.lm_head_dv[...]
-        return jnp.einsum("...d,dv->...v", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [B, T, head_dim] of M-RoPE positions [3, B, T] (or [B, T]: 1-D on all rows)."""
+        return rope_cos_sin(positions, self.config.text.head_dim, self.config.rope_theta, self.config.mrope_section)
 
     # ---- transformers-like forward ------------------------------------------------------------
     def __call__(
@@ -200,24 +118,11 @@ class Qwen2VL(nnx.Module):
         *,
         output_hidden_states: bool = False,
     ) -> ModelOutput:
-        if pixel_values is not None and _is_concrete(input_ids) and _is_concrete(image_grid_thw):
+        if pixel_values is not None and is_concrete(input_ids) and is_concrete(image_grid_thw):
             check_image_tokens(np.asarray(input_ids), np.asarray(image_grid_thw), self.config)
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
         pos = self.positions(input_ids, attention_mask, image_grid_thw, position_ids)
-        out = self.decode(embeds, pos, attention_mask, collect_hidden=output_hidden_states)
-        hidden_states = None
-        if output_hidden_states:
-            n = out.layer_hidden.shape[0]
-            hidden_states = (embeds, *[out.layer_hidden[i] for i in range(n - 1)], out.hidden)
-        return ModelOutput(self.logits(out.hidden), hidden_states)
-
-
-def scatter_image_features(embeds: jax.Array, image_mask: jax.Array, features: jax.Array) -> jax.Array:
-    """Overwrite the True positions of image_mask [B, T] (row-major order) with features [N, D]."""
-    flat_mask = image_mask.reshape(-1)
-    index = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, features.shape[0] - 1)
-    gathered = features.astype(embeds.dtype)[index].reshape(embeds.shape)
-    return jnp.where(image_mask[..., None], gathered, embeds)
+        return self.forward_embeds(embeds, pos, attention_mask, output_hidden_states)
 
 
 def check_image_tokens(input_ids: np.ndarray, image_grid_thw: np.ndarray, config: Qwen2VLConfig) -> None:

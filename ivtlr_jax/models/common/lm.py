@@ -1,0 +1,121 @@
+"""What every decoder-only VLM here shares once its inputs are embeddings: the token table, the
+decoder stack (with or without KV cache, optionally returning one attention row per layer), the
+final norm and the LM head. A family subclasses `DecoderLM`, creates its own input side (vision
+tower or VQ tokenizer) and says how positions become RoPE angles (`rope`)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import causal_mask
+from .decoder import DecoderConfig, DecoderLayers, run_decoder
+from .kv_cache import KVCache
+from .layers import param, rms_norm
+from .sharding import ShardingRules, constrain
+
+
+class DecodeOutput(NamedTuple):
+    hidden: jax.Array  # [B, T, D] after the final norm
+    cache: KVCache | None
+    row_probs: jax.Array | None  # [L, B, S] head-averaged attention probabilities of the chosen rows
+    layer_hidden: jax.Array | None  # [L, B, T, D] every layer's output (the last one before the final norm)
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V]
+    # as transformers: embeddings, the outputs of layers 1..L-1, then the final-norm output of layer L
+    hidden_states: tuple[jax.Array, ...] | None
+
+
+class DecoderLM(nnx.Module):
+    """Subclasses call `_init_lm` and define `rope(positions) -> (cos, sin)` and `text_config`."""
+
+    text_config: DecoderConfig
+
+    def _init_lm(self, text: DecoderConfig, vocab_size: int, tie_word_embeddings: bool, *, dtype, param_dtype,
+                 remat: str, rules: ShardingRules | None, rngs: nnx.Rngs):
+        D, V = text.hidden_size, vocab_size
+        self.dtype = dtype
+        self.remat = remat
+        self.rules = rules
+        self.embed_vd = param(rngs, (V, D), ("vocab", "embed"), param_dtype)
+        self.layers = DecoderLayers(text, param_dtype=param_dtype, rngs=rngs)
+        self.final_norm_d = param(rngs, (D,), ("norm",), param_dtype, "ones")
+        self.lm_head_dv = None if tie_word_embeddings else param(rngs, (D, V), ("embed", "vocab"), param_dtype)
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        return constrain(self.embed_vd[...].astype(self.dtype)[input_ids], ("batch", "length", "embed"), self.rules)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        c = self.text_config
+        return KVCache.init(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, dtype or self.dtype)
+
+    def decode(
+        self,
+        embeds: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+        prob_rows: jax.Array | None = None,
+        collect_hidden: bool = False,
+    ) -> DecodeOutput:
+        """Run the decoder on embeds [B, T, D] at the family's positions for them.
+
+        With `cache`, the chunk is written at `cache.end` and attends to everything cached before it.
+        `prob_rows` [B]: return, per layer, the head-averaged attention probabilities of that query row.
+        """
+        b, t, _ = embeds.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        cos, sin = self.rope(positions)
+        if cache is None:
+            mask = causal_mask(jnp.arange(t), valid)
+            cache_kv, write_index = None, None
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.end))
+            mask = causal_mask(cache.end + jnp.arange(t), key_valid)
+            cache_kv, write_index = (cache.k, cache.v), cache.end
+        out = run_decoder(
+            self.layers, self.text_config, embeds.astype(self.dtype), cos, sin, mask,
+            cache_kv=cache_kv, write_index=write_index, prob_rows=prob_rows, collect_hidden=collect_hidden,
+            remat=self.remat, dtype=self.dtype, rules=self.rules,
+        )
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=out.cache_kv[0], v=out.cache_kv[1], valid=key_valid, end=cache.end + t)
+        hidden = rms_norm(out.hidden, self.final_norm_d[...], self.text_config.rms_norm_eps)
+        return DecodeOutput(hidden, new_cache, out.row_probs, out.all_hidden)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits [..., V] (fp32 accumulation)."""
+        head = self.embed_vd[...].T if self.lm_head_dv is None else self.lm_head_dv[...]
+        return jnp.einsum("...d,dv->...v", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+
+    def forward_embeds(self, embeds, positions, attention_mask, output_hidden_states: bool) -> ModelOutput:
+        """Logits (and transformers-style hidden states) of a full forward from input embeddings."""
+        out = self.decode(embeds, positions, attention_mask, collect_hidden=output_hidden_states)
+        hidden_states = None
+        if output_hidden_states:
+            n = out.layer_hidden.shape[0]
+            hidden_states = (embeds, *[out.layer_hidden[i] for i in range(n - 1)], out.hidden)
+        return ModelOutput(self.logits(out.hidden), hidden_states)
+
+
+def is_concrete(x) -> bool:
+    """False for tracers: host-side input checks run only on concrete (eager) inputs."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def scatter_image_features(embeds: jax.Array, image_mask: jax.Array, features: jax.Array) -> jax.Array:
+    """Overwrite the True positions of image_mask [B, T] (row-major order) with features [N, D]."""
+    flat_mask = image_mask.reshape(-1)
+    index = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, features.shape[0] - 1)
+    gathered = features.astype(embeds.dtype)[index].reshape(embeds.shape)
+    return jnp.where(image_mask[..., None], gathered, embeds)
