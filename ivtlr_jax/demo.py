@@ -103,7 +103,8 @@ def main(argv=None) -> None:
         raise SystemExit("the converted model differs from the Hugging Face folder")
 
     t0 = time.perf_counter()
-    tokens = greedy_generate(from_flax, ids, mask, pixel_values, jnp.asarray(grid), max_new_tokens=args.max_new_tokens)
+    tokens = greedy_generate(from_flax, ids, mask, pixel_values=pixel_values, image_grid_thw=grid,
+                             max_new_tokens=args.max_new_tokens)
     tokens = np.asarray(tokens)
     print(f"[4] greedy generation, image grids {grid.tolist()}, batch {len(rows)} ({time.perf_counter() - t0:.1f}s "
           "including compilation):")

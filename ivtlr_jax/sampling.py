@@ -19,14 +19,16 @@ def greedy_generate(
     model: nnx.Module,
     input_ids: jax.Array,
     attention_mask: jax.Array | None = None,
-    pixel_values: jax.Array | None = None,
-    image_grid_thw: jax.Array | None = None,
     *,
     max_new_tokens: int,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    **image_inputs: jax.Array,
 ) -> jax.Array:
-    """-> generated tokens [B, max_new_tokens]; after a row's EOS its remaining slots hold pad_token_id."""
+    """-> generated tokens [B, max_new_tokens]; after a row's EOS its remaining slots hold pad_token_id.
+
+    image_inputs: the model's image arguments (Qwen2-VL: pixel_values, image_grid_thw; Chameleon:
+    pixel_values)."""
     input_ids = jnp.asarray(input_ids)
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -34,17 +36,17 @@ def greedy_generate(
     if not mask[:, -1].all():
         bad = np.flatnonzero(~mask[:, -1].astype(bool)).tolist()
         raise ValueError(f"prompts must be left-padded: rows {bad} end in padding")
-    return _greedy(model, input_ids, jnp.asarray(attention_mask), pixel_values, image_grid_thw,
+    image_inputs = {k: jnp.asarray(v) for k, v in image_inputs.items() if v is not None}
+    return _greedy(model, input_ids, jnp.asarray(attention_mask), image_inputs,
                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "eos_token_id", "pad_token_id"))
-def _greedy(model, input_ids, attention_mask, pixel_values, image_grid_thw, *, max_new_tokens, eos_token_id,
-            pad_token_id):
+def _greedy(model, input_ids, attention_mask, image_inputs, *, max_new_tokens, eos_token_id, pad_token_id):
     b, t = input_ids.shape
     cache = model.init_cache(b, t + max_new_tokens)
-    embeds = model.embed_inputs(input_ids, pixel_values, image_grid_thw)
-    positions, next_pos = model.prompt_positions(input_ids, attention_mask, image_grid_thw)
+    embeds = model.embed_inputs(input_ids, **image_inputs)
+    positions, next_pos = model.prompt_positions(input_ids, attention_mask, **image_inputs)
     out = model.decode(embeds, positions, attention_mask, cache=cache)
     first = jnp.argmax(model.logits(out.hidden[:, -1]), axis=-1).astype(jnp.int32)
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)

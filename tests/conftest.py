@@ -26,3 +26,11 @@ def tiny_qwen2vl(tmp_path_factory):
 def qwen2vl_batch():
     """Two rows with images of different sizes, right-padded."""
     return hf_tiny.qwen2vl_image_batch(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_chameleon(tmp_path_factory):
+    """(folder, transformers model) of a tiny random Chameleon (VQ tokenizer included)."""
+    folder = tmp_path_factory.mktemp("tiny_chameleon")
+    model = hf_tiny.build_chameleon(folder)
+    return folder, model

@@ -93,3 +93,60 @@ def hf_forward(model, ids, mask, pixel_values=None, grid=None, **kw):
                       mm_token_type_ids=torch.tensor((ids == IMAGE_TOKEN).astype(np.int64)))
     with torch.no_grad():
         return model(**kwargs)
+
+
+# ---- Chameleon ----------------------------------------------------------------------------------
+CHAMELEON_IMAGE = 399  # `<image>`
+CHAMELEON_CODES = 64  # codebook size; codes map to BPE ids 300 + code
+CHAMELEON_TOKENS_PER_IMAGE = 64  # 32x32 image, two downsamples -> 8x8
+
+
+def chameleon_vocabulary_map(codes=CHAMELEON_CODES, first_id=300, image_id=CHAMELEON_IMAGE):
+    letters = lambda n: "".join(chr(ord("A") + int(d)) for d in str(n))
+    vocab = {"<image>": image_id, "<s>": 1, "</s>": 2}
+    # deliberately not in code order, so the mapping is exercised (7 is prime to the power-of-2 sizes)
+    for code in reversed(range(codes)):
+        vocab[f"IMGIMG{letters(code)}Z"] = first_id + (code * 7) % codes
+    return vocab
+
+
+def chameleon_config(swin_norm=False, vq=None, **text):
+    from transformers import ChameleonConfig
+
+    vq_config = dict(embed_dim=16, num_embeddings=CHAMELEON_CODES, latent_channels=16, resolution=32,
+                     base_channels=32, channel_multiplier=[1, 1, 2], num_res_blocks=1, attn_resolutions=[16])
+    vq_config.update(vq or {})
+    kwargs = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    kwargs.update(text)
+    vocab_map = chameleon_vocabulary_map(vq_config["num_embeddings"], first_id=300,
+                                         image_id=kwargs["vocab_size"] - 1)
+    return ChameleonConfig(swin_norm=swin_norm, vocabulary_map=vocab_map, bos_token_id=1, eos_token_id=None,
+                           pad_token_id=None, vq_config=vq_config, **kwargs)
+
+
+def build_chameleon(folder, seed=0, swin_norm=False, vq=None, **text):
+    from transformers import ChameleonForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = ChameleonForConditionalGeneration(chameleon_config(swin_norm, vq, **text)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def chameleon_image_batch(seed=0, left_pad=False, text_lens=((5, 7), (3, 2)), size=32,
+                          tokens_per_image=CHAMELEON_TOKENS_PER_IMAGE, image_id=CHAMELEON_IMAGE):
+    """Rows `text, <image> x tokens_per_image, text`, one size x size image per row (pixels in [-1, 1])."""
+    rng = np.random.default_rng(seed)
+    pixel_values = rng.uniform(-1, 1, (len(text_lens), 3, size, size)).astype(np.float32)
+    rows = [list(rng.integers(3, TEXT_VOCAB, pre)) + [image_id] * tokens_per_image
+            + list(rng.integers(3, TEXT_VOCAB, post)) for pre, post in text_lens]
+    return pad_rows(rows, left_pad) + (pixel_values,)
+
+
+def chameleon_forward(model, ids, mask, pixel_values=None, **kw):
+    kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw)
+    if pixel_values is not None:
+        kwargs["pixel_values"] = torch.tensor(pixel_values)
+    with torch.no_grad():
+        return model(**kwargs)

@@ -98,7 +98,8 @@ def test_greedy_generation_matches_transformers_generate(tiny_qwen2vl, flax_mode
             image_grid_thw=torch.tensor(grid), mm_token_type_ids=torch.tensor((ids == hf_tiny.IMAGE_TOKEN).astype(np.int64)),
             max_new_tokens=20, min_new_tokens=20, do_sample=False,
         )[:, ids.shape[1]:].numpy()
-    ours = np.asarray(greedy_generate(flax_model, ids, mask, jnp.asarray(pv), jnp.asarray(grid), max_new_tokens=20))
+    ours = np.asarray(greedy_generate(flax_model, ids, mask, pixel_values=pv, image_grid_thw=grid,
+                                      max_new_tokens=20))
     assert ref.shape == (2, 20)
     np.testing.assert_array_equal(ours, ref)
 

@@ -17,6 +17,9 @@ from flax import nnx
 from .common.loading import RenamedSource, WeightLoadError, load_params, variables_by_path
 from .common.safetensors_io import SafetensorsFolder
 from .common.sharding import ShardingRules, make_mesh, state_shardings
+from .chameleon import params as chameleon_params
+from .chameleon.config import ChameleonConfig
+from .chameleon.modeling import Chameleon
 from .qwen2vl import params as qwen2vl_params
 from .qwen2vl.config import Qwen2VLConfig
 from .qwen2vl.modeling import Qwen2VL
@@ -37,6 +40,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(Qwen2VLConfig, Qwen2VL, qwen2vl_params.weight_specs, qwen2vl_params.hf_renamer,
                        qwen2vl_params.STACKED),
+    "chameleon": Family(ChameleonConfig, Chameleon, chameleon_params.weight_specs, chameleon_params.hf_renamer,
+                        chameleon_params.STACKED),
 }
 
 
@@ -111,5 +116,5 @@ def from_pretrained(
     return nnx.merge(graphdef, state)
 
 
-__all__ = ["FAMILIES", "Qwen2VL", "Qwen2VLConfig", "ShardingRules", "WeightLoadError", "from_pretrained",
+__all__ = ["FAMILIES", "Chameleon", "ChameleonConfig", "Qwen2VL", "Qwen2VLConfig", "ShardingRules", "WeightLoadError", "from_pretrained",
            "make_mesh", "read_config"]

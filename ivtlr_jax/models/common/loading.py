@@ -36,13 +36,18 @@ class WeightSpec:
     hf_name: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
     hf_shape: tuple[int, ...]  # the tensor's shape in the Hugging Face checkpoint (one layer's)
     transpose: bool = False  # HF [out, in...] -> ours [in..., out...]: flatten to [out, in], transpose, reshape
+    permute: tuple[int, ...] | None = None  # or an axis permutation (conv kernels OIHW -> HWIO: (2, 3, 1, 0))
 
     def to_ours(self, x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        if self.transpose:
+        if self.permute is not None:
+            x = x.transpose(self.permute)
+        elif self.transpose:
             x = x.reshape(x.shape[0], -1).T
         return x.reshape(shape)
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.permute is not None:
+            return x.transpose(np.argsort(self.permute))
         if self.transpose:
             x = x.reshape(-1, self.hf_shape[0]).T
         return x.reshape(self.hf_shape)

@@ -90,7 +90,8 @@ class Qwen2VL(DecoderLM):
             spatial_merge_size=self.config.vision.spatial_merge_size,
         )
 
-    def prompt_positions(self, input_ids, attention_mask=None, image_grid_thw=None) -> tuple[jax.Array, jax.Array]:
+    def prompt_positions(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None
+                         ) -> tuple[jax.Array, jax.Array]:
         """Positions of a (left-padded) prompt as transformers' `generate` computes them, and the
         position [B] of the first generated token (max prompt position + 1, i.e. rope delta + length)."""
         pos, _ = self.rope_index(input_ids, attention_mask, image_grid_thw)

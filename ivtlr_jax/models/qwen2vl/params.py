@@ -7,6 +7,7 @@ the hub layout first.
 
 from __future__ import annotations
 
+from ..common.lm_params import decoder_lm_specs
 from ..common.loading import WeightSpec, rename_by_rules
 from .config import Qwen2VLConfig
 
@@ -26,26 +27,12 @@ def hf_renamer(config: Qwen2VLConfig):
 
 
 def weight_specs(config: Qwen2VLConfig) -> dict[tuple[str, ...], WeightSpec]:
-    t, v = config.text, config.vision
-    D, F, N, K, H, V = t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim, config.vocab_size
+    v = config.vision
+    D = config.text.hidden_size
     E, Fv, M = v.embed_dim, v.mlp_dim, v.embed_dim * v.spatial_merge_size**2
-    lyr = "model.layers.{i}."
     blk = "visual.blocks.{i}."
-    specs = {
-        ("embed_vd",): WeightSpec("model.embed_tokens.weight", (V, D)),
-        ("final_norm_d",): WeightSpec("model.norm.weight", (D,)),
-        ("layers", "attn_norm_d"): WeightSpec(lyr + "input_layernorm.weight", (D,)),
-        ("layers", "q_weight_dnh"): WeightSpec(lyr + "self_attn.q_proj.weight", (N * H, D), True),
-        ("layers", "q_bias_nh"): WeightSpec(lyr + "self_attn.q_proj.bias", (N * H,)),
-        ("layers", "k_weight_dkh"): WeightSpec(lyr + "self_attn.k_proj.weight", (K * H, D), True),
-        ("layers", "k_bias_kh"): WeightSpec(lyr + "self_attn.k_proj.bias", (K * H,)),
-        ("layers", "v_weight_dkh"): WeightSpec(lyr + "self_attn.v_proj.weight", (K * H, D), True),
-        ("layers", "v_bias_kh"): WeightSpec(lyr + "self_attn.v_proj.bias", (K * H,)),
-        ("layers", "o_weight_nhd"): WeightSpec(lyr + "self_attn.o_proj.weight", (D, N * H), True),
-        ("layers", "mlp_norm_d"): WeightSpec(lyr + "post_attention_layernorm.weight", (D,)),
-        ("layers", "gate_weight_df"): WeightSpec(lyr + "mlp.gate_proj.weight", (F, D), True),
-        ("layers", "up_weight_df"): WeightSpec(lyr + "mlp.up_proj.weight", (F, D), True),
-        ("layers", "down_weight_fd"): WeightSpec(lyr + "mlp.down_proj.weight", (D, F), True),
+    specs = decoder_lm_specs(config.text, config.vocab_size, config.tie_word_embeddings)
+    specs |= {
         ("visual", "patch_weight_pe"): WeightSpec(
             "visual.patch_embed.proj.weight",
             (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
@@ -70,6 +57,4 @@ def weight_specs(config: Qwen2VLConfig) -> dict[tuple[str, ...], WeightSpec]:
         ("visual", "merger_fc2_weight_md"): WeightSpec("visual.merger.mlp.2.weight", (D, M), True),
         ("visual", "merger_fc2_bias_d"): WeightSpec("visual.merger.mlp.2.bias", (D,)),
     }
-    if not config.tie_word_embeddings:
-        specs[("lm_head_dv",)] = WeightSpec("lm_head.weight", (V, D), True)
     return specs

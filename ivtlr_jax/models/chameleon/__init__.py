@@ -1,0 +1,1 @@
+"""Chameleon: config, VQ-VAE image tokenizer, Llama-style decoder with q/k LayerNorm, HF weight mapping."""
