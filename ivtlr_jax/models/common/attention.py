@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .layers import acc_dtype
+
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
 
 
@@ -31,7 +33,7 @@ def dot_product_attention(
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=acc_dtype(q)) * scale
     logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
@@ -50,6 +52,6 @@ def row_attention_probs(
     q_row = jnp.take_along_axis(q, rows[:, None, None, None], axis=1)[:, 0]  # [B, N, H]
     mask_row = jnp.take_along_axis(mask, rows[:, None, None], axis=1)[:, 0]  # [B, S]
     q_row = q_row.reshape(b, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("bkgh,bskh->bkgs", q_row, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bkgh,bskh->bkgs", q_row, k, preferred_element_type=acc_dtype(q)) * scale
     logits = jnp.where(mask_row[:, None, None, :], logits, NEG_INF)
     return jax.nn.softmax(logits, axis=-1).mean(axis=(1, 2))

@@ -115,7 +115,8 @@ def _layer(
     k = apply_rope(k, cos, sin)
 
     if k_cache is not None:
-        start = (0, write_index, 0, 0)
+        zero = jnp.zeros((), write_index.dtype)
+        start = (zero, write_index, zero, zero)
         k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
         v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
         new_kv = (k_all, v_all)

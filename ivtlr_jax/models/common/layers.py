@@ -34,10 +34,15 @@ def param(
     return nnx.Param(value, axes=axes)
 
 
+def acc_dtype(x: jax.Array):
+    """The dtype reductions, softmax and norms run in: fp32, or fp64 for fp64 inputs (gradient checks)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in fp32, cast back to the input dtype, then scaled (as transformers' Qwen2/Llama)."""
     dtype = x.dtype
-    xf = x.astype(jnp.float32)
+    xf = x.astype(acc_dtype(x))
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return weight.astype(dtype) * xf.astype(dtype)
 
@@ -45,12 +50,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
     """LayerNorm over the last axis, statistics in fp32."""
     dtype = x.dtype
-    xf = x.astype(jnp.float32)
+    xf = x.astype(acc_dtype(x))
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale.astype(xf.dtype)
     if bias is not None:
-        y = y + bias.astype(jnp.float32)
+        y = y + bias.astype(xf.dtype)
     return y.astype(dtype)
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from .attention import causal_mask
 from .decoder import DecoderConfig, DecoderLayers, run_decoder
 from .kv_cache import KVCache
-from .layers import param, rms_norm
+from .layers import acc_dtype, param, rms_norm
 from .sharding import ShardingRules, constrain
 
 
@@ -79,7 +79,8 @@ class DecoderLM(nnx.Module):
             mask = causal_mask(jnp.arange(t), valid)
             cache_kv, write_index = None, None
         else:
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.end))
+            zero = jnp.zeros((), cache.end.dtype)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (zero, cache.end))
             mask = causal_mask(cache.end + jnp.arange(t), key_valid)
             cache_kv, write_index = (cache.k, cache.v), cache.end
         out = run_decoder(
@@ -96,7 +97,7 @@ class DecoderLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] (fp32 accumulation)."""
         head = self.embed_vd[...].T if self.lm_head_dv is None else self.lm_head_dv[...]
-        return jnp.einsum("...d,dv->...v", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, head.astype(self.dtype), preferred_element_type=acc_dtype(hidden))
 
     def forward_embeds(self, embeds, positions, attention_mask, output_hidden_states: bool) -> ModelOutput:
         """Logits (and transformers-style hidden states) of a full forward from input embeddings."""

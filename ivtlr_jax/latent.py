@@ -1,0 +1,328 @@
+"""The IVT-LR latent reasoning loop (REFERENCE.md section 3), exact and jitted with static shapes.
+
+Read next to REFERENCE.md 3. The official code runs n+1 full forwards over a growing sequence with
+eager attention. Because the model is causal and everything before `end` never changes between
+passes, the same result comes from (DESIGN.md):
+
+1. **prefill** the question prefix [0, prefix_len) into a KV cache sized for the whole latent chain,
+   keeping the final-norm hidden state at p-1 and the head- and layer-averaged attention row of
+   query p-1 (`row_attention_probs`: one [B, S] row per layer, never the full matrices);
+2. **latent passes** under `lax.scan`, one per latent i = 0..n-1: pick the top-K image patches by the
+   carried score row (REFERENCE 3.3), gather their input embeddings (3.4), write the carried hidden
+   state as latent i (3.5), and run only the K+1 new positions [V_i, L_i] through the LM against the
+   cache (3.6-3.7), carrying L_i's hidden state and attention row onward;
+3. **assemble** the final sequence `question, V_0, L_0, ..., V_{n-1}, L_{n-1}, rest` (length S + n*K)
+   from the recorded indices, gathering the patches again from the differentiable embeddings, and run
+   one ordinary forward over it; the loss is the token-mean cross-entropy of the right-aligned labels
+   (3.4), computed in sequence chunks so the [B, T, V] logits never exist at once.
+
+With `latent_grad="stop"` (the official behaviour) steps 1-2 see stop-gradient parameters and
+embeddings, so gradients reach the parameters only through step 3. With `latent_grad="full"` the
+latent chain is differentiated too (Coconut-style).
+
+Batch layout (the official collator's): rows left-padded so that every row's first `<|latent|>` is
+at the same index p, then right-padded to S; `position_ids` 0 on left pads then 0, 1, 2, ...;
+`labels` -100 on pads, question and latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .models.common.kv_cache import KVCache
+from .models.common.layers import acc_dtype
+
+IGNORE = -100
+PATCH_ORDERS = ("score", "position")
+LATENT_GRADS = ("stop", "full")
+ROPES = ("1d", "mrope")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    latent_token_id: int
+    num_selected_patches: int  # K: Qwen2-VL 32, Chameleon 64
+    patch_order: str = "score"  # "score": descending score (ties: lower index); "position": raster order
+    latent_grad: str = "stop"  # "stop": official (latent states cut from the graph); "full": through the chain
+    rope: str = "1d"  # Qwen2-VL only: "1d" (official explicit 1-D positions) or "mrope" (3-D M-RoPE prefix)
+    ce_chunk: int = 256  # sequence positions per chunk of the cross-entropy
+
+    def __post_init__(self):
+        for name, allowed in (("patch_order", PATCH_ORDERS), ("latent_grad", LATENT_GRADS), ("rope", ROPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"latent config: {name}={getattr(self, name)!r}; choose from {allowed}")
+        if self.num_selected_patches < 1:
+            raise ValueError("latent config: num_selected_patches must be >= 1")
+
+
+class LatentAux(NamedTuple):
+    selected: jax.Array  # [n, B, K] original positions of the patches inserted before latent i
+    embeds: jax.Array  # [B, S + n*K, D] the assembled final input embeddings
+    attention_mask: jax.Array  # [B, S + n*K]
+    labels: jax.Array  # [B, S + n*K] right-aligned labels
+    positions: jax.Array  # positions of the final sequence ([B, L] or [3, B, L])
+    num_tokens: jax.Array  # [] supervised tokens in the batch
+
+
+# ---- host-side checks ------------------------------------------------------------------------------
+def latent_layout(input_ids: np.ndarray, latent_token_id: int) -> tuple[int, int]:
+    """(n, p) of a concrete batch: the largest number of latents in a row and the common index of the
+    first latent. Raises with the offending row when the layout is not the collator's."""
+    is_latent = input_ids == latent_token_id
+    counts = is_latent.sum(axis=1)
+    n = int(counts.max(initial=0))
+    if n == 0:
+        return 0, 0
+    firsts = {}
+    for row in np.flatnonzero(counts):
+        idx = np.flatnonzero(is_latent[row])
+        if (np.diff(idx) != 1).any():
+            raise ValueError(f"row {row}: its <|latent|> tokens are not contiguous (at {idx.tolist()})")
+        firsts[row] = int(idx[0])
+    if len(set(firsts.values())) > 1:
+        raise ValueError(
+            f"rows are not aligned on their first <|latent|> (first latent index per row: {firsts}); "
+            "the collator must left-pad every row so that its first latent sits at the same index"
+        )
+    return n, next(iter(firsts.values()))
+
+
+def check_eligible_patches(input_ids: np.ndarray, p: int, image_token_id: int, cfg: LatentConfig) -> None:
+    """Every row with latents needs at least K image positions before its first latent (the official
+    top-K fails otherwise); later passes may run short and are filled (select_patches)."""
+    has = (input_ids == cfg.latent_token_id).any(axis=1)
+    eligible = (input_ids[:, :p] == image_token_id).sum(axis=1)
+    short = [int(r) for r in np.flatnonzero(has & (eligible < cfg.num_selected_patches))]
+    if short:
+        raise ValueError(f"rows {short} have {eligible[short].tolist()} image tokens before their first latent, "
+                         f"fewer than num_selected_patches={cfg.num_selected_patches}")
+
+
+# ---- step 3.3: patch selection -------------------------------------------------------------------
+def select_patches(score: jax.Array, image_mask: jax.Array, picked: jax.Array, k: int, order: str) -> jax.Array:
+    """Top-k eligible image positions per row: [B, k] indices.
+
+    score [B, P] (attention probabilities), image_mask [B, P] eligible image positions, picked [B, P]
+    positions selected in earlier passes. Ties go to the lower index (lax.top_k is stable). When fewer
+    than k unpicked positions remain, the rest is filled with the lowest-index picked positions.
+    """
+    idx = jnp.arange(score.shape[1], dtype=jnp.float32)
+    available = image_mask & ~picked
+    key = jnp.where(
+        available,
+        score.astype(jnp.float32),  # probabilities in [0, 1]
+        jnp.where(image_mask & picked, -1.0 - idx / score.shape[1], -3.0),  # lowest picked index first
+    )
+    _, sel = jax.lax.top_k(key, k)
+    return jnp.sort(sel, axis=1) if order == "position" else sel
+
+
+# ---- positions ------------------------------------------------------------------------------------
+def _positions(model, cfg: LatentConfig, batch: dict, prefix_len: int, p: jax.Array) -> tuple[Any, Any]:
+    """(positions of the prefix [0, prefix_len), function slot -> position for slots >= p).
+
+    1d: the collator's positions (slot - left pad); per row a constant away from the official
+    `arange` positions, which RoPE does not see. mrope: M-RoPE of the prefix as transformers computes
+    it, then text positions continuing from its largest index."""
+    mask = batch["attention_mask"].astype(bool)
+    b = mask.shape[0]
+    if cfg.rope == "1d":
+        left_pad = jnp.argmax(mask, axis=1)  # first real token
+
+        def tail(slots):  # slots [T] -> [B, T]
+            return jnp.maximum(slots[None, :] - left_pad[:, None], 0)
+
+        return batch["position_ids"][:, :prefix_len], tail
+
+    if not hasattr(model, "rope_index"):
+        raise ValueError("latent config: rope='mrope' needs a model with M-RoPE (Qwen2-VL)")
+    ids = batch["input_ids"][:, :prefix_len]
+    in_prefix = mask[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
+    pos3, _ = model.rope_index(ids, in_prefix, batch.get("image_grid_thw"))
+    base = jnp.max(jnp.where(in_prefix[None], pos3, -1), axis=(0, 2)) + 1  # [B]
+
+    def tail(slots):
+        t = base[:, None] + slots[None, :] - p
+        return jnp.broadcast_to(t[None], (3, b, slots.shape[0]))
+
+    return pos3, tail
+
+
+def _join_positions(prefix_pos, tail_fn, p, length: int):
+    """Positions of a sequence of `length` slots: the prefix's below p, tail_fn's from p on."""
+    slots = jnp.arange(length)
+    tail = tail_fn(slots)
+    pad = length - prefix_pos.shape[-1]
+    head = jnp.pad(prefix_pos, [(0, 0)] * (prefix_pos.ndim - 1) + [(0, max(pad, 0))])[..., :length]
+    return jnp.where(slots < p, head, tail)
+
+
+# ---- steps 1-2: prefill and the latent passes -------------------------------------------------------
+def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len: int, extra_cache: int = 0):
+    """Run prefill + n latent passes. Returns (selected [n, B, K], latent states [n, B, D], cache, h_last,
+    p). `extra_cache` reserves cache slots after the chain (for generation)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b, s, d = embeds.shape
+    k = cfg.num_selected_patches
+    is_latent = ids == cfg.latent_token_id
+    has_latent = jnp.any(is_latent, axis=1)
+    p = jnp.max(jnp.where(has_latent, jnp.argmax(is_latent, axis=1), 0)).astype(jnp.int32)
+    prefix_pos, tail_pos = _positions(model, cfg, batch, prefix_len, p)
+    image_mask = (ids == model.config.image_token_id)[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
+    latent_count = is_latent.sum(axis=1)  # [B]
+
+    cache = model.init_cache(b, prefix_len + n * (k + 1) + extra_cache)
+    rows = jnp.full((b,), p - 1, jnp.int32)
+    out = model.decode(embeds[:, :prefix_len], prefix_pos, mask[:, :prefix_len], cache=cache, prob_rows=rows)
+    h0 = jnp.take_along_axis(out.hidden, rows[:, None, None], axis=1)[:, 0]  # [B, D] state before latent 0
+    score0 = out.row_probs.mean(axis=0)[:, :prefix_len]  # [B, P] mean over layers (heads already)
+    # the cache holds [0, prefix_len); slots >= p are overwritten by the chain, and never attended
+    # before they are (keys are causal in slot order)
+    cache = KVCache(out.cache.k, out.cache.v, out.cache.valid, p)
+
+    def one_pass(carry, i):
+        cache, h_prev, score, picked = carry
+        sel = select_patches(score, image_mask, picked, k, cfg.patch_order)  # 3.3
+        picked = picked | jnp.any(jax.nn.one_hot(sel, prefix_len, dtype=bool), axis=1)
+        patches = jnp.take_along_axis(embeds, sel[:, :, None], axis=1)  # 3.4: [B, K, D] input embeddings
+        has_i = latent_count > i  # 3.5: rows with an i-th latent get the carried hidden state
+        original = jax.lax.dynamic_index_in_dim(embeds, p + i, axis=1, keepdims=False)  # rows without latent i
+        latent = jnp.where(has_i[:, None], h_prev, original)
+        chunk = jnp.concatenate([patches, latent[:, None]], axis=1)  # 3.6: [V_i, L_i]
+        orig_mask = jax.lax.dynamic_index_in_dim(mask, p + i, axis=1, keepdims=False)
+        chunk_mask = jnp.concatenate([jnp.ones((b, k), bool), (has_i | (orig_mask > 0))[:, None]], axis=1)
+        slots = cache.end + jnp.arange(k + 1)
+        o = model.decode(chunk, tail_pos(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32))
+        h_next = o.hidden[:, k]  # state at L_i: the next latent's embedding
+        score_next = o.row_probs.mean(axis=0)[:, :prefix_len]
+        return (o.cache, h_next, score_next, picked), (sel, latent)
+
+    picked0 = jnp.zeros((b, prefix_len), bool)
+    (cache, h_last, _, _), (selected, latents) = jax.lax.scan(
+        one_pass, (cache, h0, score0, picked0), jnp.arange(n)
+    )
+    return selected, latents, cache, h_last, p
+
+
+# ---- step 3: the final sequence -----------------------------------------------------------------------
+def assemble(embeds, mask, labels, selected, latents, has_latent_i, p, k: int):
+    """Insert V_i before the i-th latent slot and write latent states: the final sequence [B, S + n*K].
+
+    selected [n, B, K], latents [n, B, D], has_latent_i [n, B]. Patches are gathered from `embeds`
+    (differentiable); labels are right-aligned (original token j at j + n*K)."""
+    n = selected.shape[0]
+    b, s, d = embeds.shape
+    length = s + n * k
+    f = jnp.arange(length)
+    rel = f - p
+    in_chain = (rel >= 0) & (rel < n * (k + 1))
+    step, r = rel // (k + 1), rel % (k + 1)
+    is_patch = in_chain & (r < k)
+    is_latent_slot = in_chain & (r == k)
+    # source index into concat([embeds, patches]): patches live at s + i*K + r
+    src = jnp.where(f < p, f, jnp.where(is_patch, s + step * k + r, jnp.where(is_latent_slot, p + step, f - n * k)))
+    patches = jnp.take_along_axis(embeds[None], selected[..., None], axis=2)  # [n, B, K, D]
+    patches = jnp.transpose(patches, (1, 0, 2, 3)).reshape(b, n * k, d)
+    table = jnp.concatenate([embeds, patches], axis=1)
+    final = table[:, src]
+    mask_table = jnp.concatenate([mask.astype(bool), jnp.ones((b, n * k), bool)], axis=1)
+    final_mask = mask_table[:, src]
+    if n:
+        step_c = jnp.clip(step, 0, n - 1)
+        slot_latent = jnp.transpose(latents, (1, 0, 2))[:, step_c]  # [B, L, D]
+        slot_has = jnp.transpose(has_latent_i)[:, step_c] & is_latent_slot[None]  # [B, L]
+        final = jnp.where(slot_has[..., None], slot_latent.astype(final.dtype), final)
+        final_mask = final_mask | slot_has
+    final_labels = jnp.concatenate([jnp.full((b, n * k), IGNORE, labels.dtype), labels], axis=1)
+    return final, final_mask, final_labels
+
+
+def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(sum of token cross-entropies, number of tokens) of next-token prediction: logits at t predict
+    labels[t + 1]. Chunks over the sequence under remat; chunks without supervised tokens are skipped."""
+    b, t, d = hidden.shape
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
+    pad = -t % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
+    hs = hidden.reshape(b, -1, chunk, d).transpose(1, 0, 2, 3)
+    ts = targets.reshape(b, -1, chunk).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def piece(h, y):
+        logits = model.logits(h)  # [B, c, V] fp32
+        valid = y != IGNORE
+        gold = jnp.take_along_axis(logits, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - gold
+        return jnp.sum(jnp.where(valid, nll, 0.0))
+
+    def body(total, xs):
+        h, y = xs
+        s = jax.lax.cond(jnp.any(y != IGNORE), piece, lambda h, y: jnp.zeros((), acc), h, y)
+        return total + s, None
+
+    acc = acc_dtype(hidden)
+    total, _ = jax.lax.scan(body, jnp.zeros((), acc), (hs, ts))
+    return total, jnp.sum(targets != IGNORE)
+
+
+# ---- the public entry -----------------------------------------------------------------------------------
+def image_inputs_of(batch: dict) -> dict:
+    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch and batch[k] is not None}
+
+
+def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None = None,
+               prefix_len: int | None = None) -> tuple[jax.Array, LatentAux]:
+    """IVT-LR training loss of a batch in the official collator layout -> (loss, aux).
+
+    num_latents (n) and prefix_len (a static bound >= p, the first latent's index; default S) fix the
+    shapes; when the batch is concrete they are read off it and the layout is validated. Jit this
+    function (or the train step around it) with both static.
+    """
+    ids = batch["input_ids"]
+    if num_latents is None or prefix_len is None:
+        if isinstance(ids, jax.core.Tracer):
+            raise ValueError("ivtlr_loss under jit needs static num_latents and prefix_len")
+        n, p = latent_layout(np.asarray(ids), cfg.latent_token_id)
+        num_latents = n if num_latents is None else num_latents
+        prefix_len = ids.shape[1] if prefix_len is None else prefix_len
+        if n > num_latents or p > prefix_len:
+            raise ValueError(f"batch has {n} latents from index {p}; static num_latents={num_latents}, "
+                             f"prefix_len={prefix_len} are too small")
+        if n:
+            check_eligible_patches(np.asarray(ids), p, model.config.image_token_id, cfg)
+    n, k = num_latents, cfg.num_selected_patches
+    mask = batch["attention_mask"]
+    embeds = model.embed_inputs(ids, **image_inputs_of(batch))
+
+    if n == 0:  # REFERENCE 3.2: a plain forward
+        s = ids.shape[1]
+        final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
+        selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
+        positions = _positions(model, cfg, batch, s, jnp.int32(s))[0]
+    else:
+        if cfg.latent_grad == "stop":
+            graphdef, state = nnx.split(model)
+            chain_model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+            chain_embeds = jax.lax.stop_gradient(embeds)
+        else:
+            chain_model, chain_embeds = model, embeds
+        selected, latents, _, _, p = latent_passes(chain_model, cfg, chain_embeds, batch, n=n, prefix_len=prefix_len)
+        if cfg.latent_grad == "stop":
+            latents = jax.lax.stop_gradient(latents)
+        counts = jnp.sum(ids == cfg.latent_token_id, axis=1)
+        has_latent_i = counts[None, :] > jnp.arange(n)[:, None]
+        final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, has_latent_i, p, k)
+        prefix_pos, tail_pos = _positions(model, cfg, batch, prefix_len, p)
+        positions = _join_positions(prefix_pos, tail_pos, p, final.shape[1])
+
+    out = model.decode(final, positions, final_mask)
+    total, count = chunked_cross_entropy(model, out.hidden, final_labels, cfg.ce_chunk)
+    loss = total / jnp.maximum(count, 1)
+    return loss, LatentAux(selected, final, final_mask, final_labels, positions, count)

@@ -1,0 +1,221 @@
+"""The JAX IVT-LR latent loop against the PyTorch oracle of REFERENCE.md section 3 (tests/oracle_ivtlr.py)
+on tiny random Qwen2-VL and Chameleon models: selected patches, assembled sequence, loss, gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from ivtlr_jax.latent import LatentConfig, ivtlr_loss, latent_layout
+from ivtlr_jax.models import FAMILIES, ShardingRules, from_pretrained, make_mesh, read_config
+from ivtlr_jax.models.common.loading import variables_by_path
+from tests import hf_tiny
+from tests.oracle_ivtlr import latent_batch, oracle_ivtlr
+
+QWEN_LATENT, CHAMELEON_LATENT, EOS = 295, 390, 2
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen2vl):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = tiny_qwen2vl[0]
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    return folder, hf, from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def chameleon(tiny_chameleon):
+    from transformers import ChameleonForConditionalGeneration
+
+    folder = tiny_chameleon[0]
+    hf = ChameleonForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    return folder, hf, from_pretrained(folder)
+
+
+def qwen_batch(latents, seed=0, answers=(6, 4)):
+    """Two rows with images of different sizes (9 and 8 image tokens) and questions of different
+    lengths, so the rows get different left pads."""
+    rng = np.random.default_rng(seed)
+    pv, grid = hf_tiny.image_inputs([(84, 84), (56, 112)], seed=seed)
+    n_img = (grid.prod(-1) // 4).tolist()
+    span = lambda k: [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * k + [hf_tiny.VISION_END]
+    text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
+    questions = [text(3) + span(n_img[0]) + text(5), text(1) + span(n_img[1]) + text(2)]
+    batch = latent_batch(rng, questions, list(latents), list(answers), QWEN_LATENT, EOS, hf_tiny.TEXT_VOCAB)
+    return batch | {"pixel_values": pv, "image_grid_thw": grid}
+
+
+def chameleon_batch(latents, seed=0, answers=(5, 7)):
+    rng = np.random.default_rng(seed)
+    pv = rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    img = [hf_tiny.CHAMELEON_IMAGE] * hf_tiny.CHAMELEON_TOKENS_PER_IMAGE
+    text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
+    questions = [text(4) + img + text(3), text(2) + img + text(1)]
+    batch = latent_batch(rng, questions, list(latents), list(answers), CHAMELEON_LATENT, EOS, hf_tiny.TEXT_VOCAB)
+    return batch | {"pixel_values": pv}
+
+
+def to_jax(batch):
+    return {k: jnp.asarray(v) for k, v in batch.items() if k != "latent_token_id"}
+
+
+@functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len"))
+def loss_and_grads(model, batch, cfg, n, prefix_len):
+    def f(m):
+        loss, aux = ivtlr_loss(m, batch, cfg, num_latents=n, prefix_len=prefix_len)
+        return loss, aux
+
+    (loss, aux), grads = nnx.value_and_grad(f, has_aux=True)(model)
+    return loss, aux, grads
+
+
+def run_jax(model, batch, cfg):
+    n, p = latent_layout(batch["input_ids"], cfg.latent_token_id)
+    return loss_and_grads(model, to_jax(batch), cfg, n, batch["input_ids"].shape[1])
+
+
+def torch_grads_in_our_layout(folder, hf):
+    """The oracle's parameter gradients mapped through our weight table (zeros where torch has none)."""
+    family, config, _ = read_config(folder)
+    rename = family.hf_renamer(config)
+    grads = {rename(k): (v.grad.numpy() if v.grad is not None else np.zeros(v.shape, np.float32))
+             for k, v in hf.named_parameters()}
+    out = {}
+    abstract = variables_by_path(nnx.state(from_pretrained(folder)))
+    for path, spec in family.weight_specs(config).items():
+        shape = abstract[path].shape
+        if "{i}" in spec.hf_name:
+            out[path] = np.stack([spec.to_ours(grads[spec.hf_name.format(i=i)], shape[1:]) for i in range(shape[0])])
+        else:
+            out[path] = spec.to_ours(grads[spec.hf_name], shape)
+    return out
+
+
+def compare(folder, hf, family, model, batch, cfg, check_grads=True):
+    hf.zero_grad()
+    loss_t, sel_t, emb_t, mask_t = oracle_ivtlr(hf, family, batch, cfg.num_selected_patches, cfg.patch_order,
+                                                cfg.rope)
+    loss, aux, grads = run_jax(model, batch, cfg)
+    n = len(sel_t)
+    k = cfg.num_selected_patches
+    np.testing.assert_array_equal(np.asarray(aux.selected), np.asarray(sel_t, dtype=np.int64).reshape(n, 2, k))
+    valid = mask_t.numpy().astype(bool)
+    np.testing.assert_array_equal(np.asarray(aux.attention_mask), valid)
+    assert np.abs(np.asarray(aux.embeds) - emb_t.detach().numpy())[valid].max() <= 1e-5
+    assert abs(float(loss) - float(loss_t)) <= 1e-5 * abs(float(loss_t))
+    if check_grads:
+        loss_t.backward()
+        ref = torch_grads_in_our_layout(folder, hf)
+        ours = variables_by_path(grads)
+        assert set(ours) == set(ref)
+        for path, g in ref.items():
+            diff = np.abs(np.asarray(ours[path][...]) - g).max()
+            assert diff <= 1e-5 * max(np.linalg.norm(g), 1e-2), (path, diff, np.linalg.norm(g))
+    return aux
+
+
+@pytest.mark.parametrize(
+    "latents,k,order,rope",
+    [
+        ((0, 0), 4, "score", "1d"),  # no latents: a plain forward
+        ((1, 1), 8, "score", "1d"),
+        ((2, 2), 3, "position", "1d"),
+        ((3, 3), 5, "score", "1d"),  # 3 x 5 > 8 image tokens: the last pass is filled with picked patches
+        ((2, 2), 2, "score", "mrope"),
+    ],
+)
+def test_qwen2vl_matches_oracle(qwen, latents, k, order, rope):
+    folder, hf, model = qwen
+    cfg = LatentConfig(QWEN_LATENT, k, patch_order=order, rope=rope)
+    compare(folder, hf, "qwen2vl", model, qwen_batch(latents), cfg)
+
+
+def test_qwen2vl_rows_with_fewer_and_without_latents(qwen):
+    folder, hf, model = qwen
+    for latents in [(3, 1), (0, 2)]:
+        compare(folder, hf, "qwen2vl", model, qwen_batch(latents, seed=1), LatentConfig(QWEN_LATENT, 2))
+
+
+@pytest.mark.parametrize("latents,k", [((2, 2), 8), ((3, 1), 6)])
+def test_chameleon_matches_oracle(chameleon, latents, k):
+    folder, hf, model = chameleon
+    compare(folder, hf, "chameleon", model, chameleon_batch(latents), LatentConfig(CHAMELEON_LATENT, k))
+
+
+def test_bad_layouts_are_rejected(qwen):
+    _, _, model = qwen
+    batch = qwen_batch((2, 2))
+    ids = batch["input_ids"].copy()
+    ids[1] = np.roll(ids[1], 1)  # second row's latents one slot later
+    with pytest.raises(ValueError, match="not aligned on their first <|latent|>"):
+        ivtlr_loss(model, to_jax(batch | {"input_ids": ids}), LatentConfig(QWEN_LATENT, 2))
+    with pytest.raises(ValueError, match=r"rows \[0, 1\] have \[9, 8\] image tokens .* fewer than"):
+        ivtlr_loss(model, to_jax(batch), LatentConfig(QWEN_LATENT, 10))
+
+
+def test_full_latent_gradients_match_finite_differences(tiny_qwen2vl):
+    """latent_grad='full' differentiates through the latent chain: its directional derivative equals a
+    central finite difference (float64), and it differs from the stop-gradient one."""
+    batch = qwen_batch((2, 2), seed=2)
+    with jax.enable_x64(True):
+        model = from_pretrained(tiny_qwen2vl[0], dtype=jnp.float64)
+        jb = to_jax(batch)
+        graphdef, state = nnx.split(model)
+        rng = np.random.default_rng(0)
+        direction = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape)), state)
+
+        def loss_of(state, cfg):
+            return ivtlr_loss(nnx.merge(graphdef, state), jb, cfg, num_latents=2,
+                              prefix_len=batch["input_ids"].shape[1])[0]
+
+        full, stop = LatentConfig(QWEN_LATENT, 3, latent_grad="full"), LatentConfig(QWEN_LATENT, 3)
+        dot = lambda g: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(direction)))
+        g_full = dot(jax.jit(jax.grad(lambda s: loss_of(s, full)))(state))
+        g_stop = dot(jax.jit(jax.grad(lambda s: loss_of(s, stop)))(state))
+        eps = 1e-5
+        shifted = lambda sign: jax.tree.map(lambda x, d: x + sign * eps * d, state, direction)
+        f = jax.jit(lambda s: loss_of(s, full))
+        fd = (f(shifted(1)) - f(shifted(-1))) / (2 * eps)
+        assert abs(float(g_full) - float(fd)) <= 1e-6 * abs(float(fd)), (g_full, fd)
+        assert abs(float(g_stop) - float(fd)) > 1e-4 * abs(float(fd)), "stop and full gradients should differ"
+
+
+def test_sharded_step_equals_unsharded(tiny_qwen2vl, qwen):
+    _, _, model = qwen
+    batch = qwen_batch((2, 2), seed=3)
+    batch4 = {k: (np.concatenate([v, v]) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
+    cfg = LatentConfig(QWEN_LATENT, 3)
+    loss, aux, grads = run_jax(model, batch4, cfg)
+    rules = ShardingRules(make_mesh(data=2, fsdp=2, tensor=1))
+    sharded = from_pretrained(tiny_qwen2vl[0], rules=rules)
+    sh = rules.sharding(("batch", "length"), batch4["input_ids"].shape)
+    jb = {k: (jax.device_put(v, sh) if k in ("input_ids", "attention_mask", "labels", "position_ids") else jnp.asarray(v))
+          for k, v in batch4.items() if k != "latent_token_id"}
+    loss_s, aux_s, grads_s = loss_and_grads(sharded, jb, cfg, 2, batch4["input_ids"].shape[1])
+    assert abs(float(loss_s) - float(loss)) <= 1e-6 * abs(float(loss))
+    np.testing.assert_array_equal(np.asarray(aux_s.selected), np.asarray(aux.selected))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_s)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * max(np.linalg.norm(a), 1e-2)
+
+
+def test_new_batch_content_does_not_retrace(qwen):
+    _, _, model = qwen
+    cfg = LatentConfig(QWEN_LATENT, 2)
+    traces = []
+
+    @functools.partial(nnx.jit, static_argnames=("n", "prefix_len"))
+    def f(model, batch, n, prefix_len):
+        traces.append(1)
+        return ivtlr_loss(model, batch, cfg, num_latents=n, prefix_len=prefix_len)[0]
+
+    a, b = qwen_batch((2, 2), seed=4), qwen_batch((2, 2), seed=5)
+    assert a["input_ids"].shape == b["input_ids"].shape and (a["input_ids"] != b["input_ids"]).any()
+    la = f(model, to_jax(a), 2, a["input_ids"].shape[1])
+    lb = f(model, to_jax(b), 2, b["input_ids"].shape[1])
+    assert len(traces) == 1 and float(la) != float(lb)
