@@ -63,6 +63,8 @@ class LatentConfig:
 
 class LatentAux(NamedTuple):
     selected: jax.Array  # [n, B, K] original positions of the patches inserted before latent i
+    row_nll: jax.Array  # [B] summed token cross-entropy per row
+    row_tokens: jax.Array  # [B] supervised tokens per row
     embeds: jax.Array  # [B, S + n*K, D] the assembled final input embeddings
     attention_mask: jax.Array  # [B, S + n*K]
     labels: jax.Array  # [B, S + n*K] right-aligned labels
@@ -164,9 +166,12 @@ def _join_positions(prefix_pos, tail_fn, p, length: int):
 
 
 # ---- steps 1-2: prefill and the latent passes -------------------------------------------------------
-def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len: int, extra_cache: int = 0):
+def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len: int, extra_cache: int = 0,
+                  dropout_key: jax.Array | None = None):
     """Run prefill + n latent passes. Returns (selected [n, B, K], latent states [n, B, D], cache, h_last,
-    p). `extra_cache` reserves cache slots after the chain (for generation)."""
+    p). `extra_cache` reserves cache slots after the chain (for generation). `dropout_key`: training-mode
+    LoRA dropout, a fresh mask per pass (as every forward of the official code in train mode)."""
+    pass_key = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, s, d = embeds.shape
     k = cfg.num_selected_patches
@@ -179,7 +184,8 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
 
     cache = model.init_cache(b, prefix_len + n * (k + 1) + extra_cache)
     rows = jnp.full((b,), p - 1, jnp.int32)
-    out = model.decode(embeds[:, :prefix_len], prefix_pos, mask[:, :prefix_len], cache=cache, prob_rows=rows)
+    out = model.decode(embeds[:, :prefix_len], prefix_pos, mask[:, :prefix_len], cache=cache, prob_rows=rows,
+                       dropout_key=pass_key(0))
     h0 = jnp.take_along_axis(out.hidden, rows[:, None, None], axis=1)[:, 0]  # [B, D] state before latent 0
     score0 = out.row_probs.mean(axis=0)[:, :prefix_len]  # [B, P] mean over layers (heads already)
     # the cache holds [0, prefix_len); slots >= p are overwritten by the chain, and never attended
@@ -198,7 +204,8 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
         orig_mask = jax.lax.dynamic_index_in_dim(mask, p + i, axis=1, keepdims=False)
         chunk_mask = jnp.concatenate([jnp.ones((b, k), bool), (has_i | (orig_mask > 0))[:, None]], axis=1)
         slots = cache.end + jnp.arange(k + 1)
-        o = model.decode(chunk, tail_pos(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32))
+        o = model.decode(chunk, tail_pos(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32),
+                         dropout_key=pass_key(i + 1))
         h_next = o.hidden[:, k]  # state at L_i: the next latent's embedding
         score_next = o.row_probs.mean(axis=0)[:, :prefix_len]
         return (o.cache, h_next, score_next, picked), (sel, latent)
@@ -244,8 +251,8 @@ def assemble(embeds, mask, labels, selected, latents, has_latent_i, p, k: int):
 
 
 def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """(sum of token cross-entropies, number of tokens) of next-token prediction: logits at t predict
-    labels[t + 1]. Chunks over the sequence under remat; chunks without supervised tokens are skipped."""
+    """Per row [B]: (sum of token cross-entropies, number of tokens) of next-token prediction: logits at
+    t predict labels[t + 1]. Chunks over the sequence under remat; chunks without labels are skipped."""
     b, t, d = hidden.shape
     targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
     pad = -t % chunk
@@ -260,16 +267,16 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
         valid = y != IGNORE
         gold = jnp.take_along_axis(logits, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
         nll = jax.nn.logsumexp(logits, axis=-1) - gold
-        return jnp.sum(jnp.where(valid, nll, 0.0))
+        return jnp.sum(jnp.where(valid, nll, 0.0), axis=1)
 
     def body(total, xs):
         h, y = xs
-        s = jax.lax.cond(jnp.any(y != IGNORE), piece, lambda h, y: jnp.zeros((), acc), h, y)
+        s = jax.lax.cond(jnp.any(y != IGNORE), piece, lambda h, y: jnp.zeros((b,), acc), h, y)
         return total + s, None
 
     acc = acc_dtype(hidden)
-    total, _ = jax.lax.scan(body, jnp.zeros((), acc), (hs, ts))
-    return total, jnp.sum(targets != IGNORE)
+    total, _ = jax.lax.scan(body, jnp.zeros((b,), acc), (hs, ts))
+    return total, jnp.sum(targets != IGNORE, axis=1)
 
 
 # ---- the public entry -----------------------------------------------------------------------------------
@@ -278,12 +285,13 @@ def image_inputs_of(batch: dict) -> dict:
 
 
 def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None = None,
-               prefix_len: int | None = None) -> tuple[jax.Array, LatentAux]:
+               prefix_len: int | None = None, dropout_key: jax.Array | None = None) -> tuple[jax.Array, LatentAux]:
     """IVT-LR training loss of a batch in the official collator layout -> (loss, aux).
 
     num_latents (n) and prefix_len (a static bound >= p, the first latent's index; default S) fix the
     shapes; when the batch is concrete they are read off it and the layout is validated. Jit this
-    function (or the train step around it) with both static.
+    function (or the train step around it) with both static. `dropout_key` turns on LoRA dropout
+    (training mode) in every pass.
     """
     ids = batch["input_ids"]
     if num_latents is None or prefix_len is None:
@@ -313,7 +321,9 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None
             chain_embeds = jax.lax.stop_gradient(embeds)
         else:
             chain_model, chain_embeds = model, embeds
-        selected, latents, _, _, p = latent_passes(chain_model, cfg, chain_embeds, batch, n=n, prefix_len=prefix_len)
+        chain_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
+        selected, latents, _, _, p = latent_passes(chain_model, cfg, chain_embeds, batch, n=n, prefix_len=prefix_len,
+                                                   dropout_key=chain_key)
         if cfg.latent_grad == "stop":
             latents = jax.lax.stop_gradient(latents)
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)
@@ -322,7 +332,9 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None
         prefix_pos, tail_pos = _positions(model, cfg, batch, prefix_len, p)
         positions = _join_positions(prefix_pos, tail_pos, p, final.shape[1])
 
-    out = model.decode(final, positions, final_mask)
-    total, count = chunked_cross_entropy(model, out.hidden, final_labels, cfg.ce_chunk)
-    loss = total / jnp.maximum(count, 1)
-    return loss, LatentAux(selected, final, final_mask, final_labels, positions, count)
+    final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
+    out = model.decode(final, positions, final_mask, dropout_key=final_key)
+    row_nll, row_tokens = chunked_cross_entropy(model, out.hidden, final_labels, cfg.ce_chunk)
+    count = jnp.sum(row_tokens)
+    loss = jnp.sum(row_nll) / jnp.maximum(count, 1)
+    return loss, LatentAux(selected, row_nll, row_tokens, final, final_mask, final_labels, positions, count)

@@ -10,10 +10,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from .common.loading import Path as ParamPath
-from .common.loading import WeightLoadError, _with_values, variables_by_path
+from .common.loading import WeightLoadError, with_values, variables_by_path
 
 
-def _nested(flat: dict[ParamPath, object]) -> dict:
+def nest_paths(flat: dict[ParamPath, object]) -> dict:
     out: dict = {}
     for path, value in flat.items():
         d = out
@@ -23,11 +23,11 @@ def _nested(flat: dict[ParamPath, object]) -> dict:
     return out
 
 
-def _flatten(tree: dict, prefix: ParamPath = ()) -> dict[ParamPath, object]:
+def flatten_tree(tree: dict, prefix: ParamPath = ()) -> dict[ParamPath, object]:
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, (*prefix, k)))
+            out.update(flatten_tree(v, (*prefix, k)))
         else:
             out[(*prefix, k)] = v
     return out
@@ -37,7 +37,7 @@ def save_params(state: nnx.State, directory: str | Path) -> None:
     directory = Path(directory).absolute()
     flat = {p: v[...] for p, v in variables_by_path(state).items()}
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(directory, _nested(flat))
+        ckpt.save(directory, nest_paths(flat))
 
 
 def restore_params(directory: str | Path, abstract_state: nnx.State, shardings=None) -> nnx.State:
@@ -48,7 +48,7 @@ def restore_params(directory: str | Path, abstract_state: nnx.State, shardings=N
         for p, v in variables.items()
     }
     with ocp.StandardCheckpointer() as ckpt:
-        stored = _flatten(ckpt.metadata(directory).item_metadata.tree if hasattr(ckpt.metadata(directory), "item_metadata") else ckpt.metadata(directory))
+        stored = flatten_tree(ckpt.metadata(directory).item_metadata.tree if hasattr(ckpt.metadata(directory), "item_metadata") else ckpt.metadata(directory))
         missing = sorted(".".join(p) for p in set(target) - set(stored))
         unexpected = sorted(".".join(p) for p in set(stored) - set(target))
         bad = [
@@ -60,8 +60,8 @@ def restore_params(directory: str | Path, abstract_state: nnx.State, shardings=N
             raise WeightLoadError(
                 f"cannot load {directory}: missing {missing[:20]}, unexpected {unexpected[:20]}, mis-shaped {bad[:20]}"
             )
-        restored = ckpt.restore(directory, _nested(target))
-    return _with_values(abstract_state, _flatten(restored))
+        restored = ckpt.restore(directory, nest_paths(target))
+    return with_values(abstract_state, flatten_tree(restored))
 
 
 def _default_sharding():

@@ -17,6 +17,7 @@ from flax import nnx
 
 from .attention import dot_product_attention, row_attention_probs
 from .layers import activation, layer_norm, param, rms_norm
+from .lora import PROJECTIONS
 from .rope import apply_rope
 from .sharding import ShardingRules, constrain
 
@@ -96,16 +97,23 @@ def _layer(
     prob_rows: jax.Array | None,
     dtype,
     rules: ShardingRules | None,
+    dropout_key: jax.Array | None = None,
 ):
     """One layer on h [B, T, D]; `lp` holds one layer's parameters (the scanned slice)."""
     w = lambda v: v[...].astype(dtype)
     eps = cfg.rms_norm_eps
     act = activation(cfg.hidden_act)
+    lora = getattr(lp, "lora", None)
+
+    def proj(name: str, x: jax.Array) -> jax.Array:
+        attr, eq = PROJECTIONS[name]
+        y = jnp.einsum(eq, x, w(getattr(lp, attr)))
+        if lora is not None and name in lora.targets:
+            y = y + lora.delta(name, x, dtype, dropout_key)
+        return y
 
     x = h if cfg.swin_norm else rms_norm(h, lp.attn_norm_d[...], eps)
-    q = jnp.einsum("btd,dnh->btnh", x, w(lp.q_weight_dnh))
-    k = jnp.einsum("btd,dkh->btkh", x, w(lp.k_weight_dkh))
-    v = jnp.einsum("btd,dkh->btkh", x, w(lp.v_weight_dkh))
+    q, k, v = proj("q_proj", x), proj("k_proj", x), proj("v_proj", x)
     if cfg.qkv_bias:
         q, k, v = q + w(lp.q_bias_nh), k + w(lp.k_bias_kh), v + w(lp.v_bias_kh)
     if cfg.qk_layernorm:
@@ -127,17 +135,14 @@ def _layer(
     scale = cfg.head_dim**-0.5
     attn = dot_product_attention(q, k_att, v_att, mask, scale)
     rows = None if prob_rows is None else row_attention_probs(q, k_att, mask, prob_rows, scale)
-    attn_out = jnp.einsum("btnh,nhd->btd", attn, w(lp.o_weight_nhd))
+    attn_out = proj("o_proj", attn)
     if cfg.swin_norm:
         attn_out = rms_norm(attn_out, lp.attn_norm_d[...], eps)
     h = constrain(h + attn_out, ("batch", "length", "embed"), rules)
 
     x = h if cfg.swin_norm else rms_norm(h, lp.mlp_norm_d[...], eps)
-    gated = act(jnp.einsum("btd,df->btf", x, w(lp.gate_weight_df))) * jnp.einsum(
-        "btd,df->btf", x, w(lp.up_weight_df)
-    )
-    gated = constrain(gated, ("batch", "length", "mlp"), rules)
-    mlp_out = jnp.einsum("btf,fd->btd", gated, w(lp.down_weight_fd))
+    gated = constrain(act(proj("gate_proj", x)) * proj("up_proj", x), ("batch", "length", "mlp"), rules)
+    mlp_out = proj("down_proj", gated)
     if cfg.swin_norm:
         mlp_out = rms_norm(mlp_out, lp.mlp_norm_d[...], eps)
     h = constrain(h + mlp_out, ("batch", "length", "embed"), rules)
@@ -159,22 +164,26 @@ def run_decoder(
     remat: str = "none",
     dtype=jnp.float32,
     rules: ShardingRules | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> DecoderOutput:
     """Scan the stacked layers over h [B, T, D].
 
     Without a cache, keys are the T inputs themselves and mask is [B, T, T]. With `cache_kv` (k, v each
     [L, B, S, K, H]) the T new keys/values are written at slot `write_index` and queries attend over
     all S slots under mask [B, T, S]. `prob_rows` [B] picks, per example, the query whose head-averaged
-    attention probabilities are returned per layer.
+    attention probabilities are returned per layer. `dropout_key`: LoRA dropout (training), folded with
+    the layer index.
     """
     graphdef, state = nnx.split(layers)
     if write_index is not None:
         write_index = jnp.asarray(write_index, jnp.int32)
 
     def body(h, xs):
-        layer_state, k_cache, v_cache = xs
+        layer_state, k_cache, v_cache, index = xs
         lp = nnx.merge(graphdef, layer_state)
-        h, new_kv, rows = _layer(lp, cfg, h, cos, sin, mask, k_cache, v_cache, write_index, prob_rows, dtype, rules)
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        h, new_kv, rows = _layer(lp, cfg, h, cos, sin, mask, k_cache, v_cache, write_index, prob_rows, dtype, rules,
+                                 key)
         return h, (new_kv, rows, h if collect_hidden else None)
 
     if REMAT_POLICIES.get(remat, "?") == "?":
@@ -183,5 +192,5 @@ def run_decoder(
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
-    h, (new_kv, rows, all_hidden) = jax.lax.scan(body, h, (state, k_cache, v_cache))
+    h, (new_kv, rows, all_hidden) = jax.lax.scan(body, h, (state, k_cache, v_cache, jnp.arange(cfg.num_layers)))
     return DecoderOutput(h, new_kv, rows, all_hidden)

@@ -66,11 +66,13 @@ class DecoderLM(nnx.Module):
         cache: KVCache | None = None,
         prob_rows: jax.Array | None = None,
         collect_hidden: bool = False,
+        dropout_key: jax.Array | None = None,
     ) -> DecodeOutput:
         """Run the decoder on embeds [B, T, D] at the family's positions for them.
 
         With `cache`, the chunk is written at `cache.end` and attends to everything cached before it.
         `prob_rows` [B]: return, per layer, the head-averaged attention probabilities of that query row.
+        `dropout_key`: training-mode LoRA dropout (None: deterministic).
         """
         b, t, _ = embeds.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -86,7 +88,7 @@ class DecoderLM(nnx.Module):
         out = run_decoder(
             self.layers, self.text_config, embeds.astype(self.dtype), cos, sin, mask,
             cache_kv=cache_kv, write_index=write_index, prob_rows=prob_rows, collect_hidden=collect_hidden,
-            remat=self.remat, dtype=self.dtype, rules=self.rules,
+            remat=self.remat, dtype=self.dtype, rules=self.rules, dropout_key=dropout_key,
         )
         new_cache = None
         if cache is not None:

@@ -150,10 +150,10 @@ def load_params(
             value = jax.make_array_from_callback(shape, sharding, lambda idx, h=host: h[idx])
         del host
         out[path] = value
-    return _with_values(abstract_state, out)
+    return with_values(abstract_state, out)
 
 
-def _with_values(state: nnx.State, values: dict[Path, jax.Array]) -> nnx.State:
+def with_values(state: nnx.State, values: dict[Path, jax.Array]) -> nnx.State:
     def fill(path, v):
         key = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
         return v.replace(values[key]) if isinstance(v, nnx.Variable) else values[key]

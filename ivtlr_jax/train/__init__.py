@@ -1,0 +1,1 @@
+"""Training: LoRA, vocabulary extension, optimizer, the jitted sharded step, checkpoints, the loop."""

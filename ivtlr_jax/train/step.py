@@ -1,0 +1,116 @@
+"""The training step: IVT-LR loss -> gradients of the trainable parameters -> optax update, as one
+`jax.jit` with explicit input/output shardings on the mesh. Pure: (state, batch) -> (state, metrics).
+
+Model state is split once into `trainable` (LoRA adapters, or every parameter) and `frozen`; only
+`trainable` and the optimizer state are donated and updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ..latent import LatentConfig, ivtlr_loss
+from ..models.common.sharding import ShardingRules, state_shardings
+
+BATCH_AXES = {
+    "input_ids": ("batch", "length"),
+    "attention_mask": ("batch", "length"),
+    "labels": ("batch", "length"),
+    "position_ids": ("batch", "length"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    latent: LatentConfig
+    group_size: int  # rows per data-parallel replica (the official per-GPU micro-batch)
+    loss_scale: str = "micro_batch_mean"  # or "token_mean"
+
+    def __post_init__(self):
+        if self.loss_scale not in ("micro_batch_mean", "token_mean"):
+            raise ValueError(f"optim.loss_scale {self.loss_scale!r}: choose micro_batch_mean or token_mean")
+
+
+def batch_loss(row_nll: jax.Array, row_tokens: jax.Array, cfg: StepConfig, token_denominator: jax.Array) -> jax.Array:
+    """micro_batch_mean: the token mean of each replica's rows, averaged over replicas (what DDP averages
+    in the official run); token_mean: sum of token losses / the tokens of the whole accumulation window
+    (`token_denominator`, already divided by the number of accumulated micro-batches)."""
+    if cfg.loss_scale == "token_mean":
+        return jnp.sum(row_nll) / token_denominator
+    groups = row_nll.shape[0] // cfg.group_size
+    nll = row_nll.reshape(groups, cfg.group_size).sum(1)
+    tok = row_tokens.reshape(groups, cfg.group_size).sum(1)
+    return jnp.mean(nll / jnp.maximum(tok, 1))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *, rules: ShardingRules | None = None,
+                    shardings=None):
+    """-> step(trainable, frozen, opt_state, batch, key, token_denominator, num_latents, prefix_len)
+    returning (trainable, opt_state, metrics); the last two are static (positional). With `rules` and `shardings` ((trainable, frozen,
+    opt_state, batch) shardings from `step_shardings`) the jit gets explicit in/out shardings."""
+
+    def step(trainable, frozen, opt_state, batch, key, token_denominator, num_latents, prefix_len):
+        def loss_fn(trainable):
+            model = nnx.merge(graphdef, trainable, frozen)
+            _, aux = ivtlr_loss(model, batch, cfg.latent, num_latents=num_latents, prefix_len=prefix_len,
+                                dropout_key=key)
+            return batch_loss(aux.row_nll, aux.row_tokens, cfg, token_denominator), aux
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, "tokens": aux.num_tokens, "grad_norm": optax.tree.norm(grads)}
+        return trainable, opt_state, metrics
+
+    kwargs = dict(static_argnums=(6, 7), donate_argnums=(0, 2))
+    if shardings is not None:
+        t_sh, f_sh, o_sh, b_sh = shardings
+        replicated = NamedSharding(rules.mesh, PartitionSpec())
+        kwargs.update(in_shardings=(t_sh, f_sh, o_sh, b_sh, replicated, replicated),
+                      out_shardings=(t_sh, o_sh, replicated))
+    return jax.jit(step, **kwargs)
+
+
+def batch_shardings(batch: dict, rules: ShardingRules) -> dict:
+    """Rows of the token arrays split over the data axes; images replicated (the vision tower runs on
+    each replica's copy; Chameleon's per-row images are split like the rows)."""
+    out = {}
+    for key, value in batch.items():
+        if key in BATCH_AXES:
+            out[key] = rules.sharding(BATCH_AXES[key], value.shape)
+        elif key == "pixel_values" and value.ndim == 4:
+            out[key] = rules.sharding(("batch", None, None, None), value.shape)
+        else:
+            out[key] = NamedSharding(rules.mesh, PartitionSpec())
+    return out
+
+
+def step_shardings(trainable, frozen, opt_state, batch, rules: ShardingRules):
+    """Explicit shardings of the step's inputs: parameters by their logical axes, the optimizer state as
+    placed by its (jitted) initialisation, the batch by `batch_shardings`."""
+    return (state_shardings(trainable, rules), state_shardings(frozen, rules), opt_state_shardings(opt_state, rules),
+            batch_shardings(batch, rules))
+
+
+def opt_state_shardings(opt_state, rules: ShardingRules):
+    """Moments are placed like the parameters they mirror; scalars (counts) are replicated."""
+    replicated = NamedSharding(rules.mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, opt_state)
+
+
+def init_optimizer(tx: optax.GradientTransformation, trainable, rules: ShardingRules | None = None):
+    """Optimizer state placed like the parameters it mirrors (moments) and replicated (counters)."""
+    opt_state = jax.jit(tx.init)(trainable)
+    return opt_state if rules is None else jax.device_put(opt_state, opt_state_shardings(opt_state, rules))
+
+
+def split_trainable(model: nnx.Module, trainable_filter):
+    """(graphdef, trainable state, frozen state)."""
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+    return graphdef, trainable, frozen
