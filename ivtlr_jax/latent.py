@@ -126,7 +126,7 @@ def select_patches(score: jax.Array, image_mask: jax.Array, picked: jax.Array, k
 
 
 # ---- positions ------------------------------------------------------------------------------------
-def _positions(model, cfg: LatentConfig, batch: dict, prefix_len: int, p: jax.Array) -> tuple[Any, Any]:
+def sequence_positions(model, cfg: LatentConfig, batch: dict, prefix_len: int, p: jax.Array) -> tuple[Any, Any]:
     """(positions of the prefix [0, prefix_len), function slot -> position for slots >= p).
 
     1d: the collator's positions (slot - left pad); per row a constant away from the official
@@ -156,7 +156,7 @@ def _positions(model, cfg: LatentConfig, batch: dict, prefix_len: int, p: jax.Ar
     return pos3, tail
 
 
-def _join_positions(prefix_pos, tail_fn, p, length: int):
+def join_positions(prefix_pos, tail_fn, p, length: int):
     """Positions of a sequence of `length` slots: the prefix's below p, tail_fn's from p on."""
     slots = jnp.arange(length)
     tail = tail_fn(slots)
@@ -178,7 +178,7 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     is_latent = ids == cfg.latent_token_id
     has_latent = jnp.any(is_latent, axis=1)
     p = jnp.max(jnp.where(has_latent, jnp.argmax(is_latent, axis=1), 0)).astype(jnp.int32)
-    prefix_pos, tail_pos = _positions(model, cfg, batch, prefix_len, p)
+    prefix_pos, tail_pos = sequence_positions(model, cfg, batch, prefix_len, p)
     image_mask = (ids == model.config.image_token_id)[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
     latent_count = is_latent.sum(axis=1)  # [B]
 
@@ -313,7 +313,7 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None
         s = ids.shape[1]
         final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
         selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
-        positions = _positions(model, cfg, batch, s, jnp.int32(s))[0]
+        positions = sequence_positions(model, cfg, batch, s, jnp.int32(s))[0]
     else:
         if cfg.latent_grad == "stop":
             graphdef, state = nnx.split(model)
@@ -329,8 +329,8 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)
         has_latent_i = counts[None, :] > jnp.arange(n)[:, None]
         final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, has_latent_i, p, k)
-        prefix_pos, tail_pos = _positions(model, cfg, batch, prefix_len, p)
-        positions = _join_positions(prefix_pos, tail_pos, p, final.shape[1])
+        prefix_pos, tail_pos = sequence_positions(model, cfg, batch, prefix_len, p)
+        positions = join_positions(prefix_pos, tail_pos, p, final.shape[1])
 
     final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
     out = model.decode(final, positions, final_mask, dropout_key=final_key)

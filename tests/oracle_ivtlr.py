@@ -141,3 +141,21 @@ def latent_batch(rng: np.random.Generator, question_rows: list[list[int]], laten
         pos[i, l : l + len(r)] = np.arange(len(r))
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos,
             "latent_token_id": latent_token_id}
+
+
+def oracle_generate(hf, family: str, batch: dict, k: int, max_new_tokens: int, order: str = "score") -> list[int]:
+    """REFERENCE section 4 for one unpadded prompt (question + latents): the section-3 forward with
+    labels = input ids, then greedy decoding (here by re-running the full sequence each step)."""
+    batch = dict(batch, labels=batch["input_ids"])
+    with torch.no_grad():
+        _, _, embeds, mask = oracle_ivtlr(hf, family, batch, k, order)
+        tokens = []
+        table = hf.model.get_input_embeddings()
+        for _ in range(max_new_tokens):
+            positions = torch.arange(embeds.shape[1])[None]
+            out = _lm(hf, family, embeds, mask, positions)
+            token = int(_logits(hf, family, out.last_hidden_state)[0, -1].argmax())
+            tokens.append(token)
+            embeds = torch.cat([embeds, table(torch.tensor([[token]]))], dim=1)
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+    return tokens

@@ -1,0 +1,88 @@
+"""Batched IVT-LR generation: equals batch-of-one and the PyTorch oracle of REFERENCE section 4."""
+
+import numpy as np
+import pytest
+
+from ivtlr_jax.generate import SamplingConfig, ivtlr_generate, next_token
+from ivtlr_jax.latent import LatentConfig
+from tests import hf_tiny
+from tests.oracle_ivtlr import oracle_generate
+from tests.test_latent import CHAMELEON_LATENT, QWEN_LATENT, chameleon, qwen  # noqa: F401  (fixtures)
+
+N_NEW = 8
+
+
+def prompts(family, seed=0, latents=3):
+    """Two prompts (question + latents) of different lengths, each as an unpadded batch of one and
+    together left-padded."""
+    rng = np.random.default_rng(seed)
+    text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
+    if family == "qwen2vl":
+        pv, grid = hf_tiny.image_inputs([(84, 84), (56, 112)], seed=seed)
+        n_img = (grid.prod(-1) // 4).tolist()
+        span = lambda n: [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * n + [hf_tiny.VISION_END]
+        rows = [text(3) + span(n_img[0]) + text(5), text(1) + span(n_img[1]) + text(2)]
+        images = [{"pixel_values": pv[: grid[0].prod()], "image_grid_thw": grid[:1]},
+                  {"pixel_values": pv[grid[0].prod():], "image_grid_thw": grid[1:]}]
+        latent = QWEN_LATENT
+    else:
+        pv = rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+        img = [hf_tiny.CHAMELEON_IMAGE] * hf_tiny.CHAMELEON_TOKENS_PER_IMAGE
+        rows = [text(4) + img + text(3), text(2) + img + text(1)]
+        images = [{"pixel_values": pv[:1]}, {"pixel_values": pv[1:]}]
+        latent = CHAMELEON_LATENT
+    rows = [r + [latent] * latents for r in rows]
+    singles = []
+    for r, im in zip(rows, images):
+        ids = np.asarray([r])
+        singles.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(len(r))[None],
+                        **im, "latent_token_id": latent})
+    ids, mask = hf_tiny.pad_rows(rows, left_pad=True)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    both = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "latent_token_id": latent}
+    both["pixel_values"] = np.concatenate([im["pixel_values"] for im in images])
+    if family == "qwen2vl":
+        both["image_grid_thw"] = np.concatenate([im["image_grid_thw"] for im in images])
+    return singles, both
+
+
+def run(model, batch, latent_id, k):
+    batch = {key: v for key, v in batch.items() if key != "latent_token_id"}
+    return ivtlr_generate(model, batch, LatentConfig(latent_id, k), SamplingConfig(max_new_tokens=N_NEW))
+
+
+@pytest.mark.parametrize("family,k", [("qwen2vl", 3), ("chameleon", 8)])
+def test_generation_matches_oracle_and_batch_of_one(request, family, k):
+    folder, hf, model = request.getfixturevalue("qwen" if family == "qwen2vl" else "chameleon")
+    singles, both = prompts(family)
+    latent = singles[0]["latent_token_id"]
+    batched = run(model, both, latent, k)
+    for i, single in enumerate(singles):
+        alone = run(model, single, latent, k)
+        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(alone.tokens[0]))
+        np.testing.assert_array_equal(np.asarray(batched.selected[:, i]) - (both["input_ids"].shape[1] - single["input_ids"].shape[1]),
+                                      np.asarray(alone.selected[:, 0]))
+        assert np.asarray(alone.tokens[0]).tolist() == oracle_generate(hf, family, single, k, N_NEW)
+
+
+def test_eos_stops_rows_and_lengths_exclude_it(qwen):
+    _, _, model = qwen
+    singles, both = prompts("qwen2vl", seed=1)
+    batch = {k: v for k, v in both.items() if k != "latent_token_id"}
+    free = ivtlr_generate(model, batch, LatentConfig(QWEN_LATENT, 3), SamplingConfig(max_new_tokens=N_NEW))
+    eos = int(free.tokens[0, 2])  # make row 0's third token the EOS
+    out = ivtlr_generate(model, batch, LatentConfig(QWEN_LATENT, 3),
+                         SamplingConfig(max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=-1))
+    row = np.asarray(out.tokens[0]).tolist()
+    first = row.index(eos) if eos in row else None
+    assert first is not None and first <= 2
+    assert all(t == -1 for t in row[first + 1:]) and int(out.lengths[0]) == first
+
+
+def test_top_p_sampling_keeps_the_nucleus():
+    import jax
+
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    cfg = SamplingConfig(temperature=1.0, top_p=0.8)
+    draws = {int(next_token(logits, jax.random.key(i), cfg)[0]) for i in range(200)}
+    assert draws == {0, 1}
