@@ -1,0 +1,100 @@
+"""The official collator's batch layout (REFERENCE.md section 3), with bucketed static shapes.
+
+Each row is left-padded so that its first `<|latent|>` sits at the common index p (rows without
+latents get no left pad, as in the official Coconut-style collator), then right-padded to S:
+
+    input_ids       pad .. pad | question  latent x m  steps  answer EOS | pad ..
+    attention_mask   0  ..  0  |    1 ...                                 |  0 ..
+    position_ids     0  ..  0  |    0, 1, 2, ...                          |  0 ..
+    labels         -100 ...    | -100 (question, latents)  supervised     | -100 ..
+
+S is the smallest length bucket >= the longest padded row, and prefix_len (the static bound on p
+that the latent loop compiles for) the smallest prefix bucket >= p (at most S; S when no row has a
+latent), so a whole training run compiles a bounded number of shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .examples import materialize
+
+IGNORE = -100
+DEFAULT_LENGTH_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1152, 1280, 1408, 1536,
+                          1792, 2048, 2304, 2560, 3072, 3584, 4096)
+DEFAULT_PREFIX_BUCKETS = DEFAULT_LENGTH_BUCKETS
+
+
+def smallest_bucket(n: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket >= n, or None when n exceeds every bucket."""
+    fitting = [b for b in buckets if b >= n]
+    return min(fitting) if fitting else None
+
+
+def stack_images(images: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Qwen2-VL: pixel_values concatenated along patches [sum Np, 1176], image_grid_thw stacked [B, 3];
+    Chameleon: pixel_values stacked [B, 3, H, W]."""
+    arrays = [materialize(im) for im in images]
+    if all("image_grid_thw" in a for a in arrays):
+        return {"pixel_values": np.concatenate([np.asarray(a["pixel_values"], np.float32) for a in arrays], axis=0),
+                "image_grid_thw": np.concatenate([np.asarray(a["image_grid_thw"], np.int64).reshape(-1, 3)
+                                                  for a in arrays], axis=0)}
+    if any("image_grid_thw" in a for a in arrays):
+        raise ValueError("collate: rows mix Qwen2-VL (image_grid_thw) and Chameleon images")
+    return {"pixel_values": np.stack([np.asarray(a["pixel_values"], np.float32) for a in arrays], axis=0)}
+
+
+def collate(features: list[tuple[list[int], list[int], Mapping[str, np.ndarray] | None]], *, latent_id: int,
+            pad_id: int, length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS,
+            prefix_buckets: tuple[int, ...] = DEFAULT_PREFIX_BUCKETS) -> tuple[dict[str, np.ndarray], int, int]:
+    """features: (input_ids, labels, image) per row -> (batch, num_latents, prefix_len).
+
+    batch: input_ids, attention_mask, labels, position_ids [B, S] int32, plus the stacked image arrays
+    (omitted when no row has an image; every row needs one otherwise). num_latents: the largest
+    number of latents in a row. prefix_len: the prefix bucket of p, the common first-latent index
+    (S when there are no latents)."""
+    if not features:
+        raise ValueError("collate: empty batch")
+    firsts = []
+    for i, (ids, labels, _) in enumerate(features):
+        if len(ids) != len(labels):
+            raise ValueError(f"collate: row {i} has {len(ids)} input ids but {len(labels)} labels")
+        firsts.append(ids.index(latent_id) if latent_id in ids else None)
+    with_latents = [f for f in firsts if f is not None]
+    p = max(with_latents) if with_latents else 0
+    left = [p - f if f is not None else 0 for f in firsts]
+    lengths = [pad + len(ids) for pad, (ids, _, _) in zip(left, features)]
+    longest = max(lengths)
+    s = smallest_bucket(longest, length_buckets)
+    if s is None:
+        too_long = {i: n for i, n in enumerate(lengths) if n > max(length_buckets)}
+        raise ValueError(f"collate: row(s) {sorted(too_long)} are {list(too_long.values())} tokens long (left "
+                         f"padding included), longer than the largest length bucket {max(length_buckets)}")
+    if with_latents:
+        prefix_len = min(smallest_bucket(p, prefix_buckets) or s, s)
+    else:
+        prefix_len = s
+    num_latents = max(sum(1 for t in ids if t == latent_id) for ids, _, _ in features)
+
+    b = len(features)
+    input_ids = np.full((b, s), pad_id, np.int32)
+    attention_mask = np.zeros((b, s), np.int32)
+    labels = np.full((b, s), IGNORE, np.int32)
+    position_ids = np.zeros((b, s), np.int32)
+    for row, (pad, (ids, lab, _)) in enumerate(zip(left, features)):
+        span = slice(pad, pad + len(ids))
+        input_ids[row, span] = ids
+        attention_mask[row, span] = 1
+        labels[row, span] = lab
+        position_ids[row, span] = np.arange(len(ids))
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "position_ids": position_ids}
+    images = [im for _, _, im in features]
+    if any(im is not None for im in images):
+        missing = [i for i, im in enumerate(images) if im is None]
+        if missing:
+            raise ValueError(f"collate: rows {missing} have no image while others do")
+        batch.update(stack_images(images))
+    return batch, num_latents, prefix_len
