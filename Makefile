@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m ivtlr_jax.demo --out outputs/demo --overwrite
+	$(PY) -m ivtlr_jax.demo --overwrite
 
 test: install
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests

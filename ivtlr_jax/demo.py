@@ -1,116 +1,86 @@
-"""The embedded default job, run by `make demo`: no download, a couple of minutes on 2 CPU cores.
+"""The embedded default job, run by `make demo`: no download, a few minutes on 2 CPU cores.
 
-1. build a tiny random Qwen2-VL in Flax and write it as a Hugging Face folder (config.json + safetensors);
-2. convert that folder to a Flax/orbax folder with `convert/hf_to_flax.py`'s code;
-3. load both with `from_pretrained`, check they give the same logits;
-4. preprocess two synthetic images of different sizes with the real Qwen2-VL image processor and
-   generate greedily (jitted, KV cache, batched, left-padded).
-
-Later issues grow this into IVT-LR training + evaluation on a generated dataset.
+1. `--prepare` (done automatically when missing): a generated M3CoT-schema dataset whose answers depend
+   on the image, a tiny tokenizer + Qwen2-VL processor trained on it, and a tiny random Qwen2-VL with
+   that vocabulary, written as a Hugging Face folder (outputs/tiny/);
+2. IVT-LR training through all curriculum stages with `configs/tiny.yaml` (the same code path as
+   `python train.py --config configs/tiny.yaml`);
+3. evaluation of the last stage's exported model on the test split (the same code as `infer.py`),
+   with accuracy against chance.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
-import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from .models import Qwen2VL, Qwen2VLConfig, from_pretrained
-from .models.convert import convert
+from .config import load_config
+from .data import build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_token_ids, synthetic_corpus, synthetic_rows
+from .eval.run import EvalConfig, evaluate
+from .models import Qwen2VL, Qwen2VLConfig
 from .models.export import save_hf
-from .sampling import greedy_generate
+from .train.loop import train
 
-TINY_QWEN2VL = {
-    "model_type": "qwen2_vl",
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-    "image_token_id": 290,
-    "video_token_id": 291,
-    "vision_start_token_id": 292,
-    "vision_end_token_id": 293,
-    "vision_config": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 64},
-}
+ROOT = Path("outputs/tiny")
+NUM_TRAIN, NUM_TEST, NUM_CHOICES = 384, 64, 4
 
 
-def synthetic_images(rng: np.random.Generator) -> list[np.ndarray]:
-    """Two images of different sizes: coloured shapes on noise."""
-    images = []
-    for h, w in [(56, 84), (112, 56)]:
-        img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
-        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
-        img[y : y + h // 2, x : x + w // 2] = rng.integers(100, 255, 3, dtype=np.uint8)
-        images.append(img)
-    return images
+def prepare(root: Path = ROOT, seed: int = 0) -> None:
+    data, model_dir = root / "data", root / "model"
+    make_synthetic_m3cot(data, NUM_TRAIN, NUM_TEST, seed, fixed_choices=True)
+    corpus = synthetic_corpus(synthetic_rows(NUM_TRAIN, seed, "train", fixed_choices=True))
+    processor = build_tiny_qwen2vl_processor(model_dir, corpus)
+    ids = special_token_ids(processor)
+    config = Qwen2VLConfig.from_hf({
+        "model_type": "qwen2_vl",
+        "vocab_size": ids["vocab_size"],
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+        "image_token_id": ids["image_token_id"],
+        "video_token_id": ids["video_token_id"],
+        "vision_start_token_id": ids["vision_start_token_id"],
+        "vision_end_token_id": ids["vision_end_token_id"],
+        "eos_token_id": ids["eos_token_id"],
+        "vision_config": {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 128},
+    })
+    save_hf(Qwen2VL(config, rngs=nnx.Rngs(seed)), model_dir)
+    print(f"prepared {data} ({NUM_TRAIN} train / {NUM_TEST} test rows) and {model_dir} "
+          f"(vocabulary {ids['vocab_size']})")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--prepare", action="store_true", help="only (re)create the tiny model and dataset")
+    p.add_argument("--overwrite", action="store_true", help="start from scratch (delete outputs/tiny)")
     args = p.parse_args(argv)
-
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise SystemExit(f"output folder {out} is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
-    print(f"devices: {jax.devices()}")
-
-    t0 = time.perf_counter()
-    config = Qwen2VLConfig.from_hf(TINY_QWEN2VL)
-    model = Qwen2VL(config, rngs=nnx.Rngs(0))
-    hf_dir = save_hf(model, out / "hf")
-    print(f"[1] tiny random Qwen2-VL written as a Hugging Face folder: {hf_dir} ({time.perf_counter() - t0:.1f}s)")
-
-    t0 = time.perf_counter()
-    flax_dir = convert(str(hf_dir), out / "flax")
-    print(f"[2] converted to a Flax/orbax folder: {flax_dir} ({time.perf_counter() - t0:.1f}s)")
-
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    rng = np.random.default_rng(0)
-    proc = Qwen2VLImageProcessorPil()(images=synthetic_images(rng), return_tensors="np")
-    pixel_values = jnp.asarray(proc["pixel_values"], jnp.float32)
-    grid = np.asarray(proc["image_grid_thw"])
-    rows = []
-    for n_tokens, prompt_len in zip((grid.prod(-1) // 4).tolist(), (7, 3)):
-        rows.append([292] + [290] * n_tokens + [293] + rng.integers(0, 280, prompt_len).tolist())
-    length = max(map(len, rows))
-    ids = np.zeros((len(rows), length), np.int32)
-    mask = np.zeros_like(ids)
-    for i, r in enumerate(rows):  # left padding for generation
-        ids[i, length - len(r) :], mask[i, length - len(r) :] = r, 1
-
-    t0 = time.perf_counter()
-    from_hf, from_flax = from_pretrained(hf_dir), from_pretrained(flax_dir)
-    a = from_hf(jnp.asarray(ids), jnp.asarray(mask), pixel_values, jnp.asarray(grid)).logits
-    b = from_flax(jnp.asarray(ids), jnp.asarray(mask), pixel_values, jnp.asarray(grid)).logits
-    diff = float(jnp.abs(a - b)[mask.astype(bool)].max())
-    print(f"[3] both folders load; max |logits difference| = {diff:.2e} ({time.perf_counter() - t0:.1f}s)")
-    if diff > 1e-5:
-        raise SystemExit("the converted model differs from the Hugging Face folder")
-
-    t0 = time.perf_counter()
-    tokens = greedy_generate(from_flax, ids, mask, pixel_values=pixel_values, image_grid_thw=grid,
-                             max_new_tokens=args.max_new_tokens)
-    tokens = np.asarray(tokens)
-    print(f"[4] greedy generation, image grids {grid.tolist()}, batch {len(rows)} ({time.perf_counter() - t0:.1f}s "
-          "including compilation):")
-    for i, row in enumerate(tokens):
-        print(f"    row {i}: {row.tolist()}")
-    print("demo finished")
+    if args.overwrite and ROOT.exists():
+        shutil.rmtree(ROOT)
+    if args.prepare or not (ROOT / "model" / "config.json").exists():
+        prepare()
+        if args.prepare:
+            return
+    cfg = load_config(args.config)
+    result = train(cfg)
+    final = result.exports[-1] if result.exports else sorted(cfg.run_dir.glob("stage_*"))[-1]
+    out = cfg.run_dir / "eval_test.jsonl"
+    if out.exists():
+        out.unlink()
+    summary = evaluate(final, EvalConfig("m3cot", cfg.data.source, cfg.data.eval_split, num_latents=3,
+                                         num_selected_patches=cfg.latent.num_selected_patches, batch_size=16,
+                                         max_new_tokens=48), out, save_attention=cfg.run_dir / "attention")
+    print(json.dumps(summary, indent=2))
+    print(f"accuracy after the last stage: {summary['accuracy_strict']:.3f} (strict), "
+          f"{summary['accuracy_official']:.3f} (official scoring); chance {1 / NUM_CHOICES:.3f}")
 
 
 if __name__ == "__main__":

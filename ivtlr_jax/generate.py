@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .latent import LatentConfig, sequence_positions, image_inputs_of, latent_layout, latent_passes
+from .latent import LatentConfig, image_inputs_of, latent_layout, latent_passes, sequence_positions
+from .models.qwen2vl.modeling import uniform_frame_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +67,15 @@ def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, samplin
     if n == 0:
         p = ids.shape[1]
     key = jax.random.key(0) if key is None else key
+    frame_len = uniform_frame_len(batch["image_grid_thw"]) if batch.get("image_grid_thw") is not None else None
     jbatch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None and k != "labels"}
-    return _generate(model, jbatch, latent, sampling, key, n, prefix_len or p)
+    return _generate(model, jbatch, latent, sampling, key, n, prefix_len or p, frame_len)
 
 
-@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "n", "prefix_len"))
-def _generate(model, batch, latent, sampling, key, n, prefix_len):
+@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "n", "prefix_len", "frame_len"))
+def _generate(model, batch, latent, sampling, key, n, prefix_len, frame_len):
     b = batch["input_ids"].shape[0]
-    embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch))
+    embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch, frame_len))
     if n:
         selected, _, cache, h_last, p = latent_passes(model, latent, embeds, batch, n=n, prefix_len=prefix_len,
                                                       extra_cache=sampling.max_new_tokens)

@@ -280,18 +280,22 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
 
 
 # ---- the public entry -----------------------------------------------------------------------------------
-def image_inputs_of(batch: dict) -> dict:
-    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch and batch[k] is not None}
+def image_inputs_of(batch: dict, frame_len: int | None = None) -> dict:
+    """The model's image arguments found in a batch (+ the static frame_len hint when given)."""
+    out = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch and batch[k] is not None}
+    return out | ({"frame_len": frame_len} if frame_len else {})
 
 
 def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None = None,
-               prefix_len: int | None = None, dropout_key: jax.Array | None = None) -> tuple[jax.Array, LatentAux]:
+               prefix_len: int | None = None, dropout_key: jax.Array | None = None,
+               frame_len: int | None = None) -> tuple[jax.Array, LatentAux]:
     """IVT-LR training loss of a batch in the official collator layout -> (loss, aux).
 
     num_latents (n) and prefix_len (a static bound >= p, the first latent's index; default S) fix the
     shapes; when the batch is concrete they are read off it and the layout is validated. Jit this
     function (or the train step around it) with both static. `dropout_key` turns on LoRA dropout
-    (training mode) in every pass.
+    (training mode) in every pass. `frame_len` (static, Qwen2-VL): patches per image frame when all
+    images have the same size, so the vision tower attends per frame.
     """
     ids = batch["input_ids"]
     if num_latents is None or prefix_len is None:
@@ -307,7 +311,7 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None
             check_eligible_patches(np.asarray(ids), p, model.config.image_token_id, cfg)
     n, k = num_latents, cfg.num_selected_patches
     mask = batch["attention_mask"]
-    embeds = model.embed_inputs(ids, **image_inputs_of(batch))
+    embeds = model.embed_inputs(ids, **image_inputs_of(batch, frame_len))
 
     if n == 0:  # REFERENCE 3.2: a plain forward
         s = ids.shape[1]

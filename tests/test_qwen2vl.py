@@ -134,3 +134,12 @@ def test_layers_are_scanned_so_compiled_size_does_not_grow_with_depth(tmp_path):
         hlo = f.lower(state, jax.ShapeDtypeStruct((2, 16), jnp.int32)).as_text()
         sizes.append(len(hlo.splitlines()))
     assert abs(sizes[0] - sizes[1]) <= 0.02 * sizes[0], sizes
+
+
+def test_per_frame_vision_attention_equals_the_masked_one(flax_model):
+    """Same-size images: attention per frame (frame_len) equals the [Np, Np] block-diagonal mask."""
+    pv, grid = hf_tiny.image_inputs([(56, 84), (56, 84), (56, 84)], seed=9)
+    args = (jnp.asarray(pv), jnp.asarray(grid))
+    masked = jax.jit(lambda p, g: flax_model.image_features(p, g))(*args)  # traced grid: mask path
+    per_frame = flax_model.image_features(*args, frame_len=int(grid[0, 1] * grid[0, 2]))
+    np.testing.assert_allclose(np.asarray(per_frame), np.asarray(masked), atol=1e-5)

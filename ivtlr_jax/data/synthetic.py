@@ -41,10 +41,10 @@ def _draw(draw, shape: str, box: tuple[int, int, int, int], colour):
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
 
 
-def _example(rng: np.random.Generator, index: int, split: str, size: int) -> dict:
+def _example(rng: np.random.Generator, index: int, split: str, size: int, fixed_choices: bool = False) -> dict:
     from PIL import Image, ImageDraw
 
-    names = list(COLOURS)
+    names = list(COLOURS)[:4] if fixed_choices else list(COLOURS)
     colour, small_colour = rng.choice(names, 2, replace=False).tolist()
     shape, small_shape = rng.choice(SHAPES).item(), rng.choice(SHAPES).item()
     background = tuple(int(v) for v in rng.integers(225, 250, 3))
@@ -64,14 +64,17 @@ def _example(rng: np.random.Generator, index: int, split: str, size: int) -> dic
     buf = io.BytesIO()
     image.save(buf, format="PNG")
 
-    others = [c for c in names if c not in (colour, small_colour)]
-    if rng.random() < 0.8:  # the small shape's colour is a distractor
-        distractors = [small_colour] + rng.choice(others, 2, replace=False).tolist()
+    if fixed_choices:
+        choices = names
     else:
-        distractors = rng.choice(others, 3, replace=False).tolist()
-    choices = [colour] + distractors
-    order = rng.permutation(4)
-    choices = [choices[i] for i in order]
+        others = [c for c in names if c not in (colour, small_colour)]
+        if rng.random() < 0.8:  # the small shape's colour is a distractor
+            distractors = [small_colour] + rng.choice(others, 2, replace=False).tolist()
+        else:
+            distractors = rng.choice(others, 3, replace=False).tolist()
+        choices = [colour] + distractors
+        order = rng.permutation(4)
+        choices = [choices[i] for i in order]
     letter = chr(65 + choices.index(colour))
     position = POSITIONS[(row, col)]
 
@@ -99,10 +102,12 @@ def _example(rng: np.random.Generator, index: int, split: str, size: int) -> dic
     }
 
 
-def synthetic_rows(num: int, seed: int, split: str, image_size: int = 280) -> list[dict]:
+def synthetic_rows(num: int, seed: int, split: str, image_size: int = 280, fixed_choices: bool = False) -> list[dict]:
+    """fixed_choices: every question offers red, green, blue, yellow in that order (the answer letter is
+    then a direct function of the image: the easiest variant, for the 2-core demo)."""
     ss = np.random.SeedSequence([int(seed), {"train": 0, "validation": 1, "test": 2}.get(split, 3)])
     rng = np.random.default_rng(ss)
-    return [_example(rng, i, split, image_size) for i in range(num)]
+    return [_example(rng, i, split, image_size, fixed_choices) for i in range(num)]
 
 
 def synthetic_corpus(rows: list[dict]) -> list[str]:
@@ -118,7 +123,8 @@ def synthetic_corpus(rows: list[dict]) -> list[str]:
     return texts
 
 
-def make_synthetic_m3cot(folder, num_train: int, num_test: int, seed: int, *, image_size: int = 280) -> Path:
+def make_synthetic_m3cot(folder, num_train: int, num_test: int, seed: int, *, image_size: int = 280,
+                         fixed_choices: bool = False) -> Path:
     """Write `<folder>/train.parquet` and `<folder>/test.parquet` in M3CoT's schema; return `folder`."""
     import datasets
     import pyarrow.parquet as pq
@@ -140,7 +146,7 @@ def make_synthetic_m3cot(folder, num_train: int, num_test: int, seed: int, *, im
         "topic": datasets.Value("string"),
     })
     for split, num in (("train", num_train), ("test", num_test)):
-        rows = synthetic_rows(num, seed, split, image_size)
+        rows = synthetic_rows(num, seed, split, image_size, fixed_choices)
         columns = {name: [r[name] for r in rows] for name in features}
         table = datasets.Dataset.from_dict(columns, features=features).data.table  # schema carries the features
         pq.write_table(table, folder / f"{split}.parquet")

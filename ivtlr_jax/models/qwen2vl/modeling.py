@@ -39,21 +39,25 @@ class Qwen2VL(DecoderLM):
         self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
 
     # ---- inputs -------------------------------------------------------------------------------
-    def image_features(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
-        """Vision tower + merger: [Np, patch_dim] -> [Np / 4, D]."""
-        return self.visual(
-            self.config.vision, pixel_values, image_grid_thw, dtype=self.dtype, remat=self.remat, rules=self.rules
-        )
+    def image_features(self, pixel_values: jax.Array, image_grid_thw: jax.Array, frame_len: int | None = None
+                       ) -> jax.Array:
+        """Vision tower + merger: [Np, patch_dim] -> [Np / 4, D]. `frame_len`: see `VisionTower`; found
+        by itself when image_grid_thw is concrete and all frames have the same size."""
+        if frame_len is None and is_concrete(image_grid_thw):
+            frame_len = uniform_frame_len(np.asarray(image_grid_thw))
+        return self.visual(self.config.vision, pixel_values, image_grid_thw, dtype=self.dtype, remat=self.remat,
+                           rules=self.rules, frame_len=frame_len)
 
     def embed_inputs(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None
+        self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None,
+        frame_len: int | None = None,
     ) -> jax.Array:
         """Token embeddings [B, T, D] with the image placeholder positions overwritten, in order, by the
         image features (transformers' `masked_scatter`)."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
-        features = self.image_features(pixel_values, image_grid_thw)
+        features = self.image_features(pixel_values, image_grid_thw, frame_len)
         return scatter_image_features(embeds, input_ids == self.config.image_token_id, features)
 
     def positions(
@@ -135,3 +139,9 @@ def check_image_tokens(input_ids: np.ndarray, image_grid_thw: np.ndarray, config
             f"image tokens and image features do not match: input_ids hold {n_tokens} <|image_pad|> tokens "
             f"(id {config.image_token_id}) but image_grid_thw {image_grid_thw.tolist()} gives {n_features} features"
         )
+
+
+def uniform_frame_len(image_grid_thw: np.ndarray) -> int | None:
+    """Patches per frame when every image frame of the batch has the same grid, else None."""
+    sizes = {int(h) * int(w) for _, h, w in np.asarray(image_grid_thw).reshape(-1, 3)}
+    return sizes.pop() if len(sizes) == 1 else None

@@ -86,15 +86,25 @@ class VisionTower(nnx.Module):
         dtype=jnp.float32,
         remat: str = "none",
         rules: ShardingRules | None = None,
+        frame_len: int | None = None,
     ) -> jax.Array:
-        """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D]."""
+        """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D].
+
+        frame_len: a static promise that every image frame has this many patches (e.g. all images
+        resized to 280x280). Attention then runs per frame ([Np / frame_len] blocks of frame_len^2)
+        instead of over one [Np, Np] block-diagonal mask; the result is the same."""
         num_patches = pixel_values.shape[0]
         if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
             raise ValueError(f"pixel_values must be [num_patches, {cfg.patch_dim}], got {pixel_values.shape}")
         w = lambda v: v[...].astype(dtype)
         hw, segment = patch_layout(image_grid_thw, num_patches, cfg.spatial_merge_size)
         cos, sin = vision_rope_cos_sin(hw, cfg.head_dim, cfg.rope_theta)
-        mask = (segment[:, None] == segment[None, :])[None]  # [1, Np, Np] block-diagonal per frame
+        if frame_len is None:
+            mask = (segment[:, None] == segment[None, :])[None]  # [1, Np, Np] block-diagonal per frame
+        else:
+            if num_patches % frame_len:
+                raise ValueError(f"frame_len {frame_len} does not divide the {num_patches} patches")
+            mask = jnp.ones((num_patches // frame_len, frame_len, frame_len), bool)
         act = activation(cfg.hidden_act)
 
         x = pixel_values.astype(dtype) @ w(self.patch_weight_pe)  # [Np, E]
@@ -106,7 +116,12 @@ class VisionTower(nnx.Module):
             qkv = jnp.einsum("pe,eknh->pknh", y, w(b.qkv_weight_e3nh)) + w(b.qkv_bias_3nh)
             q = apply_vision_rope(qkv[:, 0], cos, sin)
             k = apply_vision_rope(qkv[:, 1], cos, sin)
-            attn = dot_product_attention(q[None], k[None], qkv[None, :, 2], mask, cfg.head_dim**-0.5)[0]
+            if frame_len is None:
+                attn = dot_product_attention(q[None], k[None], qkv[None, :, 2], mask, cfg.head_dim**-0.5)[0]
+            else:
+                frames = lambda t: t.reshape(-1, frame_len, *t.shape[1:])  # [frames, frame_len, heads, H]
+                attn = dot_product_attention(frames(q), frames(k), frames(qkv[:, 2]), mask, cfg.head_dim**-0.5)
+                attn = attn.reshape(num_patches, *attn.shape[2:])
             x = x + jnp.einsum("pnh,nhe->pe", attn, w(b.proj_weight_nhe)) + w(b.proj_bias_e)
             y = layer_norm(x, b.norm2_scale_e[...], b.norm2_bias_e[...], LN_EPS)
             y = act(y @ w(b.fc1_weight_ef) + w(b.fc1_bias_f))

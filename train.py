@@ -1,0 +1,23 @@
+"""Train IVT-LR: `python train.py --config configs/qwen2vl_m3cot.yaml [section.key=value ...]`.
+
+Resumes automatically from the run folder's latest checkpoint (save_path/name/checkpoints)."""
+
+import argparse
+
+from ivtlr_jax.config import load_config
+from ivtlr_jax.train.loop import train
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML run configuration")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many micro-batches (testing)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, max_steps=args.max_steps)
+    print(f"trained {result.steps} micro-batches; run folder {result.run_dir}")
+
+
+if __name__ == "__main__":
+    main()
