@@ -29,10 +29,10 @@ ROOT = Path("outputs/tiny")
 NUM_TRAIN, NUM_TEST, NUM_CHOICES = 384, 64, 4
 
 
-def prepare(root: Path = ROOT, seed: int = 0) -> None:
+def prepare(root: Path = ROOT, seed: int = 0, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST) -> None:
     data, model_dir = root / "data", root / "model"
-    make_synthetic_m3cot(data, NUM_TRAIN, NUM_TEST, seed, fixed_choices=True)
-    corpus = synthetic_corpus(synthetic_rows(NUM_TRAIN, seed, "train", fixed_choices=True))
+    make_synthetic_m3cot(data, num_train, num_test, seed, fixed_choices=True)
+    corpus = synthetic_corpus(synthetic_rows(num_train, seed, "train", fixed_choices=True))
     processor = build_tiny_qwen2vl_processor(model_dir, corpus)
     ids = special_token_ids(processor)
     config = Qwen2VLConfig.from_hf({
@@ -53,7 +53,7 @@ def prepare(root: Path = ROOT, seed: int = 0) -> None:
         "vision_config": {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 128},
     })
     save_hf(Qwen2VL(config, rngs=nnx.Rngs(seed)), model_dir)
-    print(f"prepared {data} ({NUM_TRAIN} train / {NUM_TEST} test rows) and {model_dir} "
+    print(f"prepared {data} ({num_train} train / {num_test} test rows) and {model_dir} "
           f"(vocabulary {ids['vocab_size']})")
 
 
