@@ -87,9 +87,7 @@ class TrainSection:
     batch_size_training: int = 2  # micro-batch per data-parallel replica
     save_every_steps: int = 0  # optimizer steps between checkpoints (0: only at stage ends)
     keep_checkpoints: int = 3
-    log_every: int = 10
-    tensorboard: bool = False
-    wandb: bool = False
+    log_every: int = 10  # micro-batches between log lines when there is no progress bar (not a terminal)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,3 +34,27 @@ def tiny_chameleon(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_chameleon")
     model = hf_tiny.build_chameleon(folder)
     return folder, model
+
+
+# transformers models with eager attention (the latent-loop oracle reads their attention matrices) and
+# the Flax models loaded from the same folders
+@pytest.fixture(scope="session")
+def qwen(tiny_qwen2vl):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = tiny_qwen2vl[0]
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    from ivtlr_jax.models import from_pretrained
+
+    return folder, hf, from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def chameleon(tiny_chameleon):
+    from transformers import ChameleonForConditionalGeneration
+
+    folder = tiny_chameleon[0]
+    hf = ChameleonForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    from ivtlr_jax.models import from_pretrained
+
+    return folder, hf, from_pretrained(folder)

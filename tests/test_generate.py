@@ -7,7 +7,7 @@ from ivtlr_jax.generate import SamplingConfig, ivtlr_generate, next_token
 from ivtlr_jax.latent import LatentConfig
 from tests import hf_tiny
 from tests.oracle_ivtlr import oracle_generate
-from tests.test_latent import CHAMELEON_LATENT, QWEN_LATENT, chameleon, qwen  # noqa: F401  (fixtures)
+from tests.test_latent import CHAMELEON_LATENT, QWEN_LATENT
 
 N_NEW = 8
 

@@ -7,34 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from ivtlr_jax.latent import LatentConfig, ivtlr_loss, latent_layout
-from ivtlr_jax.models import FAMILIES, ShardingRules, from_pretrained, make_mesh, read_config
+from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh, read_config
 from ivtlr_jax.models.common.loading import variables_by_path
 from tests import hf_tiny
 from tests.oracle_ivtlr import latent_batch, oracle_ivtlr
 
 QWEN_LATENT, CHAMELEON_LATENT, EOS = 295, 390, 2
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny_qwen2vl):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    folder = tiny_qwen2vl[0]
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-    return folder, hf, from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def chameleon(tiny_chameleon):
-    from transformers import ChameleonForConditionalGeneration
-
-    folder = tiny_chameleon[0]
-    hf = ChameleonForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-    return folder, hf, from_pretrained(folder)
 
 
 def qwen_batch(latents, seed=0, answers=(6, 4)):

@@ -142,3 +142,16 @@ def test_bad_config_key_is_named(tmp_path):
         load_config(cfg)
     cfg.write_text("optim:\n  lr: 1e-4\n")
     assert load_config(cfg).optim.lr == 1e-4
+
+
+def test_loss_scales():
+    """micro_batch_mean: the token mean of each replica's rows, averaged over replicas (as DDP averages
+    per-GPU means); token_mean: summed token losses over the window's token count."""
+    from ivtlr_jax.train.step import batch_loss
+
+    row_nll = jnp.asarray([2.0, 4.0, 9.0, 1.0])  # 2 replicas x 2 rows
+    row_tok = jnp.asarray([1, 3, 2, 2])
+    cfg = StepConfig(LatentConfig(QWEN_LATENT, 3), group_size=2)
+    assert float(batch_loss(row_nll, row_tok, cfg, jnp.float32(1))) == pytest.approx(((2 + 4) / 4 + (9 + 1) / 4) / 2)
+    token = StepConfig(LatentConfig(QWEN_LATENT, 3), group_size=2, loss_scale="token_mean")
+    assert float(batch_loss(row_nll, row_tok, token, jnp.float32(8))) == pytest.approx(16 / 8)

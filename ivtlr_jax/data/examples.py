@@ -134,6 +134,16 @@ def cap_steps(num_question: int, step_lens: list[int], num_answer: int, max_leng
     return len(step_lens)
 
 
+def checked_choices(row: dict) -> list[str]:
+    """The row's choices as strings; rows without an image or without choices are skipped."""
+    if row.get("image") is None:
+        raise SkipRow("no_image")
+    choices = row.get("choices")
+    if not choices:
+        raise SkipRow("empty_choices")
+    return [str(c) for c in choices]
+
+
 def option_lines(choices: list[str]) -> str:
     """`(A).{choice}\\n(B).{choice}...`: literal braces, each choice stripped (official training format)."""
     return "\n".join(f"({chr(65 + i)}).{{{c.strip()}}}" for i, c in enumerate(choices))

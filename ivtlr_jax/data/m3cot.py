@@ -10,7 +10,7 @@ Rationale: newlines to spaces, split on ". ", grouped into at most 3 steps. Answ
 
 from __future__ import annotations
 
-from .examples import RowText, SkipRow, choice_letter, option_lines, split_rationale
+from .examples import RowText, checked_choices, choice_letter, option_lines, split_rationale
 
 NAME = "m3cot"
 REQUIRED_COLUMNS = ("question", "choices", "answer", "rationale", "image")
@@ -23,12 +23,7 @@ def prompt_text(question: str, choices: list[str], image_placeholder: str = "") 
 
 
 def parse_row(row: dict, index: int, split: str) -> RowText:
-    if row.get("image") is None:
-        raise SkipRow("no_image")
-    choices = row.get("choices")
-    if not choices:
-        raise SkipRow("empty_choices")
-    choices = [str(c) for c in choices]
+    choices = checked_choices(row)
     letter = choice_letter(row.get("answer"), len(choices))
     rid = row.get("id")
     rid = str(rid) if rid not in (None, "") else f"{split}-{index}"

@@ -11,7 +11,7 @@ stripped; else the answer), then split as for M3CoT. Answer: the integer index a
 
 from __future__ import annotations
 
-from .examples import RowText, SkipRow, option_lines, split_rationale
+from .examples import RowText, SkipRow, checked_choices, option_lines, split_rationale
 
 NAME = "scienceqa"
 REQUIRED_COLUMNS = ("question", "choices", "answer", "image")
@@ -38,12 +38,7 @@ def rationale_of(row: dict, answer: str) -> str:
 
 
 def parse_row(row: dict, index: int, split: str) -> RowText:
-    if row.get("image") is None:
-        raise SkipRow("no_image")
-    choices = row.get("choices")
-    if not choices:
-        raise SkipRow("empty_choices")
-    choices = [str(c) for c in choices]
+    choices = checked_choices(row)
     answer = row.get("answer")
     try:
         answer_index = int(answer)

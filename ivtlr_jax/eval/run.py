@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from ..data import load_examples, load_processor, materialize, special_token_ids

@@ -144,7 +144,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     n_total = n_trainable + sum(x.size for x in jax.tree.leaves(frozen))
     log(f"run {run_dir} | mesh {dict(mesh.shape)} | params trainable {n_trainable:,} / total {n_total:,} | "
         f"train rows {len(examples)} ({report}) | global batch {global_batch} x accumulation {accum} | "
-        f"{micro_per_epoch} micro-batches per epoch")
+        f"{micro_per_epoch} micro-batches per epoch | memory per device {device_memory()}")
     for stage in sorted({stage_of_epoch(e, curriculum) for e in range(cfg.train.num_epochs)}):
         log(f"  stage {stage}: epochs {[e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, curriculum) == stage]}")
 
@@ -166,6 +166,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 opt_state = init_optimizer(tx, trainable, rules)
             order = epoch_order(len(examples), cfg.seed, epoch)
             order = np.concatenate([order, order[: micro_per_epoch * global_batch - len(order)]])  # wrap the tail
+            window_tokens = accumulation_window_tokens(examples, order, stage, curriculum, latent_cfg.latent_token_id,
+                                                       global_batch, accum)
             first = start_index if epoch == start_epoch else 0
             tick = time.perf_counter()
             for index in range(first, micro_per_epoch):
@@ -184,7 +186,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                     steps_cache["sharded"] = make_train_step(
                         graphdef, tx, step_cfg, rules=rules,
                         shardings=step_shardings(trainable, frozen, opt_state, batch, rules))
-                denominator = jnp.float32(max(float(np.sum(np.asarray(batch["labels"]) != -100)), 1.0))
+                denominator = jnp.float32(max(window_tokens[index // accum] / accum, 1.0))
                 key = jax.random.fold_in(base_key, micro_step)
                 trainable, opt_state, m = steps_cache["sharded"](trainable, frozen, opt_state, batch, key, denominator,
                                                                  n, prefix_len, frame_len)
@@ -221,6 +223,24 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
         metrics_file.close()
         ckpt.close()
     return TrainResult(run_dir, micro_step, exports, losses)
+
+
+def accumulation_window_tokens(examples, order, stage, curriculum, latent_id, global_batch, accum) -> list[int]:
+    """Supervised tokens of each accumulation window of the epoch (for optim.loss_scale=token_mean: the
+    loss of a window is its summed token losses over its token count)."""
+    per_example = {}
+    for i in set(order.tolist()):
+        labels = stage_tokens(examples[i], stage, curriculum, latent_id)[1]
+        per_example[i] = sum(1 for t in labels if t != -100)
+    per_batch = [sum(per_example[i] for i in order[b : b + global_batch]) for b in range(0, len(order), global_batch)]
+    return [sum(per_batch[w : w + accum]) for w in range(0, len(per_batch), accum)]
+
+
+def device_memory() -> str:
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    if not stats or "bytes_limit" not in stats:
+        return "unknown"
+    return f"{stats.get('bytes_in_use', 0) / 2**30:.1f} / {stats['bytes_limit'] / 2**30:.1f} GiB in use"
 
 
 def export_stage(run_dir: Path, stage: int, graphdef, trainable, frozen, processor) -> Path:

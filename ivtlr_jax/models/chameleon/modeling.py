@@ -13,26 +13,14 @@ from flax import nnx
 
 from ..common.lm import DecoderLM, ModelOutput, is_concrete, scatter_image_features
 from ..common.rope import rope_cos_sin
-from ..common.sharding import ShardingRules
 from .config import ChameleonConfig
 from .vq import VQEncoder
 
 
 class Chameleon(DecoderLM):
-    def __init__(
-        self,
-        config: ChameleonConfig,
-        *,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        remat: str = "none",
-        rules: ShardingRules | None = None,
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        self.text_config = config.text
-        self._init_lm(config.text, config.vocab_size, config.tie_word_embeddings, dtype=dtype,
-                      param_dtype=param_dtype, remat=remat, rules=rules, rngs=rngs)
+    def __init__(self, config: ChameleonConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs, **options):
+        """options: dtype (compute), remat, rules (see DecoderLM)."""
+        super().__init__(config, param_dtype=param_dtype, rngs=rngs, **options)
         self.vqmodel = VQEncoder(config.vq, param_dtype=param_dtype, rngs=rngs)
 
     def get_image_tokens(self, pixel_values: jax.Array) -> jax.Array:

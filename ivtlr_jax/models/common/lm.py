@@ -32,20 +32,22 @@ class ModelOutput(NamedTuple):
 
 
 class DecoderLM(nnx.Module):
-    """Subclasses call `_init_lm` and define `rope(positions) -> (cos, sin)` and `text_config`."""
+    """A family's model class calls this `__init__` (its config has `text`, `vocab_size` and
+    `tie_word_embeddings`), adds its input side, and defines `rope(positions) -> (cos, sin)`."""
 
-    text_config: DecoderConfig
-
-    def _init_lm(self, text: DecoderConfig, vocab_size: int, tie_word_embeddings: bool, *, dtype, param_dtype,
-                 remat: str, rules: ShardingRules | None, rngs: nnx.Rngs):
-        D, V = text.hidden_size, vocab_size
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 rules: ShardingRules | None = None, rngs: nnx.Rngs):
+        text: DecoderConfig = config.text
+        D, V = text.hidden_size, config.vocab_size
+        self.config = config
+        self.text_config = text
         self.dtype = dtype
         self.remat = remat
         self.rules = rules
         self.embed_vd = param(rngs, (V, D), ("vocab", "embed"), param_dtype)
         self.layers = DecoderLayers(text, param_dtype=param_dtype, rngs=rngs)
         self.final_norm_d = param(rngs, (D,), ("norm",), param_dtype, "ones")
-        self.lm_head_dv = None if tie_word_embeddings else param(rngs, (D, V), ("embed", "vocab"), param_dtype)
+        self.lm_head_dv = None if config.tie_word_embeddings else param(rngs, (D, V), ("embed", "vocab"), param_dtype)
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError

@@ -15,27 +15,15 @@ from flax import nnx
 
 from ..common.lm import DecoderLM, ModelOutput, is_concrete, scatter_image_features
 from ..common.rope import rope_cos_sin
-from ..common.sharding import ShardingRules
 from .config import Qwen2VLConfig
 from .rope_index import get_rope_index
 from .vision import VisionTower
 
 
 class Qwen2VL(DecoderLM):
-    def __init__(
-        self,
-        config: Qwen2VLConfig,
-        *,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        remat: str = "none",
-        rules: ShardingRules | None = None,
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        self.text_config = config.text
-        self._init_lm(config.text, config.vocab_size, config.tie_word_embeddings, dtype=dtype,
-                      param_dtype=param_dtype, remat=remat, rules=rules, rngs=rngs)
+    def __init__(self, config: Qwen2VLConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs, **options):
+        """options: dtype (compute), remat, rules (see DecoderLM)."""
+        super().__init__(config, param_dtype=param_dtype, rngs=rngs, **options)
         self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
 
     # ---- inputs -------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def get_rope_index(
         pos3 = jnp.broadcast_to(pos[None], (3, b, t))
     else:
         grid = image_grid_thw.astype(jnp.int32)
-        gt, gh, gw = grid[:, 0], grid[:, 1] // spatial_merge_size, grid[:, 2] // spatial_merge_size
+        gh, gw = grid[:, 1] // spatial_merge_size, grid[:, 2] // spatial_merge_size
         prev_img = jnp.pad(is_img[:, :-1], ((0, 0), (1, 0)))
         starts = is_img & ~prev_img  # first token of each image span
         img_before_row = jnp.cumsum(starts.sum(axis=1)) - starts.sum(axis=1)  # [B]
