@@ -212,7 +212,7 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
 
     picked0 = jnp.zeros((b, prefix_len), bool)
     (cache, h_last, _, _), (selected, latents) = jax.lax.scan(
-        one_pass, (cache, h0, score0, picked0), jnp.arange(n)
+        one_pass, (cache, h0, score0, picked0), jnp.arange(n), unroll=getattr(model, "unroll_scans", False)
     )
     return selected, latents, cache, h_last, p
 
@@ -275,7 +275,7 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
         return total + s, None
 
     acc = acc_dtype(hidden)
-    total, _ = jax.lax.scan(body, jnp.zeros((b,), acc), (hs, ts))
+    total, _ = jax.lax.scan(body, jnp.zeros((b,), acc), (hs, ts), unroll=getattr(model, "unroll_scans", False))
     return total, jnp.sum(targets != IGNORE, axis=1)
 
 

@@ -95,20 +95,34 @@ def batch_shardings(batch: dict, rules: ShardingRules) -> dict:
 def step_shardings(trainable, frozen, opt_state, batch, rules: ShardingRules):
     """Explicit shardings of the step's inputs: parameters by their logical axes, the optimizer state as
     placed by its (jitted) initialisation, the batch by `batch_shardings`."""
-    return (state_shardings(trainable, rules), state_shardings(frozen, rules), opt_state_shardings(opt_state, rules),
-            batch_shardings(batch, rules))
+    return (state_shardings(trainable, rules), state_shardings(frozen, rules),
+            opt_state_shardings(opt_state, trainable, rules), batch_shardings(batch, rules))
 
 
-def opt_state_shardings(opt_state, rules: ShardingRules):
-    """Moments are placed like the parameters they mirror; scalars (counts) are replicated."""
+def opt_state_shardings(opt_state, trainable, rules: ShardingRules):
+    """Every part of the optimizer state that mirrors the parameters (Adam's moments, accumulated
+    gradients) is sharded like them; the rest (counters) is replicated."""
     replicated = NamedSharding(rules.mesh, PartitionSpec())
-    return jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, opt_state)
+    param_structure = jax.tree.structure(trainable)
+    param_shardings = jax.tree.leaves(state_shardings(trainable, rules), is_leaf=lambda x: isinstance(x, NamedSharding))
+
+    def place(node):
+        if jax.tree.structure(node) == param_structure:
+            return jax.tree.unflatten(param_structure, param_shardings)
+        children, rebuild = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+        if len(children) == 1 and children[0] is node:  # a leaf
+            return replicated
+        return jax.tree_util.tree_unflatten(rebuild, [place(c) for c in children])
+
+    return place(opt_state)
 
 
 def init_optimizer(tx: optax.GradientTransformation, trainable, rules: ShardingRules | None = None):
-    """Optimizer state placed like the parameters it mirrors (moments) and replicated (counters)."""
-    opt_state = jax.jit(tx.init)(trainable)
-    return opt_state if rules is None else jax.device_put(opt_state, opt_state_shardings(opt_state, rules))
+    """Optimizer state placed like the parameters it mirrors and replicated elsewhere."""
+    if rules is None:
+        return jax.jit(tx.init)(trainable)
+    shardings = opt_state_shardings(jax.eval_shape(tx.init, trainable), trainable, rules)
+    return jax.jit(tx.init, out_shardings=shardings)(trainable)
 
 
 def split_trainable(model: nnx.Module, trainable_filter):

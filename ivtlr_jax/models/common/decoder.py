@@ -165,6 +165,7 @@ def run_decoder(
     dtype=jnp.float32,
     rules: ShardingRules | None = None,
     dropout_key: jax.Array | None = None,
+    unroll: bool = False,
 ) -> DecoderOutput:
     """Scan the stacked layers over h [B, T, D].
 
@@ -172,7 +173,8 @@ def run_decoder(
     [L, B, S, K, H]) the T new keys/values are written at slot `write_index` and queries attend over
     all S slots under mask [B, T, S]. `prob_rows` [B] picks, per example, the query whose head-averaged
     attention probabilities are returned per layer. `dropout_key`: LoRA dropout (training), folded with
-    the layer index.
+    the layer index. `unroll`: unroll the layer loop (only for cost analysis: XLA counts a loop body
+    once, whatever its trip count).
     """
     graphdef, state = nnx.split(layers)
     if write_index is not None:
@@ -192,5 +194,6 @@ def run_decoder(
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
-    h, (new_kv, rows, all_hidden) = jax.lax.scan(body, h, (state, k_cache, v_cache, jnp.arange(cfg.num_layers)))
+    h, (new_kv, rows, all_hidden) = jax.lax.scan(body, h, (state, k_cache, v_cache, jnp.arange(cfg.num_layers)),
+                                                 unroll=unroll)
     return DecoderOutput(h, new_kv, rows, all_hidden)

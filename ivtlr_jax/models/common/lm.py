@@ -36,13 +36,16 @@ class DecoderLM(nnx.Module):
     `tie_word_embeddings`), adds its input side, and defines `rope(positions) -> (cos, sin)`."""
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                 rules: ShardingRules | None = None, rngs: nnx.Rngs):
+                 rules: ShardingRules | None = None, unroll_scans: bool = False, rngs: nnx.Rngs):
+        """unroll_scans: unroll every loop over layers, latent passes and loss chunks, so that XLA's cost
+        analysis counts each iteration (the planner's FLOP count); never for running."""
         text: DecoderConfig = config.text
         D, V = text.hidden_size, config.vocab_size
         self.config = config
         self.text_config = text
         self.dtype = dtype
         self.remat = remat
+        self.unroll_scans = unroll_scans
         self.rules = rules
         self.embed_vd = param(rngs, (V, D), ("vocab", "embed"), param_dtype)
         self.layers = DecoderLayers(text, param_dtype=param_dtype, rngs=rngs)
@@ -91,6 +94,7 @@ class DecoderLM(nnx.Module):
             self.layers, self.text_config, embeds.astype(self.dtype), cos, sin, mask,
             cache_kv=cache_kv, write_index=write_index, prob_rows=prob_rows, collect_hidden=collect_hidden,
             remat=self.remat, dtype=self.dtype, rules=self.rules, dropout_key=dropout_key,
+            unroll=self.unroll_scans,
         )
         new_cache = None
         if cache is not None:

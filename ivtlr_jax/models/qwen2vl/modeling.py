@@ -34,7 +34,7 @@ class Qwen2VL(DecoderLM):
         if frame_len is None and is_concrete(image_grid_thw):
             frame_len = uniform_frame_len(np.asarray(image_grid_thw))
         return self.visual(self.config.vision, pixel_values, image_grid_thw, dtype=self.dtype, remat=self.remat,
-                           rules=self.rules, frame_len=frame_len)
+                           rules=self.rules, frame_len=frame_len, unroll=self.unroll_scans)
 
     def embed_inputs(
         self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None,

@@ -87,6 +87,7 @@ class VisionTower(nnx.Module):
         remat: str = "none",
         rules: ShardingRules | None = None,
         frame_len: int | None = None,
+        unroll: bool = False,
     ) -> jax.Array:
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D].
 
@@ -130,7 +131,7 @@ class VisionTower(nnx.Module):
 
         if remat != "none":
             block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        x, _ = jax.lax.scan(block, x, state)
+        x, _ = jax.lax.scan(block, x, state, unroll=unroll)
 
         x = layer_norm(x, self.merger_norm_scale_e[...], self.merger_norm_bias_e[...], LN_EPS)
         x = x.reshape(num_patches // cfg.spatial_merge_size**2, -1)  # [Np / 4, 4E]

@@ -1,0 +1,282 @@
+"""Plan a run at 7B scale on this machine: the real training step (and batched generation) is built
+abstractly (shape-only parameters), lowered and compiled for a mesh of host devices standing in for
+GPUs, and XLA's own memory and cost analyses are printed per device: parameters, optimizer state,
+activations/temporaries, FLOPs, and the step time and MFU ceiling they imply on H100s.
+
+    python -m ivtlr_jax.plan --config configs/qwen2vl_m3cot.yaml [--mesh data=1,fsdp=4,tensor=1]
+        [--full-finetune] [--generate] [--seq-len 1216] [--batch 2]
+
+Nothing is allocated: the parameters of the model named in the config are never read (the
+architecture comes from the built-in copies of the hub configs below, or the folder's config.json
+when it exists locally). Host devices compile with the XLA CPU backend, so the figures are XLA's
+estimates for this program, not a GPU profile.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "jax" not in __import__("sys").modules and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from .config import RunConfig, load_config  # noqa: E402
+from .latent import LatentConfig, ivtlr_loss  # noqa: E402
+from .models import FAMILIES  # noqa: E402
+from .models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
+from .train.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
+from .train.optim import make_optimizer  # noqa: E402
+from .train.step import StepConfig, batch_shardings, make_train_step, opt_state_shardings  # noqa: E402
+
+H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM (the figure the MFU ceiling is relative to)
+H100_MEMORY_GB = 80.0
+
+# the hub config.json files of the two official models (architecture fields only)
+HUB_CONFIGS = {
+    "Qwen/Qwen2-VL-7B-Instruct": {
+        "model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "vocab_size": 152064,
+        "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "tie_word_embeddings": False, "image_token_id": 151655, "video_token_id": 151656,
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "eos_token_id": 151645,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                          "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    },
+    "facebook/chameleon-7b": {
+        "model_type": "chameleon", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "vocab_size": 65536,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "swin_norm": False,
+        "vq_config": {"embed_dim": 256, "num_embeddings": 8192, "latent_channels": 256, "resolution": 512,
+                      "in_channels": 3, "base_channels": 128, "channel_multiplier": [1, 1, 2, 2, 4],
+                      "num_res_blocks": 2, "attn_resolutions": [], "double_latent": False},
+        # image codes 0..8191 are BPE ids 4..8195 in the real vocabulary_map; <image> is 8711
+        "vocabulary_map": {"<image>": 8711, **{"IMGIMG" + "".join(chr(65 + int(d)) for d in str(i)) + "Z": 4 + i
+                                               for i in range(8192)}},
+    },
+}
+
+# the official sequence shapes (REFERENCE.md 2, 5, 6): image tokens, question, final length before latents
+OFFICIAL_SHAPES = {"qwen2_vl": dict(image_tokens=100, prefix=512, seq_len=1216, image_side=280),
+                   "chameleon": dict(image_tokens=1024, prefix=1152, seq_len=1408, image_side=512)}
+
+
+@dataclasses.dataclass
+class Plan:
+    name: str
+    mesh: dict
+    params_gb: float  # per device
+    optimizer_gb: float
+    arguments_gb: float  # everything passed in (params + optimizer + batch)
+    temporaries_gb: float  # activations and scratch
+    outputs_gb: float
+    total_gb: float
+    flops_per_device: float
+    model_flops: float  # 6 * N * tokens (2 * N * tokens for generation)
+    step_s_at_peak: float
+    mfu_ceiling: float
+
+    def __str__(self):
+        fits = "fits" if self.total_gb <= H100_MEMORY_GB else "DOES NOT FIT"
+        return (f"{self.name} on mesh {self.mesh}:\n"
+                f"  per device: parameters {self.params_gb:.2f} GB, optimizer {self.optimizer_gb:.2f} GB, "
+                f"arguments {self.arguments_gb:.2f} GB, temporaries {self.temporaries_gb:.2f} GB, outputs "
+                f"{self.outputs_gb:.2f} GB -> peak ~{self.total_gb:.2f} GB of {H100_MEMORY_GB:.0f} GB ({fits})\n"
+                f"  FLOPs per device per step {self.flops_per_device:.3e} (model FLOPs {self.model_flops:.3e} in all)\n"
+                f"  step time at the H100 bf16 peak of {H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s: >= {self.step_s_at_peak * 1e3:.3g} ms; "
+                f"MFU ceiling (model FLOPs / executed FLOPs) {self.mfu_ceiling:.1%}")
+
+
+def architecture(cfg: RunConfig) -> dict:
+    local = Path(cfg.model.model_id) / "config.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    if cfg.model.model_id in HUB_CONFIGS:
+        return HUB_CONFIGS[cfg.model.model_id]
+    raise ValueError(f"{cfg.model.model_id}: no local config.json and no built-in hub config")
+
+
+def _bytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _per_device_bytes(tree, shardings) -> float:
+    total = 0.0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, NamedSharding))):
+        shard = s.shard_shape(x.shape) if hasattr(s, "shard_shape") else x.shape
+        total += int(np.prod(shard)) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def with_shardings(tree, shardings):
+    """Shape-only arrays of `tree` carrying `shardings` (a tree of NamedSharding, prefix of `tree`)."""
+
+    def one(sharding, node):
+        sds = jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=sharding)
+        return node.replace(sds) if isinstance(node, nnx.Variable) else sds
+
+    return jax.tree.map(one, shardings, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def abstract_batch(model_type: str, batch: int, seq_len: int, image_tokens: int, image_side: int) -> dict:
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+    out = {k: sds((batch, seq_len), jnp.int32) for k in ("input_ids", "attention_mask", "labels", "position_ids")}
+    if model_type == "qwen2_vl":
+        out["pixel_values"] = sds((batch * image_tokens * 4, 1176), jnp.float32)
+        out["image_grid_thw"] = sds((batch, 3), jnp.int32)
+    else:
+        out["pixel_values"] = sds((batch, 3, image_side, image_side), jnp.float32)
+    return out
+
+
+def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, seq_len: int | None = None,
+               prefix_len: int | None = None, num_latents: int = 3, full_finetune: bool = False) -> Plan:
+    raw = architecture(cfg)
+    family = FAMILIES[raw["model_type"]]
+    config = family.config_cls.from_hf(raw)
+    shapes = OFFICIAL_SHAPES[raw["model_type"]]
+    rules = ShardingRules(make_mesh(**mesh_shape))
+    replicas = rules.mesh.shape["data"] * rules.mesh.shape["fsdp"]
+    b = (batch or cfg.train.batch_size_training) * replicas
+    k = cfg.latent.num_selected_patches
+    s = (seq_len or shapes["seq_len"]) - num_latents * k  # the collated length; the chain adds n*K
+    lora = LoRAConfig(not full_finetune, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    dtype = jnp.dtype(cfg.model.dtype)
+    param_dtype = jnp.dtype(cfg.model.param_dtype) if lora.enabled else jnp.float32
+
+    def build(unroll: bool):
+        m = family.model_cls(config, dtype=dtype, param_dtype=param_dtype, remat=cfg.model.remat, rules=rules,
+                             unroll_scans=unroll, rngs=nnx.Rngs(0))
+        return add_lora(m, lora) if lora.enabled else m
+
+    model = nnx.eval_shape(lambda: build(False))
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora), ...)
+    tx = make_optimizer(cfg.optim, 1000, 250)
+    t_sh, f_sh = state_shardings(trainable, rules), state_shardings(frozen, rules)
+    trainable_in = with_shardings(trainable, t_sh)
+    opt_abstract = jax.eval_shape(tx.init, trainable)
+    o_sh = opt_state_shardings(opt_abstract, trainable, rules)
+    batch_abs = abstract_batch(raw["model_type"], b, s, shapes["image_tokens"], shapes["image_side"])
+    b_sh = batch_shardings(batch_abs, rules)
+    latent = LatentConfig(0, k, cfg.latent.patch_order, cfg.latent.latent_grad, cfg.latent.rope, cfg.latent.ce_chunk)
+    frame_len = shapes["image_tokens"] * 4 if raw["model_type"] == "qwen2_vl" else None
+    args = (trainable_in, with_shardings(frozen, f_sh), with_shardings(opt_abstract, o_sh),
+            with_shardings(batch_abs, b_sh), jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
+            jax.ShapeDtypeStruct((), jnp.float32), num_latents, prefix_len or shapes["prefix"], frame_len)
+
+    def compile_step(graphdef):
+        step = make_train_step(graphdef, tx, StepConfig(latent, b // replicas, cfg.optim.loss_scale), rules=rules,
+                               shardings=(t_sh, f_sh, o_sh, b_sh))
+        return step.lower(*args).compile()
+
+    compiled = compile_step(graphdef)  # the program that runs: memory
+    unrolled = compile_step(nnx.graphdef(nnx.eval_shape(lambda: build(True))))  # every loop unrolled: FLOPs
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
+    tokens = b * (s + num_latents * k)
+    return _plan(f"train step ({'full fine-tuning' if full_finetune else f'LoRA r={lora.rank}'}, batch {b}, "
+                 f"length {s} + {num_latents}x{k} latent patches)", rules, compiled,
+                 params=_per_device_bytes(trainable, t_sh) + _per_device_bytes(frozen, f_sh),
+                 optimizer=_per_device_bytes(opt_abstract, o_sh), flops_from=unrolled,
+                 # full fine-tuning: forward + activation and weight gradients (6NT); LoRA: no weight
+                 # gradients for the frozen base (4NT)
+                 model_flops=(6.0 if full_finetune else 4.0) * n_params * tokens)
+
+
+def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops: float, flops_from=None) -> Plan:
+    mem = compiled.memory_analysis()
+    cost = (flops_from or compiled).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    gb = lambda v: v / 1e9
+    args, temps, outs = mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes
+    alias = getattr(mem, "alias_size_in_bytes", 0)
+    devices = rules.mesh.size
+    step_s = flops / (H100_BF16_PEAK_TFLOPS * 1e12) if flops else float("nan")
+    return Plan(name, dict(rules.mesh.shape), gb(params), gb(optimizer), gb(args), gb(temps), gb(outs),
+                gb(args + temps + outs - alias), flops, model_flops, step_s,
+                min(model_flops / devices / flops, 1.0) if flops else float("nan"))
+
+
+def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_tokens: int = 512,
+                  num_latents: int = 3) -> Plan:
+    """Batched IVT-LR generation (prefill, latent passes, decoding) at `batch`, bf16 parameters."""
+    from .generate import SamplingConfig, _generate
+
+    raw = architecture(cfg)
+    family = FAMILIES[raw["model_type"]]
+    config = family.config_cls.from_hf(raw)
+    shapes = OFFICIAL_SHAPES[raw["model_type"]]
+    rules = ShardingRules(make_mesh(**mesh_shape))
+    def build(unroll: bool):
+        return nnx.eval_shape(lambda: family.model_cls(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                                        rules=rules, unroll_scans=unroll, rngs=nnx.Rngs(0)))
+
+    graphdef, state = nnx.split(build(False))
+    sh = state_shardings(state, rules)
+    state_in = with_shardings(state, sh)
+    prompt = shapes["prefix"] + num_latents
+    batch_abs = abstract_batch(raw["model_type"], batch, prompt, shapes["image_tokens"], shapes["image_side"])
+    batch_abs.pop("labels")
+    latent = LatentConfig(0, cfg.latent.num_selected_patches)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, eos_token_id=None)
+    frame_len = shapes["image_tokens"] * 4 if raw["model_type"] == "qwen2_vl" else None
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+
+    def compile_run(graphdef):
+        def run(state, batch, key):
+            return _generate(nnx.merge(graphdef, state), batch, latent, sampling, key, num_latents, shapes["prefix"],
+                             frame_len).tokens
+
+        return jax.jit(run).lower(state_in, batch_abs, key).compile()
+
+    compiled = compile_run(graphdef)
+    unrolled = compile_run(nnx.graphdef(build(True)))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+    # the decoding while-loop's body is counted once by XLA: the FLOPs are those of the prefill, the
+    # latent passes and one decoding step
+    return _plan(f"generation (batch {batch}, prompt {prompt}, {new_tokens} new tokens; FLOPs: prefill + latent "
+                 f"passes + one decoding step)", rules, compiled, params=_per_device_bytes(state, sh), optimizer=0.0,
+                 model_flops=2.0 * n_params * batch * (prompt + 1), flops_from=unrolled)
+
+
+def parse_mesh(text: str) -> dict:
+    out = {"data": 1, "fsdp": 4, "tensor": 1}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise ValueError(f"--mesh: unknown axis {key!r} (data, fsdp, tensor)")
+        out[key] = int(value)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--mesh", default="data=1,fsdp=4,tensor=1")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch per data-parallel replica (default: config)")
+    p.add_argument("--seq-len", type=int, default=None, help="final sequence length incl. latent patches")
+    p.add_argument("--full-finetune", action="store_true", help="also plan full fine-tuning")
+    p.add_argument("--generate", action="store_true", help="also plan generation at batch 32")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    mesh = parse_mesh(args.mesh)
+    print(f"{len(jax.devices())} host devices stand in for 4 x H100 ({H100_MEMORY_GB:.0f} GB, "
+          f"{H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s dense bf16 each)")
+    print(plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len), flush=True)
+    if args.full_finetune:
+        print(plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, full_finetune=True), flush=True)
+    if args.generate:
+        print(plan_generate(cfg, mesh), flush=True)
+
+
+if __name__ == "__main__":
+    main()

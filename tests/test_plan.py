@@ -1,0 +1,28 @@
+"""The planner on a tiny model: XLA's per-device figures are positive and grow with batch and length."""
+
+import yaml
+
+from ivtlr_jax.config import load_config
+from ivtlr_jax.plan import plan_generate, plan_train
+
+
+def test_plan_numbers_grow_with_batch_and_length(tiny_qwen2vl, tmp_path):
+    cfg_path = tmp_path / "plan.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": {"model_id": str(tiny_qwen2vl[0]), "remat": "full"},
+                                        "latent": {"num_selected_patches": 8}, "lora": {"rank": 4}}))
+    cfg = load_config(cfg_path)
+    mesh = {"data": 2, "fsdp": 2, "tensor": 1}
+    small = plan_train(cfg, mesh, batch=1, seq_len=300, prefix_len=192)
+    longer = plan_train(cfg, mesh, batch=1, seq_len=500, prefix_len=192)
+    bigger = plan_train(cfg, mesh, batch=2, seq_len=300, prefix_len=192)
+    full = plan_train(cfg, mesh, batch=1, seq_len=300, prefix_len=192, full_finetune=True)
+    for p in (small, longer, bigger, full):
+        assert p.params_gb > 0 and p.arguments_gb > 0 and p.temporaries_gb > 0 and p.flops_per_device > 0
+        assert 0 < p.mfu_ceiling <= 1 and p.step_s_at_peak > 0
+    assert longer.flops_per_device > 1.3 * small.flops_per_device
+    assert bigger.flops_per_device > 1.6 * small.flops_per_device
+    assert longer.temporaries_gb > small.temporaries_gb and bigger.temporaries_gb > small.temporaries_gb
+    assert full.optimizer_gb > 10 * small.optimizer_gb  # Adam moments of every parameter vs the adapters'
+    gen = plan_generate(cfg, {"data": 1, "fsdp": 4, "tensor": 1}, batch=4, new_tokens=8)
+    assert gen.flops_per_device > 0 and gen.optimizer_gb == 0
+    assert "fits" in str(small)
