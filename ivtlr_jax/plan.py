@@ -31,7 +31,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from .config import RunConfig, load_config  # noqa: E402
-from .latent import LatentConfig, ivtlr_loss  # noqa: E402
+from .latent import LatentConfig  # noqa: E402
 from .models import FAMILIES  # noqa: E402
 from .models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
 from .train.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
