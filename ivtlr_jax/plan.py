@@ -153,49 +153,73 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
     dtype = jnp.dtype(cfg.model.dtype)
     param_dtype = jnp.dtype(cfg.model.param_dtype) if lora.enabled else jnp.float32
 
-    def build(unroll: bool):
+    def build(unroll: bool, config=config):
         m = family.model_cls(config, dtype=dtype, param_dtype=param_dtype, remat=cfg.model.remat, rules=rules,
                              unroll_scans=unroll, rngs=nnx.Rngs(0))
         return add_lora(m, lora) if lora.enabled else m
 
-    model = nnx.eval_shape(lambda: build(False))
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora), ...)
     tx = make_optimizer(cfg.optim, 1000, 250)
-    t_sh, f_sh = state_shardings(trainable, rules), state_shardings(frozen, rules)
-    trainable_in = with_shardings(trainable, t_sh)
-    opt_abstract = jax.eval_shape(tx.init, trainable)
-    o_sh = opt_state_shardings(opt_abstract, trainable, rules)
     batch_abs = abstract_batch(raw["model_type"], b, s, shapes["image_tokens"], shapes["image_side"])
     b_sh = batch_shardings(batch_abs, rules)
     latent = LatentConfig(0, k, cfg.latent.patch_order, cfg.latent.latent_grad, cfg.latent.rope, cfg.latent.ce_chunk)
     frame_len = shapes["image_tokens"] * 4 if raw["model_type"] == "qwen2_vl" else None
-    args = (trainable_in, with_shardings(frozen, f_sh), with_shardings(opt_abstract, o_sh),
-            with_shardings(batch_abs, b_sh), jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
+    rest = (with_shardings(batch_abs, b_sh), jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
             jax.ShapeDtypeStruct((), jnp.float32), num_latents, prefix_len or shapes["prefix"], frame_len)
 
-    def compile_step(graphdef):
-        step = make_train_step(graphdef, tx, StepConfig(latent, b // replicas, cfg.optim.loss_scale), rules=rules,
-                               shardings=(t_sh, f_sh, o_sh, b_sh))
-        return step.lower(*args).compile()
+    def split(model):
+        _, trainable, frozen = nnx.split(model, trainable_filter(lora), ...)
+        opt = jax.eval_shape(tx.init, trainable)
+        return (trainable, frozen, opt), (state_shardings(trainable, rules), state_shardings(frozen, rules),
+                                         opt_state_shardings(opt, trainable, rules))
 
-    compiled = compile_step(graphdef)  # the program that runs: memory
-    unrolled = compile_step(nnx.graphdef(nnx.eval_shape(lambda: build(True))))  # every loop unrolled: FLOPs
+    def compile_step(model):
+        states, shardings = split(model)
+        step = make_train_step(nnx.graphdef(model), tx, StepConfig(latent, b // replicas, cfg.optim.loss_scale),
+                               rules=rules, shardings=(*shardings, b_sh))
+        return step.lower(*(with_shardings(x, sh) for x, sh in zip(states, shardings)), *rest).compile()
+
+    model = nnx.eval_shape(lambda: build(False))
+    (trainable, frozen, opt_abstract), (t_sh, f_sh, o_sh) = split(model)
+    compiled = compile_step(model)  # the program that runs: memory
+    flops = flops_by_depth(lambda c: compile_step(nnx.eval_shape(lambda: build(True, c))), config)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
     tokens = b * (s + num_latents * k)
     return _plan(f"train step ({'full fine-tuning' if full_finetune else f'LoRA r={lora.rank}'}, batch {b}, "
                  f"length {s} + {num_latents}x{k} latent patches)", rules, compiled,
                  params=_per_device_bytes(trainable, t_sh) + _per_device_bytes(frozen, f_sh),
-                 optimizer=_per_device_bytes(opt_abstract, o_sh), flops_from=unrolled,
+                 optimizer=_per_device_bytes(opt_abstract, o_sh), flops=flops,
                  # full fine-tuning: forward + activation and weight gradients (6NT); LoRA: no weight
                  # gradients for the frozen base (4NT)
                  model_flops=(6.0 if full_finetune else 4.0) * n_params * tokens)
 
 
-def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops: float, flops_from=None) -> Plan:
-    mem = compiled.memory_analysis()
-    cost = (flops_from or compiled).cost_analysis()
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def flops_by_depth(compile_unrolled, config) -> float:
+    """FLOPs per device of the full-depth program. XLA's cost analysis counts a loop body once, so the
+    program is compiled with every loop unrolled, at depth 1 and 2 of the text decoder (and of the
+    vision tower for Qwen2-VL), and the per-layer costs are extrapolated linearly to the real depth
+    (compiling 60 unrolled 7B layers on a CPU would take far longer)."""
+    text = config.text
+    at = lambda layers, depth=None: dataclasses.replace(
+        config, text=dataclasses.replace(text, num_layers=layers),
+        **({"vision": dataclasses.replace(config.vision, depth=depth)} if depth is not None else {}))
+    has_vision_stack = hasattr(config, "vision")
+    base = _flops(compile_unrolled(at(1, 1 if has_vision_stack else None)))
+    per_text_layer = _flops(compile_unrolled(at(2, 1 if has_vision_stack else None))) - base
+    total = base + (text.num_layers - 1) * per_text_layer
+    if has_vision_stack:
+        per_block = _flops(compile_unrolled(at(1, 2))) - base
+        total += (config.vision.depth - 1) * per_block
+    return total
+
+
+def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops: float, flops: float) -> Plan:
+    mem = compiled.memory_analysis()
     gb = lambda v: v / 1e9
     args, temps, outs = mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes
     alias = getattr(mem, "alias_size_in_bytes", 0)
@@ -216,13 +240,10 @@ def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_toke
     config = family.config_cls.from_hf(raw)
     shapes = OFFICIAL_SHAPES[raw["model_type"]]
     rules = ShardingRules(make_mesh(**mesh_shape))
-    def build(unroll: bool):
+    def build(unroll: bool, config=config):
         return nnx.eval_shape(lambda: family.model_cls(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                                         rules=rules, unroll_scans=unroll, rngs=nnx.Rngs(0)))
 
-    graphdef, state = nnx.split(build(False))
-    sh = state_shardings(state, rules)
-    state_in = with_shardings(state, sh)
     prompt = shapes["prefix"] + num_latents
     batch_abs = abstract_batch(raw["model_type"], batch, prompt, shapes["image_tokens"], shapes["image_side"])
     batch_abs.pop("labels")
@@ -231,21 +252,25 @@ def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_toke
     frame_len = shapes["image_tokens"] * 4 if raw["model_type"] == "qwen2_vl" else None
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
 
-    def compile_run(graphdef):
+    def compile_run(model):
+        graphdef, state = nnx.split(model)
+
         def run(state, batch, key):
             return _generate(nnx.merge(graphdef, state), batch, latent, sampling, key, num_latents, shapes["prefix"],
                              frame_len).tokens
 
-        return jax.jit(run).lower(state_in, batch_abs, key).compile()
+        return jax.jit(run).lower(with_shardings(state, state_shardings(state, rules)), batch_abs, key).compile()
 
-    compiled = compile_run(graphdef)
-    unrolled = compile_run(nnx.graphdef(build(True)))
+    state = nnx.state(build(False))
+    sh = state_shardings(state, rules)
+    compiled = compile_run(build(False))
+    flops = flops_by_depth(lambda c: compile_run(build(True, c)), config)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
     # the decoding while-loop's body is counted once by XLA: the FLOPs are those of the prefill, the
     # latent passes and one decoding step
     return _plan(f"generation (batch {batch}, prompt {prompt}, {new_tokens} new tokens; FLOPs: prefill + latent "
                  f"passes + one decoding step)", rules, compiled, params=_per_device_bytes(state, sh), optimizer=0.0,
-                 model_flops=2.0 * n_params * batch * (prompt + 1), flops_from=unrolled)
+                 model_flops=2.0 * n_params * batch * (prompt + 1), flops=flops)
 
 
 def parse_mesh(text: str) -> dict:

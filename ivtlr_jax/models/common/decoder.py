@@ -122,13 +122,12 @@ def _layer(
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), rules)
     k = apply_rope(k, cos, sin)
 
-    if k_cache is not None:
+    if k_cache is not None:  # this layer's cache slice; the chunk's keys/values go in at write_index
         zero = jnp.zeros((), write_index.dtype)
         start = (zero, write_index, zero, zero)
-        k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-        new_kv = (k_all, v_all)
-        k_att, v_att = k_all.astype(dtype), v_all.astype(dtype)
+        new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+        k_att = jax.lax.dynamic_update_slice(k_cache, new_kv[0], start).astype(dtype)
+        v_att = jax.lax.dynamic_update_slice(v_cache, new_kv[1], start).astype(dtype)
     else:
         new_kv = None
         k_att, v_att = k, v
@@ -180,13 +179,23 @@ def run_decoder(
     if write_index is not None:
         write_index = jnp.asarray(write_index, jnp.int32)
 
-    def body(h, xs):
-        layer_state, k_cache, v_cache, index = xs
+    def body(carry, xs):
+        # the whole cache [L, B, S, K, H] rides in the carry and only the chunk's slots are written back,
+        # in place (as scan inputs/outputs it would be copied in and out at every call)
+        h, k_all, v_all = carry
+        layer_state, index = xs
         lp = nnx.merge(graphdef, layer_state)
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-        h, new_kv, rows = _layer(lp, cfg, h, cos, sin, mask, k_cache, v_cache, write_index, prob_rows, dtype, rules,
+        k_layer = None if k_all is None else jax.lax.dynamic_index_in_dim(k_all, index, 0, keepdims=False)
+        v_layer = None if v_all is None else jax.lax.dynamic_index_in_dim(v_all, index, 0, keepdims=False)
+        h, new_kv, rows = _layer(lp, cfg, h, cos, sin, mask, k_layer, v_layer, write_index, prob_rows, dtype, rules,
                                  key)
-        return h, (new_kv, rows, h if collect_hidden else None)
+        if k_all is not None:
+            zero = jnp.zeros((), write_index.dtype)
+            start = (index.astype(write_index.dtype), zero, write_index, zero, zero)
+            k_all = jax.lax.dynamic_update_slice(k_all, new_kv[0][None], start)
+            v_all = jax.lax.dynamic_update_slice(v_all, new_kv[1][None], start)
+        return (h, k_all, v_all), (rows, h if collect_hidden else None)
 
     if REMAT_POLICIES.get(remat, "?") == "?":
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
@@ -194,6 +203,6 @@ def run_decoder(
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
-    h, (new_kv, rows, all_hidden) = jax.lax.scan(body, h, (state, k_cache, v_cache, jnp.arange(cfg.num_layers)),
-                                                 unroll=unroll)
-    return DecoderOutput(h, new_kv, rows, all_hidden)
+    (h, k_cache, v_cache), (rows, all_hidden) = jax.lax.scan(
+        body, (h, k_cache, v_cache), (state, jnp.arange(cfg.num_layers)), unroll=unroll)
+    return DecoderOutput(h, None if cache_kv is None else (k_cache, v_cache), rows, all_hidden)

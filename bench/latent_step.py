@@ -1,0 +1,274 @@
+"""Time of one IVT-LR training step (forward + backward) in JAX vs the official-style PyTorch loop and vs a
+plain JAX step on a sequence of the same final length.
+
+A random transformers `Qwen2VLForConditionalGeneration` (text hidden 256, 4 layers, 4 heads of 64, 2 KV
+heads, vocabulary 1024; vision depth 2, embed 128) is saved to a temporary folder and loaded into Flax
+with `from_pretrained`. The batch is in the official collator's layout (tests/oracle_ivtlr.py
+`latent_batch`): one 224x224 image per row (64 merged image tokens), questions of different lengths
+(so different left pads), `--latents` `<|latent|>` tokens per row, answers of 40-80 tokens.
+Three steps are timed on it:
+
+- ivtlr: `nnx.value_and_grad` of `ivtlr_loss` with respect to the model under `nnx.jit` (static
+  num_latents and prefix_len = the first latent's index, latent_grad="stop"): prefill, n latent passes
+  against the KV cache, then the forward + backward of the assembled sequence (length S + n*K).
+- oracle: `oracle_ivtlr` (REFERENCE 3 the official way: n + 1 full forwards over the growing sequence
+  with eager attention, all attention matrices returned) + `loss.backward()` on the transformers model
+  loaded with attn_implementation="eager"; gradients are zeroed before each call.
+- plain: the same jitted JAX step with num_latents=0 (a plain forward + backward with the same chunked
+  cross-entropy) on a batch of the same images and questions where the n latents are replaced by
+  n*(K+1) ordinary text tokens labelled -100, so its length is the assembled one (S + n*K).
+
+The goals: oracle/ivtlr >= 3x (the latent loop is fast) and ivtlr/plain <= 1.4x (the latent chain
+costs little next to the training forward + backward it feeds). With `--breakdown` two more are timed:
+the JAX chain alone (vision tower + prefill + n latent passes, forward only), where the ivtlr overhead
+over plain goes; and the torch step on the plain batch (`oracle_ivtlr` without latents + backward),
+which bounds what the oracle's latent passes cost and so the best oracle/ivtlr possible.
+
+Each JAX step's first call (trace + XLA compile + one run) is reported as "compile"; the torch step
+gets one warm-up call. Then the median of `--repeats` rounds in which the calls alternate, so all see
+the same machine load. The JAX loss is checked against the oracle's (fp32: relative diff ~1e-6).
+Compare ratios, not milliseconds, across machines. JAX runs on its default platform (printed).
+
+    python bench/latent_step.py [--repeats 5] [--batch 4] [--latents 3] [--k 8] [--threads N]
+                                [--remat none|full|dots] [--breakdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from ivtlr_jax.models.qwen2vl.modeling import uniform_frame_len  # noqa: E402
+from ivtlr_jax.latent import (IGNORE, LatentConfig, image_inputs_of, ivtlr_loss, latent_layout,  # noqa: E402
+                              latent_passes)
+from ivtlr_jax.models import from_pretrained  # noqa: E402
+from tests import hf_tiny  # noqa: E402
+from tests.oracle_ivtlr import latent_batch, oracle_ivtlr  # noqa: E402
+
+LATENT_ID, EOS = 295, 2  # vocabulary >= 300 keeps hf_tiny's special ids 290-295
+# head_dim 256 / 4 = 64, so sum(mrope_section) must be 32
+TEXT = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]))
+VISION = dict(depth=2, embed_dim=128, num_heads=2)
+IMAGE_SIZE = (224, 224)  # a 16x16 patch grid merged 2x2 -> 64 image tokens
+QUESTION_TEXT = (2, 24)  # [low, high) text tokens before and after the image
+ANSWER = (40, 81)  # [low, high) answer tokens
+
+
+# ---- models ---------------------------------------------------------------------------------------
+def build_models(remat: str):
+    """(transformers model with eager attention, Flax model) of the same random weights."""
+    from transformers import Qwen2VLForConditionalGeneration
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    config = hf_tiny.qwen2vl_config(**TEXT)
+    for key, value in VISION.items():
+        setattr(config.vision_config, key, value)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+        hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+        flax_model = from_pretrained(folder, remat=remat)
+    return hf, flax_model
+
+
+# ---- batches --------------------------------------------------------------------------------------
+def latent_training_batch(batch_size: int, latents: int, seed: int = 0) -> dict:
+    """The collator's layout, one image per row, question and answer lengths varying by row."""
+    rng = np.random.default_rng(seed)
+    pixel_values, grid = hf_tiny.image_inputs([IMAGE_SIZE] * batch_size, seed=seed)
+    image_tokens = (grid.prod(-1) // 4).tolist()
+    text = lambda count: list(rng.integers(3, hf_tiny.TEXT_VOCAB, count))
+    questions = [text(rng.integers(*QUESTION_TEXT)) + [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * m
+                 + [hf_tiny.VISION_END] + text(rng.integers(*QUESTION_TEXT)) for m in image_tokens]
+    answers = rng.integers(*ANSWER, batch_size).tolist()
+    batch = latent_batch(rng, questions, [latents] * batch_size, answers, LATENT_ID, EOS, hf_tiny.TEXT_VOCAB)
+    return batch | {"pixel_values": pixel_values, "image_grid_thw": grid}
+
+
+def assembled_length_batch(batch: dict, n: int, k: int, seed: int = 1) -> dict:
+    """The same rows with their n latents (at [p, p + n)) replaced by n*(K+1) ordinary text tokens
+    labelled -100: no latents, and the length S + n*K of the assembled sequence."""
+    rng = np.random.default_rng(seed)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    b = ids.shape[0]
+    _, p = latent_layout(ids, LATENT_ID)
+    filler = rng.integers(3, hf_tiny.TEXT_VOCAB, (b, n * (k + 1)))
+    insert = lambda a, middle: np.concatenate([a[:, :p], middle.astype(a.dtype), a[:, p + n:]], axis=1)
+    new_mask = insert(mask, np.ones((b, n * (k + 1))))
+    return batch | {
+        "input_ids": insert(ids, filler),
+        "attention_mask": new_mask,
+        "labels": insert(labels, np.full((b, n * (k + 1)), IGNORE)),
+        "position_ids": (np.cumsum(new_mask, axis=1) - 1) * new_mask,  # 0 on pads, 0, 1, 2... on the row
+    }
+
+
+def to_jax(batch: dict) -> dict:
+    return {key: jnp.asarray(value) for key, value in batch.items() if key != "latent_token_id"}
+
+
+# ---- the timed steps -------------------------------------------------------------------------------
+@functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len", "frame_len"))
+def jax_train_step(model, batch, cfg, n, prefix_len, frame_len=None):
+    """(loss, parameter gradients) of ivtlr_loss; n=0 is a plain forward + backward. frame_len: all
+    images share one size, so the vision tower attends per image (as the trainer passes it)."""
+    loss_of = lambda m: ivtlr_loss(m, batch, cfg, num_latents=n, prefix_len=prefix_len, frame_len=frame_len)[0]
+    return nnx.value_and_grad(loss_of)(model)
+
+
+@functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len", "frame_len"))
+def jax_latent_chain(model, batch, cfg, n, prefix_len, frame_len=None):
+    """Vision tower + prefill + n latent passes, forward only: (selected patches, latent states)."""
+    embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch, frame_len))
+    selected, latents, *_ = latent_passes(model, cfg, embeds, batch, n=n, prefix_len=prefix_len)
+    return selected, latents
+
+
+def oracle_train_step(hf, batch: dict, k: int) -> torch.Tensor:
+    """The official-style step: zeroed gradients, n + 1 eager forwards (1 without latents), backward."""
+    hf.zero_grad(set_to_none=True)
+    loss = oracle_ivtlr(hf, "qwen2vl", batch, k)[0]
+    loss.backward()
+    return loss.detach()
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+def timed(call) -> tuple[float, object]:
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = call()
+    return time.perf_counter() - start, result
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, of this process) so far; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_load_note(start: tuple[float, float] | None, seconds: float) -> str:
+    """How many cores other processes kept busy since `start`: load that the 1-minute average misses."""
+    end = cpu_seconds()
+    if start is None or end is None:
+        return ""
+    others = max((end[0] - start[0]) - (end[1] - start[1]), 0.0) / seconds
+    note = f"other processes kept {others:.2f} of {os.cpu_count()} cores busy during the timed calls"
+    return f"warning: {note}: the timings are skewed (torch's most)" if others > 0.25 else note
+
+
+def interleaved_median_ms(calls: dict, repeats: int) -> dict:
+    """Median ms of each call, the calls alternating so that all see the same machine load."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(timed(call)[0])
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def bench(args) -> list[str]:
+    hf, model = build_models(args.remat)
+    cfg = LatentConfig(LATENT_ID, args.k)
+    batch = latent_training_batch(args.batch, args.latents)
+    plain = assembled_length_batch(batch, args.latents, args.k)
+    n, p = latent_layout(batch["input_ids"], LATENT_ID)
+    s, s_plain = batch["input_ids"].shape[1], plain["input_ids"].shape[1]
+    assert s_plain == s + n * args.k
+    j_batch, j_plain = to_jax(batch), to_jax(plain)
+    frame_len = uniform_frame_len(batch["image_grid_thw"])  # 224x224 images: 256 patches each
+    wait = jax.block_until_ready
+
+    calls = {
+        "ivtlr": lambda: wait(jax_train_step(model, j_batch, cfg, n, p, frame_len)),
+        "oracle": lambda: oracle_train_step(hf, batch, args.k),
+        "plain": lambda: wait(jax_train_step(model, j_plain, cfg, 0, s_plain, frame_len)),
+    }
+    if args.breakdown:
+        calls["chain"] = lambda: wait(jax_latent_chain(model, j_batch, cfg, n, p, frame_len))
+        calls["torch plain"] = lambda: oracle_train_step(hf, plain, args.k)
+    compile_s, (jax_loss, _) = timed(calls["ivtlr"])
+    plain_compile_s, _ = timed(calls["plain"])
+    chain_compile_s = timed(calls["chain"])[0] if args.breakdown else None
+    _, oracle_loss = timed(calls["oracle"])  # warm-up
+    if args.breakdown:
+        calls["torch plain"]()  # warm-up
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+    ms = interleaved_median_ms(calls, args.repeats)
+    load_note = other_load_note(cpu_start, time.perf_counter() - wall_start)
+
+    jax_loss, oracle_loss = float(jax_loss), float(oracle_loss)
+    lines = [
+        f"batch {args.batch} x {s} tokens (first latent at {p}, {n} latents, K={args.k}) -> assembled {s_plain}; "
+        f"remat {args.remat}",
+        f"loss: jax {jax_loss:.7f}, oracle {oracle_loss:.7f}, "
+        f"rel diff {abs(jax_loss - oracle_loss) / abs(oracle_loss):.1e}",
+        f"compile: ivtlr step {compile_s:.1f} s, plain step {plain_compile_s:.1f} s",
+        f"ivtlr step {ms['ivtlr']:.1f} ms | oracle (torch, official-style) {ms['oracle']:.1f} ms "
+        f"-> {ms['oracle'] / ms['ivtlr']:.1f}x faster (goal >= 3x) | plain step on assembled sequence "
+        f"{ms['plain']:.1f} ms -> {ms['ivtlr'] / ms['plain']:.2f}x of plain (goal <= 1.4x)",
+    ]
+    if args.breakdown:
+        lines.append(f"breakdown: jax latent chain alone (vision + prefill + {n} passes, forward) "
+                     f"{ms['chain']:.1f} ms (compile {chain_compile_s:.1f} s); "
+                     f"ivtlr - plain = {ms['ivtlr'] - ms['plain']:.1f} ms | "
+                     f"torch plain step {ms['torch plain']:.1f} ms: oracle/torch plain "
+                     f"{ms['oracle'] / ms['torch plain']:.2f}x, "
+                     f"torch plain/jax plain {ms['torch plain'] / ms['plain']:.2f}x")
+    return lines + [load_note] if load_note else lines
+
+
+def warn_if_loaded(when: str) -> None:
+    load, cores = os.getloadavg()[0], os.cpu_count()
+    if load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores {when}: other processes skew the timings "
+              "(PyTorch's thread pool suffers most)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--latents", type=int, default=3, help="latents per row (n)")
+    parser.add_argument("--k", type=int, default=8, help="selected patches per latent (K <= 64)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the JAX latent chain alone and the torch plain step")
+    args = parser.parse_args(argv)
+    # the oracle ranks patches with float() of attention probabilities that require grad
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+    if args.latents < 1 or not 1 <= args.k <= 64:
+        parser.error("need --latents >= 1 and 1 <= --k <= 64 (a 224x224 image has 64 image tokens)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    warn_if_loaded("before the run")
+    print(f"jax devices: {jax.devices()}; torch threads: {torch.get_num_threads()}; repeats: {args.repeats}")
+    for line in bench(args):
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
