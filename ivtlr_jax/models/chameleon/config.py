@@ -85,6 +85,41 @@ class ChameleonConfig:
             eos_token_id=d.get("eos_token_id", 2),
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """A `config.json` dict in the layout of facebook/chameleon-7b (the vocabulary map holds the
+        `<image>` placeholder and the image-code tokens, which is all the model uses of it)."""
+        t, vq = self.text, self.vq
+        vocab_map = {"<image>": self.image_token_id}
+        vocab_map.update({_code_name(code): token for code, token in enumerate(self.code_to_token)
+                          if token in set(self.image_vocab_ids)})
+        return {
+            "architectures": ["ChameleonForConditionalGeneration"],
+            "model_type": self.model_type,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "rms_norm_eps": t.rms_norm_eps,
+            "hidden_act": t.hidden_act,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "swin_norm": t.swin_norm,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "max_position_embeddings": 4096,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "vq_config": {**dataclasses.asdict(vq), "channel_multiplier": list(vq.channel_multiplier),
+                          "attn_resolutions": list(vq.attn_resolutions)},
+            "vocabulary_map": vocab_map,
+        }
+
+
+def _code_name(code: int) -> str:
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
 
 def code_to_token_table(vocab_map: dict[str, int]) -> tuple[int, ...]:
     """As transformers' `ChameleonImageVocabularyMapping.img2bpe`: image tokens are named
