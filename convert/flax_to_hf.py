@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ivtlr_jax.models import FLAX_MARKER, FLAX_PARAMS_DIR, from_pretrained, read_config, resolve_folder  # noqa: E402
+from ivtlr_jax.models import FLAX_MARKER, from_pretrained, read_config, resolve_folder  # noqa: E402
 from ivtlr_jax.models.common.loading import WeightLoadError, variables_by_path, with_values  # noqa: E402
 from ivtlr_jax.models.common.lora import PROJECTIONS  # noqa: E402
 from ivtlr_jax.models.common.safetensors_io import NAMES, SafetensorsFolder, save_file  # noqa: E402
