@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
@@ -40,6 +38,7 @@ from flax import nnx  # noqa: E402
 
 from ivtlr_jax.models import from_pretrained  # noqa: E402
 from tests import hf_tiny  # noqa: E402
+from bench.timing import timed, interleaved_median_ms  # noqa: E402
 
 MID_TEXT = dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
@@ -106,22 +105,6 @@ def hf_logits(family: str, hf, ids, mask, image_inputs):
     if family == "chameleon":
         return hf_tiny.chameleon_forward(hf, ids, mask, image_inputs["pixel_values"]).logits
     return hf_tiny.hf_forward(hf, ids, mask, image_inputs["pixel_values"], image_inputs["image_grid_thw"]).logits
-
-
-def timed(call) -> tuple[float, object]:
-    """(seconds, result) of one call."""
-    start = time.perf_counter()
-    result = call()
-    return time.perf_counter() - start, result
-
-
-def interleaved_median_ms(calls: dict, repeats: int) -> dict:
-    """Median ms of each call, the calls alternating so that both see the same machine load."""
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            times[name].append(timed(call)[0])
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def bench(name: str, repeats: int, dtype: str) -> str:

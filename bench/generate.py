@@ -34,8 +34,6 @@ measured in the same process, not examples/s, across machines. JAX runs on its d
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +50,7 @@ from ivtlr_jax.latent import LatentConfig  # noqa: E402
 from ivtlr_jax.models import from_pretrained  # noqa: E402
 from tests import hf_tiny  # noqa: E402
 from tests.oracle_ivtlr import oracle_generate, oracle_ivtlr  # noqa: E402
+from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
 
 LATENT_ID = 295  # a vocabulary >= 300 keeps hf_tiny's special ids 290-295
 # head_dim 256 / 4 = 64, so sum(mrope_section) must be 32
@@ -133,53 +132,6 @@ def torch_generate(hf, single: dict, k: int, new_tokens: int) -> list[int]:
 
 
 # ---- timing ---------------------------------------------------------------------------------------
-def timed(call) -> tuple[float, object]:
-    """(seconds, result) of one call."""
-    start = time.perf_counter()
-    result = call()
-    return time.perf_counter() - start, result
-
-
-def interleaved_median_ms(calls: dict, repeats: int) -> dict:
-    """Median ms of each call, the calls alternating so that all see the same machine load."""
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            times[name].append(timed(call)[0])
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
-
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """(busy CPU seconds of the whole machine, of this process) so far; None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    own = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def other_load_note(start: tuple[float, float] | None, seconds: float) -> str:
-    """How many cores other processes kept busy since `start`: load that the 1-minute average misses."""
-    end = cpu_seconds()
-    if start is None or end is None:
-        return ""
-    others = max((end[0] - start[0]) - (end[1] - start[1]), 0.0) / seconds
-    note = f"other processes kept {others:.2f} of {os.cpu_count()} cores busy during the timed calls"
-    return f"warning: {note}: the timings are skewed (torch's most)" if others > 0.25 else note
-
-
-def warn_if_loaded(when: str) -> None:
-    load, cores = os.getloadavg()[0], os.cpu_count()
-    note = f"load average {load:.2f} on {cores} cores {when}"
-    if load > 0.5 * cores:
-        note = (f"warning: {note}: other processes skew the timings (PyTorch's thread pool suffers most: "
-                "with fewer free cores than torch threads, try --threads 1)")
-    print(note, flush=True)
-
-
 def bench(args, batches: list[int]) -> list[str]:
     hf, model = build_models()
     latent = LatentConfig(LATENT_ID, args.k)
