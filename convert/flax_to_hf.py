@@ -42,6 +42,7 @@ from flax import nnx  # noqa: E402
 
 from ivtlr_jax.models import FLAX_MARKER, from_pretrained, read_config, resolve_folder  # noqa: E402
 from ivtlr_jax.models.common.loading import WeightLoadError, variables_by_path, with_values  # noqa: E402
+from ivtlr_jax.models.convert import atomic_output_folder, check_output_folder  # noqa: E402
 from ivtlr_jax.models.common.lora import PROJECTIONS  # noqa: E402
 from ivtlr_jax.models.common.safetensors_io import NAMES, SafetensorsFolder, save_file  # noqa: E402
 from ivtlr_jax.models.export import save_hf  # noqa: E402
@@ -227,8 +228,7 @@ def export(checkpoint: str | Path, out: str | Path, *, peft: bool = False, dtype
            peft_layout: str = "auto", log=print) -> Path:
     """See the module docstring. Returns the output folder."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output folder {out} is not empty; choose a new folder or empty it")
+    check_output_folder(out)  # before the (long) load
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose auto or one of {sorted(DTYPES)}")
     if checkpoint.is_dir() and is_run_folder(checkpoint):
@@ -243,11 +243,7 @@ def export(checkpoint: str | Path, out: str | Path, *, peft: bool = False, dtype
         raise ExportError(f"--peft needs LoRA adapters, and {checkpoint} has none (a model folder is already "
                           "merged; give the training run folder of a run with lora.enabled)")
 
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output_folder(out) as tmp:
         if peft:
             layout = default_peft_layout() if peft_layout == "auto" else peft_layout
             dropout = model.layers.lora.dropout
@@ -258,12 +254,6 @@ def export(checkpoint: str | Path, out: str | Path, *, peft: bool = False, dtype
             from ivtlr_jax.train.lora import merge_lora
 
             write_hf(merge_lora(model), tmp, loaded, dtype)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
     return out
 
 

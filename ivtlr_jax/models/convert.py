@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -17,25 +19,42 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt")
 
 
-def convert(hf: str, out: str | Path, dtype: str = "float32") -> Path:
-    out = Path(out)
+def check_output_folder(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} is not empty; choose a new folder or empty it")
-    src = resolve_folder(hf)
-    read_config(src)  # fails early on an unsupported model type
-    model = from_pretrained(src, dtype=DTYPES[dtype])
+
+
+@contextlib.contextmanager
+def atomic_output_folder(out: Path) -> Iterator[Path]:
+    """Yield `out.partial` to write into; it becomes `out` when the block completes and is removed if the
+    block fails, so an interrupted conversion never leaves a half-written model. `out` must be new or empty."""
+    check_output_folder(out)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_params(nnx.state(model), tmp / FLAX_PARAMS_DIR)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "model.safetensors.index.json":
-            shutil.copy2(f, tmp / f.name)
-    (tmp / FLAX_MARKER).write_text(json.dumps(
-        {"format": "orbax", "source": str(hf), "param_dtype": dtype, "converted": time.strftime("%Y-%m-%dT%H:%M:%S")},
-        indent=2))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)
+
+
+def convert(hf: str, out: str | Path, dtype: str = "float32") -> Path:
+    out = Path(out)
+    check_output_folder(out)  # before the (long) load
+    src = resolve_folder(hf)
+    read_config(src)  # fails early on an unsupported model type
+    model = from_pretrained(src, dtype=DTYPES[dtype])
+    with atomic_output_folder(out) as tmp:
+        save_params(nnx.state(model), tmp / FLAX_PARAMS_DIR)
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        (tmp / FLAX_MARKER).write_text(json.dumps(
+            {"format": "orbax", "source": str(hf), "param_dtype": dtype,
+             "converted": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
     return out

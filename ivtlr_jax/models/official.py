@@ -35,13 +35,13 @@ import numpy as np
 
 from . import FLAX_MARKER, FLAX_PARAMS_DIR, abstract_model, read_config, resolve_folder
 from .common.loading import WeightLoadError, load_params
+from .convert import WEIGHT_FILES, atomic_output_folder, check_output_folder
 
 OFFICIAL_LORA_ALPHA = 16.0  # lora_alpha of the official LoraConfig (r=64)
 WRAPPER_PREFIX = "base_causallm."
 PEFT_PREFIX = "base_model.model."
 WRAPPER_ALIASES = ("embedding.weight",)  # IVTLR.embedding = base_causallm.get_input_embeddings()
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt")
 
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
@@ -224,8 +224,7 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {dtype!r}: choose from {DTYPE_NAMES}")
     pth, out = Path(pth), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output folder {out} is not empty; choose a new folder or empty it")
+    check_output_folder(out)  # before the (long) load
     src = resolve_folder(base)
     family, config, raw = read_config(src)
     origin = str(pth)
@@ -260,11 +259,7 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
     state = load_params(abstract_state, family.weight_specs(config), MergedSource(parsed, scale),
                         stacked_prefixes=family.stacked, origin=origin)
 
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output_folder(out) as tmp:
         save_params(state, tmp / FLAX_PARAMS_DIR)
         del state
         for f in src.iterdir():
@@ -278,10 +273,4 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
              "official_import": {"layout": parsed.layout, "lora_modules_merged": len(parsed.lora), "lora_rank": rank,
                                  "lora_alpha": alpha if parsed.lora else None},
              "converted": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
     return out
