@@ -70,33 +70,12 @@ from ivtlr_jax.train.optim import make_optimizer  # noqa: E402
 from ivtlr_jax.train.step import (StepConfig, batch_shardings, init_optimizer, make_train_step,  # noqa: E402
                                   split_trainable, step_shardings)
 from tests import hf_tiny  # noqa: E402
-from tests.oracle_ivtlr import IGNORE, latent_batch, oracle_ivtlr  # noqa: E402
+from tests.oracle_ivtlr import IGNORE, oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
+# the same mid-size model and batch as the latent-step benchmark
+from bench.latent_step import LATENT_ID, TEXT, VISION, latent_training_batch  # noqa: E402
 
-LATENT_ID, EOS = 295, 2  # a vocabulary >= 300 keeps hf_tiny's special ids 290-295
-# head_dim 256 / 4 = 64, so sum(mrope_section) must be 32
-TEXT = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]))
-VISION = dict(depth=2, embed_dim=128, num_heads=2)
-IMAGE_SIZE = (224, 224)  # a 16x16 patch grid merged 2x2 -> 64 image tokens
-QUESTION_TEXT = (2, 24)  # [low, high) text tokens before and after the image
-ANSWER = (40, 81)  # [low, high) answer tokens
 OPTIM = OptimSection(lr=1e-5, gradient_accumulation_steps=1)  # clip 0.7 + AdamW, as the runs
-
-
-# ---- the batch ------------------------------------------------------------------------------------
-def latent_training_batch(batch_size: int, latents: int, seed: int = 0) -> dict:
-    """The collator's layout, one image per row, question and answer lengths varying by row."""
-    rng = np.random.default_rng(seed)
-    pixel_values, grid = hf_tiny.image_inputs([IMAGE_SIZE] * batch_size, seed=seed)
-    image_tokens = (grid.prod(-1) // 4).tolist()
-    text = lambda count: list(rng.integers(3, hf_tiny.TEXT_VOCAB, count))
-    questions = [text(rng.integers(*QUESTION_TEXT)) + [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * m
-                 + [hf_tiny.VISION_END] + text(rng.integers(*QUESTION_TEXT)) for m in image_tokens]
-    answers = rng.integers(*ANSWER, batch_size).tolist()
-    batch = latent_batch(rng, questions, [latents] * batch_size, answers, LATENT_ID, EOS, hf_tiny.TEXT_VOCAB)
-    return batch | {"pixel_values": pixel_values, "image_grid_thw": grid}
 
 
 # ---- the steps ------------------------------------------------------------------------------------
