@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     eval_cfg = EvalConfig(cfg.data.dataset, cfg.data.source, split, num_latents=args.latents,
                           num_selected_patches=cfg.latent.num_selected_patches, patch_order=cfg.latent.patch_order,
                           rope=cfg.latent.rope, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          limit=args.limit)
+                          limit=args.limit, scan_layers=cfg.model.scan_layers)
     summary = evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")

@@ -27,8 +27,11 @@ batch with the batch-1 run. Absolute numbers depend on the machine and its load:
 measured in the same process, not examples/s, across machines. JAX runs on its default platform
 (printed; set JAX_PLATFORMS=cpu to force the CPU).
 
+With `--unroll-layers` the model is loaded with scan_layers=False (layers unrolled, the faster choice
+for a 4-layer model; the default scans them, as for 7B models).
+
     python bench/generate.py [--repeats 10] [--batches 1,8,32] [--new-tokens 32] [--latents 3] [--k 8]
-                             [--threads N]
+                             [--threads N] [--unroll-layers]
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ QUESTION_TEXT = (36, 45)  # [low, high) text tokens per question, split before /
 
 
 # ---- models -----------------------------------------------------------------------------------------
-def build_models():
+def build_models(scan_layers: bool = True):
     """(transformers model with eager attention, Flax model) of the same random weights."""
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.utils import logging
@@ -76,7 +79,7 @@ def build_models():
     with tempfile.TemporaryDirectory() as folder:
         Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
         hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-        flax_model = from_pretrained(folder)
+        flax_model = from_pretrained(folder, scan_layers=scan_layers)
     return hf, flax_model
 
 
@@ -133,7 +136,7 @@ def torch_generate(hf, single: dict, k: int, new_tokens: int) -> list[int]:
 
 # ---- timing ---------------------------------------------------------------------------------------
 def bench(args, batches: list[int]) -> list[str]:
-    hf, model = build_models()
+    hf, model = build_models(scan_layers=not args.unroll_layers)
     latent = LatentConfig(LATENT_ID, args.k)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)  # no EOS: every row runs the full length
     torch_pool = min(max(batches), 8)  # prompts the torch baseline cycles through
@@ -145,7 +148,8 @@ def bench(args, batches: list[int]) -> list[str]:
     reference = oracle_generate(hf, "qwen2vl", oracle_single, args.k, args.new_tokens)
     baseline_tokens = torch_generate(hf, singles[0], args.k, args.new_tokens)
     lines = [f"prompts: {singles[0]['input_ids'].shape[1]}-{max(s['input_ids'].shape[1] for s in singles)} tokens "
-             f"({args.latents} latents, K={args.k}, 64 image tokens), {args.new_tokens} new tokens, no EOS",
+             f"({args.latents} latents, K={args.k}, 64 image tokens), {args.new_tokens} new tokens, no EOS; "
+             f"layers {'unrolled' if args.unroll_layers else 'scanned'}",
              f"check: torch KV-cache baseline tokens == oracle_generate (full recompute) on prompt 0: "
              f"{baseline_tokens == reference}"]
 
@@ -196,6 +200,7 @@ def main(argv=None) -> None:
     parser.add_argument("--latents", type=int, default=3, help="<|latent|> tokens per prompt (n)")
     parser.add_argument("--k", type=int, default=8, help="selected patches per latent (K <= 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--unroll-layers", action="store_true", help="load the model with scan_layers=False")
     args = parser.parse_args(argv)
     try:
         batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})

@@ -8,9 +8,11 @@ with `from_pretrained`. The batch is in the official collator's layout (tests/or
 (so different left pads), `--latents` `<|latent|>` tokens per row, answers of 40-80 tokens.
 Three steps are timed on it:
 
-- ivtlr: `nnx.value_and_grad` of `ivtlr_loss` with respect to the model under `nnx.jit` (static
-  num_latents and prefix_len = the first latent's index, latent_grad="stop"): prefill, n latent passes
-  against the KV cache, then the forward + backward of the assembled sequence (length S + n*K).
+- ivtlr: `jax.value_and_grad` of `ivtlr_loss` with respect to the model's state under `jax.jit`, as the
+  trainer runs it (static num_latents, prefix_len = the first latent's index and shared_prefix =
+  prefix_len - 1; latent_grad="stop"): the question slots once, the chain's prefill of the rest, n
+  latent passes against the KV cache, then the forward + backward of the assembled sequence (length
+  S + n*K) continuing from the question's cache.
 - oracle: `oracle_ivtlr` (REFERENCE 3 the official way: n + 1 full forwards over the growing sequence
   with eager attention, all attention matrices returned) + `loss.backward()` on the transformers model
   loaded with attn_implementation="eager"; gradients are zeroed before each call.
@@ -29,8 +31,11 @@ gets one warm-up call. Then the median of `--repeats` rounds in which the calls 
 the same machine load. The JAX loss is checked against the oracle's (fp32: relative diff ~1e-6).
 Compare ratios, not milliseconds, across machines. JAX runs on its default platform (printed).
 
+With `--unroll-layers` the model is loaded with scan_layers=False (layers unrolled: the faster choice for
+a 4-layer model; the default scans them, as for 7B models).
+
     python bench/latent_step.py [--repeats 5] [--batch 4] [--latents 3] [--k 8] [--threads N]
-                                [--remat none|full|dots] [--breakdown]
+                                [--remat none|full|dots] [--unroll-layers] [--breakdown]
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ ANSWER = (40, 81)  # [low, high) answer tokens
 
 
 # ---- models ---------------------------------------------------------------------------------------
-def build_models(remat: str):
+def build_models(remat: str, scan_layers: bool = True):
     """(transformers model with eager attention, Flax model) of the same random weights."""
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.utils import logging
@@ -84,7 +89,7 @@ def build_models(remat: str):
     with tempfile.TemporaryDirectory() as folder:
         Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
         hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-        flax_model = from_pretrained(folder, remat=remat)
+        flax_model = from_pretrained(folder, remat=remat, scan_layers=scan_layers)
     return hf, flax_model
 
 
@@ -125,17 +130,21 @@ def to_jax(batch: dict) -> dict:
 
 
 # ---- the timed steps -------------------------------------------------------------------------------
-@functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len", "frame_len"))
-def jax_train_step(model, batch, cfg, n, prefix_len, frame_len=None):
-    """(loss, parameter gradients) of ivtlr_loss; n=0 is a plain forward + backward. frame_len: all
-    images share one size, so the vision tower attends per image (as the trainer passes it)."""
-    loss_of = lambda m: ivtlr_loss(m, batch, cfg, num_latents=n, prefix_len=prefix_len, frame_len=frame_len)[0]
-    return nnx.value_and_grad(loss_of)(model)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "prefix_len", "shared", "frame_len"))
+def jax_train_step(graphdef, state, batch, cfg, n, prefix_len, shared=0, frame_len=None):
+    """(loss, gradients of every parameter) of ivtlr_loss; n=0 is a plain forward + backward. frame_len:
+    all images share one size, so the vision tower attends per image (as the trainer passes it)."""
+    def loss_of(state):
+        model = nnx.merge(graphdef, state)
+        return ivtlr_loss(model, batch, cfg, num_latents=n, prefix_len=prefix_len, shared_prefix=shared,
+                          frame_len=frame_len)[0]
+    return jax.value_and_grad(loss_of)(state)
 
 
-@functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len", "frame_len"))
-def jax_latent_chain(model, batch, cfg, n, prefix_len, frame_len=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "prefix_len", "frame_len"))
+def jax_latent_chain(graphdef, state, batch, cfg, n, prefix_len, frame_len=None):
     """Vision tower + prefill + n latent passes, forward only: (selected patches, latent states)."""
+    model = nnx.merge(graphdef, state)
     embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch, frame_len))
     selected, latents, *_ = latent_passes(model, cfg, embeds, batch, n=n, prefix_len=prefix_len)
     return selected, latents
@@ -151,7 +160,8 @@ def oracle_train_step(hf, batch: dict, k: int) -> torch.Tensor:
 
 # ---- timing ----------------------------------------------------------------------------------------
 def bench(args) -> list[str]:
-    hf, model = build_models(args.remat)
+    hf, model = build_models(args.remat, scan_layers=not args.unroll_layers)
+    graphdef, state = nnx.split(model)
     cfg = LatentConfig(LATENT_ID, args.k)
     batch = latent_training_batch(args.batch, args.latents)
     plain = assembled_length_batch(batch, args.latents, args.k)
@@ -163,12 +173,12 @@ def bench(args) -> list[str]:
     wait = jax.block_until_ready
 
     calls = {
-        "ivtlr": lambda: wait(jax_train_step(model, j_batch, cfg, n, p, frame_len)),
+        "ivtlr": lambda: wait(jax_train_step(graphdef, state, j_batch, cfg, n, p, p - 1, frame_len)),
         "oracle": lambda: oracle_train_step(hf, batch, args.k),
-        "plain": lambda: wait(jax_train_step(model, j_plain, cfg, 0, s_plain, frame_len)),
+        "plain": lambda: wait(jax_train_step(graphdef, state, j_plain, cfg, 0, s_plain, 0, frame_len)),
     }
     if args.breakdown:
-        calls["chain"] = lambda: wait(jax_latent_chain(model, j_batch, cfg, n, p, frame_len))
+        calls["chain"] = lambda: wait(jax_latent_chain(graphdef, state, j_batch, cfg, n, p, frame_len))
         calls["torch plain"] = lambda: oracle_train_step(hf, plain, args.k)
     compile_s, (jax_loss, _) = timed(calls["ivtlr"])
     plain_compile_s, _ = timed(calls["plain"])
@@ -183,7 +193,7 @@ def bench(args) -> list[str]:
     jax_loss, oracle_loss = float(jax_loss), float(oracle_loss)
     lines = [
         f"batch {args.batch} x {s} tokens (first latent at {p}, {n} latents, K={args.k}) -> assembled {s_plain}; "
-        f"remat {args.remat}",
+        f"remat {args.remat}; layers {'unrolled' if args.unroll_layers else 'scanned'}",
         f"loss: jax {jax_loss:.7f}, oracle {oracle_loss:.7f}, "
         f"rel diff {abs(jax_loss - oracle_loss) / abs(oracle_loss):.1e}",
         f"compile: ivtlr step {compile_s:.1f} s, plain step {plain_compile_s:.1f} s",
@@ -209,6 +219,7 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=8, help="selected patches per latent (K <= 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
     parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    parser.add_argument("--unroll-layers", action="store_true", help="load the model with scan_layers=False")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the JAX latent chain alone and the torch plain step")
     args = parser.parse_args(argv)

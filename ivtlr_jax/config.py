@@ -20,6 +20,7 @@ class ModelSection:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "bfloat16"  # storage of the frozen base weights (trainable ones are fp32)
     remat: str = "dots"  # none | full | dots | dots_no_batch
+    scan_layers: bool = True  # False: unroll the layers (faster for shallow models, compile time grows with depth)
 
 
 @dataclasses.dataclass(frozen=True)

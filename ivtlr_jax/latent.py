@@ -156,6 +156,17 @@ def sequence_positions(model, cfg: LatentConfig, batch: dict, prefix_len: int, p
     return pos3, tail
 
 
+def final_positions(model, cfg: LatentConfig, batch: dict, prefix_len: int, p: jax.Array, length: int):
+    """Positions of the final sequence (length S + n*K). 1d: the official code resets them to `arange`
+    over the whole row after the first insertion, right pads included, so every slot gets slot - left
+    pad (right pads before p too, where the collator has 0: they matter where right-aligned labels
+    land on them, in rows without latents). mrope: the prefix's M-RoPE, then text positions."""
+    prefix_pos, tail_pos = sequence_positions(model, cfg, batch, prefix_len, p)
+    if cfg.rope == "1d":
+        return tail_pos(jnp.arange(length))
+    return join_positions(prefix_pos, tail_pos, p, length)
+
+
 def join_positions(prefix_pos, tail_fn, p, length: int):
     """Positions of a sequence of `length` slots: the prefix's below p, tail_fn's from p on."""
     slots = jnp.arange(length)
@@ -166,26 +177,36 @@ def join_positions(prefix_pos, tail_fn, p, length: int):
 
 
 # ---- steps 1-2: prefill and the latent passes -------------------------------------------------------
+def first_latent_index(ids: jax.Array, latent_token_id: int) -> jax.Array:
+    """p: the common index of the first <|latent|> of the rows that have one (the collator aligns them)."""
+    is_latent = ids == latent_token_id
+    has_latent = jnp.any(is_latent, axis=1)
+    return jnp.max(jnp.where(has_latent, jnp.argmax(is_latent, axis=1), 0)).astype(jnp.int32)
+
+
 def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len: int, extra_cache: int = 0,
-                  dropout_key: jax.Array | None = None):
+                  dropout_key: jax.Array | None = None, shared: KVCache | None = None):
     """Run prefill + n latent passes. Returns (selected [n, B, K], latent states [n, B, D], cache, h_last,
     p). `extra_cache` reserves cache slots after the chain (for generation). `dropout_key`: training-mode
-    LoRA dropout, a fresh mask per pass (as every forward of the official code in train mode)."""
+    LoRA dropout, a fresh mask per pass (as every forward of the official code in train mode).
+    `shared`: a cache already holding slots [0, c) for some c < p (`shared_prefix`); the prefill then
+    runs only [c, prefix_len)."""
     pass_key = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, s, d = embeds.shape
     k = cfg.num_selected_patches
     is_latent = ids == cfg.latent_token_id
-    has_latent = jnp.any(is_latent, axis=1)
-    p = jnp.max(jnp.where(has_latent, jnp.argmax(is_latent, axis=1), 0)).astype(jnp.int32)
+    p = first_latent_index(ids, cfg.latent_token_id)
     prefix_pos, tail_pos = sequence_positions(model, cfg, batch, prefix_len, p)
     image_mask = (ids == model.config.image_token_id)[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
     latent_count = is_latent.sum(axis=1)  # [B]
 
-    cache = model.init_cache(b, prefix_len + n * (k + 1) + extra_cache)
-    rows = jnp.full((b,), p - 1, jnp.int32)
-    out = model.decode(embeds[:, :prefix_len], prefix_pos, mask[:, :prefix_len], cache=cache, prob_rows=rows,
-                       dropout_key=pass_key(0))
+    size = prefix_len + n * (k + 1) + extra_cache
+    c = 0 if shared is None else shared.max_len  # slots [0, c) are already in the cache
+    cache = model.init_cache(b, size) if shared is None else shared.resized(size)
+    rows = jnp.full((b,), p - 1 - c, jnp.int32)  # query p-1, counted from the chunk's start c
+    out = model.decode(embeds[:, c:prefix_len], prefix_pos[..., c:], mask[:, c:prefix_len], cache=cache,
+                       prob_rows=rows, dropout_key=pass_key(0))
     h0 = jnp.take_along_axis(out.hidden, rows[:, None, None], axis=1)[:, 0]  # [B, D] state before latent 0
     score0 = out.row_probs.mean(axis=0)[:, :prefix_len]  # [B, P] mean over layers (heads already)
     # the cache holds [0, prefix_len); slots >= p are overwritten by the chain, and never attended
@@ -287,58 +308,81 @@ def image_inputs_of(batch: dict, frame_len: int | None = None) -> dict:
 
 
 def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None = None,
-               prefix_len: int | None = None, dropout_key: jax.Array | None = None,
-               frame_len: int | None = None) -> tuple[jax.Array, LatentAux]:
+               prefix_len: int | None = None, shared_prefix: int | None = None,
+               dropout_key: jax.Array | None = None, frame_len: int | None = None) -> tuple[jax.Array, LatentAux]:
     """IVT-LR training loss of a batch in the official collator layout -> (loss, aux).
 
     num_latents (n) and prefix_len (a static bound >= p, the first latent's index; default S) fix the
     shapes; when the batch is concrete they are read off it and the layout is validated. Jit this
-    function (or the train step around it) with both static. `dropout_key` turns on LoRA dropout
-    (training mode) in every pass. `frame_len` (static, Qwen2-VL): patches per image frame when all
-    images have the same size, so the vision tower attends per frame.
+    function (or the train step around it) with all three static. `shared_prefix` (c, a static bound
+    < p; default p - 1 for a concrete batch, else 0): the question slots [0, c) are identical in the
+    latent chain and in the final sequence, so they run once, differentiably, and both continue from
+    that KV cache (exact: the model is causal). `dropout_key` turns on LoRA dropout (training mode) in
+    every pass; the shared slots then have one dropout mask for the chain and the final pass (the
+    official code draws a fresh one per full forward). `frame_len` (static, Qwen2-VL): patches per
+    image frame when all images have the same size, so the vision tower attends per frame.
     """
     ids = batch["input_ids"]
-    if num_latents is None or prefix_len is None:
+    if num_latents is None or prefix_len is None or shared_prefix is None:
         if isinstance(ids, jax.core.Tracer):
-            raise ValueError("ivtlr_loss under jit needs static num_latents and prefix_len")
-        n, p = latent_layout(np.asarray(ids), cfg.latent_token_id)
-        num_latents = n if num_latents is None else num_latents
-        prefix_len = ids.shape[1] if prefix_len is None else prefix_len
-        if n > num_latents or p > prefix_len:
-            raise ValueError(f"batch has {n} latents from index {p}; static num_latents={num_latents}, "
-                             f"prefix_len={prefix_len} are too small")
-        if n:
-            check_eligible_patches(np.asarray(ids), p, model.config.image_token_id, cfg)
-    n, k = num_latents, cfg.num_selected_patches
+            if num_latents is None or prefix_len is None:
+                raise ValueError("ivtlr_loss under jit needs static num_latents and prefix_len")
+            shared_prefix = 0
+        else:
+            n, p = latent_layout(np.asarray(ids), cfg.latent_token_id)
+            num_latents = n if num_latents is None else num_latents
+            prefix_len = ids.shape[1] if prefix_len is None else prefix_len
+            shared_prefix = max(p - 1, 0) if shared_prefix is None else shared_prefix
+            if n > num_latents or p > prefix_len:
+                raise ValueError(f"batch has {n} latents from index {p}; static num_latents={num_latents}, "
+                                 f"prefix_len={prefix_len} are too small")
+            if n and shared_prefix >= p:
+                raise ValueError(f"shared_prefix={shared_prefix} must be below the first latent's index {p}")
+            if n:
+                check_eligible_patches(np.asarray(ids), p, model.config.image_token_id, cfg)
+    n, k, c = num_latents, cfg.num_selected_patches, shared_prefix if num_latents else 0
     mask = batch["attention_mask"]
     embeds = model.embed_inputs(ids, **image_inputs_of(batch, frame_len))
+    final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
 
     if n == 0:  # REFERENCE 3.2: a plain forward
         s = ids.shape[1]
         final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
         selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
         positions = sequence_positions(model, cfg, batch, s, jnp.int32(s))[0]
+        hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
     else:
+        p = first_latent_index(ids, cfg.latent_token_id)
+        positions = final_positions(model, cfg, batch, prefix_len, p, ids.shape[1] + n * k)
+        shared = None
+        if c:  # the question slots [0, c), run once with gradients, cached for the chain and the final pass
+            pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c], cache=model.init_cache(ids.shape[0], c),
+                               dropout_key=final_key)
+            shared = pre.cache
         if cfg.latent_grad == "stop":
             graphdef, state = nnx.split(model)
             chain_model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
             chain_embeds = jax.lax.stop_gradient(embeds)
+            chain_shared = jax.lax.stop_gradient(shared)
         else:
-            chain_model, chain_embeds = model, embeds
+            chain_model, chain_embeds, chain_shared = model, embeds, shared
         chain_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
         selected, latents, _, _, p = latent_passes(chain_model, cfg, chain_embeds, batch, n=n, prefix_len=prefix_len,
-                                                   dropout_key=chain_key)
+                                                   dropout_key=chain_key, shared=chain_shared)
         if cfg.latent_grad == "stop":
             latents = jax.lax.stop_gradient(latents)
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)
         has_latent_i = counts[None, :] > jnp.arange(n)[:, None]
         final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, has_latent_i, p, k)
-        prefix_pos, tail_pos = sequence_positions(model, cfg, batch, prefix_len, p)
-        positions = join_positions(prefix_pos, tail_pos, p, final.shape[1])
+        if c:  # the rest of the final sequence continues from the shared cache
+            cache = shared.resized(final.shape[1])
+            rest = model.decode(final[:, c:], positions[..., c:], final_mask[:, c:], cache=cache,
+                                dropout_key=jax.random.fold_in(final_key, 1) if final_key is not None else None)
+            hidden = jnp.concatenate([pre.hidden, rest.hidden], axis=1)
+        else:
+            hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
 
-    final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
-    out = model.decode(final, positions, final_mask, dropout_key=final_key)
-    row_nll, row_tokens = chunked_cross_entropy(model, out.hidden, final_labels, cfg.ce_chunk)
+    row_nll, row_tokens = chunked_cross_entropy(model, hidden, final_labels, cfg.ce_chunk)
     count = jnp.sum(row_tokens)
     loss = jnp.sum(row_nll) / jnp.maximum(count, 1)
     return loss, LatentAux(selected, row_nll, row_tokens, final, final_mask, final_labels, positions, count)

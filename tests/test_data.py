@@ -498,6 +498,28 @@ def test_collate_alignment():
     assert latent_layout(batch["input_ids"], L) == (2, 8)
 
 
+def test_shared_prefix_bound_is_below_every_batch_p():
+    """The trainer's static shared-prefix bound (from the prefix bucket alone) must stay below the
+    batch's first-latent index p, whatever p, S and the buckets (also when prefix_len is capped at S)."""
+    from ivtlr_jax.data import shared_prefix_bound
+    from ivtlr_jax.latent import latent_layout
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        buckets = tuple(sorted(set(rng.integers(2, 40, rng.integers(1, 5)).tolist())))
+        question = int(rng.integers(1, 30))
+        answer = int(rng.integers(1, 9))
+        row = ([5] * question + [L] + [30] * answer, [IGNORE] * (question + 1) + [30] * answer)
+        batch, n, prefix_len = collate([row + (None,)], latent_id=L, pad_id=PAD, length_buckets=(64,),
+                                       prefix_buckets=buckets)
+        _, p = latent_layout(batch["input_ids"], L)
+        bound = shared_prefix_bound(prefix_len, buckets)
+        assert 0 <= bound < p, (buckets, p, prefix_len, bound)
+        seen.add(bound > 0)
+    assert seen == {True, False}
+
+
 def test_collate_matches_oracle_layout():
     """Masks, positions and labels agree with the test oracle's independent collator (tests/oracle_ivtlr.py)."""
     from tests.oracle_ivtlr import latent_batch

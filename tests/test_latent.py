@@ -18,15 +18,15 @@ from tests.oracle_ivtlr import latent_batch, oracle_ivtlr
 QWEN_LATENT, CHAMELEON_LATENT, EOS = 295, 390, 2
 
 
-def qwen_batch(latents, seed=0, answers=(6, 4)):
+def qwen_batch(latents, seed=0, answers=(6, 4), text_lens=((3, 5), (1, 2))):
     """Two rows with images of different sizes (9 and 8 image tokens) and questions of different
-    lengths, so the rows get different left pads."""
+    lengths (text before and after the image per row), so the rows get different left pads."""
     rng = np.random.default_rng(seed)
     pv, grid = hf_tiny.image_inputs([(84, 84), (56, 112)], seed=seed)
     n_img = (grid.prod(-1) // 4).tolist()
     span = lambda k: [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * k + [hf_tiny.VISION_END]
     text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
-    questions = [text(3) + span(n_img[0]) + text(5), text(1) + span(n_img[1]) + text(2)]
+    questions = [text(before) + span(m) + text(after) for m, (before, after) in zip(n_img, text_lens)]
     batch = latent_batch(rng, questions, list(latents), list(answers), QWEN_LATENT, EOS, hf_tiny.TEXT_VOCAB)
     return batch | {"pixel_values": pv, "image_grid_thw": grid}
 
@@ -45,19 +45,22 @@ def to_jax(batch):
     return {k: jnp.asarray(v) for k, v in batch.items() if k != "latent_token_id"}
 
 
-@functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len"))
-def loss_and_grads(model, batch, cfg, n, prefix_len):
+@functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len", "shared"))
+def loss_and_grads(model, batch, cfg, n, prefix_len, shared):
     def f(m):
-        loss, aux = ivtlr_loss(m, batch, cfg, num_latents=n, prefix_len=prefix_len)
+        loss, aux = ivtlr_loss(m, batch, cfg, num_latents=n, prefix_len=prefix_len, shared_prefix=shared)
         return loss, aux
 
     (loss, aux), grads = nnx.value_and_grad(f, has_aux=True)(model)
     return loss, aux, grads
 
 
-def run_jax(model, batch, cfg):
+def run_jax(model, batch, cfg, shared: str = "max"):
+    """shared: the question slots run once for the chain and the final pass: "max" p - 1, "half" p // 2,
+    "none" 0 (the chain re-runs the whole prefix)."""
     n, p = latent_layout(batch["input_ids"], cfg.latent_token_id)
-    return loss_and_grads(model, to_jax(batch), cfg, n, batch["input_ids"].shape[1])
+    c = {"max": max(p - 1, 0), "half": p // 2, "none": 0}[shared]
+    return loss_and_grads(model, to_jax(batch), cfg, n, batch["input_ids"].shape[1], c)
 
 
 def torch_grads_in_our_layout(folder, hf):
@@ -77,11 +80,11 @@ def torch_grads_in_our_layout(folder, hf):
     return out
 
 
-def compare(folder, hf, family, model, batch, cfg, check_grads=True):
+def compare(folder, hf, family, model, batch, cfg, check_grads=True, shared="max"):
     hf.zero_grad()
     loss_t, sel_t, emb_t, mask_t = oracle_ivtlr(hf, family, batch, cfg.num_selected_patches, cfg.patch_order,
                                                 cfg.rope)
-    loss, aux, grads = run_jax(model, batch, cfg)
+    loss, aux, grads = run_jax(model, batch, cfg, shared)
     n = len(sel_t)
     k = cfg.num_selected_patches
     np.testing.assert_array_equal(np.asarray(aux.selected), np.asarray(sel_t, dtype=np.int64).reshape(n, 2, k))
@@ -117,9 +120,24 @@ def test_qwen2vl_matches_oracle(qwen, latents, k, order, rope):
 
 
 def test_qwen2vl_rows_with_fewer_and_without_latents(qwen):
+    """A row without latents has no left pad, so its supervised answer may lie in the shared question
+    slots: the loss must still count it."""
     folder, hf, model = qwen
-    for latents in [(3, 1), (0, 2)]:
-        compare(folder, hf, "qwen2vl", model, qwen_batch(latents, seed=1), LatentConfig(QWEN_LATENT, 2))
+    for latents, shared in [((3, 1), "max"), ((0, 2), "max")]:
+        compare(folder, hf, "qwen2vl", model, qwen_batch(latents, seed=1), LatentConfig(QWEN_LATENT, 2), shared=shared)
+    # row 0 (no latents, short question): its whole answer lies before the latent row's question ends
+    batch = qwen_batch((0, 2), seed=3, text_lens=((1, 1), (14, 3)))
+    answer_slots = np.flatnonzero(batch["labels"][0] != -100)
+    _, p = latent_layout(batch["input_ids"], QWEN_LATENT)
+    assert answer_slots.max() < p - 1
+    compare(folder, hf, "qwen2vl", model, batch, LatentConfig(QWEN_LATENT, 2), shared="max")
+
+
+@pytest.mark.parametrize("shared", ["none", "half"])
+def test_qwen2vl_shared_prefix_lengths(qwen, shared):
+    """Any split c < p of the question between the shared run and the chain's own prefill is exact."""
+    folder, hf, model = qwen
+    compare(folder, hf, "qwen2vl", model, qwen_batch((2, 1), seed=2), LatentConfig(QWEN_LATENT, 3), shared=shared)
 
 
 @pytest.mark.parametrize("latents,k", [((2, 2), 8), ((3, 1), 6)])
@@ -177,7 +195,8 @@ def test_sharded_step_equals_unsharded(tiny_qwen2vl, qwen):
     sh = rules.sharding(("batch", "length"), batch4["input_ids"].shape)
     jb = {k: (jax.device_put(v, sh) if k in ("input_ids", "attention_mask", "labels", "position_ids") else jnp.asarray(v))
           for k, v in batch4.items() if k != "latent_token_id"}
-    loss_s, aux_s, grads_s = loss_and_grads(sharded, jb, cfg, 2, batch4["input_ids"].shape[1])
+    _, first = latent_layout(batch4["input_ids"], QWEN_LATENT)
+    loss_s, aux_s, grads_s = loss_and_grads(sharded, jb, cfg, 2, batch4["input_ids"].shape[1], first - 1)
     assert abs(float(loss_s) - float(loss)) <= 1e-6 * abs(float(loss))
     np.testing.assert_array_equal(np.asarray(aux_s.selected), np.asarray(aux.selected))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_s)):

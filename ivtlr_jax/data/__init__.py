@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import m3cot, scienceqa
-from .collate import DEFAULT_LENGTH_BUCKETS, DEFAULT_PREFIX_BUCKETS, collate
+from .collate import DEFAULT_LENGTH_BUCKETS, DEFAULT_PREFIX_BUCKETS, collate, shared_prefix_bound
 from .curriculum import CurriculumConfig, epoch_order, num_latents, stage_of_epoch, stage_tokens
 from .examples import (
     DEFAULT_MAX_LENGTH,
@@ -46,7 +46,7 @@ __all__ = [
     "DATASETS", "FAMILIES", "DEFAULT_MAX_LENGTH", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
     "Example", "SkipReport", "LazyImage", "CurriculumConfig",
     "load_examples", "read_rows", "split_rationale", "materialize",
-    "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate",
+    "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate", "shared_prefix_bound",
     "make_synthetic_m3cot", "synthetic_corpus", "synthetic_rows",
     "build_tiny_qwen2vl_processor", "build_tiny_chameleon_processor", "load_processor", "special_token_ids",
 ]

@@ -33,6 +33,15 @@ def smallest_bucket(n: int, buckets: Sequence[int]) -> int | None:
     return min(fitting) if fitting else None
 
 
+def shared_prefix_bound(prefix_len: int, prefix_buckets: Sequence[int]) -> int:
+    """A static lower bound below p for a batch whose prefix bucket is `prefix_len`: the largest prefix
+    bucket under it (0 if none). p lies above it, since prefix_len is the smallest bucket >= p (or S,
+    below that bucket). The question slots before it run once for the latent chain and the final pass
+    (`ivtlr_loss(shared_prefix=...)`), without adding a compiled shape."""
+    below = [b for b in prefix_buckets if b < prefix_len]
+    return max(below) if below else 0
+
+
 def stack_images(images: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Qwen2-VL: pixel_values concatenated along patches [sum Np, 1176], image_grid_thw stacked [B, 3];
     Chameleon: pixel_values stacked [B, 3, H, W]."""

@@ -40,6 +40,7 @@ class EvalConfig:
     max_new_tokens: int = 512
     limit: int | None = None
     length_buckets: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+    scan_layers: bool = True  # see DecoderLM
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, buckets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,7 +68,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     processor = load_processor(model_dir)
     tok = getattr(processor, "tokenizer", processor)
     ids = special_token_ids(processor)
-    model = from_pretrained(model_dir)
+    model = from_pretrained(model_dir, scan_layers=cfg.scan_layers)
     latent = LatentConfig(ids["latent_id"], cfg.num_selected_patches, cfg.patch_order, rope=cfg.rope)
     sampling = SamplingConfig(cfg.max_new_tokens, eos_token_id=ids["eos_token_id"], pad_token_id=ids["eos_token_id"])
 

@@ -24,7 +24,7 @@ from flax import nnx
 
 from ..config import RunConfig, to_dict
 from ..data import (CurriculumConfig, collate, epoch_order, load_examples, load_processor, special_token_ids,
-                    stage_of_epoch, stage_tokens)
+                    stage_of_epoch, stage_tokens, shared_prefix_bound)
 from ..data.tokenizer import save_processor
 from ..latent import LatentConfig
 from ..models import from_pretrained, read_config, resolve_folder
@@ -108,7 +108,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     lora_cfg = LoRAConfig(cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     param_dtype = DTYPES[cfg.model.param_dtype] if cfg.lora.enabled else jnp.float32  # trainable weights in fp32
     model = from_pretrained(folder, dtype=DTYPES[cfg.model.dtype], param_dtype=param_dtype, remat=cfg.model.remat,
-                            rules=rules)
+                            rules=rules, scan_layers=cfg.model.scan_layers)
     ids = add_latent_tokens(model, processor)
     if lora_cfg.enabled:
         add_lora(model, lora_cfg, seed=cfg.seed)
@@ -179,6 +179,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                                                length_buckets=cfg.data.length_buckets,
                                                prefix_buckets=cfg.data.prefix_buckets)
                 frame_len = uniform_frame_len(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
+                shared = shared_prefix_bound(prefix_len, cfg.data.prefix_buckets) if n else 0
                 signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), n, prefix_len, frame_len)
                 compiled.add(signature)
                 batch = jax.device_put(batch, batch_shardings(batch, rules))
@@ -189,7 +190,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 denominator = jnp.float32(max(window_tokens[index // accum] / accum, 1.0))
                 key = jax.random.fold_in(base_key, micro_step)
                 trainable, opt_state, m = steps_cache["sharded"](trainable, frozen, opt_state, batch, key, denominator,
-                                                                 n, prefix_len, frame_len)
+                                                                 n, prefix_len, frame_len, shared)
                 micro_step += 1
                 done_here += 1
                 loss = float(m["loss"])

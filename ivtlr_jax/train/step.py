@@ -52,15 +52,16 @@ def batch_loss(row_nll: jax.Array, row_tokens: jax.Array, cfg: StepConfig, token
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *, rules: ShardingRules | None = None,
                     shardings=None):
     """-> step(trainable, frozen, opt_state, batch, key, token_denominator, num_latents, prefix_len,
-    frame_len=None) returning (trainable, opt_state, metrics); the last three are static (positional;
-    frame_len: see `ivtlr_loss`). With `rules` and `shardings` ((trainable, frozen,
+    frame_len=None, shared_prefix=0) returning (trainable, opt_state, metrics); the last four are static
+    (positional; frame_len and shared_prefix: see `ivtlr_loss`). With `rules` and `shardings` ((trainable, frozen,
     opt_state, batch) shardings from `step_shardings`) the jit gets explicit in/out shardings."""
 
-    def step(trainable, frozen, opt_state, batch, key, token_denominator, num_latents, prefix_len, frame_len=None):
+    def step(trainable, frozen, opt_state, batch, key, token_denominator, num_latents, prefix_len, frame_len=None,
+             shared_prefix=0):
         def loss_fn(trainable):
             model = nnx.merge(graphdef, trainable, frozen)
             _, aux = ivtlr_loss(model, batch, cfg.latent, num_latents=num_latents, prefix_len=prefix_len,
-                                dropout_key=key, frame_len=frame_len)
+                                shared_prefix=shared_prefix, dropout_key=key, frame_len=frame_len)
             return batch_loss(aux.row_nll, aux.row_tokens, cfg, token_denominator), aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -69,7 +70,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
         metrics = {"loss": loss, "tokens": aux.num_tokens, "grad_norm": optax.tree.norm(grads)}
         return trainable, opt_state, metrics
 
-    kwargs = dict(static_argnums=(6, 7, 8), donate_argnums=(0, 2))
+    kwargs = dict(static_argnums=(6, 7, 8, 9), donate_argnums=(0, 2))
     if shardings is not None:
         t_sh, f_sh, o_sh, b_sh = shardings
         replicated = NamedSharding(rules.mesh, PartitionSpec())

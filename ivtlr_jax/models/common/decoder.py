@@ -17,7 +17,7 @@ from flax import nnx
 
 from .attention import dot_product_attention, row_attention_probs
 from .layers import activation, layer_norm, param, rms_norm
-from .lora import PROJECTIONS
+from .lora import PROJECTIONS, token_einsum
 from .rope import apply_rope
 from .sharding import ShardingRules, constrain
 
@@ -107,7 +107,7 @@ def _layer(
 
     def proj(name: str, x: jax.Array) -> jax.Array:
         attr, eq = PROJECTIONS[name]
-        y = jnp.einsum(eq, x, w(getattr(lp, attr)))
+        y = token_einsum(eq, x, w(getattr(lp, attr)))
         if lora is not None and name in lora.targets:
             y = y + lora.delta(name, x, dtype, dropout_key)
         return y

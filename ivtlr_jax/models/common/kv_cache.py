@@ -27,3 +27,11 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    def resized(self, max_len: int) -> "KVCache":
+        """The same cache with `max_len` slots: new slots are empty (zeros, not valid); `end` is kept."""
+        grow = max_len - self.max_len
+        if grow < 0:
+            raise ValueError(f"cannot shrink a KV cache of {self.max_len} slots to {max_len}")
+        pad = ((0, 0), (0, 0), (0, grow), (0, 0), (0, 0))
+        return KVCache(jnp.pad(self.k, pad), jnp.pad(self.v, pad), jnp.pad(self.valid, ((0, 0), (0, grow))), self.end)

@@ -22,7 +22,7 @@ from .vision import VisionTower
 
 class Qwen2VL(DecoderLM):
     def __init__(self, config: Qwen2VLConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs, **options):
-        """options: dtype (compute), remat, rules (see DecoderLM)."""
+        """options: dtype (compute), remat, rules, scan_layers (see DecoderLM)."""
         super().__init__(config, param_dtype=param_dtype, rngs=rngs, **options)
         self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
 
@@ -34,7 +34,7 @@ class Qwen2VL(DecoderLM):
         if frame_len is None and is_concrete(image_grid_thw):
             frame_len = uniform_frame_len(np.asarray(image_grid_thw))
         return self.visual(self.config.vision, pixel_values, image_grid_thw, dtype=self.dtype, remat=self.remat,
-                           rules=self.rules, frame_len=frame_len, unroll=self.unroll_scans)
+                           rules=self.rules, frame_len=frame_len, unroll=self.unroll_layers)
 
     def embed_inputs(
         self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None,
