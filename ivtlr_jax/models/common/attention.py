@@ -26,32 +26,39 @@ def causal_mask(query_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
     return (key_slots[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :]
 
 
+# key/value layouts: "bskh" as projected ([B, S, K, H] both); "cache" as the KV cache stores them (keys
+# [B, K, S, H], values [B, K, H, S], see kv_cache.py)
+KV_EINSUMS = {"bskh": ("bskh", "bskh"), "cache": ("bksh", "bkhs")}
+
+
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, layout: str = "bskh"
 ) -> jax.Array:
-    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]. Softmax in fp32."""
+    """q [B, T, N, H], k/v in `layout` with S slots, mask [B, T, S] -> [B, T, N, H]. Softmax in fp32."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    k_spec, v_spec = KV_EINSUMS[layout]
+    kv_heads = k.shape[k_spec.index("k")]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=acc_dtype(q)) * scale
+    logits = jnp.einsum(f"btkgh,{k_spec}->bkgts", qg, k, preferred_element_type=acc_dtype(q)) * scale
     logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum(f"bkgts,{v_spec}->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
 
 def row_attention_probs(
-    q: jax.Array, k: jax.Array, mask: jax.Array, rows: jax.Array, scale: float
+    q: jax.Array, k: jax.Array, mask: jax.Array, rows: jax.Array, scale: float, layout: str = "bskh"
 ) -> jax.Array:
     """Attention probabilities of one query row per example, averaged over heads: [B, S] fp32.
 
     rows: [B] index into the T queries. Costs one [B, N, S] logit block, never the [T, S] matrix.
     """
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    k_spec = KV_EINSUMS[layout][0]
+    kv_heads = k.shape[k_spec.index("k")]
     q_row = jnp.take_along_axis(q, rows[:, None, None, None], axis=1)[:, 0]  # [B, N, H]
     mask_row = jnp.take_along_axis(mask, rows[:, None, None], axis=1)[:, 0]  # [B, S]
     q_row = q_row.reshape(b, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("bkgh,bskh->bkgs", q_row, k, preferred_element_type=acc_dtype(q)) * scale
+    logits = jnp.einsum(f"bkgh,{k_spec}->bkgs", q_row, k, preferred_element_type=acc_dtype(q)) * scale
     logits = jnp.where(mask_row[:, None, None, :], logits, NEG_INF)
     return jax.nn.softmax(logits, axis=-1).mean(axis=(1, 2))

@@ -48,7 +48,7 @@ class DecoderConfig:
 
 class DecoderOutput(NamedTuple):
     hidden: jax.Array  # [B, T, D] output of the last layer (before the final norm)
-    cache_kv: tuple[jax.Array, jax.Array] | None  # updated (k, v), each [L, B, S, K, H]
+    cache_kv: tuple[jax.Array, jax.Array] | None  # updated (k [L, B, K, S, H], v [L, B, K, H, S])
     row_probs: jax.Array | None  # [L, B, S] head-averaged attention probabilities of the chosen rows
     all_hidden: jax.Array | None  # [L, B, T, D] output of every layer
 
@@ -122,18 +122,18 @@ def _layer(
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), rules)
     k = apply_rope(k, cos, sin)
 
-    if k_cache is not None:  # this layer's cache slice; the chunk's keys/values go in at write_index
+    if k_cache is not None:  # this layer's cache slice (kv_cache.py layouts); the chunk goes in at write_index
         zero = jnp.zeros((), write_index.dtype)
-        start = (zero, write_index, zero, zero)
-        new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
-        k_att = jax.lax.dynamic_update_slice(k_cache, new_kv[0], start).astype(dtype)
-        v_att = jax.lax.dynamic_update_slice(v_cache, new_kv[1], start).astype(dtype)
+        new_kv = (jnp.einsum("btkh->bkth", k).astype(k_cache.dtype), jnp.einsum("btkh->bkht", v).astype(v_cache.dtype))
+        k_att = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (zero, zero, write_index, zero)).astype(dtype)
+        v_att = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (zero, zero, zero, write_index)).astype(dtype)
+        layout = "cache"
     else:
         new_kv = None
-        k_att, v_att = k, v
+        k_att, v_att, layout = k, v, "bskh"
     scale = cfg.head_dim**-0.5
-    attn = dot_product_attention(q, k_att, v_att, mask, scale)
-    rows = None if prob_rows is None else row_attention_probs(q, k_att, mask, prob_rows, scale)
+    attn = dot_product_attention(q, k_att, v_att, mask, scale, layout)
+    rows = None if prob_rows is None else row_attention_probs(q, k_att, mask, prob_rows, scale, layout)
     attn_out = proj("o_proj", attn)
     if cfg.swin_norm:
         attn_out = rms_norm(attn_out, lp.attn_norm_d[...], eps)
@@ -168,8 +168,8 @@ def run_decoder(
 ) -> DecoderOutput:
     """Scan the stacked layers over h [B, T, D].
 
-    Without a cache, keys are the T inputs themselves and mask is [B, T, T]. With `cache_kv` (k, v each
-    [L, B, S, K, H]) the T new keys/values are written at slot `write_index` and queries attend over
+    Without a cache, keys are the T inputs themselves and mask is [B, T, T]. With `cache_kv` (k [L, B, K,
+    S, H], v [L, B, K, H, S], see kv_cache.py) the T new keys/values are written at slot `write_index` and queries attend over
     all S slots under mask [B, T, S]. `prob_rows` [B] picks, per example, the query whose head-averaged
     attention probabilities are returned per layer. `dropout_key`: LoRA dropout (training), folded with
     the layer index. `unroll`: unroll the layer loop (only for cost analysis: XLA counts a loop body
@@ -179,23 +179,16 @@ def run_decoder(
     if write_index is not None:
         write_index = jnp.asarray(write_index, jnp.int32)
 
-    def body(carry, xs):
-        # the whole cache [L, B, S, K, H] rides in the carry and only the chunk's slots are written back,
-        # in place (as scan inputs/outputs it would be copied in and out at every call)
-        h, k_all, v_all = carry
-        layer_state, index = xs
+    def body(h, xs):
+        # the cache is read-only here: each layer attends over its slice with the chunk written into a
+        # local copy, and hands the chunk's keys/values out; they go into the stacked cache once, after
+        # the scan, in place (updating the cache inside the scan made XLA copy all of it per layer)
+        layer_state, index, k_layer, v_layer = xs
         lp = nnx.merge(graphdef, layer_state)
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-        k_layer = None if k_all is None else jax.lax.dynamic_index_in_dim(k_all, index, 0, keepdims=False)
-        v_layer = None if v_all is None else jax.lax.dynamic_index_in_dim(v_all, index, 0, keepdims=False)
         h, new_kv, rows = _layer(lp, cfg, h, cos, sin, mask, k_layer, v_layer, write_index, prob_rows, dtype, rules,
                                  key)
-        if k_all is not None:
-            zero = jnp.zeros((), write_index.dtype)
-            start = (index.astype(write_index.dtype), zero, write_index, zero, zero)
-            k_all = jax.lax.dynamic_update_slice(k_all, new_kv[0][None], start)
-            v_all = jax.lax.dynamic_update_slice(v_all, new_kv[1][None], start)
-        return (h, k_all, v_all), (rows, h if collect_hidden else None)
+        return h, (rows, h if collect_hidden else None, new_kv)
 
     if REMAT_POLICIES.get(remat, "?") == "?":
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
@@ -203,6 +196,10 @@ def run_decoder(
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
-    (h, k_cache, v_cache), (rows, all_hidden) = jax.lax.scan(
-        body, (h, k_cache, v_cache), (state, jnp.arange(cfg.num_layers)), unroll=unroll)
+    h, (rows, all_hidden, new_kv) = jax.lax.scan(
+        body, h, (state, jnp.arange(cfg.num_layers), k_cache, v_cache), unroll=unroll)
+    if cache_kv is not None:  # new_kv: [L, B, K, T, H] and [L, B, K, H, T], written at slot write_index
+        zero = jnp.zeros((), write_index.dtype)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (zero, zero, zero, write_index, zero))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (zero, zero, zero, zero, write_index))
     return DecoderOutput(h, None if cache_kv is None else (k_cache, v_cache), rows, all_hidden)
