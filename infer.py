@@ -2,10 +2,12 @@
 
     python infer.py --config configs/qwen2vl_m3cot.yaml --checkpoint runs/qwen2vl_m3cot/stage_3 \
         [--split test] [--limit N] [--batch-size 8] [--out FILE] [--save-attention DIR]
+        [--prompt-format train|official]
 
 --checkpoint is a model folder (a stage export of train.py, a converted or a Hugging Face folder).
 Writes one JSON line per example to --out (default: <checkpoint>/eval_<split>.jsonl) and a summary
-next to it; re-running with the same --out skips the examples already written.
+next to it; re-running with the same --out skips the examples already written. --prompt-format official
+uses the official evaluation scripts' prompts (REFERENCE.md 4-5) instead of the training format.
 """
 
 import argparse
@@ -27,6 +29,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--out", default=None)
     p.add_argument("--save-attention", default=None, help="folder for per-example PNGs of the selected patches")
+    p.add_argument("--prompt-format", choices=("train", "official"), default="train",
+                   help="train: the training prompt (default); official: the official evaluation scripts' prompt")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     split = args.split or cfg.data.eval_split
@@ -34,7 +38,7 @@ def main(argv=None) -> None:
     eval_cfg = EvalConfig(cfg.data.dataset, cfg.data.source, split, num_latents=args.latents,
                           num_selected_patches=cfg.latent.num_selected_patches, patch_order=cfg.latent.patch_order,
                           rope=cfg.latent.rope, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          limit=args.limit, scan_layers=cfg.model.scan_layers)
+                          limit=args.limit, scan_layers=cfg.model.scan_layers, prompt_format=args.prompt_format)
     summary = evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")

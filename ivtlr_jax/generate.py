@@ -55,31 +55,39 @@ def next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Ar
 
 def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, sampling: SamplingConfig,
                    *, key: jax.Array | None = None, prefix_len: int | None = None) -> Generation:
-    """Generate for prompts `question + <|latent|> x n`, left-padded to a common length (so their latents
-    align). `batch` holds input_ids, attention_mask, position_ids and the model's image inputs."""
+    """Generate for prompts `question + <|latent|> x n [+ suffix]`, left-padded to a common length (so their
+    latents align; the suffix, e.g. the official Chameleon evaluation's separator token, has the same
+    length in every row). `batch` holds input_ids, attention_mask, position_ids and the model's image
+    inputs."""
     ids = np.asarray(batch["input_ids"])
     mask = np.asarray(batch["attention_mask"])
     if not mask[:, -1].all():
         raise ValueError(f"prompts must be left-padded: rows {np.flatnonzero(mask[:, -1] == 0).tolist()} end in padding")
     n, p = latent_layout(ids, latent.latent_token_id)
-    if n and not (ids[:, -n:] == latent.latent_token_id).all():
-        raise ValueError("every prompt must end with the same number of <|latent|> tokens")
+    counts = (ids == latent.latent_token_id).sum(axis=1)
+    if n and (counts != n).any():
+        raise ValueError(f"every prompt needs the same number of <|latent|> tokens; rows have {counts.tolist()}")
+    suffix_len = ids.shape[1] - p - n if n else 0
     if n == 0:
         p = ids.shape[1]
     key = jax.random.key(0) if key is None else key
     frame_len = uniform_frame_len(batch["image_grid_thw"]) if batch.get("image_grid_thw") is not None else None
     jbatch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None and k != "labels"}
-    return _generate(model, jbatch, latent, sampling, key, n, prefix_len or p, frame_len)
+    return _generate(model, jbatch, latent, sampling, key, n, prefix_len or p, frame_len, suffix_len)
 
 
-@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "n", "prefix_len", "frame_len"))
-def _generate(model, batch, latent, sampling, key, n, prefix_len, frame_len):
+@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "n", "prefix_len", "frame_len", "suffix_len"))
+def _generate(model, batch, latent, sampling, key, n, prefix_len, frame_len, suffix_len=0):
     b = batch["input_ids"].shape[0]
     embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch, frame_len))
     if n:
         selected, _, cache, h_last, p = latent_passes(model, latent, embeds, batch, n=n, prefix_len=prefix_len,
-                                                      extra_cache=sampling.max_new_tokens)
+                                                      extra_cache=suffix_len + sampling.max_new_tokens)
         _, tail_pos = sequence_positions(model, latent, batch, prefix_len, p)
+        if suffix_len:  # the prompt's tokens after the latents continue the sequence
+            o = model.decode(embeds[:, embeds.shape[1] - suffix_len:], tail_pos(cache.end + jnp.arange(suffix_len)),
+                             jnp.ones((b, suffix_len), bool), cache=cache)
+            cache, h_last = o.cache, o.hidden[:, -1]
     else:  # no latents: an ordinary prompt
         p = jnp.int32(prefix_len)
         prefix_pos, tail_pos = sequence_positions(model, latent, batch, prefix_len, p)

@@ -211,6 +211,36 @@ def test_cross_pairs(tmp_path, qwen_proc, cham_proc):
     assert ex.step_ids == [enc(cham_proc, "Look\n"), enc(cham_proc, "See.\n")]
 
 
+def test_official_evaluation_prompts(tmp_path, qwen_proc, cham_proc):
+    """--prompt-format official (REFERENCE 4-5): M3CoT `A.{...}` options and no newline after `Answer:`
+    (Qwen2-VL chat framing); ScienceQA on Chameleon: BOS, <racm3:break>, <image> x N, <eoss> before
+    `[Question]:`, a `\nAnswer:` line, and the separator <reserved08706> after the latents."""
+    m3 = write_m3cot(tmp_path / "m3.parquet", [dict(question=" Q2? ", choices=[" x", "y "], answer="A",
+                                                    rationale="Look. See.", image=img(png()))])
+    (ex,), _ = load_examples("m3cot", str(m3), "test", qwen_proc, "qwen2vl", prompt_format="official")
+    expected = (SYSTEM + "<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 100 + "<|vision_end|>"
+                "[Question]:{Q2?}\n[Options]:\nA.{x}\nB.{y}\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+    assert ex.question_ids == enc(qwen_proc, expected)
+    assert ex.prompt_suffix == []
+    (train_ex,), _ = load_examples("m3cot", str(m3), "test", qwen_proc, "qwen2vl")
+    assert train_ex.question_ids != ex.question_ids and train_ex.step_ids == ex.step_ids
+
+    sqa = write_scienceqa(tmp_path / "sqa.parquet", [dict(question=" Which animal is it?", choices=["cat ", " dog"],
+                                                          answer=1, image=img(png()))])
+    (ex,), _ = load_examples("scienceqa", str(sqa), "test", cham_proc, "chameleon", prompt_format="official")
+    tok = cham_proc.tokenizer
+    ids = lambda *tokens: [tok.convert_tokens_to_ids(t) for t in tokens]
+    text = "[Question]:{Which animal is it?}\n[Options]:\n(A).{cat}\n(B).{dog}\nAnswer:"
+    assert ex.question_ids[:2] == ids("<s>", "<racm3:break>")
+    assert ex.question_ids[2:66] == ids("<image>") * 64 and ex.question_ids[66] == ids("<eoss>")[0]
+    assert ex.question_ids[67:] == enc(cham_proc, text)
+    assert ex.prompt_suffix == ids("<reserved08706>")
+    assert np.array_equal(ex.image["pixel_values"], load_examples("scienceqa", str(sqa), "test", cham_proc,
+                                                                  "chameleon")[0][0].image["pixel_values"])
+    with pytest.raises(ValueError, match="prompt_format"):
+        load_examples("scienceqa", str(sqa), "test", cham_proc, "chameleon", prompt_format="eval")
+
+
 def test_scienceqa_rationale_fallbacks(tmp_path, cham_proc):
     rows = [dict(solution="Only the solution. Twice.", image=img(png())),
             dict(lecture="Only the lecture.", image=img(png())),

@@ -12,9 +12,9 @@ from tests.test_latent import CHAMELEON_LATENT, QWEN_LATENT
 N_NEW = 8
 
 
-def prompts(family, seed=0, latents=3):
-    """Two prompts (question + latents) of different lengths, each as an unpadded batch of one and
-    together left-padded."""
+def prompts(family, seed=0, latents=3, suffix=()):
+    """Two prompts (question + latents + suffix) of different lengths, each as an unpadded batch of one
+    and together left-padded."""
     rng = np.random.default_rng(seed)
     text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
     if family == "qwen2vl":
@@ -31,7 +31,7 @@ def prompts(family, seed=0, latents=3):
         rows = [text(4) + img + text(3), text(2) + img + text(1)]
         images = [{"pixel_values": pv[:1]}, {"pixel_values": pv[1:]}]
         latent = CHAMELEON_LATENT
-    rows = [r + [latent] * latents for r in rows]
+    rows = [r + [latent] * latents + list(suffix) for r in rows]
     singles = []
     for r, im in zip(rows, images):
         ids = np.asarray([r])
@@ -63,6 +63,29 @@ def test_generation_matches_oracle_and_batch_of_one(request, family, k):
         np.testing.assert_array_equal(np.asarray(batched.selected[:, i]) - (both["input_ids"].shape[1] - single["input_ids"].shape[1]),
                                       np.asarray(alone.selected[:, 0]))
         assert np.asarray(alone.tokens[0]).tolist() == oracle_generate(hf, family, single, k, N_NEW)
+
+
+@pytest.mark.parametrize("family,k", [("qwen2vl", 2), ("chameleon", 6)])
+def test_prompt_continuing_after_its_latents(request, family, k):
+    """The official Chameleon evaluation prompt ends with a separator after the latents: the section-3
+    sequence is then question, V0, L0, ..., separator, and decoding starts after the separator."""
+    _, hf, model = request.getfixturevalue("qwen" if family == "qwen2vl" else "chameleon")
+    singles, both = prompts(family, seed=1, latents=2, suffix=(7, 11))
+    latent = singles[0]["latent_token_id"]
+    batched = run(model, both, latent, k)
+    without = run(model, prompts(family, seed=1, latents=2)[1], latent, k)
+    assert not np.array_equal(np.asarray(batched.tokens), np.asarray(without.tokens))
+    for i, single in enumerate(singles):
+        assert np.asarray(batched.tokens[i]).tolist() == oracle_generate(hf, family, single, k, N_NEW)
+
+
+def test_prompts_with_different_latent_counts_are_rejected(qwen):
+    _, _, model = qwen
+    _, both = prompts("qwen2vl")
+    ids = both["input_ids"].copy()
+    ids[0, -1] = 5  # row 0: 2 latents, row 1: 3
+    with pytest.raises(ValueError, match=r"same number of <\|latent\|> tokens; rows have \[2, 3\]"):
+        run(model, both | {"input_ids": ids}, QWEN_LATENT, 2)
 
 
 def test_eos_stops_rows_and_lengths_exclude_it(qwen):

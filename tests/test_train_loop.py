@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny generated task: a run killed mid-epoch (SIGKILL) and resumed
 ends with the same parameters as one that never stopped; run-folder safety."""
 
+import json
 import os
 import signal
 import subprocess
@@ -157,3 +158,11 @@ def test_chameleon_trains_exports_and_evaluates(tmp_path):
                                                       batch_size=4, max_new_tokens=6), tmp_path / "eval.jsonl",
                        log=lambda *_: None)
     assert summary["examples"] == 4 and 0.0 <= summary["accuracy_strict"] <= 1.0
+    # the official evaluation prompt: BOS and image markers before [Question]:, separator after the latents
+    official = evaluate(result.exports[-1], EvalConfig("m3cot", str(data), "test", num_latents=1, num_selected_patches=4,
+                                                       batch_size=4, max_new_tokens=6, prompt_format="official"),
+                        tmp_path / "eval_official.jsonl", log=lambda *_: None)
+    assert official["examples"] == 4 and official["prompt_format"] == "official"
+    records = [json.loads(line) for line in (tmp_path / "eval_official.jsonl").read_text().splitlines()]
+    assert all("\nA.{" in r["prompt"] and r["prompt"].rstrip().endswith("Answer:") for r in records)
+    assert all(len(step) == 4 for r in records for step in r["selected_patches"])

@@ -40,10 +40,11 @@ from .synthetic import make_synthetic_m3cot, synthetic_corpus, synthetic_rows
 from .tokenizer import build_tiny_chameleon_processor, build_tiny_qwen2vl_processor, load_processor, special_token_ids
 
 DATASETS = {"m3cot": m3cot, "scienceqa": scienceqa}
+PROMPT_FORMATS = ("train", "official")
 _BATCH = 64
 
 __all__ = [
-    "DATASETS", "FAMILIES", "DEFAULT_MAX_LENGTH", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
+    "DATASETS", "PROMPT_FORMATS", "FAMILIES", "DEFAULT_MAX_LENGTH", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
     "Example", "SkipReport", "LazyImage", "CurriculumConfig",
     "load_examples", "read_rows", "split_rationale", "materialize",
     "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate", "shared_prefix_bound",
@@ -150,8 +151,8 @@ def _batch_rows(batch: dict) -> Iterator[dict]:
 
 # ---- rows -> examples ---------------------------------------------------------------------------------
 def load_examples(dataset: str, source: str, split: str, processor, family: str, *, max_length: int | None = None,
-                  limit: int | None = None, num_image_tokens=None,
-                  lazy_images: bool = True) -> tuple[list[Example], SkipReport]:
+                  limit: int | None = None, num_image_tokens=None, lazy_images: bool = True,
+                  prompt_format: str = "train") -> tuple[list[Example], SkipReport]:
     """Load a split of M3CoT or ScienceQA as tokenized examples for a model family.
 
     processor: the model folder's processor (Qwen2VLProcessor / ChameleonProcessor; see
@@ -161,10 +162,16 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     examples (rows in split order). num_image_tokens: qwen2vl, the number of merged image tokens
     of the square resize (default 100 = 280x280); chameleon, the `<image>` run length (default
     processor.image_seq_length). lazy_images: keep only the encoded image bytes and process them on
-    access (a `LazyImage`); False keeps the processed arrays in memory (a dict).
+    access (a `LazyImage`); False keeps the processed arrays in memory (a dict). prompt_format: "train"
+    (REFERENCE 5, the default for training and evaluation) or "official" (the official evaluation
+    scripts' prompts, REFERENCE 4-5: M3CoT `A.{...}` options and `Answer:` without a newline; ScienceQA a
+    `\nAnswer:` line; Chameleon BOS, image markers before `[Question]:` and the separator after the
+    latents in `Example.prompt_suffix`), for evaluation only.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt_format {prompt_format!r}; choose from {PROMPT_FORMATS}")
     module = DATASETS[dataset]
     encoder = make_encoder(family, processor, num_image_tokens)
     tokenizer = tokenizer_of(processor)
@@ -176,7 +183,8 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
             break
         report.rows += 1
         try:
-            example, truncated = _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images)
+            example, truncated = _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images,
+                                              prompt_format)
         except SkipRow as skip:
             report.add(skip.reason)
             continue
@@ -186,7 +194,8 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     return examples, report
 
 
-def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images) -> tuple[Example, bool]:
+def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images,
+                 prompt_format: str = "train") -> tuple[Example, bool]:
     text = module.parse_row(row, index, split)
     try:
         data = image_bytes(text.image)
@@ -197,9 +206,14 @@ def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images
         raise
     except Exception as err:  # noqa: BLE001 - any decoding failure is a bad row
         raise SkipRow("unreadable_image", str(err)) from None
-    prompt = module.prompt_text(text.question, text.choices, encoder.image_placeholder)
+    suffix: list[int] = []
     try:
-        question_ids, image = encoder.prompt(prompt, data)
+        if prompt_format == "official":
+            question_ids, image, suffix = encoder.official_prompt(module.official_eval_text(text.question, text.choices),
+                                                                  data)
+        else:
+            question_ids, image = encoder.prompt(module.prompt_text(text.question, text.choices,
+                                                                    encoder.image_placeholder), data)
     except (OSError, SyntaxError) as err:  # PIL's errors for truncated / malformed files
         raise SkipRow("unreadable_image", str(err)) from None
     step_ids, answer_ids = encode_text_parts(tokenizer, text.steps, text.answer)
@@ -211,4 +225,4 @@ def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images
     if lazy_images:
         image = LazyImage(data, encoder.process_image, encoder.image_keys)
     return Example(id=text.id, question_ids=question_ids, step_ids=step_ids[:keep], answer_ids=answer_ids,
-                   image=image, meta=meta), truncated
+                   image=image, meta=meta, prompt_suffix=suffix), truncated

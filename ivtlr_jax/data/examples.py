@@ -45,6 +45,9 @@ class Example:
     answer_ids: list[int]
     image: Mapping[str, np.ndarray]
     meta: dict
+    # tokens that follow the latents in an evaluation prompt (the official Chameleon evaluation format's
+    # separator); empty in the training format
+    prompt_suffix: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -289,6 +292,10 @@ class QwenEncoder:
                              "image its full resolution)")
         return ids, image
 
+    def official_prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
+        """The official evaluation prompt has the training format's framing (chat template, image first)."""
+        return *self.prompt(text, data), []
+
 
 class ChameleonEncoder:
     """Chameleon: no chat format; `<image>` x N (N = processor.image_seq_length, 1024 for 7B) sits at
@@ -318,6 +325,24 @@ class ChameleonEncoder:
             raise ValueError(f"chameleon: the prompt has {count} image tokens, expected {self.num_image_tokens} "
                              "(is the image token a special token of the tokenizer?)")
         return list(ids), image
+
+    def official_prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
+        """The official evaluation framing (what `ChameleonProcessor` makes of `"<image>" + text + latents`):
+        BOS, image start `<racm3:break>`, `<image>` x N, image end `<eoss>`, the text; the processor's
+        separator (`<reserved08706>`) follows the latents. -> (ids before the latents, image, [separator])."""
+        tok = tokenizer_of(self.processor)
+        start = getattr(self.processor, "image_start_token", "<racm3:break>")
+        end = getattr(self.processor, "image_end_token", "<eoss>")
+        missing = [t for t in (start, end, tok.sep_token) if t is None or tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+        if missing or tok.bos_token_id is None:
+            raise ValueError(f"chameleon official prompt format: the tokenizer lacks {missing or ['a BOS token']} "
+                             "(image start/end markers, separator)")
+        ids = list(tok.encode(start + self.image_placeholder + end + text, add_special_tokens=False))
+        ids = [tok.bos_token_id] + ids
+        count = sum(t == self.image_token_id for t in ids)
+        if count != self.num_image_tokens:
+            raise ValueError(f"chameleon: the prompt has {count} image tokens, expected {self.num_image_tokens}")
+        return ids, self.process_image(data), [tok.convert_tokens_to_ids(tok.sep_token)]
 
 
 def make_encoder(family: str, processor, num_image_tokens=None):

@@ -22,6 +22,13 @@ def prompt_text(question: str, choices: list[str], image_placeholder: str = "") 
     return f"[Question]:{body}\n[Options]:\n{option_lines(choices)}\nAnswer:\n"
 
 
+def official_eval_text(question: str, choices: list[str]) -> str:
+    """The official evaluation prompt (REFERENCE 5 quirk): `A.{choice}` options and no newline after
+    `Answer:`; the image stays outside the text."""
+    options = "\n".join(f"{chr(65 + i)}.{{{c.strip()}}}" for i, c in enumerate(choices))
+    return f"[Question]:{{{question.strip()}}}\n[Options]:\n{options}\nAnswer:"
+
+
 def parse_row(row: dict, index: int, split: str) -> RowText:
     choices = checked_choices(row)
     letter = choice_letter(row.get("answer"), len(choices))

@@ -23,6 +23,12 @@ def prompt_text(question: str, choices: list[str], image_placeholder: str = "") 
     return f"[Question]:{body}\n[Options]:\n{option_lines(choices)}"
 
 
+def official_eval_text(question: str, choices: list[str]) -> str:
+    """The official evaluation prompt (REFERENCE 4): the training options plus a `\nAnswer:` line; the
+    image stays outside the text (Chameleon puts it before `[Question]:`)."""
+    return f"[Question]:{{{question.strip()}}}\n[Options]:\n{option_lines(choices)}\nAnswer:"
+
+
 def rationale_of(row: dict, answer: str) -> str:
     """Official: lecture and solution stripped and joined by one space; one of them alone; else the
     answer (official truthiness: a whitespace-only field counts as present)."""

@@ -41,6 +41,7 @@ class EvalConfig:
     limit: int | None = None
     length_buckets: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
     scan_layers: bool = True  # see DecoderLM
+    prompt_format: str = "train"  # or "official": the official evaluation scripts' prompts (data.load_examples)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, buckets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,7 +74,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     sampling = SamplingConfig(cfg.max_new_tokens, eos_token_id=ids["eos_token_id"], pad_token_id=ids["eos_token_id"])
 
     examples, report = load_examples(cfg.dataset, cfg.source, cfg.split, processor, family, limit=cfg.limit,
-                                     max_length=10**9)
+                                     max_length=10**9, prompt_format=cfg.prompt_format)
     out_file = Path(out_file)
     done = set()
     if out_file.exists():
@@ -91,7 +92,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     with open(out_file, "a") as f:
         for i in tqdm(range(0, len(todo), cfg.batch_size), desc="eval", disable=None):
             chunk = todo[i : i + cfg.batch_size]
-            prompts = [ex.question_ids + [latent.latent_token_id] * cfg.num_latents for ex in chunk]
+            prompts = [ex.question_ids + [latent.latent_token_id] * cfg.num_latents + ex.prompt_suffix for ex in chunk]
             input_ids, mask, pos = left_pad(prompts, ids["eos_token_id"], cfg.length_buckets)
             images = [materialize(ex.image) for ex in chunk]
             batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **stack_images(images)}
@@ -100,7 +101,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
             selected = np.asarray(out.selected)
             for row, ex in enumerate(chunk):
                 generated = tok.decode(tokens[row, : lengths[row]], skip_special_tokens=True)
-                prompt_text = tok.decode(ex.question_ids, skip_special_tokens=True)
+                prompt_text = tok.decode(ex.question_ids + ex.prompt_suffix, skip_special_tokens=True)
                 record = score(cfg.dataset, ex, prompt_text, generated)
                 offset = input_ids.shape[1] - len(prompts[row])
                 image_positions = [j for j, t in enumerate(ex.question_ids) if t == model.config.image_token_id]
@@ -114,7 +115,8 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
             f.flush()
     elapsed = time.perf_counter() - start
     summary = summarize(out_file, cfg.dataset)
-    summary.update(time_per_example_s=elapsed / max(len(todo), 1), generated_tokens_per_s=gen_tokens / max(elapsed, 1e-9))
+    summary.update(time_per_example_s=elapsed / max(len(todo), 1), generated_tokens_per_s=gen_tokens / max(elapsed, 1e-9),
+                   prompt_format=cfg.prompt_format)
     out_file.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
