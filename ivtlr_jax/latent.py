@@ -276,6 +276,7 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
     t predict labels[t + 1]. Chunks over the sequence under remat; chunks without labels are skipped."""
     b, t, d = hidden.shape
     targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
+    chunk = min(chunk, t)  # a sequence shorter than a chunk is one chunk, unpadded
     pad = -t % chunk
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
