@@ -13,9 +13,12 @@ Three steps are timed on it:
   prefix_len - 1; latent_grad="stop"): the question slots once, the chain's prefill of the rest, n
   latent passes against the KV cache, then the forward + backward of the assembled sequence (length
   S + n*K) continuing from the question's cache.
-- oracle: `oracle_ivtlr` (REFERENCE 3 the official way: n + 1 full forwards over the growing sequence
-  with eager attention, all attention matrices returned) + `loss.backward()` on the transformers model
-  loaded with attn_implementation="eager"; gradients are zeroed before each call.
+- oracle: `oracle_ivtlr(official_compute=True)` (REFERENCE 3 the way the official code runs it: n + 1
+  full forwards over the growing sequence with eager attention, all attention matrices returned, every
+  pass's LM-head logits kept and concatenated into the loss, whose rows for the passes are all -100,
+  so the backward also runs through every pass, as in the official `IVTLR.forward`) +
+  `loss.backward()` on the transformers model loaded with attn_implementation="eager"; gradients are
+  zeroed before each call. The loss value is the same as without that extra work.
 - plain: the same jitted JAX step with num_latents=0 (a plain forward + backward with the same chunked
   cross-entropy) on a batch of the same images and questions where the n latents are replaced by
   n*(K+1) ordinary text tokens labelled -100, so its length is the assembled one (S + n*K).
@@ -153,7 +156,7 @@ def jax_latent_chain(graphdef, state, batch, cfg, n, prefix_len, frame_len=None)
 def oracle_train_step(hf, batch: dict, k: int) -> torch.Tensor:
     """The official-style step: zeroed gradients, n + 1 eager forwards (1 without latents), backward."""
     hf.zero_grad(set_to_none=True)
-    loss = oracle_ivtlr(hf, "qwen2vl", batch, k)[0]
+    loss = oracle_ivtlr(hf, "qwen2vl", batch, k, official_compute=True)[0]
     loss.backward()
     return loss.detach()
 

@@ -15,8 +15,9 @@ official collator's layout (tests/oracle_ivtlr.py `latent_batch`): `--batch` row
   replica runs the vision tower on all of them).
 - jax lora 1 device: the same step on a 1-device mesh, same global batch.
 - jax full 1 device: the same step, full fine-tuning (every parameter trained by AdamW, no LoRA).
-- torch full: `oracle_ivtlr` (n + 1 eager full forwards over the growing sequence, attention matrices
-  returned) + `loss.backward()` + global-norm clipping + AdamW over every parameter. The official
+- torch full: `oracle_ivtlr(official_compute=True)` (n + 1 eager full forwards over the growing
+  sequence, attention matrices returned, every pass's logits in the loss as the official code does)
+  + `loss.backward()` + global-norm clipping + AdamW over every parameter. The official
   IVT-LR trains LoRA; the oracle is a full-parameter backward, so "jax full 1 device" is the
   apples-to-apples JAX step for it, while "jax lora" vs "torch full" mixes a LoRA and a full backward.
 
@@ -118,7 +119,7 @@ class TorchStep:
 
     def __call__(self) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = oracle_ivtlr(self.hf, "qwen2vl", self.batch, self.k)[0]
+        loss = oracle_ivtlr(self.hf, "qwen2vl", self.batch, self.k, official_compute=True)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.hf.parameters(), OPTIM.max_grad_norm)
         self.optimizer.step()

@@ -50,8 +50,14 @@ def _logits(hf, family, hidden):
     return logits
 
 
-def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rope: str = "1d"):
-    """-> (loss with graph, selected [n][B][K] lists, final embeds, final mask)."""
+def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rope: str = "1d",
+                 official_compute: bool = False):
+    """-> (loss with graph, selected [n][B][K] lists, final embeds, final mask).
+
+    official_compute: also do what the official code computes without effect on the result (for timing
+    it the way it runs): every pass's LM-head logits are kept, and the loss is the cross-entropy of all
+    passes' logits concatenated along the sequence with the labels right-aligned to the total (so the
+    passes' rows are all -100: the same value), whose backward runs through every pass."""
     ids = torch.tensor(batch["input_ids"])
     mask = torch.tensor(batch["attention_mask"])
     labels = torch.tensor(batch["labels"])
@@ -85,9 +91,12 @@ def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rop
     picked = [set() for _ in range(b)]
     selected = []
     cur, cur_mask, end = embeds, mask, p
+    pass_logits = []
     for i in range(n):
         pos = positions_for(cur.shape[1], first_pass=(i == 0))
         out = _lm(hf, family, cur[:, :end], cur_mask[:, :end], pos[..., :end], attentions=True)
+        if official_compute:
+            pass_logits.append(_logits(hf, family, out.last_hidden_state))
         att = torch.stack(out.attentions)  # [L, B, N, end, end]
         score = att[:, :, :, end - 1, :].mean(dim=2).mean(dim=0)  # [B, end]
         hidden = out.last_hidden_state  # final-norm hidden states
@@ -112,6 +121,10 @@ def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rop
     out = _lm(hf, family, cur, cur_mask, positions_for(cur.shape[1], first_pass=(n == 0)))
     logits = _logits(hf, family, out.last_hidden_state)
     final_labels = torch.cat([torch.full((b, n * k), IGNORE, dtype=labels.dtype), labels], dim=1)
+    if official_compute:  # the official loss over every pass's logits, labels right-aligned to the total
+        logits = torch.cat(pass_logits + [logits], dim=1)
+        final_labels = torch.cat([torch.full((b, logits.shape[1] - final_labels.shape[1]), IGNORE,
+                                             dtype=labels.dtype), final_labels], dim=1)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), final_labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE)
     return loss, selected, cur, cur_mask
