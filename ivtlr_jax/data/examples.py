@@ -333,7 +333,8 @@ class ChameleonEncoder:
         tok = tokenizer_of(self.processor)
         start = getattr(self.processor, "image_start_token", "<racm3:break>")
         end = getattr(self.processor, "image_end_token", "<eoss>")
-        missing = [t for t in (start, end, tok.sep_token) if t is None or tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+        unknown = lambda t: t is None or tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)  # noqa: E731
+        missing = [t for t in (start, end, tok.sep_token) if unknown(t)]
         if missing or tok.bos_token_id is None:
             raise ValueError(f"chameleon official prompt format: the tokenizer lacks {missing or ['a BOS token']} "
                              "(image start/end markers, separator)")
