@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,37 +49,12 @@ import torch  # noqa: E402
 
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate  # noqa: E402
 from ivtlr_jax.latent import LatentConfig  # noqa: E402
-from ivtlr_jax.models import from_pretrained  # noqa: E402
 from tests import hf_tiny  # noqa: E402
 from tests.oracle_ivtlr import oracle_generate, oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
+from bench.latent_step import IMAGE_SIZE, LATENT_ID, build_models  # noqa: E402  (the same mid-size model)
 
-LATENT_ID = 295  # a vocabulary >= 300 keeps hf_tiny's special ids 290-295
-# head_dim 256 / 4 = 64, so sum(mrope_section) must be 32
-TEXT = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]))
-VISION = dict(depth=2, embed_dim=128, num_heads=2)
-IMAGE_SIZE = (224, 224)  # a 16x16 patch grid merged 2x2 -> 64 image tokens
 QUESTION_TEXT = (36, 45)  # [low, high) text tokens per question, split before / after the image
-
-
-# ---- models -----------------------------------------------------------------------------------------
-def build_models(scan_layers: bool = True):
-    """(transformers model with eager attention, Flax model) of the same random weights."""
-    from transformers import Qwen2VLForConditionalGeneration
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    config = hf_tiny.qwen2vl_config(**TEXT)
-    for key, value in VISION.items():
-        setattr(config.vision_config, key, value)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
-        Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-        hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-        flax_model = from_pretrained(folder, scan_layers=scan_layers)
-    return hf, flax_model
 
 
 # ---- prompts ----------------------------------------------------------------------------------------
@@ -136,7 +110,7 @@ def torch_generate(hf, single: dict, k: int, new_tokens: int) -> list[int]:
 
 # ---- timing ---------------------------------------------------------------------------------------
 def bench(args, batches: list[int]) -> list[str]:
-    hf, model = build_models(scan_layers=not args.unroll_layers)
+    hf, model = build_models(scan_layers=not args.unroll_layers)  # latent_step's model
     latent = LatentConfig(LATENT_ID, args.k)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)  # no EOS: every row runs the full length
     torch_pool = min(max(batches), 8)  # prompts the torch baseline cycles through

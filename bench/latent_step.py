@@ -44,6 +44,7 @@ a 4-layer model; the default scans them, as for 7B models).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 import tempfile
@@ -79,8 +80,10 @@ ANSWER = (40, 81)  # [low, high) answer tokens
 
 
 # ---- models ---------------------------------------------------------------------------------------
-def build_models(remat: str, scan_layers: bool = True):
-    """(transformers model with eager attention, Flax model) of the same random weights."""
+@contextlib.contextmanager
+def mid_qwen2vl_folder():
+    """The benches' random mid-size transformers Qwen2-VL (TEXT, VISION; seed 0) saved to a temporary
+    folder -> (folder, the transformers model loaded back with eager attention)."""
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.utils import logging
 
@@ -91,9 +94,13 @@ def build_models(remat: str, scan_layers: bool = True):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-        hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-        flax_model = from_pretrained(folder, remat=remat, scan_layers=scan_layers)
-    return hf, flax_model
+        yield folder, Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def build_models(remat: str = "none", scan_layers: bool = True):
+    """(transformers model with eager attention, Flax model) of the same random weights."""
+    with mid_qwen2vl_folder() as (folder, hf):
+        return hf, from_pretrained(folder, remat=remat, scan_layers=scan_layers)
 
 
 # ---- batches --------------------------------------------------------------------------------------

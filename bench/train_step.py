@@ -49,7 +49,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -70,11 +69,10 @@ from ivtlr_jax.train.lora import LoRAConfig, add_lora, trainable_filter  # noqa:
 from ivtlr_jax.train.optim import make_optimizer  # noqa: E402
 from ivtlr_jax.train.step import (StepConfig, batch_shardings, init_optimizer, make_train_step,  # noqa: E402
                                   split_trainable, step_shardings)
-from tests import hf_tiny  # noqa: E402
 from tests.oracle_ivtlr import IGNORE, oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
 # the same mid-size model and batch as the latent-step benchmark
-from bench.latent_step import LATENT_ID, TEXT, VISION, latent_training_batch  # noqa: E402
+from bench.latent_step import LATENT_ID, latent_training_batch, mid_qwen2vl_folder  # noqa: E402
 
 OPTIM = OptimSection(lr=1e-5, gradient_accumulation_steps=1)  # clip 0.7 + AdamW, as the runs
 
@@ -129,9 +127,6 @@ class TorchStep:
 # ---- timing -----------------------------------------------------------------------------------------
 # ---- the benchmark ------------------------------------------------------------------------------------
 def bench(args) -> list[str]:
-    from transformers import Qwen2VLForConditionalGeneration
-    from transformers.utils import logging
-
     batch = latent_training_batch(args.batch, args.latents)
     n, p = latent_layout(batch["input_ids"], LATENT_ID)
     frame_len = uniform_frame_len(batch["image_grid_thw"])
@@ -142,14 +137,7 @@ def bench(args) -> list[str]:
     mesh_rules = ShardingRules(make_mesh(data=DEVICES, fsdp=1, tensor=1))
     one_rules = ShardingRules(make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1]))
 
-    logging.disable_progress_bar()
-    config = hf_tiny.qwen2vl_config(**TEXT)
-    for key, value in VISION.items():
-        setattr(config.vision_config, key, value)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
-        Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-        hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    with mid_qwen2vl_folder() as (folder, hf):
         common = (batch, cfg, n, p, frame_len, supervised)
         steps = {
             f"jax lora {DEVICES} devices": JaxStep(folder, mesh_rules, lora, *common),
