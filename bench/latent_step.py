@@ -6,9 +6,12 @@ heads, vocabulary 1024; vision depth 2, embed 128) is saved to a temporary folde
 with `from_pretrained`. The batch is in the official collator's layout (tests/oracle_ivtlr.py
 `latent_batch`): one 224x224 image per row (64 merged image tokens), questions of different lengths
 (so different left pads), `--latents` `<|latent|>` tokens per row, answers of 40-80 tokens.
-Three steps are timed on it:
+Both sides train the same parameters: with `--train lora` (the default: the official setup, REFERENCE 6)
+LoRA r=64, alpha 16, dropout 0.05 on the 7 projections of the language model (peft on the torch side, in
+train mode so its dropout is on; `add_lora` on the JAX side, with a dropout key), everything else frozen, so
+neither side runs the vision tower's backward; with `--train full` every parameter. Three steps are timed:
 
-- ivtlr: `jax.value_and_grad` of `ivtlr_loss` with respect to the model's state under `jax.jit`, as the
+- ivtlr: `jax.value_and_grad` of `ivtlr_loss` with respect to the trained parameters under `jax.jit`, as the
   trainer runs it (static num_latents, prefix_len = the first latent's index and shared_prefix =
   prefix_len - 1; latent_grad="stop"): the question slots once, the chain's prefill of the rest, n
   latent passes against the KV cache, then the forward + backward of the assembled sequence (length
@@ -38,6 +41,7 @@ With `--unroll-layers` the model is loaded with scan_layers=False (layers unroll
 a 4-layer model; the default scans them, as for 7B models).
 
     python bench/latent_step.py [--repeats 5] [--batch 4] [--latents 3] [--k 8] [--threads N]
+                                [--train lora|full] [--rank 64] [--alpha 16] [--lora-dropout 0.05]
                                 [--remat none|full|dots] [--unroll-layers] [--breakdown]
 """
 
@@ -64,6 +68,8 @@ from ivtlr_jax.models.qwen2vl.modeling import uniform_frame_len  # noqa: E402
 from ivtlr_jax.latent import (IGNORE, LatentConfig, image_inputs_of, ivtlr_loss, latent_layout,  # noqa: E402
                               latent_passes)
 from ivtlr_jax.models import from_pretrained  # noqa: E402
+from ivtlr_jax.train.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
+from ivtlr_jax.train.step import split_trainable  # noqa: E402
 from tests import hf_tiny  # noqa: E402
 from tests.oracle_ivtlr import latent_batch, oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
@@ -141,20 +147,21 @@ def to_jax(batch: dict) -> dict:
 
 # ---- the timed steps -------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "prefix_len", "shared", "frame_len"))
-def jax_train_step(graphdef, state, batch, cfg, n, prefix_len, shared=0, frame_len=None):
-    """(loss, gradients of every parameter) of ivtlr_loss; n=0 is a plain forward + backward. frame_len:
-    all images share one size, so the vision tower attends per image (as the trainer passes it)."""
-    def loss_of(state):
-        model = nnx.merge(graphdef, state)
+def jax_train_step(graphdef, trainable, frozen, batch, dropout_key, cfg, n, prefix_len, shared=0, frame_len=None):
+    """(loss, gradients of the trainable parameters) of ivtlr_loss; n=0 is a plain forward + backward.
+    dropout_key: LoRA dropout in training mode (None: none). frame_len: all images share one size, so the
+    vision tower attends per image (as the trainer passes it)."""
+    def loss_of(trainable):
+        model = nnx.merge(graphdef, trainable, frozen)
         return ivtlr_loss(model, batch, cfg, num_latents=n, prefix_len=prefix_len, shared_prefix=shared,
-                          frame_len=frame_len)[0]
-    return jax.value_and_grad(loss_of)(state)
+                          frame_len=frame_len, dropout_key=dropout_key)[0]
+    return jax.value_and_grad(loss_of)(trainable)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "prefix_len", "frame_len"))
-def jax_latent_chain(graphdef, state, batch, cfg, n, prefix_len, frame_len=None):
+def jax_latent_chain(graphdef, trainable, frozen, batch, cfg, n, prefix_len, frame_len=None):
     """Vision tower + prefill + n latent passes, forward only: (selected patches, latent states)."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, trainable, frozen)
     embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch, frame_len))
     selected, latents, *_ = latent_passes(model, cfg, embeds, batch, n=n, prefix_len=prefix_len)
     return selected, latents
@@ -171,7 +178,20 @@ def oracle_train_step(hf, batch: dict, k: int) -> torch.Tensor:
 # ---- timing ----------------------------------------------------------------------------------------
 def bench(args) -> list[str]:
     hf, model = build_models(args.remat, scan_layers=not args.unroll_layers)
-    graphdef, state = nnx.split(model)
+    lora = LoRAConfig(enabled=args.train == "lora", rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout)
+    dropout_key = None
+    if lora.enabled:  # the official setup: adapters on the 7 projections, everything else frozen
+        import peft
+
+        add_lora(model, lora)
+        peft.get_peft_model(hf, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=list(lora.target_modules)))
+        hf.train()  # LoRA dropout on, as the official training runs (the model has no other dropout)
+        dropout_key = jax.random.key(0) if lora.dropout > 0 else None
+    graphdef, trainable, frozen = split_trainable(model, trainable_filter(lora))
+    torch_trained = sum(t.numel() for t in hf.parameters() if t.requires_grad)
+    jax_trained = sum(x.size for x in jax.tree.leaves(trainable))
+    assert torch_trained == jax_trained, (torch_trained, jax_trained)
     cfg = LatentConfig(LATENT_ID, args.k)
     batch = latent_training_batch(args.batch, args.latents)
     plain = assembled_length_batch(batch, args.latents, args.k)
@@ -183,12 +203,14 @@ def bench(args) -> list[str]:
     wait = jax.block_until_ready
 
     calls = {
-        "ivtlr": lambda: wait(jax_train_step(graphdef, state, j_batch, cfg, n, p, p - 1, frame_len)),
+        "ivtlr": lambda: wait(jax_train_step(graphdef, trainable, frozen, j_batch, dropout_key, cfg, n, p, p - 1,
+                                             frame_len)),
         "oracle": lambda: oracle_train_step(hf, batch, args.k),
-        "plain": lambda: wait(jax_train_step(graphdef, state, j_plain, cfg, 0, s_plain, 0, frame_len)),
+        "plain": lambda: wait(jax_train_step(graphdef, trainable, frozen, j_plain, dropout_key, cfg, 0, s_plain, 0,
+                                             frame_len)),
     }
     if args.breakdown:
-        calls["chain"] = lambda: wait(jax_latent_chain(graphdef, state, j_batch, cfg, n, p, frame_len))
+        calls["chain"] = lambda: wait(jax_latent_chain(graphdef, trainable, frozen, j_batch, cfg, n, p, frame_len))
         calls["torch plain"] = lambda: oracle_train_step(hf, plain, args.k)
     compile_s, (jax_loss, _) = timed(calls["ivtlr"])
     plain_compile_s, _ = timed(calls["plain"])
@@ -203,7 +225,9 @@ def bench(args) -> list[str]:
     jax_loss, oracle_loss = float(jax_loss), float(oracle_loss)
     lines = [
         f"batch {args.batch} x {s} tokens (first latent at {p}, {n} latents, K={args.k}) -> assembled {s_plain}; "
-        f"remat {args.remat}; layers {'unrolled' if args.unroll_layers else 'scanned'}",
+        f"remat {args.remat}; layers {'unrolled' if args.unroll_layers else 'scanned'}; "
+        + (f"LoRA r={lora.rank} alpha={lora.alpha:g} dropout {lora.dropout:g} on {len(lora.target_modules)} projections"
+           if lora.enabled else "full fine-tuning") + f" ({jax_trained:,} trained parameters on both sides)",
         f"loss: jax {jax_loss:.7f}, oracle {oracle_loss:.7f}, "
         f"rel diff {abs(jax_loss - oracle_loss) / abs(oracle_loss):.1e}",
         f"compile: ivtlr step {compile_s:.1f} s, plain step {plain_compile_s:.1f} s",
@@ -228,6 +252,12 @@ def main(argv=None) -> None:
     parser.add_argument("--latents", type=int, default=3, help="latents per row (n)")
     parser.add_argument("--k", type=int, default=8, help="selected patches per latent (K <= 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--train", choices=("lora", "full"), default="lora",
+                        help="lora: the official setup (adapters on the 7 projections, the rest frozen); "
+                             "full: every parameter")
+    parser.add_argument("--rank", type=int, default=64, help="LoRA rank (official: 64)")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (official: 16)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (official: 0.05)")
     parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
     parser.add_argument("--unroll-layers", action="store_true", help="load the model with scan_layers=False")
     parser.add_argument("--breakdown", action="store_true",

@@ -7,6 +7,8 @@ are scanned with them; `decoder._layer` adds their contribution where present.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -34,6 +36,35 @@ def token_einsum(eq: str, x: jax.Array, w: jax.Array, **kwargs) -> jax.Array:
     return y.reshape(*lead, *y.shape[1:])
 
 
+def _mix32(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer hash with full avalanche (Wellons' "lowbias32")."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """Bernoulli(1 - rate) keep mask of `shape`, one independent draw per element.
+
+    Counter-based: 64 seed bits are drawn from `key` (threefry), and each element's flat index is
+    hashed with them, `mix(mix(index ^ s0) ^ s1)`; an element is dropped when its hash is below
+    round(rate * 2^32), so the drop probability is `rate` within 2^-32. On XLA CPU this is about 10x
+    cheaper than `jax.random.bernoulli` (threefry bits for every element cost more than the LoRA
+    matmuls themselves: ~40% of a LoRA training step), and the index is an iota, so the mask shards
+    like any elementwise op. The hash is a bijection of the index for fixed seeds, so within one mask
+    the draws are a sample without replacement from 2^32 values: indistinguishable from independent
+    draws at these sizes."""
+    size = math.prod(shape)
+    if size > 2**32:
+        raise ValueError(f"dropout mask of {size} elements is over the 2^32 counter range")
+    s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape) if shape else jnp.zeros((), jnp.uint32)
+    threshold = jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+    return _mix32(_mix32(index ^ s0) ^ s1) >= threshold
+
+
 def _split(eq: str) -> tuple[str, str]:
     """(input feature letters, output feature letters) of an einsum like 'md,dnh->mnh'."""
     lhs, out = eq.split("->")
@@ -47,6 +78,8 @@ class LoRA(nnx.Module):
         unknown = sorted(set(targets) - set(PROJECTIONS))
         if unknown:
             raise ValueError(f"lora target modules {unknown} are not decoder projections {sorted(PROJECTIONS)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora dropout {dropout} is not in [0, 1)")
         self.targets = tuple(targets)
         self.rank, self.scale, self.dropout = rank, alpha / rank, dropout
         for name in self.targets:
@@ -70,7 +103,7 @@ class LoRA(nnx.Module):
         ins, outs = _split(eq)
         if dropout_key is not None and self.dropout > 0:
             key = jax.random.fold_in(dropout_key, list(PROJECTIONS).index(name))
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+            keep = dropout_keep_mask(key, x.shape, self.dropout)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         a = getattr(self, f"{name}_a")[...].astype(dtype)
         b = getattr(self, f"{name}_b")[...].astype(dtype)
