@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .latent import LatentConfig, image_inputs_of, latent_layout, latent_passes, sequence_positions
+from .latent import LatentConfig, first_latent_index, image_inputs_of, latent_layout, latent_passes, sequence_positions
 from .models.qwen2vl.modeling import uniform_frame_len
 
 
@@ -81,9 +81,12 @@ def _generate(model, batch, latent, sampling, key, n, prefix_len, frame_len, suf
     b = batch["input_ids"].shape[0]
     embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch, frame_len))
     if n:
+        p = first_latent_index(batch["input_ids"], latent.latent_token_id)
+        positions = sequence_positions(model, latent, batch, prefix_len, p)
+        _, tail_pos = positions
         selected, _, cache, h_last, p = latent_passes(model, latent, embeds, batch, n=n, prefix_len=prefix_len,
-                                                      extra_cache=suffix_len + sampling.max_new_tokens)
-        _, tail_pos = sequence_positions(model, latent, batch, prefix_len, p)
+                                                      extra_cache=suffix_len + sampling.max_new_tokens,
+                                                      positions=positions)
         if suffix_len:  # the prompt's tokens after the latents continue the sequence
             o = model.decode(embeds[:, embeds.shape[1] - suffix_len:], tail_pos(cache.end + jnp.arange(suffix_len)),
                              jnp.ones((b, suffix_len), bool), cache=cache)

@@ -156,12 +156,13 @@ def sequence_positions(model, cfg: LatentConfig, batch: dict, prefix_len: int, p
     return pos3, tail
 
 
-def final_positions(model, cfg: LatentConfig, batch: dict, prefix_len: int, p: jax.Array, length: int):
-    """Positions of the final sequence (length S + n*K). 1d: the official code resets them to `arange`
-    over the whole row after the first insertion, right pads included, so every slot gets slot - left
-    pad (right pads before p too, where the collator has 0: they matter where right-aligned labels
-    land on them, in rows without latents). mrope: the prefix's M-RoPE, then text positions."""
-    prefix_pos, tail_pos = sequence_positions(model, cfg, batch, prefix_len, p)
+def final_positions(cfg: LatentConfig, positions: tuple[Any, Any], p: jax.Array, length: int):
+    """Positions of the final sequence (length S + n*K), from `sequence_positions`' pair. 1d: the
+    official code resets them to `arange` over the whole row after the first insertion, right pads
+    included, so every slot gets slot - left pad (right pads before p too, where the collator has 0:
+    they matter where right-aligned labels land on them, in rows without latents). mrope: the prefix's
+    M-RoPE, then text positions."""
+    prefix_pos, tail_pos = positions
     if cfg.rope == "1d":
         return tail_pos(jnp.arange(length))
     return join_positions(prefix_pos, tail_pos, p, length)
@@ -185,19 +186,23 @@ def first_latent_index(ids: jax.Array, latent_token_id: int) -> jax.Array:
 
 
 def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len: int, extra_cache: int = 0,
-                  dropout_key: jax.Array | None = None, shared: KVCache | None = None):
+                  dropout_key: jax.Array | None = None, shared: KVCache | None = None,
+                  positions: tuple[Any, Any] | None = None):
     """Run prefill + n latent passes. Returns (selected [n, B, K], latent states [n, B, D], cache, h_last,
     p). `extra_cache` reserves cache slots after the chain (for generation). `dropout_key`: training-mode
     LoRA dropout, a fresh mask per pass (as every forward of the official code in train mode).
     `shared`: a cache already holding slots [0, c) for some c < p (`shared_prefix`); the prefill then
-    runs only [c, prefix_len)."""
+    runs only [c, prefix_len). `positions`: `sequence_positions(model, cfg, batch, prefix_len, p)` when
+    the caller has it already (computed here otherwise)."""
     pass_key = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, s, d = embeds.shape
     k = cfg.num_selected_patches
     is_latent = ids == cfg.latent_token_id
     p = first_latent_index(ids, cfg.latent_token_id)
-    prefix_pos, tail_pos = sequence_positions(model, cfg, batch, prefix_len, p)
+    if positions is None:
+        positions = sequence_positions(model, cfg, batch, prefix_len, p)
+    prefix_pos, tail_pos = positions
     image_mask = (ids == model.config.image_token_id)[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
     latent_count = is_latent.sum(axis=1)  # [B]
 
@@ -354,7 +359,8 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None
         hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
     else:
         p = first_latent_index(ids, cfg.latent_token_id)
-        positions = final_positions(model, cfg, batch, prefix_len, p, ids.shape[1] + n * k)
+        sequence_pos = sequence_positions(model, cfg, batch, prefix_len, p)  # M-RoPE: the prefix's index once
+        positions = final_positions(cfg, sequence_pos, p, ids.shape[1] + n * k)
         shared = None
         if c:  # the question slots [0, c), run once with gradients, cached for the chain and the final pass
             pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c], cache=model.init_cache(ids.shape[0], c),
@@ -369,7 +375,7 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None
             chain_model, chain_embeds, chain_shared = model, embeds, shared
         chain_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
         selected, latents, _, _, p = latent_passes(chain_model, cfg, chain_embeds, batch, n=n, prefix_len=prefix_len,
-                                                   dropout_key=chain_key, shared=chain_shared)
+                                                   dropout_key=chain_key, shared=chain_shared, positions=sequence_pos)
         if cfg.latent_grad == "stop":
             latents = jax.lax.stop_gradient(latents)
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)
