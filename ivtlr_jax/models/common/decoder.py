@@ -45,6 +45,18 @@ class DecoderConfig:
     qk_layernorm: bool = False  # LayerNorm over head_dim with a weight and bias per head (Chameleon)
     swin_norm: bool = False  # h + norm(attn(h)), h + norm(mlp(h)) instead of h + attn(norm(h)) (Chameleon-30B)
 
+    def hf_fields(self) -> dict:
+        """The transformers `config.json` fields of the language model that both families name alike."""
+        return {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": self.hidden_act,
+        }
+
 
 class DecoderOutput(NamedTuple):
     hidden: jax.Array  # [B, T, D] output of the last layer (before the final norm)
