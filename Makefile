@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +19,10 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m ivtlr_jax.demo --overwrite
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
 
 bench: install

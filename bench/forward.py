@@ -17,7 +17,8 @@ are known to be of the same computation. Absolute times depend on the machine an
 the speed-up ratios (transformers time / Flax time), not the milliseconds, across machines.
 JAX runs on its default platform (printed at start; set JAX_PLATFORMS=cpu to force the CPU).
 
-    python bench/forward.py [--configs qwen2vl-tiny,qwen2vl-mid,chameleon-tiny,chameleon-mid] [--repeats 10] [--threads N] [--dtype float32|bfloat16]
+    python bench/forward.py [--configs qwen2vl-tiny,qwen2vl-mid,chameleon-tiny,chameleon-mid] [--repeats 10]
+                            [--threads N] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from pathlib import Path
 from flax import nnx
 
 from .config import load_config
-from .data import build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_token_ids, synthetic_corpus, synthetic_rows
+from .data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_token_ids, synthetic_corpus,
+                   synthetic_rows)
 from .eval.run import EvalConfig, evaluate
 from .models import Qwen2VL, Qwen2VLConfig
 from .models.export import save_hf

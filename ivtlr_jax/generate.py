@@ -62,7 +62,8 @@ def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, samplin
     ids = np.asarray(batch["input_ids"])
     mask = np.asarray(batch["attention_mask"])
     if not mask[:, -1].all():
-        raise ValueError(f"prompts must be left-padded: rows {np.flatnonzero(mask[:, -1] == 0).tolist()} end in padding")
+        rows = np.flatnonzero(mask[:, -1] == 0).tolist()
+        raise ValueError(f"prompts must be left-padded: rows {rows} end in padding")
     n, p = latent_layout(ids, latent.latent_token_id)
     counts = (ids == latent.latent_token_id).sum(axis=1)
     if n and (counts != n).any():

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 
-if "jax" not in __import__("sys").modules and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+if ("jax" not in __import__("sys").modules
+        and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import argparse  # noqa: E402
@@ -92,7 +93,8 @@ class Plan:
                 f"arguments {self.arguments_gb:.2f} GB, temporaries {self.temporaries_gb:.2f} GB, outputs "
                 f"{self.outputs_gb:.2f} GB -> peak ~{self.total_gb:.2f} GB of {H100_MEMORY_GB:.0f} GB ({fits})\n"
                 f"  FLOPs per device per step {self.flops_per_device:.3e} (model FLOPs {self.model_flops:.3e} in all)\n"
-                f"  step time at the H100 bf16 peak of {H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s: >= {self.step_s_at_peak * 1e3:.3g} ms; "
+                f"  step time at the H100 bf16 peak of {H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s: "
+                f">= {self.step_s_at_peak * 1e3:.3g} ms; "
                 f"MFU ceiling (model FLOPs / executed FLOPs) {self.mfu_ceiling:.1%}")
 
 

@@ -142,16 +142,16 @@ def latent_batch(rng: np.random.Generator, question_rows: list[list[int]], laten
         label_rows.append([IGNORE] * (len(q) + m) + answer)
     p = max((len(q) for q, m in zip(question_rows, latents) if m), default=0)
     left = [p - len(q) if m else 0 for q, m in zip(question_rows, latents)]
-    s = max(l + len(r) for l, r in zip(left, rows))
+    s = max(start + len(r) for start, r in zip(left, rows))
     ids = np.zeros((len(rows), s), np.int64)
     mask = np.zeros_like(ids)
     labels = np.full_like(ids, IGNORE)
     pos = np.zeros_like(ids)
-    for i, (l, r, lab) in enumerate(zip(left, rows, label_rows)):
-        ids[i, l : l + len(r)] = r
-        mask[i, l : l + len(r)] = 1
-        labels[i, l : l + len(r)] = lab
-        pos[i, l : l + len(r)] = np.arange(len(r))
+    for i, (start, r, lab) in enumerate(zip(left, rows, label_rows)):
+        ids[i, start : start + len(r)] = r
+        mask[i, start : start + len(r)] = 1
+        labels[i, start : start + len(r)] = lab
+        pos[i, start : start + len(r)] = np.arange(len(r))
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos,
             "latent_token_id": latent_token_id}
 

@@ -44,7 +44,8 @@ def test_bf16_top1_agreement_no_worse_than_transformers_bf16(tiny_qwen2vl):
     batch = long_batch()
     ids, mask, pv, grid = batch
     valid = mask.astype(bool)
-    ours = (top1(from_pretrained(folder), batch) == top1(from_pretrained(folder, dtype=jnp.bfloat16), batch))[valid].mean()
+    bf16_top1 = top1(from_pretrained(folder, dtype=jnp.bfloat16), batch)
+    ours = (top1(from_pretrained(folder), batch) == bf16_top1)[valid].mean()
     ref32 = hf_tiny.hf_forward(hf, ids, mask, pv, grid).logits.numpy().argmax(-1)
     hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
     ref16 = hf_tiny.hf_forward(hf_bf16, ids, mask, pv, grid).logits.float().numpy().argmax(-1)

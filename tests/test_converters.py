@@ -141,7 +141,8 @@ def test_run_folder_exports_a_merged_hf_folder(base, run, merged_export):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (out / f).is_file(), f
     processor = load_processor(out)
-    assert special_token_ids(processor)["latent_id"] == ids["latent_id"] and len(processor.tokenizer) == ids["vocab_size"]
+    assert special_token_ids(processor)["latent_id"] == ids["latent_id"]
+    assert len(processor.tokenizer) == ids["vocab_size"]
 
     # transformers gives the logits of our model (LoRA branch unmerged)
     hf = Qwen2VLForConditionalGeneration.from_pretrained(out).eval()
@@ -153,7 +154,8 @@ def test_run_folder_exports_a_merged_hf_folder(base, run, merged_export):
     # tokens' LM-head rows from `<<`, the LoRA targets = W + (A B * alpha / r)^T
     before, after = tensors_of(folder), tensors_of(out)
     assert sorted(before) == sorted(after)
-    lora, v, new_ids = model.layers.lora, ids["vocab_size"], [ids["start_latent_id"], ids["end_latent_id"], ids["latent_id"]]
+    lora, v = model.layers.lora, ids["vocab_size"]
+    new_ids = [ids["start_latent_id"], ids["end_latent_id"], ids["latent_id"]]
     targets = {}
     for name in RUN_LORA.target_modules:
         a, b = np.asarray(getattr(lora, f"{name}_a")[...]), np.asarray(getattr(lora, f"{name}_b")[...])
@@ -247,7 +249,8 @@ class OfficialWrapper(torch.nn.Module):
 
 def to_hub_layout(key):
     """transformers 5 in-memory names -> the names transformers 4.51 used (the official environment)."""
-    return key.replace(".model.model.language_model.", ".model.model.").replace(".model.model.visual.", ".model.visual.")
+    key = key.replace(".model.model.language_model.", ".model.model.")
+    return key.replace(".model.model.visual.", ".model.visual.")
 
 
 OFFICIAL_VARIANTS = {  # transformers 5 keys, alpha 16 (the default) | DeepSpeed prefix, 4.51 keys, legacy format
@@ -274,7 +277,8 @@ def official(request, base, tmp_path_factory):
     for t in (ids["start_latent_id"], ids["end_latent_id"], ids["latent_id"]):
         head[t] = head[ids["copy_from"]]
     state = OfficialWrapper(model).state_dict()
-    assert "base_causallm.base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight" in state
+    assert ("base_causallm.base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight"
+            in state)
     if opts["hub"]:
         state = {to_hub_layout(k): v for k, v in state.items()}
         assert "base_causallm.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight" in state
@@ -293,7 +297,8 @@ def latent_qwen_batch(ids, latents, seed=0):
     span = lambda k: [ids["vision_start_token_id"]] + [ids["image_token_id"]] * k + [ids["vision_end_token_id"]]
     text = lambda k: list(rng.integers(3, ids["text_vocab"], k))
     questions = [text(3) + span(n_img[0]) + text(5), text(1) + span(n_img[1]) + text(2)]
-    batch = latent_batch(rng, questions, list(latents), [6, 4], ids["latent_id"], ids["eos_token_id"], ids["text_vocab"])
+    batch = latent_batch(rng, questions, list(latents), [6, 4], ids["latent_id"], ids["eos_token_id"],
+                         ids["text_vocab"])
     return batch | {"pixel_values": pv, "image_grid_thw": grid}
 
 
@@ -313,7 +318,8 @@ def test_official_pth_import_matches_the_oracle(base, official, tmp_path):
     model = from_pretrained(out)
     assert model.config.vocab_size == ids["vocab_size"]
     processor = load_processor(out)
-    assert len(processor.tokenizer) == ids["vocab_size"] and special_token_ids(processor)["latent_id"] == ids["latent_id"]
+    assert len(processor.tokenizer) == ids["vocab_size"]
+    assert special_token_ids(processor)["latent_id"] == ids["latent_id"]
     # our latent forward on the import = the PyTorch oracle's on PEFT's merge_and_unload(): rows with 3 and 1
     # latents, 3 x 3 patches > row 2's 8 image tokens (its last pass is filled with picked patches)
     cfg = LatentConfig(ids["latent_id"], 3)
@@ -349,13 +355,15 @@ def test_official_pth_errors_name_the_file_and_the_keys(base, official, tmp_path
     partial = tmp_path / "missing.pth"
     torch.save({k: v for k, v in state.items() if k not in dropped}, partial)
     with pytest.raises(WeightLoadError, match=r"missing\.pth: 2 missing tensor\(s\): "
-                                              r"model\.layers\.1\.post_attention_layernorm\.weight, visual\.blocks\.0\.norm1\.bias"):
+                                              r"model\.layers\.1\.post_attention_layernorm\.weight, "
+                                              r"visual\.blocks\.0\.norm1\.bias"):
         import_official(partial, folder, tmp_path / "o2")
     no_b = [k for k in state if k.endswith("layers.2.mlp.down_proj.lora_B.default.weight")]
     torch.save({k: v for k, v in state.items() if k not in no_b}, partial)
     with pytest.raises(OfficialCheckpointError, match=r"layers\.2\.mlp\.down_proj' has lora_A .* but no lora_B"):
         import_official(partial, folder, tmp_path / "o3")
-    with pytest.raises(OfficialCheckpointError, match=f"--lora-rank 7 but the lora_A matrices have rank {official[2]['rank']}"):
+    rank = official[2]["rank"]
+    with pytest.raises(OfficialCheckpointError, match=f"--lora-rank 7 but the lora_A matrices have rank {rank}"):
         import_official(path, folder, tmp_path / "o4", lora_rank=7)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")

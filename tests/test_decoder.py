@@ -83,5 +83,6 @@ def test_loading_does_not_import_torch(tiny_qwen2vl):
         f"from_pretrained({str(tiny_qwen2vl[0])!r}); "
         "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"JAX_PLATFORMS": "cpu", "PATH": ""})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr

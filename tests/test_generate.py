@@ -60,8 +60,8 @@ def test_generation_matches_oracle_and_batch_of_one(request, family, k):
     for i, single in enumerate(singles):
         alone = run(model, single, latent, k)
         np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(alone.tokens[0]))
-        np.testing.assert_array_equal(np.asarray(batched.selected[:, i]) - (both["input_ids"].shape[1] - single["input_ids"].shape[1]),
-                                      np.asarray(alone.selected[:, 0]))
+        shift = both["input_ids"].shape[1] - single["input_ids"].shape[1]
+        np.testing.assert_array_equal(np.asarray(batched.selected[:, i]) - shift, np.asarray(alone.selected[:, 0]))
         assert np.asarray(alone.tokens[0]).tolist() == oracle_generate(hf, family, single, k, N_NEW)
 
 

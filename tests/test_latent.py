@@ -193,7 +193,8 @@ def test_sharded_step_equals_unsharded(tiny_qwen2vl, qwen):
     rules = ShardingRules(make_mesh(data=2, fsdp=2, tensor=1))
     sharded = from_pretrained(tiny_qwen2vl[0], rules=rules)
     sh = rules.sharding(("batch", "length"), batch4["input_ids"].shape)
-    jb = {k: (jax.device_put(v, sh) if k in ("input_ids", "attention_mask", "labels", "position_ids") else jnp.asarray(v))
+    token_keys = ("input_ids", "attention_mask", "labels", "position_ids")
+    jb = {k: (jax.device_put(v, sh) if k in token_keys else jnp.asarray(v))
           for k, v in batch4.items() if k != "latent_token_id"}
     _, first = latent_layout(batch4["input_ids"], QWEN_LATENT)
     loss_s, aux_s, grads_s = loss_and_grads(sharded, jb, cfg, 2, batch4["input_ids"].shape[1], first - 1)

@@ -62,8 +62,8 @@ def test_rope_index_matches_transformers(tiny_qwen2vl, flax_model, left_pad):
     n = (grid.prod(-1) // 4).tolist()
     span = lambda k: [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * k + [hf_tiny.VISION_END]
     text = lambda k: list(rng.integers(0, hf_tiny.TEXT_VOCAB, k))
-    ids, mask = hf_tiny.pad_rows([text(3) + span(n[0]) + text(2) + span(n[1]) + text(4), text(1) + span(n[2]) + text(2)],
-                                 left_pad)
+    rows = [text(3) + span(n[0]) + text(2) + span(n[1]) + text(4), text(1) + span(n[2]) + text(2)]
+    ids, mask = hf_tiny.pad_rows(rows, left_pad)
     ref_pos, ref_delta = hf.model.get_rope_index(
         torch.tensor(ids), torch.tensor((ids == hf_tiny.IMAGE_TOKEN).astype(np.int64)), torch.tensor(grid), None,
         torch.tensor(mask))
@@ -95,7 +95,8 @@ def test_greedy_generation_matches_transformers_generate(tiny_qwen2vl, flax_mode
     with torch.no_grad():
         ref = hf.generate(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pv),
-            image_grid_thw=torch.tensor(grid), mm_token_type_ids=torch.tensor((ids == hf_tiny.IMAGE_TOKEN).astype(np.int64)),
+            image_grid_thw=torch.tensor(grid),
+            mm_token_type_ids=torch.tensor((ids == hf_tiny.IMAGE_TOKEN).astype(np.int64)),
             max_new_tokens=20, min_new_tokens=20, do_sample=False,
         )[:, ids.shape[1]:].numpy()
     ours = np.asarray(greedy_generate(flax_model, ids, mask, pixel_values=pv, image_grid_thw=grid,

@@ -136,8 +136,9 @@ def test_chameleon_trains_exports_and_evaluates(tmp_path):
     config = ChameleonConfig.from_hf({
         "model_type": "chameleon", "vocab_size": ids["vocab_size"], "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "eos_token_id": ids["eos_token_id"],
-        "vq_config": {"embed_dim": 16, "num_embeddings": 64, "latent_channels": 16, "resolution": 32, "base_channels": 32,
-                      "channel_multiplier": [1, 1, 2], "num_res_blocks": 1, "attn_resolutions": []},
+        "vq_config": {"embed_dim": 16, "num_embeddings": 64, "latent_channels": 16, "resolution": 32,
+                      "base_channels": 32, "channel_multiplier": [1, 1, 2], "num_res_blocks": 1,
+                      "attn_resolutions": []},
         "vocabulary_map": {"<image>": image_id, **dict(zip(code_tokens, code_ids))},
     })
     save_hf(Chameleon(config, rngs=nnx.Rngs(0)), model_dir)
@@ -146,7 +147,8 @@ def test_chameleon_trains_exports_and_evaluates(tmp_path):
         "name": "cham", "save_path": str(tmp_path / "runs"),
         "model": {"model_id": str(model_dir), "dtype": "float32", "param_dtype": "float32", "remat": "none"},
         "latent": {"num_selected_patches": 4},
-        "data": {"dataset": "m3cot", "source": str(data), "length_buckets": [192, 256, 320], "prefix_buckets": [128, 192]},
+        "data": {"dataset": "m3cot", "source": str(data), "length_buckets": [192, 256, 320],
+                 "prefix_buckets": [128, 192]},
         "curriculum": {"epochs_per_stage": 1, "max_latent_stage": 1},
         "optim": {"lr": 1e-3, "gradient_accumulation_steps": 1},
         "lora": {"enabled": True, "rank": 4, "alpha": 8},
@@ -159,9 +161,9 @@ def test_chameleon_trains_exports_and_evaluates(tmp_path):
                        log=lambda *_: None)
     assert summary["examples"] == 4 and 0.0 <= summary["accuracy_strict"] <= 1.0
     # the official evaluation prompt: BOS and image markers before [Question]:, separator after the latents
-    official = evaluate(result.exports[-1], EvalConfig("m3cot", str(data), "test", num_latents=1, num_selected_patches=4,
-                                                       batch_size=4, max_new_tokens=6, prompt_format="official"),
-                        tmp_path / "eval_official.jsonl", log=lambda *_: None)
+    official_cfg = EvalConfig("m3cot", str(data), "test", num_latents=1, num_selected_patches=4, batch_size=4,
+                              max_new_tokens=6, prompt_format="official")
+    official = evaluate(result.exports[-1], official_cfg, tmp_path / "eval_official.jsonl", log=lambda *_: None)
     assert official["examples"] == 4 and official["prompt_format"] == "official"
     records = [json.loads(line) for line in (tmp_path / "eval_official.jsonl").read_text().splitlines()]
     assert all("\nA.{" in r["prompt"] and r["prompt"].rstrip().endswith("Answer:") for r in records)

@@ -209,8 +209,8 @@ def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images
     suffix: list[int] = []
     try:
         if prompt_format == "official":
-            question_ids, image, suffix = encoder.official_prompt(module.official_eval_text(text.question, text.choices),
-                                                                  data)
+            official_text = module.official_eval_text(text.question, text.choices)
+            question_ids, image, suffix = encoder.official_prompt(official_text, data)
         else:
             question_ids, image = encoder.prompt(module.prompt_text(text.question, text.choices,
                                                                     encoder.image_placeholder), data)

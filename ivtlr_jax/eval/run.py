@@ -115,8 +115,8 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
             f.flush()
     elapsed = time.perf_counter() - start
     summary = summarize(out_file, cfg.dataset)
-    summary.update(time_per_example_s=elapsed / max(len(todo), 1), generated_tokens_per_s=gen_tokens / max(elapsed, 1e-9),
-                   prompt_format=cfg.prompt_format)
+    summary.update(time_per_example_s=elapsed / max(len(todo), 1),
+                   generated_tokens_per_s=gen_tokens / max(elapsed, 1e-9), prompt_format=cfg.prompt_format)
     out_file.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

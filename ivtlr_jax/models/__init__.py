@@ -118,5 +118,5 @@ def from_pretrained(
     return nnx.merge(graphdef, state)
 
 
-__all__ = ["FAMILIES", "Chameleon", "ChameleonConfig", "Qwen2VL", "Qwen2VLConfig", "ShardingRules", "WeightLoadError", "from_pretrained",
-           "make_mesh", "read_config"]
+__all__ = ["FAMILIES", "Chameleon", "ChameleonConfig", "Qwen2VL", "Qwen2VLConfig", "ShardingRules", "WeightLoadError",
+           "from_pretrained", "make_mesh", "read_config"]

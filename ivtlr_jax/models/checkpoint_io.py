@@ -48,7 +48,8 @@ def restore_params(directory: str | Path, abstract_state: nnx.State, shardings=N
         for p, v in variables.items()
     }
     with ocp.StandardCheckpointer() as ckpt:
-        stored = flatten_tree(ckpt.metadata(directory).item_metadata.tree if hasattr(ckpt.metadata(directory), "item_metadata") else ckpt.metadata(directory))
+        metadata = ckpt.metadata(directory)
+        stored = flatten_tree(metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata)
         missing = sorted(".".join(p) for p in set(target) - set(stored))
         unexpected = sorted(".".join(p) for p in set(stored) - set(target))
         bad = [

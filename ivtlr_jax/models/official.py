@@ -147,7 +147,8 @@ def parse_state_dict(sd: dict, rename, origin: str) -> ParsedCheckpoint:
             problems.append(f"LoRA module {module!r} has no base weight ({module}.base_layer.weight)")
             continue
         (_, a), (_, b) = ab["A"], ab["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or tuple(base[name].shape) != (b.shape[0], a.shape[1]):
+        if (a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]
+                or tuple(base[name].shape) != (b.shape[0], a.shape[1])):
             problems.append(f"LoRA module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not "
                             f"fit the base weight {list(base[name].shape)}")
             continue

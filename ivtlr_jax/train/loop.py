@@ -146,7 +146,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
         f"train rows {len(examples)} ({report}) | global batch {global_batch} x accumulation {accum} | "
         f"{micro_per_epoch} micro-batches per epoch | memory per device {device_memory()}")
     for stage in sorted({stage_of_epoch(e, curriculum) for e in range(cfg.train.num_epochs)}):
-        log(f"  stage {stage}: epochs {[e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, curriculum) == stage]}")
+        epochs = [e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, curriculum) == stage]
+        log(f"  stage {stage}: epochs {epochs}")
 
     steps_cache: dict = {}
     compiled: set = set()
@@ -203,12 +204,14 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                           "latents": n, "compilations": len(compiled)}
                 metrics_file.write(json.dumps(record) + "\n")
                 bar.update(1)
-                bar.set_postfix(stage=stage, loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:.0f}", compiles=len(compiled))
+                bar.set_postfix(stage=stage, loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:.0f}",
+                                compiles=len(compiled))
                 if bar.disable and micro_step % cfg.train.log_every == 0:  # no progress bar off a terminal
                     log(f"step {micro_step}/{total_micro} epoch {epoch} stage {stage} loss {loss:.4f} "
                         f"tokens/s {tokens / elapsed:.0f} compilations {len(compiled)}")
                 opt_step_done = micro_step % accum == 0
-                if opt_step_done and cfg.train.save_every_steps and (micro_step // accum) % cfg.train.save_every_steps == 0:
+                every = cfg.train.save_every_steps
+                if opt_step_done and every and (micro_step // accum) % every == 0:
                     ckpt.save(micro_step, trainable, opt_state,
                               {"epoch": epoch, "batch_index": index + 1, "micro_step": micro_step})
             stage_ends = (epoch + 1) % curriculum.epochs_per_stage == 0 or epoch + 1 == cfg.train.num_epochs

@@ -64,7 +64,8 @@ class ChameleonConfig:
             qk_layernorm=True,
             swin_norm=bool(d.get("swin_norm", False)),
         )
-        v = {k: val for k, val in (d.get("vq_config") or {}).items() if k in {f.name for f in dataclasses.fields(VQConfig)}}
+        vq_fields = {f.name for f in dataclasses.fields(VQConfig)}
+        v = {k: val for k, val in (d.get("vq_config") or {}).items() if k in vq_fields}
         for key in ("channel_multiplier", "attn_resolutions"):
             if key in v:
                 v[key] = tuple(v[key] or ())

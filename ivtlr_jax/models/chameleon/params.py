@@ -71,7 +71,8 @@ def vq_specs(config: ChameleonConfig) -> dict[tuple[str, ...], WeightSpec]:
     latent = 2 * vq.latent_channels if vq.double_latent else vq.latent_channels
     specs |= _conv((*root, "conv_out"), hf + ".conv_out", cin, latent, 3)
     specs |= _conv((*root, "quant_conv"), "model.vqmodel.quant_conv", vq.latent_channels, vq.embed_dim, 1)
-    specs[(*root, "codebook_ke")] = WeightSpec("model.vqmodel.quantize.embedding.weight", (vq.num_embeddings, vq.embed_dim))
+    specs[(*root, "codebook_ke")] = WeightSpec("model.vqmodel.quantize.embedding.weight",
+                                               (vq.num_embeddings, vq.embed_dim))
     return specs
 
 

@@ -181,11 +181,11 @@ def run_decoder(
     """Scan the stacked layers over h [B, T, D].
 
     Without a cache, keys are the T inputs themselves and mask is [B, T, T]. With `cache_kv` (k [L, B, K,
-    S, H], v [L, B, K, H, S], see kv_cache.py) the T new keys/values are written at slot `write_index` and queries attend over
-    all S slots under mask [B, T, S]. `prob_rows` [B] picks, per example, the query whose head-averaged
-    attention probabilities are returned per layer. `dropout_key`: LoRA dropout (training), folded with
-    the layer index. `unroll`: unroll the layer loop (only for cost analysis: XLA counts a loop body
-    once, whatever its trip count).
+    S, H], v [L, B, K, H, S], see kv_cache.py) the T new keys/values are written at slot `write_index` and
+    queries attend over all S slots under mask [B, T, S]. `prob_rows` [B] picks, per example, the query
+    whose head-averaged attention probabilities are returned per layer. `dropout_key`: LoRA dropout
+    (training), folded with the layer index. `unroll`: unroll the layer loop (`scan_layers=False`: faster
+    for shallow models; and for cost analysis, since XLA counts a loop body once, whatever its trip count).
     """
     graphdef, state = nnx.split(layers)
     if write_index is not None:

@@ -87,6 +87,10 @@ def _expand(spec: WeightSpec, stacked: int | None) -> list[str]:
     return [spec.hf_name.format(i=i) for i in range(stacked)] if stacked else [spec.hf_name]
 
 
+def _first_names(names: list[str], limit: int = 20) -> str:
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
 def load_params(
     abstract_state: nnx.State,
     specs: dict[Path, WeightSpec],
@@ -117,11 +121,9 @@ def load_params(
     unexpected = sorted(available - set(needed))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        problems.append(f"{len(missing)} missing tensor(s): {_first_names(missing)}")
     if unexpected:
-        problems.append(
-            f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}"
-        )
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_first_names(unexpected)}")
     for name, path in needed.items():
         if name not in available:
             continue
