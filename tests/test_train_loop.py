@@ -168,3 +168,14 @@ def test_chameleon_trains_exports_and_evaluates(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "eval_official.jsonl").read_text().splitlines()]
     assert all("\nA.{" in r["prompt"] and r["prompt"].rstrip().endswith("Answer:") for r in records)
     assert all(len(step) == 4 for r in records for step in r["selected_patches"])
+
+
+def test_lookahead_hands_over_the_value_or_the_error_later():
+    from ivtlr_jax.train.loop import Lookahead
+
+    calls = []
+    ready = Lookahead(lambda i: calls.append(i) or i * 10, 3)
+    assert calls == [3] and ready.result() == 30  # computed at once, handed over later
+    failed = Lookahead(lambda i: [][i], 5)  # an IndexError while preparing is not raised yet
+    with pytest.raises(IndexError):
+        failed.result()

@@ -170,20 +170,20 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
             window_tokens = accumulation_window_tokens(examples, order, stage, curriculum, latent_cfg.latent_token_id,
                                                        global_batch, accum)
             first = start_index if epoch == start_epoch else 0
+
+            def prepare(index: int) -> PreparedBatch:
+                rows = [examples[i] for i in order[index * global_batch : (index + 1) * global_batch]]
+                features = [(*stage_tokens(ex, stage, curriculum, latent_cfg.latent_token_id), ex.image) for ex in rows]
+                return prepare_batch(features, latent_cfg.latent_token_id, pad_id, cfg.data, rules)
+
+            upcoming = Lookahead(prepare, first)
             tick = time.perf_counter()
             for index in range(first, micro_per_epoch):
                 if max_steps is not None and done_here >= max_steps:
                     return TrainResult(run_dir, micro_step, exports, losses)
-                rows = [examples[i] for i in order[index * global_batch : (index + 1) * global_batch]]
-                features = [(*stage_tokens(ex, stage, curriculum, latent_cfg.latent_token_id), ex.image) for ex in rows]
-                batch, n, prefix_len = collate(features, latent_id=latent_cfg.latent_token_id, pad_id=pad_id,
-                                               length_buckets=cfg.data.length_buckets,
-                                               prefix_buckets=cfg.data.prefix_buckets)
-                frame_len = uniform_frame_len(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
-                shared = shared_prefix_bound(prefix_len, cfg.data.prefix_buckets) if n else 0
-                signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), n, prefix_len, frame_len)
-                compiled.add(signature)
-                batch = jax.device_put(batch, batch_shardings(batch, rules))
+                current = upcoming.result()  # raises here what preparing this micro-batch raised
+                batch = current.batch
+                compiled.add(current.signature)
                 if "sharded" not in steps_cache:
                     steps_cache["sharded"] = make_train_step(
                         graphdef, tx, step_cfg, rules=rules,
@@ -191,7 +191,10 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 denominator = jnp.float32(max(window_tokens[index // accum] / accum, 1.0))
                 key = jax.random.fold_in(base_key, micro_step)
                 trainable, opt_state, m = steps_cache["sharded"](trainable, frozen, opt_state, batch, key, denominator,
-                                                                 n, prefix_len, frame_len, shared)
+                                                                 *current.static)
+                # the step runs asynchronously: build and transfer the next micro-batch meanwhile
+                upcoming = Lookahead(prepare, index + 1) if index + 1 < micro_per_epoch else upcoming
+                n = current.static[0]
                 micro_step += 1
                 done_here += 1
                 loss = float(m["loss"])
@@ -227,6 +230,40 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
         metrics_file.close()
         ckpt.close()
     return TrainResult(run_dir, micro_step, exports, losses)
+
+
+@dataclasses.dataclass
+class PreparedBatch:
+    """A collated micro-batch on its devices, with the step's static arguments."""
+    batch: dict
+    static: tuple  # (num_latents, prefix_len, frame_len, shared_prefix)
+    signature: tuple  # the shapes and static arguments: one compilation each
+
+
+def prepare_batch(features, latent_id: int, pad_id: int, data_cfg, rules: ShardingRules) -> PreparedBatch:
+    batch, n, prefix_len = collate(features, latent_id=latent_id, pad_id=pad_id,
+                                   length_buckets=data_cfg.length_buckets, prefix_buckets=data_cfg.prefix_buckets)
+    frame_len = uniform_frame_len(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
+    shared = shared_prefix_bound(prefix_len, data_cfg.prefix_buckets) if n else 0
+    signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), n, prefix_len, frame_len)
+    return PreparedBatch(jax.device_put(batch, batch_shardings(batch, rules)), (n, prefix_len, frame_len, shared),
+                         signature)
+
+
+class Lookahead:
+    """`fn(index)` called now; its result, or the error it raised, handed over by `result()` later (so an
+    error surfaces where the micro-batch is used, after the previous step's metrics and checkpoint)."""
+
+    def __init__(self, fn, index: int):
+        try:
+            self._value, self._error = fn(index), None
+        except Exception as e:  # re-raised unchanged by result()
+            self._value, self._error = None, e
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def accumulation_window_tokens(examples, order, stage, curriculum, latent_id, global_batch, accum) -> list[int]:
