@@ -28,13 +28,15 @@ neither side runs the vision tower's backward; with `--train full` every paramet
 
 The goals: oracle/ivtlr >= 3x (the latent loop is fast) and ivtlr/plain <= 1.4x (the latent chain
 costs little next to the training forward + backward it feeds). With `--breakdown` two more are timed:
-the JAX chain alone (vision tower + prefill + n latent passes, forward only), where the ivtlr overhead
-over plain goes; and the torch step on the plain batch (`oracle_ivtlr` without latents + backward),
-which bounds what the oracle's latent passes cost and so the best oracle/ivtlr possible.
+the JAX chain alone (vision tower + prefill of the whole question + n latent passes, forward only; in
+the step the question's slots are shared with the final pass, so this bounds the ivtlr overhead over
+plain); and the torch step on the plain batch (`oracle_ivtlr` without latents + backward), which bounds
+what the oracle's latent passes cost and so the best oracle/ivtlr possible.
 
 Each JAX step's first call (trace + XLA compile + one run) is reported as "compile"; the torch step
 gets one warm-up call. Then the median of `--repeats` rounds in which the calls alternate, so all see
-the same machine load. The JAX loss is checked against the oracle's (fp32: relative diff ~1e-6).
+the same machine load. The JAX loss is checked against the oracle's (fp32: relative diff ~1e-6; with
+LoRA, B starts at zero, so the dropout masks, which differ between the sides, do not change the loss).
 Compare ratios, not milliseconds, across machines. JAX runs on its default platform (printed).
 
 With `--unroll-layers` the model is loaded with scan_layers=False (layers unrolled: the faster choice for
