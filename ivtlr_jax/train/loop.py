@@ -176,13 +176,13 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 features = [(*stage_tokens(ex, stage, curriculum, latent_cfg.latent_token_id), ex.image) for ex in rows]
                 return prepare_batch(features, latent_cfg.latent_token_id, pad_id, cfg.data, rules)
 
-            upcoming = Lookahead(prepare, first)
+            upcoming = Lookahead(prepare, first) if first < micro_per_epoch else None
             tick = time.perf_counter()
             for index in range(first, micro_per_epoch):
                 if max_steps is not None and done_here >= max_steps:
                     return TrainResult(run_dir, micro_step, exports, losses)
                 current = upcoming.result()  # raises here what preparing this micro-batch raised
-                batch = current.batch
+                batch, n = current.batch, current.static[0]
                 compiled.add(current.signature)
                 if "sharded" not in steps_cache:
                     steps_cache["sharded"] = make_train_step(
@@ -192,9 +192,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 key = jax.random.fold_in(base_key, micro_step)
                 trainable, opt_state, m = steps_cache["sharded"](trainable, frozen, opt_state, batch, key, denominator,
                                                                  *current.static)
-                # the step runs asynchronously: build and transfer the next micro-batch meanwhile
-                upcoming = Lookahead(prepare, index + 1) if index + 1 < micro_per_epoch else upcoming
-                n = current.static[0]
+                if index + 1 < micro_per_epoch:  # the step runs asynchronously: prepare the next one meanwhile
+                    upcoming = Lookahead(prepare, index + 1)
                 micro_step += 1
                 done_here += 1
                 loss = float(m["loss"])

@@ -37,7 +37,7 @@ def token_einsum(eq: str, x: jax.Array, w: jax.Array, **kwargs) -> jax.Array:
 
 
 def _mix32(x: jax.Array) -> jax.Array:
-    """A bijective 32-bit integer hash with full avalanche (Wellons' "lowbias32")."""
+    """A bijective, well-mixing 32-bit integer hash (Wellons' "lowbias32")."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x7FEB352D)
     x = x ^ (x >> 15)
@@ -52,7 +52,7 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> ja
     hashed with them, `mix(mix(index ^ s0) ^ s1)`; an element is dropped when its hash is below
     round(rate * 2^32), so the drop probability is `rate` within 2^-32. On XLA CPU this is about 10x
     cheaper than `jax.random.bernoulli` (threefry bits for every element cost more than the LoRA
-    matmuls themselves: ~40% of a LoRA training step), and the index is an iota, so the mask shards
+    matmuls themselves: ~30% of a LoRA training step), and the index is an iota, so the mask shards
     like any elementwise op. The hash is a bijection of the index for fixed seeds, so within one mask
     the draws are a sample without replacement from 2^32 values: indistinguishable from independent
     draws at these sizes."""
@@ -60,7 +60,7 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> ja
     if size > 2**32:
         raise ValueError(f"dropout mask of {size} elements is over the 2^32 counter range")
     s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
-    index = jax.lax.iota(jnp.uint32, size).reshape(shape) if shape else jnp.zeros((), jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
     threshold = jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
     return _mix32(_mix32(index ^ s0) ^ s1) >= threshold
 
