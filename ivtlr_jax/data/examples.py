@@ -209,6 +209,26 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def blend_rgba(image):
+    """Chameleon's conversion to RGB: transformers 4.51.3's `ChameleonImageProcessor.blend_rgba`, which the
+    official code ran (REFERENCE 5). Any mode but RGB goes through RGBA; when some alpha is below 255 it
+    is blended onto white in float64, (1 - a) * 255 + a * rgb with a = alpha / 255, truncated to uint8
+    (this covers RGBA, LA and palette images with transparency alike). The result is a plain RGB image
+    without a "transparency" entry, so no processor applies its own alpha handling afterwards."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        rgb = np.asarray(image)  # [H, W, 3]; a tRNS colour key is ignored, as 4.51.3 does
+    else:
+        rgba = np.array(image.convert("RGBA"))  # [H, W, 4] uint8
+        if not (rgba[:, :, 3] < 255).any():
+            rgb = np.asarray(image.convert("RGB"))
+        else:
+            alpha = rgba[:, :, 3:] / 255.0  # [H, W, 1] float64
+            rgb = ((1 - alpha) * 255 + alpha * rgba[:, :, :3]).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(rgb))
+
+
 class LazyImage(Mapping):
     """A read-only mapping of processed image arrays, computed from the encoded bytes on each access
     (`process(bytes) -> dict`). Holds only the bytes; `dict(lazy)` materialises it."""
@@ -300,7 +320,8 @@ class QwenEncoder:
 class ChameleonEncoder:
     """Chameleon: no chat format; `<image>` x N (N = processor.image_seq_length, 1024 for 7B) sits at
     the start of the question inside its braces; the image goes through the processor's image
-    processor (512x512 for 7B) and the prompt through the tokenizer without special tokens."""
+    processor (512x512 for 7B) after `blend_rgba` (transformers 4.51.3's alpha blend, whatever
+    transformers is installed) and the prompt through the tokenizer without special tokens."""
 
     family = "chameleon"
     image_keys = ("pixel_values",)
@@ -314,7 +335,7 @@ class ChameleonEncoder:
         self.image_token_id = tokenizer_of(processor).convert_tokens_to_ids(token)
 
     def process_image(self, data: bytes) -> dict[str, np.ndarray]:
-        out = self.processor.image_processor(images=[decode_image(data)], return_tensors="np")
+        out = self.processor.image_processor(images=[blend_rgba(decode_image(data))], return_tensors="np")
         return {"pixel_values": np.asarray(out["pixel_values"], np.float32)[0]}
 
     def prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray]]:
