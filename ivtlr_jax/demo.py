@@ -21,7 +21,7 @@ from flax import nnx
 from .config import load_config
 from .data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_token_ids, synthetic_corpus,
                    synthetic_rows)
-from .eval.run import EvalConfig, evaluate
+from .eval.run import eval_config_from_run, evaluate
 from .models import Qwen2VL, Qwen2VLConfig
 from .models.export import save_hf
 from .train.loop import train
@@ -76,9 +76,9 @@ def main(argv=None) -> None:
     out = cfg.run_dir / "eval_test.jsonl"
     if out.exists():
         out.unlink()
-    summary = evaluate(final, EvalConfig("m3cot", cfg.data.source, cfg.data.eval_split, num_latents=3,
-                                         num_selected_patches=cfg.latent.num_selected_patches, batch_size=16,
-                                         max_new_tokens=48), out, save_attention=cfg.run_dir / "attention")
+    # the run config's data, latent settings and dtype (configs/tiny.yaml: float32)
+    summary = evaluate(final, eval_config_from_run(cfg, num_latents=3, batch_size=16, max_new_tokens=48), out,
+                       save_attention=cfg.run_dir / "attention")
     print(json.dumps(summary, indent=2))
     print(f"accuracy after the last stage: {summary['accuracy_strict']:.3f} (strict), "
           f"{summary['accuracy_official']:.3f} (official scoring); chance {1 / NUM_CHOICES:.3f}")

@@ -2,29 +2,56 @@
 section 4), one JSON line per example, a summary, optional pictures of the selected patches.
 
 Prompts are `question + <|latent|> x num_latents` in the training format (the default; REFERENCE 4/5),
-left-padded to a length bucket so that batches compile once per bucket. Re-running with the same
-output file skips the examples already written (resumable).
+left-padded to a length bucket so that batches compile once per bucket.
+
+- Precision: the model runs in `EvalConfig.dtype` (the run config's `model.dtype`; the official
+  evaluation uses bfloat16) with its weights stored in `param_dtype` (default: the same).
+- Devices: each batch's rows are split over the local devices (a 1-D `data` mesh, parameters
+  replicated); a short batch is filled with copies of its last row, whose outputs are dropped. Rows
+  are independent, so in float32 the records equal a one-device run's (`EvalConfig.devices=1`); in
+  bfloat16 they match up to rounding, which varies with the rows per device as with any batch size.
+- Resuming: the setup (model folder, a fingerprint of its weights and tokenizer files, data, prompt
+  format, latents, K, patch order, RoPE, dtypes, sampling, limit) is written beside the output before
+  the first record (`setup_path`: eval_test.jsonl -> eval_test.setup.json). Re-running with the same
+  output skips the examples already written when the setup is the same, and refuses (naming the
+  differing keys) when it is not. A torn last line (a crash mid-write) is cut off and its example
+  redone. The summary counts skipped rows by reason (no image, ..., already done).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import struct
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..data import load_examples, load_processor, materialize, special_token_ids
 from ..data.collate import smallest_bucket
 from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
-from ..models import from_pretrained, read_config
+from ..models import ShardingRules, from_pretrained, make_mesh, read_config, resolve_folder
+from ..train.step import batch_shardings
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
 
 FAMILY_OF = {"qwen2_vl": "qwen2vl", "chameleon": "chameleon"}
+DTYPES = ("float32", "bfloat16", "float16")
+SETUP_VERSION = 1
+# setup keys that describe but do not decide: the weights' fingerprint identifies the model, so a
+# moved or copied folder still resumes
+INFORMATIVE_KEYS = ("model",)
+
+
+class EvalSetupError(ValueError):
+    """An output file that cannot be resumed with this setup (or cannot be read)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +63,40 @@ class EvalConfig:
     num_selected_patches: int = 32
     patch_order: str = "score"
     rope: str = "1d"
-    batch_size: int = 8
+    batch_size: int = 8  # rows per batch over all devices (rounded up to a multiple of the device count)
     max_new_tokens: int = 512
     limit: int | None = None
     length_buckets: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
     scan_layers: bool = True  # see DecoderLM
     prompt_format: str = "train"  # or "official": the official evaluation scripts' prompts (data.load_examples)
+    dtype: str = "bfloat16"  # compute dtype (REFERENCE 4: the official evaluation runs in bfloat16)
+    param_dtype: str | None = None  # storage dtype of the weights (None: dtype)
+    devices: int | None = None  # local devices to split each batch's rows over (None: all)
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"eval config: {name}={value!r} is not supported; choose from {list(DTYPES)}")
+        if self.devices is not None and self.devices < 1:
+            raise ValueError(f"eval config: devices={self.devices}; must be >= 1 (or None for all local devices)")
+        if self.batch_size < 1:
+            raise ValueError(f"eval config: batch_size={self.batch_size}; must be >= 1")
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.param_dtype or self.dtype
+
+
+def eval_config_from_run(cfg, **overrides) -> EvalConfig:
+    """An EvalConfig from a run configuration (`config.RunConfig`): its data, latent settings, layer
+    scanning and dtypes (`model.dtype`, `model.param_dtype`); `overrides` replace any field."""
+    base = dict(dataset=cfg.data.dataset, source=cfg.data.source, split=cfg.data.eval_split,
+                num_selected_patches=cfg.latent.num_selected_patches, patch_order=cfg.latent.patch_order,
+                rope=cfg.latent.rope, scan_layers=cfg.model.scan_layers, dtype=cfg.model.dtype,
+                param_dtype=cfg.model.param_dtype)
+    base.update(overrides)
+    return EvalConfig(**base)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, buckets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,27 +116,204 @@ def stack_images(images: list[dict]) -> dict:
             for k in keys}
 
 
+# ---- the setup an output belongs to --------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".msgpack")
+SETUP_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "ivtlr_jax.json")
+SMALL_FILE = 8 << 20  # files up to this size are hashed whole
+SAMPLE = 256  # bytes read at each sampled place
+SAMPLES_PER_FILE = 256  # evenly spaced samples of a large file that is not safetensors
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """A sha256 over the model folder's weight, config and tokenizer files, cheap at any size: small
+    files whole; a safetensors file's size, header (every tensor's name, dtype, shape and offsets) and
+    the first, middle and last 256 bytes of every tensor; any other large file (e.g. orbax data) its
+    size and 256 evenly spaced samples. A fine-tuned or merged model changes every tensor it trains,
+    so a sample of every tensor tells stage exports apart; a full hash of a 7B model would read 15 GB."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and (
+        p.name in SETUP_FILES or p.suffix in WEIGHT_SUFFIXES or "flax_params" in p.relative_to(folder).parts))
+    if not any(p.suffix in WEIGHT_SUFFIXES or "flax_params" in p.relative_to(folder).parts for p in files):
+        raise EvalSetupError(f"{folder}: no weight files (*.safetensors or flax_params/) to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= SMALL_FILE:
+                digest.update(f.read())
+            elif path.suffix == ".safetensors":
+                _safetensors_samples(f, size, digest, path)
+            else:
+                for offset in np.linspace(0, max(size - SAMPLE, 0), SAMPLES_PER_FILE).astype(np.int64):
+                    f.seek(int(offset))
+                    digest.update(f.read(SAMPLE))
+    return digest.hexdigest()
+
+
+def _safetensors_samples(f, size: int, digest, path: Path) -> None:
+    head = f.read(8)
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise EvalSetupError(f"{path}: not a safetensors file (header length {n} > file size {size})")
+    header = f.read(n)
+    digest.update(head + header)
+    base = 8 + n
+    for name, info in sorted(json.loads(header).items()):
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        for offset in sorted({start, max(start, (start + end) // 2 - SAMPLE // 2), max(start, end - SAMPLE)}):
+            f.seek(base + offset)
+            digest.update(f.read(min(SAMPLE, end - offset)))
+
+
+def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> dict:
+    """What decides an output's records: two runs with equal setups write the same records."""
+    source = Path(cfg.source)
+    return {
+        "version": SETUP_VERSION,
+        "model": str(Path(model_dir).resolve()),
+        "weights_fingerprint": weights_fingerprint(model_dir),
+        "dataset": cfg.dataset,
+        "source": str(source.resolve()) if source.exists() else cfg.source,
+        "split": cfg.split,
+        "prompt_format": cfg.prompt_format,
+        "num_latents": cfg.num_latents,
+        "num_selected_patches": cfg.num_selected_patches,
+        "patch_order": cfg.patch_order,
+        "rope": cfg.rope,
+        "dtype": cfg.dtype,
+        "param_dtype": cfg.storage_dtype,
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "limit": cfg.limit,
+    }
+
+
+def setup_path(out_file: Path) -> Path:
+    return Path(out_file).with_suffix(".setup.json")
+
+
+def summary_path(out_file: Path) -> Path:
+    return Path(out_file).with_suffix(".summary.json")
+
+
+def setup_differences(recorded: dict, current: dict) -> list[str]:
+    keys = sorted((set(recorded) | set(current)) - set(INFORMATIVE_KEYS))
+    return [f"{k}: {recorded.get(k, '<absent>')!r} in the output, {current.get(k, '<absent>')!r} now"
+            for k in keys if recorded.get(k, "<absent>") != current.get(k, "<absent>")]
+
+
+def write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_records(out_file: Path, log=print) -> list[dict]:
+    """The records of an output file. A last line that is torn (not newline-terminated, or not JSON)
+    is cut off the file (logged) so that its example is redone; any other bad line is an error naming
+    the file and line."""
+    data = Path(out_file).read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: b"" when the file ends with a newline
+    records, keep, torn_line = [], 0, len(complete) + 1
+    for number, raw in enumerate(complete, 1):
+        if not raw.strip():
+            keep += len(raw) + 1
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            if number == len(complete) and not tail:  # the last line: torn
+                tail, torn_line = raw, number
+                break
+            raise EvalSetupError(f"{out_file}, line {number}: not a JSON record ({err}); the file is damaged "
+                                 f"(only a torn last line is repaired)") from None
+        if not isinstance(record, dict) or "id" not in record:
+            raise EvalSetupError(f"{out_file}, line {number}: a record without an 'id' key")
+        records.append(record)
+        keep += len(raw) + 1
+    if tail:
+        log(f"{out_file}: dropped a torn last line (line {torn_line}, {len(tail)} bytes, a run stopped "
+            f"while writing it); its example is redone")
+        os.truncate(out_file, keep)
+    return records
+
+
+def prepare_output(out_file: Path, setup: dict, example_ids: list[str], log=print) -> set[str]:
+    """Check an existing output against `setup` (refusing another setup's output) or start a new one by
+    writing the setup record; -> the ids already done."""
+    record_file = setup_path(out_file)
+    if out_file.exists() and out_file.stat().st_size > 0:
+        if not record_file.exists():
+            raise EvalSetupError(f"{out_file} holds results but has no setup record {record_file.name} beside it, so "
+                                 f"the model and settings that made it are unknown; write to another output or "
+                                 f"delete it")
+        try:
+            recorded = json.loads(record_file.read_text())
+        except json.JSONDecodeError as err:
+            raise EvalSetupError(f"{record_file}: not JSON ({err})") from None
+        differences = setup_differences(recorded, setup)
+        if differences:
+            raise EvalSetupError(f"{out_file} was written with another setup ({record_file}); differing: "
+                                 + "; ".join(differences) + ". Write to another output, or delete both files to "
+                                 "start over")
+        done = [r["id"] for r in read_records(out_file, log)]
+        foreign = sorted(set(done) - set(example_ids))
+        if foreign:
+            raise EvalSetupError(f"{out_file}: {len(foreign)} record(s) are not examples of {setup['source']} "
+                                 f"({setup['split']}) under this setup, e.g. {foreign[:3]}; the data changed")
+        return set(done)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record_file, setup)
+    out_file.write_text("")
+    return set()
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+def eval_mesh(devices: int | None):
+    """A 1-D `data` mesh over the first `devices` local devices (all when None)."""
+    local = jax.local_devices()
+    count = len(local) if devices is None else devices
+    if count > len(local):
+        raise ValueError(f"eval config: devices={count} but only {len(local)} local devices: {local}")
+    return make_mesh(data=count, devices=local[:count])
+
+
 def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, save_attention: str | Path | None = None,
              log=print) -> dict:
-    model_dir = Path(model_dir)
+    mesh = eval_mesh(cfg.devices)
+    rules = ShardingRules(mesh)
+    n_dev = mesh.devices.size
+    rows = -(-cfg.batch_size // n_dev) * n_dev  # a multiple of the device count
+    model_dir = resolve_folder(model_dir)
     family_obj, _, _ = read_config(model_dir)
     family = FAMILY_OF[family_obj.config_cls.model_type]
     processor = load_processor(model_dir)
     tok = getattr(processor, "tokenizer", processor)
     ids = special_token_ids(processor)
-    model = from_pretrained(model_dir, scan_layers=cfg.scan_layers)
     latent = LatentConfig(ids["latent_id"], cfg.num_selected_patches, cfg.patch_order, rope=cfg.rope)
     sampling = SamplingConfig(cfg.max_new_tokens, eos_token_id=ids["eos_token_id"], pad_token_id=ids["eos_token_id"])
 
     examples, report = load_examples(cfg.dataset, cfg.source, cfg.split, processor, family, limit=cfg.limit,
                                      max_length=10**9, prompt_format=cfg.prompt_format)
     out_file = Path(out_file)
-    done = set()
-    if out_file.exists():
-        done = {json.loads(line)["id"] for line in out_file.read_text().splitlines() if line.strip()}
+    setup = eval_setup(model_dir, cfg, sampling)
+    done = prepare_output(out_file, setup, [ex.id for ex in examples], log)
     todo = [ex for ex in examples if ex.id not in done]
-    log(f"evaluating {model_dir} on {cfg.dataset}/{cfg.split}: {len(examples)} examples ({report}), "
-        f"{len(done)} already in {out_file}")
+
+    model = from_pretrained(model_dir, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.storage_dtype),
+                            rules=rules, scan_layers=cfg.scan_layers)
+    log(f"evaluating {model_dir} on {cfg.dataset}/{cfg.split} ({cfg.prompt_format} prompts, {cfg.dtype}): "
+        f"{len(examples)} examples ({report}); {len(done)} already in {out_file}, {len(todo)} to do; "
+        f"{rows} rows per batch over {n_dev} device(s)"
+        + (f" (batch_size {cfg.batch_size} rounded up to a multiple of the devices)" if rows != cfg.batch_size else ""))
     if save_attention:
         Path(save_attention).mkdir(parents=True, exist_ok=True)
 
@@ -90,15 +322,18 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     start = time.perf_counter()
     gen_tokens = 0
     with open(out_file, "a") as f:
-        for i in tqdm(range(0, len(todo), cfg.batch_size), desc="eval", disable=None):
-            chunk = todo[i : i + cfg.batch_size]
-            prompts = [ex.question_ids + [latent.latent_token_id] * cfg.num_latents + ex.prompt_suffix for ex in chunk]
+        for i in tqdm(range(0, len(todo), rows), desc="eval", disable=None):
+            chunk = todo[i : i + rows]
+            padded = chunk + [chunk[-1]] * (rows - len(chunk))  # dummy rows: copies, outputs dropped
+            prompts = [ex.question_ids + [latent.latent_token_id] * cfg.num_latents + ex.prompt_suffix for ex in padded]
             input_ids, mask, pos = left_pad(prompts, ids["eos_token_id"], cfg.length_buckets)
-            images = [materialize(ex.image) for ex in chunk]
+            images = [materialize(ex.image) for ex in padded]
             batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **stack_images(images)}
+            batch = jax.device_put(batch, batch_shardings(batch, rules))
             out = ivtlr_generate(model, batch, latent, sampling)
             tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
             selected = np.asarray(out.selected)
+            lines = []
             for row, ex in enumerate(chunk):
                 generated = tok.decode(tokens[row, : lengths[row]], skip_special_tokens=True)
                 prompt_text = tok.decode(ex.question_ids + ex.prompt_suffix, skip_special_tokens=True)
@@ -109,15 +344,22 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
                          for step in range(selected.shape[0])]
                 record.update(selected_patches=steps, generated_tokens=int(lengths[row]))
                 gen_tokens += int(lengths[row])
-                f.write(json.dumps(record) + "\n")
+                lines.append(json.dumps(record) + "\n")
                 if save_attention:
-                    save_picture(ex, images[row], steps, family, Path(save_attention) / f"{ex.id}.png")
+                    save_picture(ex, images[row], steps, family, Path(save_attention) / f"{ex.id}.png", record=record,
+                                 ranked=cfg.patch_order == "score", dataset=cfg.dataset, split=cfg.split)
+            f.write("".join(lines))
             f.flush()
     elapsed = time.perf_counter() - start
     summary = summarize(out_file, cfg.dataset)
+    skipped = dict(sorted(report.counts.items()))
+    skipped["already_done"] = len(done)
     summary.update(time_per_example_s=elapsed / max(len(todo), 1),
-                   generated_tokens_per_s=gen_tokens / max(elapsed, 1e-9), prompt_format=cfg.prompt_format)
-    out_file.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+                   generated_tokens_per_s=gen_tokens / max(elapsed, 1e-9), prompt_format=cfg.prompt_format,
+                   dtype=cfg.dtype, param_dtype=cfg.storage_dtype, devices=n_dev, rows_per_batch=rows,
+                   rows_read=report.rows, examples_in_set=len(examples), evaluated_now=len(todo),
+                   skipped=skipped, setup=setup)
+    summary_path(out_file).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -138,7 +380,7 @@ def score(dataset: str, ex, prompt_text: str, generated: str) -> dict:
 
 
 def summarize(out_file: Path, dataset: str) -> dict:
-    records = [json.loads(line) for line in Path(out_file).read_text().splitlines() if line.strip()]
+    records = read_records(out_file)
     by_domain = defaultdict(list)
     for r in records:
         by_domain[str(r.get("domain"))].append(r["correct"])
@@ -153,8 +395,10 @@ def summarize(out_file: Path, dataset: str) -> dict:
     }
 
 
-def save_picture(ex, image: dict, steps: list[list[int]], family: str, path: Path) -> None:
-    """The image as the model saw it, with each step's selected patches."""
+def save_picture(ex, image: dict, steps: list[list[int]], family: str, path: Path, *, record: dict | None = None,
+                 ranked: bool = True, dataset: str = "", split: str = "") -> None:
+    """The image as the model saw it, one panel per latent step with its selected patches, under the
+    question, choices, generated text and prediction against the gold answer (see `viz`)."""
     from ..data import decode_image
 
     raw = getattr(ex.image, "_data", None)  # a LazyImage keeps the encoded bytes
@@ -166,4 +410,9 @@ def save_picture(ex, image: dict, steps: list[list[int]], family: str, path: Pat
         grid, size = (side // 16, side // 16), (side, side)
     picture = np.asarray(decode_image(raw).convert("RGB").resize(size)) if raw is not None else \
         np.full((size[1], size[0], 3), 127, np.uint8)
-    draw_selection(picture, grid, steps).save(path)
+    record = record or {}
+    title = " ".join(part for part in (ex.id, f"({dataset} {split})" if dataset else "") if part)
+    draw_selection(picture, grid, steps, question=ex.meta.get("question"), choices=ex.meta.get("choices"),
+                   prediction=record.get("prediction"), gold=record.get("gold"), correct=record.get("correct"),
+                   correct_official=record.get("correct_official"), generated=record.get("generated"),
+                   title=title, ranked=ranked).save(path)

@@ -1,0 +1,226 @@
+"""Evaluation runs: sharded over 4 devices it writes the records of a 1-device run; an output is tied to
+its setup (resumed only with the same one, a torn last line redone); the dtype is the run config's;
+infer.py takes config overrides and --dtype / --devices, and its help reads cleanly."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from ivtlr_jax.demo import prepare
+from ivtlr_jax.eval import run as eval_run
+from ivtlr_jax.eval.run import EvalConfig, EvalSetupError, evaluate, setup_path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(log=lambda *_: None)
+
+
+def scale_weights(model_dir: Path) -> None:
+    """A random tiny model writes the same text for every input (its tiny weights leave the current
+    token's embedding in charge); larger weights make the text depend on the image and question."""
+    from safetensors.numpy import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    weights = load_file(path)
+    for name in weights:
+        lm = name.startswith("model.layers") and name.endswith("proj.weight")
+        if lm or name in ("lm_head.weight", "model.embed_tokens.weight"):
+            weights[name] = weights[name] * 8
+        elif name.startswith("visual.") and name.endswith("weight") and "norm" not in name and "ln_q" not in name:
+            weights[name] = weights[name] * 4
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Qwen2-VL with input-dependent outputs, and a test split of 7 rows, one without an image."""
+    root = tmp_path_factory.mktemp("eval_assets")
+    prepare(root, seed=1, num_train=8, num_test=6)
+    scale_weights(root / "model")
+    test = pq.read_table(root / "data" / "test.parquet")
+    rows = test.to_pylist()
+    rows.append(dict(rows[0], id="no-image", image=None))
+    pq.write_table(pa.Table.from_pylist(rows, schema=test.schema), root / "data" / "test.parquet")
+    return root
+
+
+def eval_cfg(assets: Path, **kw) -> EvalConfig:
+    base = dict(dataset="m3cot", source=str(assets / "data"), split="test", num_selected_patches=4, batch_size=4,
+                max_new_tokens=6, length_buckets=(256, 384), dtype="float32")
+    return EvalConfig(**{**base, **kw})
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_device(assets, tmp_path_factory):
+    """(output, summary) of a 1-device evaluation: 6 examples in batches of 4 (the second padded)."""
+    out = tmp_path_factory.mktemp("eval1") / "eval.jsonl"
+    summary = evaluate(assets / "model", eval_cfg(assets, devices=1), out, **QUIET)
+    return out, summary
+
+
+def test_four_devices_write_the_records_of_one_device(assets, one_device, tmp_path):
+    out1, summary1 = one_device
+    out4 = tmp_path / "eval4.jsonl"
+    summary4 = evaluate(assets / "model", eval_cfg(assets), out4, save_attention=tmp_path / "pictures", **QUIET)
+    assert (summary1["devices"], summary4["devices"]) == (1, 4)
+    one, four = lines(out1), lines(out4)
+    assert len(one) == 6 and [r["id"] for r in one] == [r["id"] for r in four]
+    assert len({r["generated"] for r in one}) > 1  # the text depends on the input: a meaningful comparison
+    for a, b in zip(one, four):
+        for key in ("generated", "prediction", "correct", "correct_official", "selected_patches", "generated_tokens"):
+            assert a[key] == b[key], (a["id"], key)
+    assert out1.read_text() == out4.read_text()
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == sorted(f"{r['id']}.png" for r in one)
+    # skipped rows by reason; the setup (with the dtype) in the summary and beside the output
+    assert summary4["skipped"] == {"no_image": 1, "already_done": 0} and summary4["rows_read"] == 7
+    assert summary4["dtype"] == "float32" and summary4["setup"]["dtype"] == "float32"
+    setup = json.loads(setup_path(out4).read_text())
+    assert setup == summary4["setup"] and setup["prompt_format"] == "train" and setup["num_selected_patches"] == 4
+
+
+def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_device, tmp_path):
+    out1, _ = one_device
+    out = tmp_path / "eval.jsonl"
+    shutil.copy(setup_path(out1), setup_path(out))
+    complete = out1.read_bytes()
+    out.write_bytes(complete[:-20])  # a run stopped while writing the last record
+    logged = []
+    summary = evaluate(assets / "model", eval_cfg(assets, devices=1), out, log=logged.append)
+    assert any("torn last line (line 6" in m for m in logged), logged
+    assert out.read_bytes() == complete
+    assert summary["skipped"]["already_done"] == 5 and summary["evaluated_now"] == 1 and summary["examples"] == 6
+    # a newline-terminated last line that is not JSON is torn too; a bad line before it is an error
+    out.write_bytes(complete + b'{"id": "x", "gen\n')
+    assert [r["id"] for r in eval_run.read_records(out, log=logged.append)] == [r["id"] for r in lines(out1)]
+    assert out.read_bytes() == complete
+    broken = complete.split(b"\n")
+    broken[2] = b"{not json"
+    out.write_bytes(b"\n".join(broken))
+    with pytest.raises(EvalSetupError, match=r"eval\.jsonl, line 3: not a JSON record"):
+        eval_run.read_records(out)
+
+
+def test_an_output_of_another_setup_is_refused(assets, one_device, tmp_path):
+    out1, _ = one_device
+    out = tmp_path / "eval.jsonl"
+
+    def copy_output(with_setup=True):
+        shutil.copy(out1, out)
+        if with_setup:
+            shutil.copy(setup_path(out1), setup_path(out))
+
+    copy_output()
+    with pytest.raises(EvalSetupError, match=r"prompt_format: 'train' in the output, 'official' now"):
+        evaluate(assets / "model", eval_cfg(assets, prompt_format="official"), out, **QUIET)
+    with pytest.raises(EvalSetupError, match=r"dtype: 'float32' in the output, 'bfloat16' now"):
+        evaluate(assets / "model", eval_cfg(assets, dtype="bfloat16"), out, **QUIET)
+    with pytest.raises(EvalSetupError, match=r"num_latents: 3 in the output, 2 now.*num_selected_patches: 4"):
+        evaluate(assets / "model", eval_cfg(assets, num_latents=2, num_selected_patches=3), out, **QUIET)
+    # another model (e.g. stage_0 where stage_3 wrote the output): its weights differ
+    other = tmp_path / "stage_0"
+    shutil.copytree(assets / "model", other)
+    scale_weights(other)
+    with pytest.raises(EvalSetupError, match="weights_fingerprint: '[0-9a-f]{64}' in the output, '[0-9a-f]{64}' now"):
+        evaluate(other, eval_cfg(assets), out, **QUIET)
+    # an output without its setup record cannot be trusted
+    setup_path(out).unlink()
+    with pytest.raises(EvalSetupError, match="no setup record eval.setup.json"):
+        evaluate(assets / "model", eval_cfg(assets), out, **QUIET)
+    assert out.read_bytes() == out1.read_bytes()  # nothing was touched
+
+
+def test_weights_fingerprint_sees_one_changed_tensor_and_not_a_moved_folder(assets, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file, save_file
+
+    monkeypatch.setattr(eval_run, "SMALL_FILE", 0)  # sample every file as if it were large
+    moved = tmp_path / "moved"
+    shutil.copytree(assets / "model", moved)
+    base = eval_run.weights_fingerprint(assets / "model")
+    assert eval_run.weights_fingerprint(moved) == base
+    weights = load_file(moved / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3  # one small tensor, every element
+    save_file(weights, moved / "model.safetensors", metadata={"format": "pt"})
+    assert eval_run.weights_fingerprint(moved) != base
+    (moved / "model.safetensors").unlink()
+    with pytest.raises(EvalSetupError, match="no weight files"):
+        eval_run.weights_fingerprint(moved)
+
+
+def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
+    loaded = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_from_pretrained(path, **kw):
+        loaded.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(eval_run, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(Stop):
+        evaluate(assets / "model", eval_cfg(assets, dtype="bfloat16", param_dtype="float32"), tmp_path / "e.jsonl",
+                 **QUIET)
+    assert (str(loaded["dtype"]), str(loaded["param_dtype"])) == ("bfloat16", "float32")
+    assert EvalConfig("m3cot", "x").dtype == "bfloat16"  # the official evaluation's precision by default
+    with pytest.raises(ValueError, match=r"dtype='fp8' is not supported; choose from \['float32', 'bfloat16'"):
+        EvalConfig("m3cot", "x", dtype="fp8")
+    with pytest.raises(ValueError, match="devices=8 but only 4 local devices"):
+        evaluate(assets / "model", eval_cfg(assets, devices=8), tmp_path / "e8.jsonl", **QUIET)
+    assert not (tmp_path / "e8.jsonl").exists()
+
+
+def write_run_config(tmp_path: Path, assets: Path, dtype: str = "bfloat16") -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"model_id": str(assets / "model"), "dtype": dtype, "param_dtype": dtype, "scan_layers": False},
+        "latent": {"num_selected_patches": 4, "patch_order": "position"},
+        "data": {"dataset": "m3cot", "source": str(assets / "data"), "eval_split": "test"},
+    }))
+    return path
+
+
+def test_infer_takes_overrides_dtype_and_devices(assets, tmp_path, monkeypatch, capsys):
+    import infer
+
+    calls = []
+    monkeypatch.setattr(infer, "evaluate", lambda model, cfg, out, **kw: calls.append((cfg, out)) or {"examples": 0})
+    config = write_run_config(tmp_path, assets)
+    base = ["--config", str(config), "--checkpoint", str(assets / "model")]
+    infer.main(base)
+    cfg, out = calls[-1]
+    assert (cfg.dtype, cfg.storage_dtype, cfg.devices) == ("bfloat16", "bfloat16", None)  # the run config's
+    assert (cfg.num_selected_patches, cfg.patch_order, cfg.scan_layers) == (4, "position", False)
+    assert out == assets / "model" / "eval_test.jsonl"
+    infer.main([*base, "model.dtype=float16", "latent.num_selected_patches=2", "--devices", "1"])
+    cfg, _ = calls[-1]
+    assert (cfg.dtype, cfg.storage_dtype, cfg.num_selected_patches, cfg.devices) == ("float16", "bfloat16", 2, 1)
+    infer.main([*base, "--dtype", "float32"])
+    assert (calls[-1][0].dtype, calls[-1][0].storage_dtype) == ("float32", "float32")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        infer.main([*base, "--dtype", "fp8"])
+    assert "invalid choice: 'fp8' (choose from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        infer.main([*base, "model.dtipe=float16"])
+    assert "unknown key(s) ['dtipe']" in capsys.readouterr().err
+
+
+def test_infer_help_reads_cleanly(capsys):
+    import infer
+
+    with pytest.raises(SystemExit):
+        infer.main(["--help"])
+    text = capsys.readouterr().out
+    assert max(map(len, text.splitlines())) <= 110, max(text.splitlines(), key=len)
+    assert not re.search(r"\S {4,}\[", text)  # no usage text run together with the next line's options
+    assert text.startswith("usage: infer.py") and "section.key=value" in text and "--dtype" in text
+    assert all(line == line.rstrip() for line in text.splitlines())
