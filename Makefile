@@ -23,7 +23,7 @@ lint: install
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q tests
 
 bench: install
 	$(PY) bench/forward.py

@@ -3,9 +3,10 @@
 Resumes automatically from the run folder's latest checkpoint (save_path/name/checkpoints)."""
 
 import argparse
+import sys
 
-from ivtlr_jax.config import load_config
-from ivtlr_jax.train.loop import train
+from ivtlr_jax.config import ConfigError, load_config
+from ivtlr_jax.train.loop import NonFiniteError, RunFolderError, train
 
 
 def main(argv=None) -> None:
@@ -14,9 +15,12 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many micro-batches (testing)")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, max_steps=args.max_steps)
-    print(f"trained {result.steps} micro-batches; run folder {result.run_dir}")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, max_steps=args.max_steps)
+    except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
+        sys.exit(f"error: {e}")
+    print(result.summary())
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Typed run configuration loaded from YAML. Unknown keys are errors that name the key and its section;
-keys are named as in the official IVT-LR YAML where they mean the same thing."""
+keys are named as in the official IVT-LR YAML where they mean the same thing. Every value is checked
+when the configuration is built (counts >= 1, a finite positive learning rate, names from their lists),
+so a bad setting is refused before anything is loaded or written."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -11,7 +14,39 @@ from typing import Any
 
 import yaml
 
+from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES
+from .models.common.decoder import REMAT_POLICIES
+from .models.common.layers import DTYPES
 from .train.lora import OFFICIAL_TARGETS
+
+DATASETS = ("m3cot", "scienceqa")
+SCHEDULES = ("constant", "cosine", "linear")
+LOSS_SCALES = ("micro_batch_mean", "token_mean")
+# keys that may change between the runs of one run folder: where the folder is, and logging only
+RESUME_NEUTRAL_KEYS = ("name", "save_path", "train.log_every", "train.keep_checkpoints")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _one_of(value, allowed, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {sorted(allowed)}")
+
+
+def _at_least(value, low, key: str) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{key}: {value!r} must be >= {low}")
+
+
+def _finite(value: float, key: str, *, positive: bool = False, low: float | None = None, below: float | None = None):
+    bad = not math.isfinite(value) or (positive and value <= 0) or (low is not None and value < low) \
+        or (below is not None and value >= below)
+    if bad:
+        rule = "> 0" if positive else (f">= {low}" if low is not None else "")
+        rule += f"{' and ' if rule else ''}< {below}" if below is not None else ""
+        raise ConfigError(f"{key}: {value!r} must be a finite number{' ' + rule if rule else ''}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +57,11 @@ class ModelSection:
     remat: str = "dots"  # none | full | dots | dots_no_batch
     scan_layers: bool = True  # False: unroll the layers (faster for shallow models, compile time grows with depth)
 
+    def __post_init__(self):
+        _one_of(self.dtype, DTYPES, "dtype")
+        _one_of(self.param_dtype, DTYPES, "param_dtype")
+        _one_of(self.remat, REMAT_POLICIES, "remat")
+
 
 @dataclasses.dataclass(frozen=True)
 class LatentSection:
@@ -30,6 +70,13 @@ class LatentSection:
     latent_grad: str = "stop"
     rope: str = "1d"
     ce_chunk: int = 256
+
+    def __post_init__(self):
+        _at_least(self.num_selected_patches, 1, "num_selected_patches")
+        _one_of(self.patch_order, PATCH_ORDERS, "patch_order")
+        _one_of(self.latent_grad, LATENT_GRADS, "latent_grad")
+        _one_of(self.rope, ROPES, "rope")
+        _at_least(self.ce_chunk, 1, "ce_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +90,25 @@ class DataSection:
     length_buckets: tuple[int, ...] = (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
     prefix_buckets: tuple[int, ...] = (128, 256, 512, 768, 1024, 1536, 2048, 3072)
 
+    def __post_init__(self):
+        _one_of(self.dataset, DATASETS, "dataset")
+        _at_least(self.max_length, 1, "max_length")
+        _at_least(self.limit, 1, "limit")
+        for key in ("length_buckets", "prefix_buckets"):
+            buckets = getattr(self, key)
+            if not buckets or min(buckets) < 1:
+                raise ConfigError(f"{key}: {list(buckets)} must be a non-empty list of lengths >= 1")
+
 
 @dataclasses.dataclass(frozen=True)
 class CurriculumSection:
     epochs_per_stage: int = 4
     max_latent_stage: int = 5
     pad_latent_to_max: bool = True
+
+    def __post_init__(self):
+        _at_least(self.epochs_per_stage, 1, "epochs_per_stage")
+        _at_least(self.max_latent_stage, 0, "max_latent_stage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +125,20 @@ class OptimSection:
     reset_optimizer: bool = False  # Coconut resets the optimizer state at each stage; the official IVT-LR keeps it
     loss_scale: str = "micro_batch_mean"  # official: mean of per-micro-batch token means; or "token_mean"
 
+    def __post_init__(self):
+        _finite(self.lr, "lr", positive=True)
+        _finite(self.weight_decay, "weight_decay", low=0.0)
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas: {list(self.betas)} must be two numbers")
+        for beta in self.betas:
+            _finite(beta, "betas", low=0.0, below=1.0)
+        _finite(self.eps, "eps", positive=True)
+        _finite(self.max_grad_norm, "max_grad_norm", positive=True)
+        _at_least(self.gradient_accumulation_steps, 1, "gradient_accumulation_steps")
+        _one_of(self.schedule, SCHEDULES, "schedule")
+        _at_least(self.warmup_steps, 0, "warmup_steps")
+        _one_of(self.loss_scale, LOSS_SCALES, "loss_scale")
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRASection:
@@ -74,12 +148,25 @@ class LoRASection:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = OFFICIAL_TARGETS
 
+    def __post_init__(self):
+        _at_least(self.rank, 1, "rank")
+        _finite(self.alpha, "alpha", positive=True)
+        _finite(self.dropout, "dropout", low=0.0, below=1.0)
+        if self.enabled and not self.target_modules:
+            raise ConfigError("target_modules: empty; name at least one projection")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
     data: int = -1  # -1: all devices not used by fsdp x tensor
     fsdp: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        if self.data != -1:
+            _at_least(self.data, 1, "data (or -1: every remaining device)")
+        _at_least(self.fsdp, 1, "fsdp")
+        _at_least(self.tensor, 1, "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +176,13 @@ class TrainSection:
     save_every_steps: int = 0  # optimizer steps between checkpoints (0: only at stage ends)
     keep_checkpoints: int = 3
     log_every: int = 10  # micro-batches between log lines when there is no progress bar (not a terminal)
+
+    def __post_init__(self):
+        _at_least(self.num_epochs, 1, "num_epochs")
+        _at_least(self.batch_size_training, 1, "batch_size_training")
+        _at_least(self.save_every_steps, 0, "save_every_steps")
+        _at_least(self.keep_checkpoints, 1, "keep_checkpoints")
+        _at_least(self.log_every, 1, "log_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +199,13 @@ class RunConfig:
     mesh: MeshSection = MeshSection()
     train: TrainSection = TrainSection()
 
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name: {self.name!r} must be a plain folder name")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.save_path) / self.name
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _build(cls, raw: Any, where: str):
@@ -125,7 +219,10 @@ def _build(cls, raw: Any, where: str):
     values = {}
     for key, value in raw.items():
         values[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as e:  # a section's own check: name the section
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 
 def _coerce(tp, value, where: str):
@@ -174,3 +271,20 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flat_items(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"section.key": value} of a nested mapping."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(flat_items(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def differing_keys(saved: dict, current: dict, ignore: tuple[str, ...] = RESUME_NEUTRAL_KEYS) -> dict[str, tuple]:
+    """{"section.key": (saved value, current value)} for the keys whose values differ, `ignore` left out."""
+    a, b = flat_items(saved), flat_items(current)
+    norm = lambda v: list(v) if isinstance(v, tuple) else v
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in ignore and norm(a.get(k)) != norm(b.get(k))}

@@ -1,5 +1,8 @@
 """The training loop end to end on a tiny generated task: a run killed mid-epoch (SIGKILL) and resumed
-ends with the same parameters as one that never stopped; run-folder safety."""
+ends with the same parameters as one that never stopped; run-folder safety; faults (damaged checkpoints,
+a crash during a stage export, a non-finite loss, bad settings) stop or recover as they should.
+
+The tests share one uninterrupted run (`straight`), so they run on one xdist worker (`xdist_group`)."""
 
 import json
 import os
@@ -19,6 +22,8 @@ from ivtlr_jax.demo import prepare
 from ivtlr_jax.train.loop import RunFolderError, train
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("train_loop")
+quiet = lambda *_: None
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,8 @@ def assets(tmp_path_factory):
     return root
 
 
-def write_config(tmp: Path, assets: Path, name: str) -> Path:
+def write_config(tmp: Path, assets: Path, name: str, **changes) -> Path:
+    """The test run's YAML; `changes`: {"section": {key: value}} merged in."""
     cfg = {
         "name": name,
         "save_path": str(tmp / "runs"),
@@ -42,6 +48,8 @@ def write_config(tmp: Path, assets: Path, name: str) -> Path:
         "lora": {"enabled": True, "rank": 4, "alpha": 8, "dropout": 0.1},
         "train": {"num_epochs": 3, "batch_size_training": 1, "save_every_steps": 1},  # x 4 devices
     }
+    for section, values in changes.items():
+        cfg[section] = {**cfg[section], **values} if isinstance(values, dict) else values
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -62,9 +70,15 @@ def final_params(run_dir: Path) -> dict:
     return step, flat
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(assets, tmp_path):
-    straight = train(load_config(write_config(tmp_path, assets, "straight")), log=lambda *_: None)
-    assert straight.steps == 3 * 6 and len(straight.exports) == 3  # 24 rows / (1 row x 4 devices), 3 stages
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory):
+    """The uninterrupted run every interrupted one is compared with."""
+    result = train(load_config(write_config(tmp_path_factory.mktemp("straight"), assets, "straight")), log=quiet)
+    assert result.steps == 3 * 6 and len(result.exports) == 3  # 24 rows / (1 row x 4 devices), 3 stages
+    return result
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(assets, straight, tmp_path):
 
     cfg_path = write_config(tmp_path, assets, "killed")
     run_dir = tmp_path / "runs" / "killed"
@@ -91,8 +105,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(assets, tmp_path):
     assert step_a == step_b and a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) >= 18
+    assert_metrics_once_per_step(run_dir / "metrics.jsonl", 18)
 
 
 def test_run_folder_with_other_content_or_config_is_refused(assets, tmp_path):
@@ -179,3 +192,186 @@ def test_lookahead_hands_over_the_value_or_the_error_later():
     failed = Lookahead(lambda i: [][i], 5)  # an IndexError while preparing is not raised yet
     with pytest.raises(IndexError):
         failed.result()
+
+
+# ---- faults ------------------------------------------------------------------------------------------
+def assert_metrics_once_per_step(path: Path, steps: int) -> list[dict]:
+    """metrics.jsonl is strict JSON (no bare NaN) with exactly one record per micro-step 1..steps."""
+    def no_constants(name):
+        raise AssertionError(f"{path}: non-JSON constant {name}")
+
+    records = [json.loads(line, parse_constant=no_constants) for line in path.read_text().splitlines()]
+    assert [r["micro_step"] for r in records] == list(range(1, steps + 1))
+    return records
+
+
+def export_tensors(folder: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_export(a: Path, b: Path) -> None:
+    ta, tb = export_tensors(a), export_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        np.testing.assert_array_equal(ta[key], tb[key], err_msg=f"{b} {key}")
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+
+
+def test_damaged_checkpoints_and_a_crashed_export_recover_exactly(assets, straight, tmp_path, monkeypatch):
+    """Two damaged newest checkpoints fall back to the third; an export torn by old code is rebuilt from
+    its stage's end checkpoint; a crash during the last export leaves no folder under the export's name
+    and the next start rebuilds it; the run ends equal to the uninterrupted one, its metrics once per step."""
+    from ivtlr_jax.train import loop
+
+    cfg = load_config(write_config(tmp_path, assets, "faulty"))
+    run_dir = cfg.run_dir
+    first = train(cfg, max_steps=12, log=quiet)  # checkpoints every 2 micro-steps; stages end at 6, 12, 18
+    assert first.steps == 12 and not first.complete
+    ckpts = run_dir / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [6, 8, 10, 12]  # 6: a stage end
+    # the newest: truncated parameter files; the one before: no metadata; stage 0's export: torn as a
+    # kill -9 during its write left it with the old code (truncated weights, no config.json)
+    for f in (ckpts / "12" / "trainable").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the parameter data files
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    (ckpts / "10" / "trainable" / "_METADATA").unlink()  # alone it is harmless: arrays restore by our tree
+    (ckpts / "10" / "meta" / "metadata").unlink()  # the loop's position is gone
+    weights = run_dir / "stage_0" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (run_dir / "stage_0" / "config.json").unlink()
+
+    real_save_hf = loop.save_hf
+
+    def crash_in_last_export(model, folder):
+        if "stage_2" in str(folder):
+            (Path(folder) / "model.safetensors").write_bytes(b"half a file")
+            raise KeyboardInterrupt("killed while exporting stage 2")
+        return real_save_hf(model, folder)
+
+    monkeypatch.setattr(loop, "save_hf", crash_in_last_export)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=lines.append)
+    log = "\n".join(lines)
+    assert "checkpoint step 12 could not be restored" in log and "checkpoint step 10 could not be restored" in log
+    assert "resumed from" in log and "step 8" in log
+    assert "export of stage 0" in log and "rebuilding it from checkpoint step 6" in log
+    damaged = sorted(p.name.split("-")[0] for p in (run_dir / "damaged").iterdir())
+    assert damaged == ["10", "12"]  # moved aside, not deleted
+    assert not (run_dir / "stage_2").exists()
+
+    monkeypatch.setattr(loop, "save_hf", real_save_hf)
+    lines = []
+    last = train(cfg, log=lines.append)
+    assert last.trained_here == 0 and last.complete and last.summary().startswith("already complete")
+    assert "export of stage 2" in "\n".join(lines) and last.exports == [run_dir / "stage_2"]
+
+    step_a, a = final_params(straight.run_dir)
+    step_b, b = final_params(run_dir)
+    assert step_a == step_b == 18 and a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+    for stage in range(3):
+        assert_same_export(straight.run_dir / f"stage_{stage}", run_dir / f"stage_{stage}")
+    assert_metrics_once_per_step(run_dir / "metrics.jsonl", 18)
+
+
+def test_non_finite_loss_stops_the_run_without_saving_it(assets, tmp_path):
+    from ivtlr_jax.train.loop import NonFiniteError
+
+    cfg = load_config(write_config(tmp_path, assets, "diverges", optim={"lr": 1e30}))  # finite, so accepted
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg, log=quiet)
+    message = str(err.value)
+    # lr 1e30 steps the parameters to ~1e30 (still finite) at micro-step 2; the loss at 3 overflows
+    assert "stage 0, epoch 0, micro-step 3" in message and "rows [" in message and "nothing of this step" in message
+    assert f"last good checkpoint is step 2 in {cfg.run_dir / 'checkpoints'}" in message
+    ckpts = cfg.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2"]
+    _, saved = final_params(cfg.run_dir)
+    assert all(np.isfinite(v).all() for v in saved.values())
+    records = assert_metrics_once_per_step(cfg.run_dir / "metrics.jsonl", 3)
+    assert records[-1]["loss"] is None  # written as null, not as a bare NaN
+    assert not (cfg.run_dir / "stage_0").exists()
+
+
+def test_zero_gradient_streak_is_warned_once():
+    from ivtlr_jax.train.loop import ZERO_GRAD_WARN_AFTER, ZeroGradientWatch
+
+    lines = []
+    watch = ZeroGradientWatch(lines.append)
+    for step in range(1, ZERO_GRAD_WARN_AFTER):
+        watch.update(0.0, step, stage=0, epoch=0)
+    assert lines == []
+    watch.update(0.3, ZERO_GRAD_WARN_AFTER, stage=0, epoch=0)  # the streak is broken
+    for step in range(ZERO_GRAD_WARN_AFTER + 1, 3 * ZERO_GRAD_WARN_AFTER + 2):
+        watch.update(0.0, step, stage=1, epoch=2)
+    assert len(lines) == 1 and "exactly 0" in lines[0] and "stage 1" in lines[0]
+
+
+@pytest.mark.parametrize("override, names", [
+    ("train.num_epochs=0", "train.num_epochs"), ("train.num_epochs=-1", "train.num_epochs"),
+    ("train.batch_size_training=0", "train.batch_size_training"), ("model.dtype=float64", "model.dtype"),
+    ("model.remat=bogus", "model.remat"), ("optim.lr=-1", "optim.lr"), ("optim.lr=.inf", "optim.lr"),
+    ("optim.lr=.nan", "optim.lr"), ("optim.gradient_accumulation_steps=0", "optim.gradient_accumulation_steps"),
+    ("lora.dropout=1.5", "lora.dropout"), ("latent.patch_order=random", "latent.patch_order"),
+    ("curriculum.epochs_per_stage=0", "curriculum.epochs_per_stage"), ("data.dataset=vqa", "data.dataset"),
+])
+def test_bad_settings_are_refused_when_read(tmp_path, override, names):
+    from ivtlr_jax.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "save_path": str(tmp_path / "runs")}))
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")) as err:
+        load_config(path, [override])
+    if "dtype" in override or "remat" in override or "patch_order" in override:
+        assert "choose one of" in str(err.value)  # the allowed values are listed
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_start_leaves_no_trace_and_resume_names_differing_keys(assets, tmp_path):
+    from ivtlr_jax.config import ConfigError
+
+    too_many = load_config(write_config(tmp_path, assets, "k", latent={"num_selected_patches": 150}))
+    with pytest.raises(ConfigError, match=r"num_selected_patches=150 is larger than the 100 image tokens"):
+        train(too_many, log=quiet)
+    assert not (too_many.run_dir / "config.yaml").exists()
+
+    typo = load_config(write_config(tmp_path, assets, "t", model={"model_id": str(assets / "modle")}))
+    with pytest.raises(FileNotFoundError):
+        train(typo, log=quiet)
+    assert not (typo.run_dir / "config.yaml").exists()
+    fixed = write_config(tmp_path, assets, "t")  # the corrected command is not refused
+    assert train(load_config(fixed), max_steps=0, log=quiet).trained_here == 0
+    assert (typo.run_dir / "config.yaml").exists()
+
+    # logging-only keys and the folder's own location may change; anything else is named
+    train(load_config(fixed, ["train.log_every=3", "train.keep_checkpoints=5"]), max_steps=0, log=quiet)
+    moved = tmp_path / "elsewhere"
+    typo.run_dir.parent.rename(moved)
+    train(load_config(fixed, [f"save_path={moved}"]), max_steps=0, log=quiet)
+    with pytest.raises(RunFolderError, match=r"optim\.lr: 0\.001 in the run, 0\.002 now; seed: 3 in the run, 4 now"):
+        train(load_config(fixed, [f"save_path={moved}", "optim.lr=0.002", "seed=4"]), max_steps=0, log=quiet)
+
+
+def test_collator_refuses_rows_with_fewer_image_tokens_than_k():
+    from ivtlr_jax.data.collate import collate
+
+    image, latent = 7, 9
+    rows = [([1, image, image, image, latent, 5], [-100] * 5 + [5], None),
+            ([1, image, image, latent, latent, 5], [-100] * 5 + [5], None)]
+    batch, n, _ = collate(rows, latent_id=latent, pad_id=0, image_token_id=image, num_selected_patches=2)
+    assert n == 2
+    with pytest.raises(ValueError, match=r"row 1 has 2 image tokens before its first latent, fewer than .*=3"):
+        collate(rows, latent_id=latent, pad_id=0, image_token_id=image, num_selected_patches=3)
+
+
+def test_train_command_prints_one_line_for_a_bad_setting(assets, tmp_path):
+    cfg_path = write_config(tmp_path, assets, "cli")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path), "optim.lr=-1"],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "optim.lr: -1.0" in proc.stderr

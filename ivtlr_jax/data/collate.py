@@ -57,8 +57,13 @@ def stack_images(images: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nda
 
 def collate(features: list[tuple[list[int], list[int], Mapping[str, np.ndarray] | None]], *, latent_id: int,
             pad_id: int, length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS,
-            prefix_buckets: tuple[int, ...] = DEFAULT_PREFIX_BUCKETS) -> tuple[dict[str, np.ndarray], int, int]:
+            prefix_buckets: tuple[int, ...] = DEFAULT_PREFIX_BUCKETS, image_token_id: int | None = None,
+            num_selected_patches: int = 0) -> tuple[dict[str, np.ndarray], int, int]:
     """features: (input_ids, labels, image) per row -> (batch, num_latents, prefix_len).
+
+    With `image_token_id`, every row with latents must have at least `num_selected_patches` (K) image
+    tokens before its first latent: the first latent pass picks K of them (checked here, on the host,
+    because inside the jitted top-K a short row would silently pick text positions).
 
     batch: input_ids, attention_mask, labels, position_ids [B, S] int32, plus the stacked image arrays
     (omitted when no row has an image; every row needs one otherwise). num_latents: the largest
@@ -71,6 +76,11 @@ def collate(features: list[tuple[list[int], list[int], Mapping[str, np.ndarray] 
         if len(ids) != len(labels):
             raise ValueError(f"collate: row {i} has {len(ids)} input ids but {len(labels)} labels")
         firsts.append(ids.index(latent_id) if latent_id in ids else None)
+        if image_token_id is not None and firsts[-1] is not None:
+            images = sum(1 for t in ids[: firsts[-1]] if t == image_token_id)
+            if images < num_selected_patches:
+                raise ValueError(f"collate: row {i} has {images} image tokens before its first latent, fewer than "
+                                 f"latent.num_selected_patches={num_selected_patches} (patches picked per latent step)")
     with_latents = [f for f in firsts if f is not None]
     p = max(with_latents) if with_latents else 0
     left = [p - f if f is not None else 0 for f in firsts]

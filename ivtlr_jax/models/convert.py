@@ -9,13 +9,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import jax.numpy as jnp
 from flax import nnx
 
 from . import FLAX_MARKER, FLAX_PARAMS_DIR, from_pretrained, read_config, resolve_folder
 from .checkpoint_io import save_params
+from .common.layers import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt")
 
 
@@ -25,10 +24,12 @@ def check_output_folder(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_folder(out: Path) -> Iterator[Path]:
+def atomic_output_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield `out.partial` to write into; it becomes `out` when the block completes and is removed if the
-    block fails, so an interrupted conversion never leaves a half-written model. `out` must be new or empty."""
-    check_output_folder(out)
+    block fails, so an interrupted write never leaves a half-written model. `out` must be new or empty,
+    unless `replace`: then an existing `out` is swapped out only once the new folder is complete."""
+    if not replace:
+        check_output_folder(out)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -38,9 +39,13 @@ def atomic_output_folder(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = out.with_name(out.name + ".replaced")
+    if old.exists():
+        shutil.rmtree(old)
     if out.exists():
-        out.rmdir()
+        out.rename(old)  # never a moment without a complete folder under one of the two names
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def convert(hf: str, out: str | Path, dtype: str = "float32") -> Path:

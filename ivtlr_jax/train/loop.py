@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -22,13 +21,16 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from ..config import RunConfig, to_dict
+from ..config import ConfigError, RunConfig, differing_keys, to_dict
 from ..data import (CurriculumConfig, collate, epoch_order, load_examples, load_processor, special_token_ids,
                     stage_of_epoch, stage_tokens, shared_prefix_bound)
 from ..data.tokenizer import save_processor
 from ..latent import LatentConfig
 from ..models import from_pretrained, read_config, resolve_folder
+from ..models.common.layers import DTYPES
+from ..models.common.safetensors_io import read_header
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
+from ..models.convert import atomic_output_folder
 from ..models.export import save_hf
 from ..models.qwen2vl.modeling import uniform_frame_len
 from .checkpoint import TrainCheckpointer
@@ -37,20 +39,55 @@ from .optim import make_optimizer
 from .step import StepConfig, batch_shardings, init_optimizer, make_train_step, split_trainable, step_shardings
 from .vocab import LATENT_TOKENS, resize_vocab
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FAMILY_OF = {"qwen2_vl": "qwen2vl", "chameleon": "chameleon"}
+
+
+ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
+
+
+class ZeroGradientWatch:
+    """Warns once per streak of `ZERO_GRAD_WARN_AFTER` micro-batches whose gradient norm is exactly 0
+    (a run that learns nothing: saturated activations after a too-large step, or nothing trainable)."""
+
+    def __init__(self, log):
+        self.log, self.streak = log, 0
+
+    def update(self, grad_norm: float, micro_step: int, *, stage: int, epoch: int) -> None:
+        self.streak = self.streak + 1 if grad_norm == 0.0 else 0
+        if self.streak == ZERO_GRAD_WARN_AFTER:
+            self.log(f"warning: the gradient norm has been exactly 0 for {self.streak} micro-batches in a row (up to "
+                     f"micro-step {micro_step}, stage {stage}, epoch {epoch}): nothing is learning; the learning rate "
+                     "may be too high (saturated activations) or no parameter is trainable")
 
 
 class RunFolderError(RuntimeError):
     pass
 
 
+class NonFiniteError(RuntimeError):
+    """A step produced a NaN or inf loss, gradient norm or parameter: the run stops, nothing of it saved."""
+
+
 @dataclasses.dataclass
 class TrainResult:
     run_dir: Path
-    steps: int
-    exports: list[Path]
+    steps: int  # micro-batches done in the run so far
+    exports: list[Path]  # stage exports written (or rebuilt) by this call
     losses: list[float]
+    trained_here: int = 0  # micro-batches trained by this call
+    total_steps: int = 0  # micro-batches of the whole run
+
+    @property
+    def complete(self) -> bool:
+        return self.steps >= self.total_steps
+
+    def summary(self) -> str:
+        """What this invocation did, in one line."""
+        if self.trained_here == 0 and self.complete:
+            return f"already complete: {self.steps} micro-batches; run folder {self.run_dir}"
+        state = "complete" if self.complete else "stopped early"
+        return (f"trained {self.trained_here} micro-batches in this invocation (the run is {state} at "
+                f"{self.steps} of {self.total_steps}); run folder {self.run_dir}")
 
 
 def maybe_init_distributed() -> None:
@@ -59,21 +96,34 @@ def maybe_init_distributed() -> None:
         jax.distributed.initialize()
 
 
-def prepare_run_folder(cfg: RunConfig) -> Path:
-    """The run folder holds config.yaml, metrics.jsonl, checkpoints/ and exports. An existing folder is
-    resumed only if it was started with the same configuration; anything else is refused."""
+def check_run_folder(cfg: RunConfig) -> Path:
+    """Refuse, before anything is loaded or written, a folder that is not this run's: one with other
+    content, or a run of a different configuration (the error names the keys that differ). Keys of
+    `RESUME_NEUTRAL_KEYS` (where the folder is, logging) do not count. Writes nothing."""
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
-    current = yaml.safe_dump(to_dict(cfg), sort_keys=True)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not saved.exists():
-            raise RunFolderError(f"output folder {run_dir} is not empty and is not a run folder; choose another name")
-        if saved.read_text() != current:
-            raise RunFolderError(f"output folder {run_dir} holds a run with a different configuration "
-                                 f"(see {saved}); choose another name or restore that configuration")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(current)
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return run_dir
+    if not saved.exists():
+        raise RunFolderError(f"output folder {run_dir} is not empty and is not a run folder; choose another name")
+    diff = differing_keys(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    if diff:
+        keys = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in diff.items())
+        raise RunFolderError(f"output folder {run_dir} holds a run with a different configuration ({keys}); "
+                             f"choose another name or restore those values (see {saved})")
     return run_dir
+
+
+def write_run_config(cfg: RunConfig) -> None:
+    """config.yaml, written once the model and data have loaded (a failed start leaves no trace)."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=True))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def add_latent_tokens(model, processor) -> dict:
@@ -91,11 +141,28 @@ def add_latent_tokens(model, processor) -> dict:
     return ids
 
 
+def check_patch_budget(examples, image_token_id: int, k: int, source: str) -> None:
+    """Every latent pass picks K of a row's image tokens: refuse at start a K above any row's image tokens."""
+    counts = [(sum(1 for t in ex.question_ids if t == image_token_id), ex.id) for ex in examples]
+    fewest, row = min(counts)
+    if fewest < k:
+        raise ConfigError(f"latent.num_selected_patches={k} is larger than the {fewest} image tokens of row {row!r} "
+                         f"of {source} (each latent step inserts K patches of the row's image); choose K <= {fewest}")
+
+
+def stage_end_steps(num_epochs: int, micro_per_epoch: int, curriculum) -> dict[int, int]:
+    """{stage: the micro-step at which it ends} (a stage ends with its last epoch, or with the run)."""
+    ends = {}
+    for epoch in range(num_epochs):
+        ends[stage_of_epoch(epoch, curriculum)] = (epoch + 1) * micro_per_epoch
+    return ends
+
+
 def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainResult:
     """Run (or resume) training. `max_steps`: stop after this many micro-batches in this call (used to
     simulate an interrupted run)."""
     maybe_init_distributed()
-    run_dir = prepare_run_folder(cfg)
+    run_dir = check_run_folder(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -115,6 +182,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     latent_cfg = LatentConfig(ids["latent_id"], cfg.latent.num_selected_patches, cfg.latent.patch_order,
                               cfg.latent.latent_grad, cfg.latent.rope, cfg.latent.ce_chunk)
     pad_id = ids["eos_token_id"]  # REFERENCE 2: pad = EOS
+    image_token_id = model.config.image_token_id
 
     examples, report = load_examples(cfg.data.dataset, cfg.data.source, cfg.data.train_split, processor, family,
                                      max_length=cfg.data.max_length, limit=cfg.data.limit)
@@ -122,7 +190,13 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
         raise ValueError(f"no usable training rows in {cfg.data.source} ({report})")
     curriculum = CurriculumConfig(cfg.curriculum.epochs_per_stage, cfg.curriculum.max_latent_stage,
                                   cfg.curriculum.pad_latent_to_max)
+    if curriculum.max_latent_stage and cfg.train.num_epochs > curriculum.epochs_per_stage:  # a stage with latents
+        check_patch_budget(examples, image_token_id, latent_cfg.num_selected_patches,
+                           f"{cfg.data.source} ({cfg.data.train_split})")
+    write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
+
     micro_per_epoch = math.ceil(len(examples) / global_batch)
+    total_micro = micro_per_epoch * cfg.train.num_epochs
     accum = cfg.optim.gradient_accumulation_steps
     opt_per_epoch = max(micro_per_epoch // accum, 1)
     tx = make_optimizer(cfg.optim, opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * curriculum.epochs_per_stage)
@@ -132,33 +206,46 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     opt_state = init_optimizer(tx, trainable, rules)
     step_cfg = StepConfig(latent_cfg, cfg.train.batch_size_training, cfg.optim.loss_scale)
 
-    ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    stage_ends = stage_end_steps(cfg.train.num_epochs, micro_per_epoch, curriculum)
+    ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
+                             preserve=tuple(stage_ends.values()))
     start_epoch, start_index, micro_step = 0, 0, 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        trainable, opt_state, meta = ckpt.restore(latest, trainable, opt_state)
+    restored = ckpt.restore_latest(trainable, opt_state, log=log)
+    if restored is not None:
+        latest, trainable, opt_state, meta = restored
         start_epoch, start_index, micro_step = meta["epoch"], meta["batch_index"], meta["micro_step"]
+        if start_index >= micro_per_epoch:  # saved after an epoch's last batch: the next epoch begins
+            start_epoch, start_index = start_epoch + 1, 0
         log(f"resumed from {run_dir / 'checkpoints'} step {latest}: epoch {start_epoch}, batch {start_index}")
+    metrics_path = run_dir / "metrics.jsonl"
+    trim_metrics(metrics_path, micro_step)
+
+    exports = []
+    for stage, end in sorted(stage_ends.items()):  # finished stages: is each export complete?
+        if end <= micro_step:
+            rebuilt = ensure_stage_export(run_dir, stage, end, ckpt, graphdef, trainable, frozen, processor, log)
+            exports += [rebuilt] if rebuilt else []
 
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_total = n_trainable + sum(x.size for x in jax.tree.leaves(frozen))
     log(f"run {run_dir} | mesh {dict(mesh.shape)} | params trainable {n_trainable:,} / total {n_total:,} | "
         f"train rows {len(examples)} ({report}) | global batch {global_batch} x accumulation {accum} | "
         f"{micro_per_epoch} micro-batches per epoch | memory per device {device_memory()}")
-    for stage in sorted({stage_of_epoch(e, curriculum) for e in range(cfg.train.num_epochs)}):
+    for stage in sorted(stage_ends):
         epochs = [e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, curriculum) == stage]
         log(f"  stage {stage}: epochs {epochs}")
 
     steps_cache: dict = {}
     compiled: set = set()
     base_key = jax.random.key(cfg.seed)
-    metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while training
-    losses, exports = [], []
+    metrics_file = open(metrics_path, "a", buffering=1)  # line-buffered: readable while training
+    losses = []
     done_here = 0
+    zero_grads = ZeroGradientWatch(log)
+    result = lambda: TrainResult(run_dir, micro_step, exports, losses, done_here, total_micro)
     try:
         from tqdm import tqdm
 
-        total_micro = micro_per_epoch * cfg.train.num_epochs
         bar = tqdm(total=total_micro, initial=micro_step, desc="train", dynamic_ncols=True, disable=None)
         for epoch in range(start_epoch, cfg.train.num_epochs):
             stage = stage_of_epoch(epoch, curriculum)
@@ -174,13 +261,17 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
             def prepare(index: int) -> PreparedBatch:
                 rows = [examples[i] for i in order[index * global_batch : (index + 1) * global_batch]]
                 features = [(*stage_tokens(ex, stage, curriculum, latent_cfg.latent_token_id), ex.image) for ex in rows]
-                return prepare_batch(features, latent_cfg.latent_token_id, pad_id, cfg.data, rules)
+                try:
+                    return prepare_batch(features, latent_cfg, pad_id, cfg.data, rules, image_token_id,
+                                         [ex.id for ex in rows])
+                except ValueError as e:
+                    raise ValueError(f"epoch {epoch}, batch {index} (rows {[ex.id for ex in rows]}): {e}") from e
 
             upcoming = Lookahead(prepare, first) if first < micro_per_epoch else None
             tick = time.perf_counter()
             for index in range(first, micro_per_epoch):
                 if max_steps is not None and done_here >= max_steps:
-                    return TrainResult(run_dir, micro_step, exports, losses)
+                    return result()
                 current = upcoming.result()  # raises here what preparing this micro-batch raised
                 batch, n = current.batch, current.static[0]
                 compiled.add(current.signature)
@@ -195,16 +286,25 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 if index + 1 < micro_per_epoch:  # the step runs asynchronously: prepare the next one meanwhile
                     upcoming = Lookahead(prepare, index + 1)
                 micro_step += 1
-                done_here += 1
-                loss = float(m["loss"])
-                losses.append(loss)
+                loss, grad_norm, finite = float(m["loss"]), float(m["grad_norm"]), bool(m["finite"])
                 tokens = int(m["tokens"])
                 elapsed = time.perf_counter() - tick
                 tick = time.perf_counter()
                 record = {"micro_step": micro_step, "epoch": epoch, "stage": stage, "loss": loss,
-                          "grad_norm": float(m["grad_norm"]), "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                          "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
                           "latents": n, "compilations": len(compiled)}
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.write(json_line(record))
+                if not finite:
+                    last = ckpt.latest_step()
+                    raise NonFiniteError(
+                        f"non-finite training state at stage {stage}, epoch {epoch}, micro-step {micro_step} "
+                        f"(batch {index} of the epoch, rows {current.row_ids}): loss {loss}, gradient norm "
+                        f"{grad_norm}; nothing of this step was saved. The last good checkpoint is "
+                        + (f"step {last} in {run_dir / 'checkpoints'}" if last is not None else "none (no step saved)")
+                        + "; lower optim.lr or check these rows, then re-run the same command to resume from it")
+                done_here += 1
+                losses.append(loss)
+                zero_grads.update(grad_norm, micro_step, stage=stage, epoch=epoch)
                 bar.update(1)
                 bar.set_postfix(stage=stage, loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:.0f}",
                                 compiles=len(compiled))
@@ -216,19 +316,41 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 if opt_step_done and every and (micro_step // accum) % every == 0:
                     ckpt.save(micro_step, trainable, opt_state,
                               {"epoch": epoch, "batch_index": index + 1, "micro_step": micro_step})
-            stage_ends = (epoch + 1) % curriculum.epochs_per_stage == 0 or epoch + 1 == cfg.train.num_epochs
-            if stage_ends:
+            if micro_step == stage_ends[stage]:
                 if ckpt.latest_step() != micro_step:
                     ckpt.save(micro_step, trainable, opt_state,
                               {"epoch": epoch + 1, "batch_index": 0, "micro_step": micro_step}, force=True)
                 exports.append(export_stage(run_dir, stage, graphdef, trainable, frozen, processor))
-                log(f"stage {stage} done at epoch {epoch}: loss {np.mean(losses[-micro_per_epoch:]):.4f}, "
+                log(f"stage {stage} done at epoch {epoch}: loss {np.mean(losses[-micro_per_epoch:] or [np.nan]):.4f}, "
                     f"exported {exports[-1]}, {len(compiled)} compilation(s) so far")
         bar.close()
     finally:
         metrics_file.close()
         ckpt.close()
-    return TrainResult(run_dir, micro_step, exports, losses)
+    return result()
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line: NaN and infinities written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def trim_metrics(path: Path, micro_step: int) -> None:
+    """Keep the records up to the restored `micro_step` (a resumed run re-logs the steps after it) and
+    drop a torn last line; rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = record.get("micro_step") if isinstance(record, dict) else None
+        if isinstance(step, int) and step <= micro_step:
+            kept.append(json_line(record))
+    write_atomic(path, "".join(kept))
 
 
 @dataclasses.dataclass
@@ -237,16 +359,19 @@ class PreparedBatch:
     batch: dict
     static: tuple  # (num_latents, prefix_len, frame_len, shared_prefix)
     signature: tuple  # the shapes and static arguments: one compilation each
+    row_ids: list = dataclasses.field(default_factory=list)  # the examples' ids, for messages
 
 
-def prepare_batch(features, latent_id: int, pad_id: int, data_cfg, rules: ShardingRules) -> PreparedBatch:
-    batch, n, prefix_len = collate(features, latent_id=latent_id, pad_id=pad_id,
-                                   length_buckets=data_cfg.length_buckets, prefix_buckets=data_cfg.prefix_buckets)
+def prepare_batch(features, latent_cfg: LatentConfig, pad_id: int, data_cfg, rules: ShardingRules,
+                  image_token_id: int | None = None, row_ids=()) -> PreparedBatch:
+    batch, n, prefix_len = collate(features, latent_id=latent_cfg.latent_token_id, pad_id=pad_id,
+                                   length_buckets=data_cfg.length_buckets, prefix_buckets=data_cfg.prefix_buckets,
+                                   image_token_id=image_token_id, num_selected_patches=latent_cfg.num_selected_patches)
     frame_len = uniform_frame_len(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
     shared = shared_prefix_bound(prefix_len, data_cfg.prefix_buckets) if n else 0
     signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), n, prefix_len, frame_len)
     return PreparedBatch(jax.device_put(batch, batch_shardings(batch, rules)), (n, prefix_len, frame_len, shared),
-                         signature)
+                         signature, list(row_ids))
 
 
 class Lookahead:
@@ -283,13 +408,56 @@ def device_memory() -> str:
     return f"{stats.get('bytes_in_use', 0) / 2**30:.1f} / {stats['bytes_limit'] / 2**30:.1f} GiB in use"
 
 
-def export_stage(run_dir: Path, stage: int, graphdef, trainable, frozen, processor) -> Path:
-    """A merged (LoRA folded in) Hugging Face folder loadable by `from_pretrained` and transformers."""
+EXPORT_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+def export_problem(folder: Path) -> str | None:
+    """Why a stage export is not complete (None when it is): config, weights whose tensors all fit the
+    file, tokenizer and image-processor files."""
+    if not folder.is_dir():
+        return "missing"
+    for name in EXPORT_FILES:
+        if not (folder / name).is_file():
+            return f"no {name}"
+    try:
+        json.loads((folder / "config.json").read_text())
+        header, _ = read_header(folder / "model.safetensors")
+    except FileNotFoundError:
+        return "no model.safetensors"
+    except (ValueError, OSError) as e:
+        return f"unreadable ({' '.join(str(e).split())[:200]})"
+    return None if header else "model.safetensors holds no tensors"
+
+
+def ensure_stage_export(run_dir: Path, stage: int, end_step: int, ckpt: TrainCheckpointer, graphdef, trainable,
+                        frozen, processor, log) -> Path | None:
+    """A finished stage's export, rebuilt from the stage's end checkpoint when missing or incomplete (a crash
+    during the export). Returns the rebuilt folder, or None when it was complete or cannot be rebuilt."""
     out = run_dir / f"stage_{stage}"
-    if out.exists():
-        shutil.rmtree(out)
+    problem = export_problem(out)
+    if problem is None:
+        return None
+    if end_step not in ckpt.all_steps():
+        log(f"warning: the export of stage {stage} ({out}) is {problem}, and its end checkpoint (step {end_step}) "
+            "is gone, so it cannot be rebuilt")
+        return None
+    log(f"the export of stage {stage} ({out}) is {problem}: rebuilding it from checkpoint step {end_step}")
+    try:
+        stage_trainable = ckpt.restore_trainable(end_step, trainable)
+    except Exception as e:  # a damaged stage-end checkpoint: training itself can still go on
+        log(f"warning: checkpoint step {end_step} could not be read ({type(e).__name__}: {e}); the export of "
+            f"stage {stage} is not rebuilt")
+        return None
+    return export_stage(run_dir, stage, graphdef, stage_trainable, frozen, processor)
+
+
+def export_stage(run_dir: Path, stage: int, graphdef, trainable, frozen, processor) -> Path:
+    """A merged (LoRA folded in) Hugging Face folder loadable by `from_pretrained` and transformers,
+    written atomically (a `.partial` folder renamed when complete; an old export replaced only then)."""
+    out = run_dir / f"stage_{stage}"
     copy = lambda state: jax.tree.map(lambda x: x, state)
     model = merge_lora(nnx.merge(graphdef, copy(trainable), copy(frozen)))
-    save_hf(model, out)
-    save_processor(processor, out)
+    with atomic_output_folder(out, replace=True) as tmp:
+        save_hf(model, tmp)
+        save_processor(processor, tmp)
     return out

@@ -49,12 +49,19 @@ def batch_loss(row_nll: jax.Array, row_tokens: jax.Array, cfg: StepConfig, token
     return jnp.mean(nll / jnp.maximum(tok, 1))
 
 
+def all_finite(tree) -> jax.Array:
+    """[] bool: no NaN or inf in any leaf (the updated parameters: a finite loss can still step them to inf)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *, rules: ShardingRules | None = None,
                     shardings=None):
     """-> step(trainable, frozen, opt_state, batch, key, token_denominator, num_latents, prefix_len,
     frame_len=None, shared_prefix=0) returning (trainable, opt_state, metrics); the last four are static
     (positional; frame_len and shared_prefix: see `ivtlr_loss`). With `rules` and `shardings` ((trainable, frozen,
-    opt_state, batch) shardings from `step_shardings`) the jit gets explicit in/out shardings."""
+    opt_state, batch) shardings from `step_shardings`) the jit gets explicit in/out shardings. metrics:
+    loss, tokens, grad_norm, and `finite` (loss, gradient norm and updated parameters all finite), read
+    by the loop with the loss, so the guard adds no host synchronisation of its own."""
 
     def step(trainable, frozen, opt_state, batch, key, token_denominator, num_latents, prefix_len, frame_len=None,
              shared_prefix=0):
@@ -67,7 +74,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss, "tokens": aux.num_tokens, "grad_norm": optax.tree.norm(grads)}
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "tokens": aux.num_tokens, "grad_norm": grad_norm,
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(trainable)}
         return trainable, opt_state, metrics
 
     kwargs = dict(static_argnums=(6, 7, 8, 9), donate_argnums=(0, 2))

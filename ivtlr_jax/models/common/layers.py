@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}  # compute / storage dtypes
 
 
 def param(
