@@ -71,8 +71,9 @@ def main(argv=None) -> None:
         if args.prepare:
             return
     cfg = load_config(args.config)
-    result = train(cfg)
-    final = result.exports[-1] if result.exports else sorted(cfg.run_dir.glob("stage_*"))[-1]
+    print(train(cfg).summary())
+    stages = [p for p in cfg.run_dir.glob("stage_*") if p.name.removeprefix("stage_").isdigit()]
+    final = max(stages, key=lambda p: int(p.name.removeprefix("stage_")))  # the last stage's export
     out = cfg.run_dir / "eval_test.jsonl"
     if out.exists():
         out.unlink()
@@ -82,6 +83,9 @@ def main(argv=None) -> None:
     print(json.dumps(summary, indent=2))
     print(f"accuracy after the last stage: {summary['accuracy_strict']:.3f} (strict), "
           f"{summary['accuracy_official']:.3f} (official scoring); chance {1 / NUM_CHOICES:.3f}")
+    from .report import main as report
+
+    report([str(cfg.run_dir)])  # the per-stage table, and <run>/report.png (loss, gradient norm, tokens/s)
 
 
 if __name__ == "__main__":
