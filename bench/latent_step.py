@@ -70,7 +70,7 @@ from ivtlr_jax.models.qwen2vl.modeling import uniform_frame_len  # noqa: E402
 from ivtlr_jax.latent import (IGNORE, LatentConfig, image_inputs_of, ivtlr_loss, latent_layout,  # noqa: E402
                               latent_passes)
 from ivtlr_jax.models import from_pretrained  # noqa: E402
-from ivtlr_jax.train.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
+from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.train.step import split_trainable  # noqa: E402
 from tests import hf_tiny  # noqa: E402
 from tests.oracle_ivtlr import latent_batch, oracle_ivtlr  # noqa: E402

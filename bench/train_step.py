@@ -65,7 +65,7 @@ from ivtlr_jax.latent import LatentConfig, latent_layout  # noqa: E402
 from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh  # noqa: E402
 from ivtlr_jax.models.common.sharding import state_shardings  # noqa: E402
 from ivtlr_jax.models.qwen2vl.modeling import uniform_frame_len  # noqa: E402
-from ivtlr_jax.train.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
+from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.train.optim import make_optimizer  # noqa: E402
 from ivtlr_jax.train.step import (StepConfig, batch_shardings, init_optimizer, make_train_step,  # noqa: E402
                                   split_trainable, step_shardings)

@@ -43,11 +43,11 @@ from flax import nnx  # noqa: E402
 from ivtlr_jax.models import FLAX_MARKER, from_pretrained, read_config, resolve_folder  # noqa: E402
 from ivtlr_jax.models.common.loading import WeightLoadError, variables_by_path, with_values  # noqa: E402
 from ivtlr_jax.models.convert import atomic_output_folder, check_output_folder  # noqa: E402
+from ivtlr_jax.models.common.layers import DTYPES  # noqa: E402
 from ivtlr_jax.models.common.lora import PROJECTIONS  # noqa: E402
 from ivtlr_jax.models.common.safetensors_io import NAMES, SafetensorsFolder, save_file  # noqa: E402
 from ivtlr_jax.models.export import save_hf  # noqa: E402
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 COPY_SKIP_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 COPY_SKIP_NAMES = ("config.json", "model.safetensors.index.json", FLAX_MARKER)
 # module-name prefixes of the language model's layers in transformers >= 4.52, by model type
@@ -92,12 +92,10 @@ def checkpoint_steps(run: Path) -> list[int]:
 
 def load_run(run: Path, step: int | None = None) -> Loaded:
     """The model of a training run at a checkpoint, rebuilt as the trainer built it."""
+    from ivtlr_jax.build import build_model
     from ivtlr_jax.config import load_config
-    from ivtlr_jax.data import load_processor
     from ivtlr_jax.models.checkpoint_io import restore_params
-    from ivtlr_jax.train.lora import LoRAConfig, add_lora, trainable_filter
-    from ivtlr_jax.train.loop import DTYPES as TRAIN_DTYPES
-    from ivtlr_jax.train.loop import add_latent_tokens
+    from ivtlr_jax.models.common.lora import trainable_filter
 
     cfg = load_config(run / "config.yaml")
     steps = checkpoint_steps(run)
@@ -107,15 +105,9 @@ def load_run(run: Path, step: int | None = None) -> Loaded:
         step = steps[-1]
     elif step not in steps:
         raise ExportError(f"{run / 'checkpoints'}: no checkpoint for step {step} (have {steps})")
-    folder = resolve_folder(cfg.model.model_id)
-    processor = load_processor(folder)
-    lora_cfg = LoRAConfig(cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    param_dtype = TRAIN_DTYPES[cfg.model.param_dtype] if lora_cfg.enabled else jnp.float32  # as train()
-    model = from_pretrained(folder, dtype=jnp.float32, param_dtype=param_dtype)
-    add_latent_tokens(model, processor)
-    if lora_cfg.enabled:
-        add_lora(model, lora_cfg, seed=cfg.seed)
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora_cfg), ...)
+    built = build_model(cfg, dtype=jnp.float32, remat="none")  # the model as train() built it
+    model, processor, folder = built.model, built.processor, built.folder
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.lora), ...)
     trainable = restore_params(run / "checkpoints" / str(step) / "trainable", trainable)
     return Loaded(nnx.merge(graphdef, trainable, frozen), processor, folder, "run", step)
 
@@ -251,7 +243,7 @@ def export(checkpoint: str | Path, out: str | Path, *, peft: bool = False, dtype
             write_hf(model, tmp / "base", loaded, dtype)
             write_adapter(model, lora, tmp / "adapter", out / "base", dropout, layout)
         else:
-            from ivtlr_jax.train.lora import merge_lora
+            from ivtlr_jax.models.common.lora import merge_lora
 
             write_hf(merge_lora(model), tmp, loaded, dtype)
     return out

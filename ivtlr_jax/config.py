@@ -15,9 +15,10 @@ from typing import Any
 import yaml
 
 from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES
+from .data.curriculum import CurriculumConfig
 from .models.common.decoder import REMAT_POLICIES
 from .models.common.layers import DTYPES
-from .train.lora import OFFICIAL_TARGETS
+from .models.common.lora import LoRAConfig
 
 DATASETS = ("m3cot", "scienceqa")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -100,15 +101,7 @@ class DataSection:
                 raise ConfigError(f"{key}: {list(buckets)} must be a non-empty list of lengths >= 1")
 
 
-@dataclasses.dataclass(frozen=True)
-class CurriculumSection:
-    epochs_per_stage: int = 4
-    max_latent_stage: int = 5
-    pad_latent_to_max: bool = True
-
-    def __post_init__(self):
-        _at_least(self.epochs_per_stage, 1, "epochs_per_stage")
-        _at_least(self.max_latent_stage, 0, "max_latent_stage")
+CurriculumSection = CurriculumConfig  # the run config's section is the library's config (data/curriculum.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,20 +133,7 @@ class OptimSection:
         _one_of(self.loss_scale, LOSS_SCALES, "loss_scale")
 
 
-@dataclasses.dataclass(frozen=True)
-class LoRASection:
-    enabled: bool = True
-    rank: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = OFFICIAL_TARGETS
-
-    def __post_init__(self):
-        _at_least(self.rank, 1, "rank")
-        _finite(self.alpha, "alpha", positive=True)
-        _finite(self.dropout, "dropout", low=0.0, below=1.0)
-        if self.enabled and not self.target_modules:
-            raise ConfigError("target_modules: empty; name at least one projection")
+LoRASection = LoRAConfig  # the run config's section is the library's config (models/common/lora.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +201,7 @@ def _build(cls, raw: Any, where: str):
         values[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
     try:
         return cls(**values)
-    except ConfigError as e:  # a section's own check: name the section
+    except ValueError as e:  # a section's own check ("key: why"): name the section
         raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 

@@ -35,7 +35,8 @@ from .config import RunConfig, load_config  # noqa: E402
 from .latent import LatentConfig  # noqa: E402
 from .models import FAMILIES  # noqa: E402
 from .models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
-from .train.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
+from .build import abstract_model  # noqa: E402
+from .models.common.lora import trainable_filter  # noqa: E402
 from .train.optim import make_optimizer  # noqa: E402
 from .train.step import StepConfig, batch_shardings, make_train_step, opt_state_shardings  # noqa: E402
 
@@ -151,14 +152,9 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
     b = (batch or cfg.train.batch_size_training) * replicas
     k = cfg.latent.num_selected_patches
     s = (seq_len or shapes["seq_len"]) - num_latents * k  # the collated length; the chain adds n*K
-    lora = LoRAConfig(not full_finetune, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    dtype = jnp.dtype(cfg.model.dtype)
-    param_dtype = jnp.dtype(cfg.model.param_dtype) if lora.enabled else jnp.float32
-
-    def build(unroll: bool, config=config):
-        m = family.model_cls(config, dtype=dtype, param_dtype=param_dtype, remat=cfg.model.remat, rules=rules,
-                             unroll_scans=unroll, rngs=nnx.Rngs(0))
-        return add_lora(m, lora) if lora.enabled else m
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=not full_finetune))
+    lora = cfg.lora
+    build = lambda unroll, config=config: abstract_model(cfg, family, config, rules=rules, unroll_scans=unroll)
 
     tx = make_optimizer(cfg.optim, 1000, 250)
     batch_abs = abstract_batch(raw["model_type"], b, s, shapes["image_tokens"], shapes["image_side"])
@@ -180,10 +176,10 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
                                rules=rules, shardings=(*shardings, b_sh))
         return step.lower(*(with_shardings(x, sh) for x, sh in zip(states, shardings)), *rest).compile()
 
-    model = nnx.eval_shape(lambda: build(False))
+    model = build(False)
     (trainable, frozen, opt_abstract), (t_sh, f_sh, o_sh) = split(model)
     compiled = compile_step(model)  # the program that runs: memory
-    flops = flops_by_depth(lambda c: compile_step(nnx.eval_shape(lambda: build(True, c))), config)
+    flops = flops_by_depth(lambda c: compile_step(build(True, c)), config)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
     tokens = b * (s + num_latents * k)
     return _plan(f"train step ({'full fine-tuning' if full_finetune else f'LoRA r={lora.rank}'}, batch {b}, "

@@ -2,6 +2,8 @@
 correctness checks they print hold: the JAX loss equals the PyTorch oracle's, generation matches the
 torch baseline, the forward's logits match transformers. Timings are not checked (bench/ reports them)."""
 
+import json
+import math
 import os
 import re
 import subprocess
@@ -59,3 +61,35 @@ def test_forward_bench_matches_transformers():
     out = run_bench("forward.py", "--configs", "qwen2vl-tiny,chameleon-tiny", "--repeats", "1", "--threads", "1")
     diffs = [float(d) for d in re.findall(r"max\|dlogits\| ([-+0-9.e]+)", out)]
     assert len(diffs) == 2 and max(diffs) < 1e-4, out
+
+
+def test_gpu_check_smoke(tmp_path):
+    """bench/gpu_check.py --smoke (CPU, tiny widths): every section runs and records finite positive numbers,
+    or an explicit marker where the CPU has nothing to measure (cudnn, the device's peak FLOP/s and memory)."""
+    out_path = tmp_path / "gpu_check.json"
+    out = run_bench("gpu_check.py", "--smoke", "--out", str(out_path), "--repeats", "2")
+    result = json.loads(out_path.read_text())
+    for name in ("setup", "train", "plan", "ratio", "generate", "attention"):
+        assert name in result and "error" not in result[name], (name, result.get(name))
+        assert f"\n{name} " in out, out  # a line of the summary table
+    positive = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+    train = result["train"]
+    assert math.isfinite(train["loss"]) and train["finite"] is True, train
+    for key in ("compile_s", "step_ms", "tokens_per_s", "real_tokens_per_s", "supervised_tokens_per_s",
+                "flops_per_step", "flops_compiled_step", "achieved_flops_per_s"):
+        assert positive(train[key]), (key, train[key])
+    assert positive(train["xla_memory_bytes"]["total"]), train["xla_memory_bytes"]
+    assert train["flops_per_step"] > train["flops_compiled_step"]  # unrolled loops count every iteration
+    assert result["meta"]["peak_bf16_flops"] is None and train["mfu"] is None and train["mfu_note"]
+    assert positive(train["peak_bytes_in_use"]) or (train["peak_bytes_in_use"] is None and train["peak_note"])
+    assert positive(result["plan"]["predicted_bytes"]), result["plan"]
+    assert all(positive(result["ratio"][k]) for k in ("ivtlr_ms", "plain_ms", "ratio")), result["ratio"]
+    generate = result["generate"]
+    assert positive(generate["examples_per_s"]) and positive(generate["generated_tokens_per_s"]), generate
+    assert generate["every_row_full_length"] is True  # EOS disabled: every row decodes new_tokens
+    attention = result["attention"]
+    assert positive(attention["xla"]["fwd_ms"]) and positive(attention["xla"]["fwd_bwd_ms"]), attention
+    assert attention["cudnn"].startswith("unavailable"), attention
+    batch = result["setup"]["batch"]
+    assert batch["assembled_length"] == batch["collated_length"] + batch["latents"] * batch["k"]
+    assert 0 < batch["shared_prefix"] < batch["first_latent"] <= batch["prefix_len"], batch

@@ -24,8 +24,9 @@ from ivtlr_jax.models.common.safetensors_io import SafetensorsFolder
 from ivtlr_jax.models.convert import convert
 from ivtlr_jax.models.official import OfficialCheckpointError, import_official
 from ivtlr_jax.train.checkpoint import TrainCheckpointer
-from ivtlr_jax.train.lora import OFFICIAL_TARGETS, LoRAConfig, add_lora, trainable_filter
-from ivtlr_jax.train.loop import add_latent_tokens, prepare_run_folder
+from ivtlr_jax.models.common.lora import OFFICIAL_TARGETS, LoRAConfig, add_lora, trainable_filter
+from ivtlr_jax.build import add_latent_tokens
+from ivtlr_jax.train.loop import write_run_config
 from ivtlr_jax.train.step import split_trainable
 from tests import hf_tiny
 from tests.oracle_ivtlr import latent_batch, oracle_ivtlr
@@ -107,7 +108,8 @@ def run(base, tmp_path_factory):
     cfg = RunConfig(name="tiny", save_path=str(tmp_path_factory.mktemp("runs")), seed=3,
                     model=ModelSection(model_id=str(folder), dtype="float32", param_dtype="float32", remat="none"),
                     lora=LoRASection(rank=RUN_LORA.rank, alpha=RUN_LORA.alpha, dropout=RUN_LORA.dropout))
-    run_dir = prepare_run_folder(cfg)
+    write_run_config(cfg)
+    run_dir = cfg.run_dir
     model = from_pretrained(folder)
     add_latent_tokens(model, load_processor(folder))
     add_lora(model, RUN_LORA, seed=11)  # another seed than the run's: A must come from the checkpoint

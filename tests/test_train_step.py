@@ -10,11 +10,11 @@ from ivtlr_jax.config import ConfigError, OptimSection, load_config
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh
 from ivtlr_jax.train.checkpoint import TrainCheckpointer
-from ivtlr_jax.train.lora import LoRAConfig, add_lora, merge_lora, trainable_filter
+from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, merge_lora, trainable_filter
 from ivtlr_jax.train.optim import make_optimizer
 from ivtlr_jax.train.step import (StepConfig, batch_shardings, init_optimizer, make_train_step, split_trainable,
                                   step_shardings)
-from ivtlr_jax.train.vocab import resize_vocab
+from ivtlr_jax.models.common.vocab import resize_vocab
 from ivtlr_jax.models.common.sharding import state_shardings
 from tests.test_latent import QWEN_LATENT, qwen_batch, to_jax
 
@@ -96,8 +96,11 @@ def test_sharded_step_equals_single_device_step(tiny_qwen2vl):
     rules = ShardingRules(make_mesh(data=2, fsdp=2, tensor=1))
     mesh_losses, sharded = run(rules)
     np.testing.assert_allclose(mesh_losses, single_losses, rtol=1e-6)
+    # Adam divides each gradient by its own magnitude, so the reassociated sums of a sharded step move
+    # elements with gradients near eps by a visible fraction of lr: bound the difference by lr / 1000
+    # (jax 0.10.2 on CPU: 3.8e-6 after two steps at lr 1e-2; a wrong sharding moves them by ~lr)
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
-        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4 * max(np.abs(np.asarray(a)).max(), 1e-2)
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-3 * 1e-2
 
 
 def test_resize_vocab_sets_new_head_rows_from_the_copy_token(tiny_qwen2vl):

@@ -31,9 +31,9 @@ class CurriculumConfig:
 
     def __post_init__(self):
         if self.epochs_per_stage < 1:
-            raise ValueError(f"curriculum: epochs_per_stage must be >= 1, got {self.epochs_per_stage}")
+            raise ValueError(f"epochs_per_stage: {self.epochs_per_stage!r} must be >= 1")
         if self.max_latent_stage < 0:
-            raise ValueError(f"curriculum: max_latent_stage must be >= 0, got {self.max_latent_stage}")
+            raise ValueError(f"max_latent_stage: {self.max_latent_stage!r} must be >= 0")
 
 
 def stage_of_epoch(epoch: int, cfg: CurriculumConfig) -> int:

@@ -37,13 +37,12 @@ from ..data import load_examples, load_processor, materialize, special_token_ids
 from ..data.collate import smallest_bucket
 from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
+from ..models.common.layers import DTYPES
 from ..models import ShardingRules, from_pretrained, make_mesh, read_config, resolve_folder
 from ..train.step import batch_shardings
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
 
-FAMILY_OF = {"qwen2_vl": "qwen2vl", "chameleon": "chameleon"}
-DTYPES = ("float32", "bfloat16", "float16")
 SETUP_VERSION = 1
 # setup keys that describe but do not decide: the weights' fingerprint identifies the model, so a
 # moved or copied folder still resumes
@@ -294,7 +293,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     rows = -(-cfg.batch_size // n_dev) * n_dev  # a multiple of the device count
     model_dir = resolve_folder(model_dir)
     family_obj, _, _ = read_config(model_dir)
-    family = FAMILY_OF[family_obj.config_cls.model_type]
+    family = family_obj.name
     processor = load_processor(model_dir)
     tok = getattr(processor, "tokenizer", processor)
     ids = special_token_ids(processor)

@@ -29,6 +29,8 @@ FLAX_PARAMS_DIR = "flax_params"
 
 @dataclasses.dataclass(frozen=True)
 class Family:
+    """What only one model family knows, keyed in FAMILIES by its Hugging Face `model_type`."""
+    name: str  # the short name data and evaluation use ("qwen2vl", "chameleon")
     config_cls: type
     model_cls: type
     weight_specs: Callable
@@ -37,10 +39,10 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "qwen2_vl": Family(Qwen2VLConfig, Qwen2VL, qwen2vl_params.weight_specs, qwen2vl_params.hf_renamer,
+    "qwen2_vl": Family("qwen2vl", Qwen2VLConfig, Qwen2VL, qwen2vl_params.weight_specs, qwen2vl_params.hf_renamer,
                        qwen2vl_params.STACKED),
-    "chameleon": Family(ChameleonConfig, Chameleon, chameleon_params.weight_specs, chameleon_params.hf_renamer,
-                        chameleon_params.STACKED),
+    "chameleon": Family("chameleon", ChameleonConfig, Chameleon, chameleon_params.weight_specs,
+                        chameleon_params.hf_renamer, chameleon_params.STACKED),
 }
 
 

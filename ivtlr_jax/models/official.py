@@ -219,7 +219,7 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
 
     from ..data import load_processor
     from ..data.tokenizer import save_processor
-    from ..train.vocab import LATENT_TOKENS
+    from .common.vocab import LATENT_TOKENS
     from .checkpoint_io import save_params
 
     if dtype not in DTYPE_NAMES:

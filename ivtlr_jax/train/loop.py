@@ -21,26 +21,20 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from ..build import build_model
 from ..config import ConfigError, RunConfig, differing_keys, to_dict
-from ..data import (CurriculumConfig, collate, epoch_order, load_examples, load_processor, special_token_ids,
-                    stage_of_epoch, stage_tokens, shared_prefix_bound)
+from ..data import collate, epoch_order, load_examples, shared_prefix_bound, stage_of_epoch, stage_tokens
 from ..data.tokenizer import save_processor
 from ..latent import LatentConfig
-from ..models import from_pretrained, read_config, resolve_folder
-from ..models.common.layers import DTYPES
+from ..models.common.lora import merge_lora, trainable_filter
 from ..models.common.safetensors_io import read_header
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
 from ..models.convert import atomic_output_folder
 from ..models.export import save_hf
 from ..models.qwen2vl.modeling import uniform_frame_len
 from .checkpoint import TrainCheckpointer
-from .lora import LoRAConfig, add_lora, merge_lora, trainable_filter
 from .optim import make_optimizer
 from .step import StepConfig, batch_shardings, init_optimizer, make_train_step, split_trainable, step_shardings
-from .vocab import LATENT_TOKENS, resize_vocab
-
-FAMILY_OF = {"qwen2_vl": "qwen2vl", "chameleon": "chameleon"}
-
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
 
@@ -126,21 +120,6 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def add_latent_tokens(model, processor) -> dict:
-    """REFERENCE 2: add the three tokens to the tokenizer (if missing), resize the embedding and LM
-    head to len(tokenizer), and set the new tokens' LM-head rows to the row of `<<`."""
-    tok = getattr(processor, "tokenizer", processor)
-    added = tok.add_tokens(list(LATENT_TOKENS))
-    ids = special_token_ids(processor)
-    new_ids = [ids["start_latent_id"], ids["end_latent_id"], ids["latent_id"]]
-    copy_from = tok.convert_tokens_to_ids("<<")
-    if ids["vocab_size"] != model.config.vocab_size or added:
-        if copy_from is None or copy_from == tok.unk_token_id:
-            raise ValueError("the tokenizer has no '<<' token to initialise the latent tokens' LM-head rows from")
-        resize_vocab(model, ids["vocab_size"], new_ids, copy_from)
-    return ids
-
-
 def check_patch_budget(examples, image_token_id: int, k: int, source: str) -> None:
     """Every latent pass picks K of a row's image tokens: refuse at start a K above any row's image tokens."""
     counts = [(sum(1 for t in ex.question_ids if t == image_token_id), ex.id) for ex in examples]
@@ -168,28 +147,19 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = cfg.train.batch_size_training * replicas
 
-    folder = resolve_folder(cfg.model.model_id)
-    family_obj, _, _ = read_config(folder)
-    family = FAMILY_OF[family_obj.config_cls.model_type]
-    processor = load_processor(folder)
-    lora_cfg = LoRAConfig(cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    param_dtype = DTYPES[cfg.model.param_dtype] if cfg.lora.enabled else jnp.float32  # trainable weights in fp32
-    model = from_pretrained(folder, dtype=DTYPES[cfg.model.dtype], param_dtype=param_dtype, remat=cfg.model.remat,
-                            rules=rules, scan_layers=cfg.model.scan_layers)
-    ids = add_latent_tokens(model, processor)
-    if lora_cfg.enabled:
-        add_lora(model, lora_cfg, seed=cfg.seed)
+    built = build_model(cfg, rules=rules)
+    model, processor, ids, family = built.model, built.processor, built.ids, built.family.name
     latent_cfg = LatentConfig(ids["latent_id"], cfg.latent.num_selected_patches, cfg.latent.patch_order,
                               cfg.latent.latent_grad, cfg.latent.rope, cfg.latent.ce_chunk)
     pad_id = ids["eos_token_id"]  # REFERENCE 2: pad = EOS
     image_token_id = model.config.image_token_id
+    markers = (ids["start_latent_id"], ids["end_latent_id"])  # used when curriculum.use_latent_markers
 
     examples, report = load_examples(cfg.data.dataset, cfg.data.source, cfg.data.train_split, processor, family,
                                      max_length=cfg.data.max_length, limit=cfg.data.limit)
     if not examples:
         raise ValueError(f"no usable training rows in {cfg.data.source} ({report})")
-    curriculum = CurriculumConfig(cfg.curriculum.epochs_per_stage, cfg.curriculum.max_latent_stage,
-                                  cfg.curriculum.pad_latent_to_max)
+    curriculum = cfg.curriculum
     if curriculum.max_latent_stage and cfg.train.num_epochs > curriculum.epochs_per_stage:  # a stage with latents
         check_patch_budget(examples, image_token_id, latent_cfg.num_selected_patches,
                            f"{cfg.data.source} ({cfg.data.train_split})")
@@ -201,7 +171,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     opt_per_epoch = max(micro_per_epoch // accum, 1)
     tx = make_optimizer(cfg.optim, opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * curriculum.epochs_per_stage)
 
-    graphdef, trainable, frozen = split_trainable(model, trainable_filter(lora_cfg))
+    graphdef, trainable, frozen = split_trainable(model, trainable_filter(cfg.lora))
     trainable = jax.device_put(trainable, state_shardings(trainable, rules))
     opt_state = init_optimizer(tx, trainable, rules)
     step_cfg = StepConfig(latent_cfg, cfg.train.batch_size_training, cfg.optim.loss_scale)
@@ -254,13 +224,14 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 opt_state = init_optimizer(tx, trainable, rules)
             order = epoch_order(len(examples), cfg.seed, epoch)
             order = np.concatenate([order, order[: micro_per_epoch * global_batch - len(order)]])  # wrap the tail
-            window_tokens = accumulation_window_tokens(examples, order, stage, curriculum, latent_cfg.latent_token_id,
-                                                       global_batch, accum)
+            window_tokens = accumulation_window_tokens(examples, order, stage, curriculum,
+                                                       (latent_cfg.latent_token_id, *markers), global_batch, accum)
             first = start_index if epoch == start_epoch else 0
 
             def prepare(index: int) -> PreparedBatch:
                 rows = [examples[i] for i in order[index * global_batch : (index + 1) * global_batch]]
-                features = [(*stage_tokens(ex, stage, curriculum, latent_cfg.latent_token_id), ex.image) for ex in rows]
+                features = [(*stage_tokens(ex, stage, curriculum, latent_cfg.latent_token_id, *markers), ex.image)
+                            for ex in rows]
                 try:
                     return prepare_batch(features, latent_cfg, pad_id, cfg.data, rules, image_token_id,
                                          [ex.id for ex in rows])
@@ -390,12 +361,12 @@ class Lookahead:
         return self._value
 
 
-def accumulation_window_tokens(examples, order, stage, curriculum, latent_id, global_batch, accum) -> list[int]:
+def accumulation_window_tokens(examples, order, stage, curriculum, token_ids, global_batch, accum) -> list[int]:
     """Supervised tokens of each accumulation window of the epoch (for optim.loss_scale=token_mean: the
-    loss of a window is its summed token losses over its token count)."""
+    loss of a window is its summed token losses over its token count). token_ids: (latent, start, end)."""
     per_example = {}
     for i in set(order.tolist()):
-        labels = stage_tokens(examples[i], stage, curriculum, latent_id)[1]
+        labels = stage_tokens(examples[i], stage, curriculum, *token_ids)[1]
         per_example[i] = sum(1 for t in labels if t != -100)
     per_batch = [sum(per_example[i] for i in order[b : b + global_batch]) for b in range(0, len(order), global_batch)]
     return [sum(per_batch[w : w + accum]) for w in range(0, len(per_batch), accum)]

@@ -7,6 +7,7 @@ are scanned with them; `decoder._layer` adds their contribution where present.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -118,3 +119,54 @@ class LoRA(nnx.Module):
         b = getattr(self, f"{name}_b")[...].astype(jnp.float32)
         delta = jnp.einsum(f"l{ins}r,lr{outs}->l{ins}{outs}", a, b) * self.scale
         return (base.astype(jnp.float32) + delta).astype(base.dtype)
+
+
+# ---- attaching, selecting and merging adapters on a model ---------------------------------------------
+OFFICIAL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    enabled: bool = True  # False: full fine-tuning of every parameter
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = OFFICIAL_TARGETS
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank: {self.rank!r} must be >= 1")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha: {self.alpha!r} must be a finite number > 0")
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout: {self.dropout!r} must be a finite number >= 0.0 and < 1.0")
+        unknown = sorted(set(self.target_modules) - set(PROJECTIONS))
+        if unknown or (self.enabled and not self.target_modules):
+            raise ValueError(f"target_modules: {list(self.target_modules)} must name projections among "
+                             f"{sorted(PROJECTIONS)}")
+
+
+def add_lora(model: nnx.Module, cfg: LoRAConfig, *, seed: int = 0, param_dtype=jnp.float32) -> nnx.Module:
+    """Attach adapters to the language model's decoder layers (the vision tower is never targeted, as in
+    the official setup where no tower module matches the target names)."""
+    model.layers.lora = LoRA(model.layers, tuple(cfg.target_modules), cfg.rank, cfg.alpha, cfg.dropout,
+                             rngs=nnx.Rngs(seed), param_dtype=param_dtype)
+    return model
+
+
+def trainable_filter(cfg: LoRAConfig):
+    """nnx filter of the trained parameters: the adapters with LoRA, every parameter without."""
+    return nnx.All(nnx.Param, nnx.PathContains("lora")) if cfg.enabled else nnx.Param
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Fold the adapters into the base weights (in place) and remove them."""
+    lora = getattr(model.layers, "lora", None)
+    if lora is None:
+        return model
+    for name in lora.targets:
+        attr, _ = PROJECTIONS[name]
+        var = getattr(model.layers, attr)
+        var[...] = lora.merged(name, var[...])
+    del model.layers.lora
+    return model
