@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivtlr_jax.models.common.loading import WeightLoadError  # noqa: E402
-from ivtlr_jax.models.official import DTYPE_NAMES, OfficialCheckpointError, import_official  # noqa: E402
+from ivtlr_jax.io.official import DTYPE_NAMES, OfficialCheckpointError, import_official  # noqa: E402
 
 
 def main(argv=None) -> None:

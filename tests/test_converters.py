@@ -22,7 +22,7 @@ from ivtlr_jax.latent import LatentConfig, ivtlr_loss, latent_layout
 from ivtlr_jax.models import WeightLoadError, from_pretrained
 from ivtlr_jax.models.common.safetensors_io import SafetensorsFolder
 from ivtlr_jax.models.convert import convert
-from ivtlr_jax.models.official import OfficialCheckpointError, import_official
+from ivtlr_jax.io.official import OfficialCheckpointError, import_official
 from ivtlr_jax.train.checkpoint import TrainCheckpointer
 from ivtlr_jax.models.common.lora import OFFICIAL_TARGETS, LoRAConfig, add_lora, trainable_filter
 from ivtlr_jax.build import add_latent_tokens

@@ -33,9 +33,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from . import FLAX_MARKER, FLAX_PARAMS_DIR, abstract_model, read_config, resolve_folder
-from .common.loading import WeightLoadError, load_params
-from .convert import WEIGHT_FILES, atomic_output_folder, check_output_folder
+from ..models import FLAX_MARKER, FLAX_PARAMS_DIR, abstract_model, read_config, resolve_folder
+from ..models.common.loading import WeightLoadError, load_params
+from ..models.convert import WEIGHT_FILES, atomic_output_folder, check_output_folder
 
 OFFICIAL_LORA_ALPHA = 16.0  # lora_alpha of the official LoraConfig (r=64)
 WRAPPER_PREFIX = "base_causallm."
@@ -219,8 +219,8 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
 
     from ..data import load_processor
     from ..data.tokenizer import save_processor
-    from .common.vocab import LATENT_TOKENS
-    from .checkpoint_io import save_params
+    from ..models.common.vocab import LATENT_TOKENS
+    from ..models.checkpoint_io import save_params
 
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {dtype!r}: choose from {DTYPE_NAMES}")
