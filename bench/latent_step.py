@@ -6,7 +6,7 @@ heads, vocabulary 1024; vision depth 2, embed 128) is saved to a temporary folde
 with `from_pretrained`. The batch is in the official collator's layout (tests/oracle_ivtlr.py
 `latent_batch`): one 224x224 image per row (64 merged image tokens), questions of different lengths
 (so different left pads), `--latents` `<|latent|>` tokens per row, answers of 40-80 tokens.
-Both sides train the same parameters: with `--train lora` (the default: the official setup, REFERENCE 6)
+Both sides train the same parameters: with `--train lora` (the default: the official setup, docs/method.md section 15)
 LoRA r=64, alpha 16, dropout 0.05 on the 7 projections of the language model (peft on the torch side, in
 train mode so its dropout is on; `add_lora` on the JAX side, with a dropout key), everything else frozen, so
 neither side runs the vision tower's backward; with `--train full` every parameter. Three steps are timed:
@@ -16,7 +16,7 @@ neither side runs the vision tower's backward; with `--train full` every paramet
   prefix_len - 1; latent_grad="stop"): the question slots once, the chain's prefill of the rest, n
   latent passes against the KV cache, then the forward + backward of the assembled sequence (length
   S + n*K) continuing from the question's cache.
-- oracle: `oracle_ivtlr(official_compute=True)` (REFERENCE 3 the way the official code runs it: n + 1
+- oracle: `oracle_ivtlr(official_compute=True)` (docs/method.md section 7, the way the official code runs it: n + 1
   full forwards over the growing sequence with eager attention, all attention matrices returned, every
   pass's LM-head logits kept and concatenated into the loss, whose rows for the passes are all -100,
   so the backward also runs through every pass, as in the official `IVTLR.forward`) +

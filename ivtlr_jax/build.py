@@ -1,6 +1,6 @@
 """One model builder: from a run configuration to the model that training, export and the planner use
 — loaded from its folder (or shapes only, for the planner), the latent tokens added to its vocabulary
-(REFERENCE 2), and LoRA attached when the run trains adapters. The trainable / frozen split is
+(docs/method.md section 3), and LoRA attached when the run trains adapters. The trainable / frozen split is
 `models.common.lora.trainable_filter(cfg.lora)`."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def abstract_model(cfg: RunConfig, family: Family, config, *, rules: ShardingRul
 
 
 def add_latent_tokens(model, processor) -> dict:
-    """REFERENCE 2: add the three tokens to the tokenizer (if missing), resize the embedding and LM
+    """docs/method.md section 3: add the three tokens to the tokenizer (if missing), resize the embedding and LM
     head to len(tokenizer), and set the new tokens' LM-head rows to the row of `<<`."""
     tok = getattr(processor, "tokenizer", processor)
     added = tok.add_tokens(list(LATENT_TOKENS))

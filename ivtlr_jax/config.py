@@ -86,7 +86,7 @@ class DataSection:
     source: str = ""  # hub id, local folder or parquet file
     train_split: str = "train"
     eval_split: str = "test"
-    max_length: int | None = None  # default: REFERENCE caps (3400 Qwen2-VL, 1400 Chameleon)
+    max_length: int | None = None  # default: 3400 Qwen2-VL, 1400 Chameleon (docs/method.md section 14)
     limit: int | None = None  # optional cap on training rows (the official scripts kept 20 / 10 by accident)
     length_buckets: tuple[int, ...] = (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
     prefix_buckets: tuple[int, ...] = (128, 256, 512, 768, 1024, 1536, 2048, 3072)

@@ -67,7 +67,8 @@ HUB_CONFIGS = {
     },
 }
 
-# the official sequence shapes (REFERENCE.md 2, 5, 6): image tokens, question, final length before latents
+# the official sequence shapes (docs/method.md sections 2, 14 and 15): image tokens, question, final length
+# before latents
 OFFICIAL_SHAPES = {"qwen2_vl": dict(image_tokens=100, prefix=512, seq_len=1216, image_side=280),
                    "chameleon": dict(image_tokens=1024, prefix=1152, seq_len=1408, image_side=512)}
 

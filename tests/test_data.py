@@ -1,7 +1,7 @@
 """ivtlr_jax.data: rationale splitting, prompts of both datasets for both families, length caps, bad
 rows, sources, the curriculum, the collator layout and the synthetic dataset.
 
-Expected strings and layouts are written by hand from REFERENCE.md sections 3, 5 and 6 (and the
+Expected strings and layouts are written by hand from docs/method.md sections 4, 13 and 14 (and the
 official scripts they describe), not copied from the code's output."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def enc(proc, text):
     return list(proc.tokenizer.encode(text, add_special_tokens=False))
 
 
-# ---- rationale -> steps (REFERENCE 5) --------------------------------------------------------------------
+# ---- rationale -> steps (docs/method.md section 14) --------------------------------------------------------
 @pytest.mark.parametrize("rationale, steps", [
     ("", []),
     ("   ", []),
@@ -212,7 +212,7 @@ def test_cross_pairs(tmp_path, qwen_proc, cham_proc):
 
 
 def test_official_evaluation_prompts(tmp_path, qwen_proc, cham_proc):
-    """--prompt-format official (REFERENCE 4-5): M3CoT `A.{...}` options and no newline after `Answer:`
+    """--prompt-format official (docs/method.md section 21): M3CoT `A.{...}` options and no newline after `Answer:`
     (Qwen2-VL chat framing); ScienceQA on Chameleon: BOS, <racm3:break>, <image> x N, <eoss> before
     `[Question]:`, a `\nAnswer:` line, and the separator <reserved08706> after the latents."""
     m3 = write_m3cot(tmp_path / "m3.parquet", [dict(question=" Q2? ", choices=[" x", "y "], answer="A",
@@ -414,7 +414,7 @@ def test_processor_round_trip(tmp_path, qwen_proc, cham_proc):
     assert cham_proc.image_seq_length == 64 and cham["image_token_id"] is not None and cham["latent_id"] is not None
 
 
-# ---- curriculum (REFERENCE 6) -------------------------------------------------------------------------------
+# ---- curriculum (docs/method.md section 13) -------------------------------------------------------------------
 Q, S1, S2, S3, A = [1, 2, 3, 4], [10, 11], [12], [13, 14, 15], [20, 21, 99]
 L, START, END = 50, 51, 52
 
@@ -485,7 +485,7 @@ def test_epoch_order():
     assert epoch_order(0, 0, 0).tolist() == []
 
 
-# ---- collator (REFERENCE 3, first paragraph) -------------------------------------------------------------------
+# ---- collator (docs/method.md section 4) -------------------------------------------------------------------------
 PAD = 0
 
 

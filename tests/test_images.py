@@ -1,4 +1,4 @@
-"""Chameleon's conversion of transparent images (REFERENCE.md section 5): transformers 4.51.3's
+"""Chameleon's conversion of transparent images (docs/method.md section 14): transformers 4.51.3's
 `ChameleonImageProcessor.blend_rgba`, done before the processor so that image codes do not depend on
 the installed transformers. Expected pixels come from a numpy transcription of the 4.51.3 formula
 applied to hand-built arrays, not from the code under test."""

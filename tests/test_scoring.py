@@ -1,4 +1,4 @@
-"""Scoring rules of REFERENCE.md section 4: hand-written generations, and parity with the official
+"""Scoring rules of docs/method.md section 18: hand-written generations, and parity with the official
 functions (transcribed below from the official scripts) on thousands of generated mixed-case strings."""
 
 import random

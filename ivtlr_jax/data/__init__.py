@@ -163,8 +163,8 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     of the square resize (default 100 = 280x280); chameleon, the `<image>` run length (default
     processor.image_seq_length). lazy_images: keep only the encoded image bytes and process them on
     access (a `LazyImage`); False keeps the processed arrays in memory (a dict). prompt_format: "train"
-    (REFERENCE 5, the default for training and evaluation) or "official" (the official evaluation
-    scripts' prompts, REFERENCE 4-5: M3CoT `A.{...}` options and `Answer:` without a newline; ScienceQA a
+    (docs/method.md section 14, the default for training and evaluation) or "official" (the official evaluation
+    scripts' prompts, docs/method.md section 21: M3CoT `A.{...}` options and `Answer:` without a newline; ScienceQA a
     `\nAnswer:` line; Chameleon BOS, image markers before `[Question]:` and the separator after the
     latents in `Example.prompt_suffix`), for evaluation only.
     """

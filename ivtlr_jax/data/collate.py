@@ -1,4 +1,4 @@
-"""The official collator's batch layout (REFERENCE.md section 3), with bucketed static shapes.
+"""The official collator's batch layout (docs/method.md section 4), with bucketed static shapes.
 
 Each row is left-padded so that its first `<|latent|>` sits at the common index p (rows without
 latents get no left pad, as in the official Coconut-style collator), then right-padded to S:

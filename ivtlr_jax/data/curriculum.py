@@ -1,4 +1,4 @@
-"""The curriculum (REFERENCE.md section 6): stage s replaces the first s reasoning steps by s latents.
+"""The curriculum (docs/method.md section 13): stage s replaces the first s reasoning steps by s latents.
 
 - stage = epoch // epochs_per_stage;
 - s <= max_latent_stage: drop the first s steps, put s `<|latent|>` after the question (s latents even

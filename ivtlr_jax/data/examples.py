@@ -1,4 +1,4 @@
-"""What every dataset turns a row into (REFERENCE.md section 5), and the rules both datasets share.
+"""What every dataset turns a row into (docs/method.md section 14), and the rules both datasets share.
 
 - `Example`: one row, tokenized: the prompt up to where latents / steps begin, the reasoning steps,
   the answer, the processed image and the metadata the evaluation needs.
@@ -22,9 +22,9 @@ import numpy as np
 
 FAMILIES = ("qwen2vl", "chameleon")
 ANSWER_PREFIX = "Therefore, the answer is "
-# REFERENCE 5: total length caps of the official training scripts (one per model family)
+# docs/method.md section 14: total length caps of the official training scripts (one per model family)
 DEFAULT_MAX_LENGTH = {"qwen2vl": 3400, "chameleon": 1400}
-# REFERENCE 2: Qwen2-VL images are resized to 280x280 = 20x20 patches of 14 = 100 merged image tokens
+# docs/method.md section 2: Qwen2-VL images are resized to 280x280 = 20x20 patches of 14 = 100 merged image tokens
 QWEN_IMAGE_TOKENS = 100
 
 
@@ -105,7 +105,7 @@ class RowText:
 
 # ---- rationale -> steps ---------------------------------------------------------------------------
 def split_rationale(rationale: str) -> list[str]:
-    """REFERENCE 5: newlines to spaces, strip, split on ". ", drop a trailing empty piece; more than 3
+    """docs/method.md section 14: newlines to spaces, strip, split on ". ", drop a trailing empty piece; more than 3
     pieces are grouped into exactly 3 consecutive chunks (the first len % 3 chunks one piece longer),
     each re-joined with ". "."""
     steps = rationale.replace("\n", " ").strip().split(". ")
@@ -211,7 +211,7 @@ def to_rgb(image):
 
 def blend_rgba(image):
     """Chameleon's conversion to RGB: transformers 4.51.3's `ChameleonImageProcessor.blend_rgba`, which the
-    official code ran (REFERENCE 5). Any mode but RGB goes through RGBA; when some alpha is below 255 it
+    official code ran (docs/method.md section 14). Any mode but RGB goes through RGBA; when some alpha is below 255 it
     is blended onto white in float64, (1 - a) * 255 + a * rgb with a = alpha / 255, truncated to uint8
     (this covers RGBA, LA and palette images with transparency alike). The result is a plain RGB image
     without a "transparency" entry, so no processor applies its own alpha handling afterwards."""

@@ -1,5 +1,5 @@
 """M3CoT rows (`LightChen2333/M3CoT`: id, category, image_id, question, choices, context, answer,
-rationale, split, image, domain, topic) -> text pieces (REFERENCE.md section 5).
+rationale, split, image, domain, topic) -> text pieces (docs/method.md section 14).
 
 Prompt (official training format; the braces are literal):
     [Question]:{<question>}\\n[Options]:\\n(A).{<choice>}\\n(B).{<choice>}...\\nAnswer:\\n
@@ -23,7 +23,7 @@ def prompt_text(question: str, choices: list[str], image_placeholder: str = "") 
 
 
 def official_eval_text(question: str, choices: list[str]) -> str:
-    """The official evaluation prompt (REFERENCE 5 quirk): `A.{choice}` options and no newline after
+    """The official evaluation prompt (docs/method.md section 21): `A.{choice}` options and no newline after
     `Answer:`; the image stays outside the text."""
     options = "\n".join(f"{chr(65 + i)}.{{{c.strip()}}}" for i, c in enumerate(choices))
     return f"[Question]:{{{question.strip()}}}\n[Options]:\n{options}\nAnswer:"

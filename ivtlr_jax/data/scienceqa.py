@@ -1,6 +1,6 @@
 """ScienceQA rows (`derek-thomas/ScienceQA`: image, question, choices, answer (int), hint, task, grade,
-subject, topic, category, skill, lecture, solution; no id column) -> text pieces (REFERENCE.md
-section 5).
+subject, topic, category, skill, lecture, solution; no id column) -> text pieces
+(docs/method.md section 14).
 
 Prompt (official Chameleon training format; braces literal, no "Answer:" line, no hint):
     [Question]:{<image> x N<question>}\\n[Options]:\\n(A).{<choice>}\\n(B).{<choice>}...
@@ -24,7 +24,7 @@ def prompt_text(question: str, choices: list[str], image_placeholder: str = "") 
 
 
 def official_eval_text(question: str, choices: list[str]) -> str:
-    """The official evaluation prompt (REFERENCE 4): the training options plus a `\nAnswer:` line; the
+    """The official evaluation prompt (docs/method.md section 21): the training options plus a `\nAnswer:` line; the
     image stays outside the text (Chameleon puts it before `[Question]:`)."""
     return f"[Question]:{{{question.strip()}}}\n[Options]:\n{option_lines(choices)}\nAnswer:"
 

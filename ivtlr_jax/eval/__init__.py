@@ -1,1 +1,1 @@
-"""Evaluation: answer scoring (REFERENCE.md section 4) and pictures of the selected patches."""
+"""Evaluation: answer scoring (docs/method.md section 18) and pictures of the selected patches."""

@@ -1,7 +1,7 @@
-"""Evaluation of a model folder on M3CoT / ScienceQA: batched jitted generation, scoring (REFERENCE.md
-section 4), one JSON line per example, a summary, optional pictures of the selected patches.
+"""Evaluation of a model folder on M3CoT / ScienceQA: batched jitted generation, scoring
+(docs/method.md section 18), one JSON line per example, a summary, optional pictures of the selected patches.
 
-Prompts are `question + <|latent|> x num_latents` in the training format (the default; REFERENCE 4/5),
+Prompts are `question + <|latent|> x num_latents` in the training format (the default; docs/method.md section 17),
 left-padded to a length bucket so that batches compile once per bucket.
 
 - Precision: the model runs in `EvalConfig.dtype` (the run config's `model.dtype`; the official
@@ -68,7 +68,7 @@ class EvalConfig:
     length_buckets: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
     scan_layers: bool = True  # see DecoderLM
     prompt_format: str = "train"  # or "official": the official evaluation scripts' prompts (data.load_examples)
-    dtype: str = "bfloat16"  # compute dtype (REFERENCE 4: the official evaluation runs in bfloat16)
+    dtype: str = "bfloat16"  # compute dtype (docs/method.md section 16: the official evaluation runs in bfloat16)
     param_dtype: str | None = None  # storage dtype of the weights (None: dtype)
     devices: int | None = None  # local devices to split each batch's rows over (None: all)
 

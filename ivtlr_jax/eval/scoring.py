@@ -1,4 +1,4 @@
-"""Answer extraction and scoring for M3CoT and ScienceQA, exactly as REFERENCE.md section 4 and the
+"""Answer extraction and scoring for M3CoT and ScienceQA, exactly as docs/method.md section 18 and the
 official evaluation scripts (`qwen_vl/infer.py` for M3CoT, `chameleon/infer_chameleon_scienceqa.py`'s
 `extract_answer` for ScienceQA): the same patterns, flags (every one case-insensitive) and order."""
 

@@ -7,7 +7,7 @@ Layout, top to bottom:
   latent i": the image as the model saw it, each selected patch outlined with a black-white-black
   line (visible on any image colour) and its rank within the step (1 = highest attention score)
   written in white on a black box in the patch's top-left corner. A patch that an earlier step had
-  already selected (the filler used when fewer than K unselected patches are left, REFERENCE 3.3) has
+  already selected (the filler used when fewer than K unselected patches are left, docs/method.md section 6, step 4) has
   a grey box instead. With `patch_order=position` the insertion order is not the score order, so no
   ranks are written;
 - a legend explaining the outline and the numbers.

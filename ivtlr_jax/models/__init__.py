@@ -52,8 +52,8 @@ def resolve_folder(path: str | os.PathLike, revision: str | None = None) -> Path
     p = Path(path)
     if p.is_dir():
         return p
-    if p.exists() or str(path).startswith((".", "/")):
-        raise FileNotFoundError(f"{path}: not a model folder")
+    if p.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
+        raise FileNotFoundError(f"{path}: no such model folder (and not a hub id of the form namespace/name)")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(path), revision=revision,

@@ -151,7 +151,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     model, processor, ids, family = built.model, built.processor, built.ids, built.family.name
     latent_cfg = LatentConfig(ids["latent_id"], cfg.latent.num_selected_patches, cfg.latent.patch_order,
                               cfg.latent.latent_grad, cfg.latent.rope, cfg.latent.ce_chunk)
-    pad_id = ids["eos_token_id"]  # REFERENCE 2: pad = EOS
+    pad_id = ids["eos_token_id"]  # docs/method.md section 3: pad = EOS
     image_token_id = model.config.image_token_id
     markers = (ids["start_latent_id"], ids["end_latent_id"])  # used when curriculum.use_latent_markers
 

@@ -1,5 +1,5 @@
 """Grouped-query attention with a padding/causal mask, plus the one-row attention probabilities that
-the IVT-LR latent loop ranks image patches with (REFERENCE.md section 3, step 2).
+the IVT-LR latent loop ranks image patches with (docs/method.md section 6, step 1).
 
 Shapes: B batch, T query length, S key length, N query heads, K key/value heads, H head dim.
 """

@@ -1,4 +1,4 @@
-"""Adding IVT-LR's three tokens to the model's vocabulary (REFERENCE.md section 2)."""
+"""Adding IVT-LR's three tokens to the model's vocabulary (docs/method.md section 3)."""
 
 from __future__ import annotations
 
