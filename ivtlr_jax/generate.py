@@ -1,10 +1,18 @@
-"""Batched IVT-LR generation (REFERENCE.md section 4): prefill the question, run the latent passes under
+"""Batched IVT-LR generation (docs/method.md section 17): prefill the question, run the latent passes under
 `lax.scan` (the same `latent_passes` as training), then decode from the same KV cache under
 `lax.while_loop` until every row has produced EOS or `max_new_tokens`.
 
 The official code generates one example at a time and runs a final full forward before decoding; the
 last latent pass already leaves the cache and the last hidden state that forward would produce, so
 decoding starts right after it. Greedy by default; temperature and top-p sampling as options.
+
+Prompts may have different latent counts c_r (mixed prompts in one batch; docs/method.md section 10, where the
+official forward, batch-1 at evaluation, would insert every pass's patches into every row): every row
+generates what it generates alone. The prompts are re-laid out so that their first latents align
+(`align_first_latents`); the chain masks out the passes a row does not have (`latent_passes`), so the
+cache holds (n - c_r)*(K+1) masked slots after that row's chain, and every later token of the row (its
+suffix, its generated tokens) gets the position it has alone, skipping them (`chain_gap`). Each row
+continues from the state at its own last latent.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .latent import LatentConfig, first_latent_index, image_inputs_of, latent_layout, latent_passes, sequence_positions
+from .latent import (LatentConfig, chain_gap, first_latent_index, image_inputs_of, latent_layout, latent_passes,
+                     sequence_positions)
 from .models.qwen2vl.modeling import uniform_frame_len
 
 
@@ -34,7 +43,7 @@ class SamplingConfig:
 class Generation(NamedTuple):
     tokens: jax.Array  # [B, max_new_tokens]: a row's tokens up to and including its EOS, then pad_token_id
     lengths: jax.Array  # [B] generated tokens before EOS (EOS not counted)
-    selected: jax.Array  # [n, B, K] patches inserted before each latent
+    selected: jax.Array  # [n, B, K] patches inserted before each latent, as prompt indices (-1: no such latent)
 
 
 def next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -53,28 +62,76 @@ def next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Ar
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def align_first_latents(ids: np.ndarray, mask: np.ndarray, latent_token_id: int) -> tuple[dict, np.ndarray]:
+    """Left-padded prompts `question + <|latent|> x c_r + suffix` with different counts c_r (n the largest)
+    -> the layout the latent loop reads, each row `pad, question, <|latent|> x c_r, pad x (n - c_r),
+    suffix`: first latents at a common index p, suffixes (the same length in every row) in the last
+    columns. The width stays the prompts' when that fits. A row without latents is `question + suffix`.
+
+    Returns ({input_ids, attention_mask, position_ids}, shift [B]: how far each row's question moved
+    right)."""
+    b, s = ids.shape
+    is_latent = ids == latent_token_id
+    counts = is_latent.sum(axis=1)
+    n = int(counts.max())
+    after_last = np.argmax(is_latent[:, ::-1], axis=1)  # tokens after a row's last latent
+    suffixes = sorted({int(after_last[r]) for r in np.flatnonzero(counts)})
+    if len(suffixes) > 1:
+        raise ValueError(f"rows end with {suffixes} tokens after their last <|latent|>; the suffix after the latents "
+                         "must have the same length in every row")
+    suffix_len = suffixes[0]
+    lengths = mask.sum(axis=1)
+    questions = lengths - counts - suffix_len
+    if (questions < 0).any():
+        raise ValueError(f"rows {np.flatnonzero(questions < 0).tolist()} are shorter than the suffix ({suffix_len})")
+    width = max(s, int(questions.max()) + n + suffix_len)
+    p = width - n - suffix_len
+    pad_id = ids[mask == 0][0] if (mask == 0).any() else 0
+    out = {"input_ids": np.full((b, width), pad_id, ids.dtype), "attention_mask": np.zeros((b, width), mask.dtype),
+           "position_ids": np.zeros((b, width), np.int32)}
+    for r in range(b):
+        row, q, c = ids[r, s - lengths[r]:], questions[r], counts[r]
+        if not (row[q:q + c] == latent_token_id).all():
+            raise ValueError(f"row {r}: its <|latent|> tokens are not one block followed by the suffix")
+        for cols, part in ((slice(p - q, p + c), row[:q + c]), (slice(width - suffix_len, width), row[q + c:])):
+            out["input_ids"][r, cols] = part
+            out["attention_mask"][r, cols] = 1
+        out["position_ids"][r, p - q:p + c] = np.arange(q + c)
+        out["position_ids"][r, width - suffix_len:] = q + c + np.arange(suffix_len)
+    return out, (p - questions) - (s - lengths)
+
+
 def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, sampling: SamplingConfig,
                    *, key: jax.Array | None = None, prefix_len: int | None = None) -> Generation:
-    """Generate for prompts `question + <|latent|> x n [+ suffix]`, left-padded to a common length (so their
-    latents align; the suffix, e.g. the official Chameleon evaluation's separator token, has the same
-    length in every row). `batch` holds input_ids, attention_mask, position_ids and the model's image
-    inputs."""
+    """Generate for prompts `question + <|latent|> x c_r [+ suffix]`, left-padded to a common length (the
+    suffix, e.g. the official Chameleon evaluation's separator token, has the same length in every row).
+    Rows may have different latent counts: each row generates what it generates alone (module
+    docstring). `batch` holds input_ids, attention_mask, position_ids and the model's image inputs.
+    `selected` indexes the prompts as given."""
     ids = np.asarray(batch["input_ids"])
     mask = np.asarray(batch["attention_mask"])
     if not mask[:, -1].all():
         rows = np.flatnonzero(mask[:, -1] == 0).tolist()
         raise ValueError(f"prompts must be left-padded: rows {rows} end in padding")
-    n, p = latent_layout(ids, latent.latent_token_id)
     counts = (ids == latent.latent_token_id).sum(axis=1)
-    if n and (counts != n).any():
-        raise ValueError(f"every prompt needs the same number of <|latent|> tokens; rows have {counts.tolist()}")
+    shift = None
+    if counts.max(initial=0) and (counts != counts.max()).any():  # align the first latents (equal counts are)
+        aligned, shift = align_first_latents(ids, mask, latent.latent_token_id)
+        batch = batch | aligned
+        ids = aligned["input_ids"]
+    n, p = latent_layout(ids, latent.latent_token_id)
     suffix_len = ids.shape[1] - p - n if n else 0
     if n == 0:
         p = ids.shape[1]
+    if prefix_len is not None and prefix_len < p:
+        raise ValueError(f"prefix_len={prefix_len} is below the first latent's index {p}")
     key = jax.random.key(0) if key is None else key
     frame_len = uniform_frame_len(batch["image_grid_thw"]) if batch.get("image_grid_thw") is not None else None
     jbatch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None and k != "labels"}
-    return _generate(model, jbatch, latent, sampling, key, n, prefix_len or p, frame_len, suffix_len)
+    out = _generate(model, jbatch, latent, sampling, key, n, prefix_len or p, frame_len, suffix_len)
+    if shift is not None:  # back to the prompts' indices
+        out = out._replace(selected=jnp.where(out.selected >= 0, out.selected - jnp.asarray(shift)[None, :, None], -1))
+    return out
 
 
 @functools.partial(nnx.jit, static_argnames=("latent", "sampling", "n", "prefix_len", "frame_len", "suffix_len"))
@@ -83,18 +140,24 @@ def _generate(model, batch, latent, sampling, key, n, prefix_len, frame_len, suf
     embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch, frame_len))
     if n:
         p = first_latent_index(batch["input_ids"], latent.latent_token_id)
-        positions = sequence_positions(model, latent, batch, prefix_len, p)
-        _, tail_pos = positions
+        positions = sequence_positions(model, latent, batch, p)
+        tail_pos = positions[1]
+        counts = jnp.sum(batch["input_ids"] == latent.latent_token_id, axis=1)  # [B] c_r
+        gap = chain_gap(counts, n, latent.num_selected_patches)  # [B] masked chain slots of rows with fewer latents
+
+        def row_pos(slots):  # cache slots [T] after the chain -> [B, T] (or [3, B, T]) positions the rows have alone
+            return tail_pos(slots[None] - gap[:, None])
+
         selected, _, cache, h_last, p = latent_passes(model, latent, embeds, batch, n=n, prefix_len=prefix_len,
                                                       extra_cache=suffix_len + sampling.max_new_tokens,
                                                       positions=positions)
         if suffix_len:  # the prompt's tokens after the latents continue the sequence
-            o = model.decode(embeds[:, embeds.shape[1] - suffix_len:], tail_pos(cache.end + jnp.arange(suffix_len)),
+            o = model.decode(embeds[:, embeds.shape[1] - suffix_len:], row_pos(cache.end + jnp.arange(suffix_len)),
                              jnp.ones((b, suffix_len), bool), cache=cache)
             cache, h_last = o.cache, o.hidden[:, -1]
     else:  # no latents: an ordinary prompt
         p = jnp.int32(prefix_len)
-        prefix_pos, tail_pos = sequence_positions(model, latent, batch, prefix_len, p)
+        prefix_pos, row_pos = sequence_positions(model, latent, batch, p)
         cache = model.init_cache(b, prefix_len + sampling.max_new_tokens)
         out = model.decode(embeds, prefix_pos, batch["attention_mask"], cache=cache)
         cache, h_last = out.cache, out.hidden[:, -1]
@@ -117,7 +180,7 @@ def _generate(model, batch, latent, sampling, key, n, prefix_len, frame_len, suf
         lengths = lengths + (~done).astype(jnp.int32)
         emb = model.embed_tokens(token[:, None])
         slot = cache.end[None]
-        o = model.decode(emb, tail_pos(slot), jnp.ones((b, 1), bool), cache=cache)
+        o = model.decode(emb, row_pos(slot), jnp.ones((b, 1), bool), cache=cache)
         nxt = next_token(model.logits(o.hidden[:, -1]), jax.random.fold_in(key, step + 1), sampling)
         return step + 1, nxt, o.cache, done, tokens, lengths
 

@@ -1,16 +1,16 @@
-"""The IVT-LR latent reasoning loop (REFERENCE.md section 3), exact and jitted with static shapes.
+"""The IVT-LR latent reasoning loop (docs/method.md sections 4-9), exact and jitted with static shapes.
 
-Read next to REFERENCE.md 3. The official code runs n+1 full forwards over a growing sequence with
+Read next to docs/method.md sections 7-9. The official code runs n+1 full forwards over a growing sequence with
 eager attention. Because the model is causal and everything before `end` never changes between
-passes, the same result comes from (DESIGN.md):
+passes, the same result comes from (docs/method.md section 8):
 
 1. **prefill** the question prefix [0, prefix_len) into a KV cache sized for the whole latent chain,
    keeping the final-norm hidden state at p-1 and the head- and layer-averaged attention row of
    query p-1 (`row_attention_probs`: one [B, S] row per layer, never the full matrices);
 2. **latent passes** under `lax.scan`, one per latent i = 0..n-1: pick the top-K image patches by the
-   carried score row (REFERENCE 3.3), gather their input embeddings (3.4), write the carried hidden
-   state as latent i (3.5), and run only the K+1 new positions [V_i, L_i] through the LM against the
-   cache (3.6-3.7), carrying L_i's hidden state and attention row onward;
+   carried score row (docs/method.md section 6), gather their input embeddings, write the carried
+   hidden state as latent i (docs/method.md section 5), and run only the K+1 new positions [V_i, L_i]
+   through the LM against the cache (docs/method.md section 8), carrying L_i's hidden state and attention row onward;
 3. **assemble** the final sequence `question, V_0, L_0, ..., V_{n-1}, L_{n-1}, rest` (length S + n*K)
    from the recorded indices, gathering the patches again from the differentiable embeddings, and run
    one ordinary forward over it; the loss is the token-mean cross-entropy of the right-aligned labels
@@ -23,6 +23,25 @@ latent chain is differentiated too (Coconut-style).
 Batch layout (the official collator's): rows left-padded so that every row's first `<|latent|>` is
 at the same index p, then right-padded to S; `position_ids` 0 on left pads then 0, 1, 2, ...;
 `labels` -100 on pads, question and latents.
+
+**Rows with different latent counts** (docs/method.md sections 10 and 21; `pad_latent_to_max: false`, or mixed
+prompts at evaluation): n is the largest count c_r in the batch. The official forward inserts K patches
+before index p+i in every row for every pass i < n, also in rows without an i-th latent (their text
+gets patches in the middle), and right-aligns every row's labels by n*K, so those rows learn from
+labels K slots away from their tokens: a row's loss depends on what it is batched with. The official
+settings never reach this (every row of a batch has s latents at stage s). Here each row is what it
+would be alone (a batch of one):
+- in the chain, pass i of a row without an i-th latent is masked out (attention mask 0 on its K+1
+  slots), so nothing attends to it (in generation the row's later tokens attend this cache); rows
+  with latent i are untouched by it, since latents are contiguous from p (a row with latent i has
+  latents 0..i-1 as well);
+- its final sequence is `question, V_0, L_0, ..., V_{c_r-1}, L_{c_r-1}, rest-of-row`, then right
+  padding (zero embeddings, mask 0, labels -100) up to the common length S + n*K, and its labels are
+  right-aligned by c_r*K (`assemble`); its positions are its own (`final_positions`; with M-RoPE a
+  row without latents keeps the M-RoPE of its whole row);
+- `LatentAux.selected` is -1 for the passes a row does not have.
+So a row's loss terms (`row_nll`, `row_tokens`), its selected patches and its gradient contribution
+equal those of the row alone. With equal counts nothing changes (all rows have every pass).
 """
 
 from __future__ import annotations
@@ -62,12 +81,12 @@ class LatentConfig:
 
 
 class LatentAux(NamedTuple):
-    selected: jax.Array  # [n, B, K] original positions of the patches inserted before latent i
+    selected: jax.Array  # [n, B, K] original positions of the patches inserted before latent i (-1: no latent i)
     row_nll: jax.Array  # [B] summed token cross-entropy per row
     row_tokens: jax.Array  # [B] supervised tokens per row
     embeds: jax.Array  # [B, S + n*K, D] the assembled final input embeddings
     attention_mask: jax.Array  # [B, S + n*K]
-    labels: jax.Array  # [B, S + n*K] right-aligned labels
+    labels: jax.Array  # [B, S + n*K] labels, right-aligned per row by c_r*K
     positions: jax.Array  # positions of the final sequence ([B, L] or [3, B, L])
     num_tokens: jax.Array  # [] supervised tokens in the batch
 
@@ -126,55 +145,65 @@ def select_patches(score: jax.Array, image_mask: jax.Array, picked: jax.Array, k
 
 
 # ---- positions ------------------------------------------------------------------------------------
-def sequence_positions(model, cfg: LatentConfig, batch: dict, prefix_len: int, p: jax.Array) -> tuple[Any, Any]:
-    """(positions of the prefix [0, prefix_len), function slot -> position for slots >= p).
+def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> tuple[Any, Any]:
+    """(positions of the batch's own slots [B, S] (M-RoPE: [3, B, S]), function slots -> positions for
+    slots >= p).
 
-    1d: the collator's positions (slot - left pad); per row a constant away from the official
-    `arange` positions, which RoPE does not see. mrope: M-RoPE of the prefix as transformers computes
-    it, then text positions continuing from its largest index."""
+    The first array is meant where the latent loop leaves a row as it is: below p (the question) in a
+    row with latents, everywhere in a row without. The function takes slots [T] (the same in every row)
+    or [B, T] (per row) of a row laid out as it is alone: a caller whose cache holds masked slots (the
+    chain of a row with fewer latents) subtracts them first (`chain_gap`). 1d: the collator's positions
+    (slot - left pad); per row a constant away from the official `arange` positions, which RoPE does
+    not see. mrope: M-RoPE as transformers computes it of each row's question (of the whole row in a
+    row without latents), then text positions continuing from the question's largest index."""
     mask = batch["attention_mask"].astype(bool)
-    b = mask.shape[0]
+    b, s = mask.shape
     if cfg.rope == "1d":
         left_pad = jnp.argmax(mask, axis=1)  # first real token
 
-        def tail(slots):  # slots [T] -> [B, T]
-            return jnp.maximum(slots[None, :] - left_pad[:, None], 0)
+        def tail(slots):  # slots [T] or [B, T] -> [B, T]
+            return jnp.maximum(jnp.atleast_2d(slots) - left_pad[:, None], 0)
 
-        return batch["position_ids"][:, :prefix_len], tail
+        return batch["position_ids"], tail
 
     if not hasattr(model, "rope_index"):
         raise ValueError("latent config: rope='mrope' needs a model with M-RoPE (Qwen2-VL)")
-    ids = batch["input_ids"][:, :prefix_len]
-    in_prefix = mask[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
-    pos3, _ = model.rope_index(ids, in_prefix, batch.get("image_grid_thw"))
-    base = jnp.max(jnp.where(in_prefix[None], pos3, -1), axis=(0, 2)) + 1  # [B]
+    ids = batch["input_ids"]
+    has_latent = jnp.any(ids == cfg.latent_token_id, axis=1)  # [B]
+    in_question = mask & (jnp.arange(s)[None] < p)  # [B, S]
+    # a row without latents is kept whole, so that an image of it reaching past p keeps its index
+    pos3, _ = model.rope_index(ids, in_question | (mask & ~has_latent[:, None]), batch.get("image_grid_thw"))
+    base = jnp.max(jnp.where(in_question[None], pos3, -1), axis=(0, 2)) + 1  # [B]
 
-    def tail(slots):
-        t = base[:, None] + slots[None, :] - p
-        return jnp.broadcast_to(t[None], (3, b, slots.shape[0]))
+    def tail(slots):  # slots [T] or [B, T] -> [3, B, T]
+        t = base[:, None] + jnp.atleast_2d(slots) - p
+        return jnp.broadcast_to(t[None], (3, b, t.shape[1]))
 
     return pos3, tail
 
 
-def final_positions(cfg: LatentConfig, positions: tuple[Any, Any], p: jax.Array, length: int):
-    """Positions of the final sequence (length S + n*K), from `sequence_positions`' pair. 1d: the
-    official code resets them to `arange` over the whole row after the first insertion, right pads
-    included, so every slot gets slot - left pad (right pads before p too, where the collator has 0:
-    they matter where right-aligned labels land on them, in rows without latents). mrope: the prefix's
-    M-RoPE, then text positions."""
-    prefix_pos, tail_pos = positions
+def final_positions(model, cfg: LatentConfig, batch: dict, positions: tuple[Any, Any], p: jax.Array, length: int):
+    """Positions of the final sequence (length S + n*K), from `sequence_positions`' pair. Every row of it
+    is compact (its left pad, its own sequence, then right padding: `assemble`), so the positions the
+    row has alone are its slots minus its left pad. 1d: exactly that (the official code resets them to
+    `arange` over the whole row after the first insertion, a constant per row away). mrope: the
+    question's M-RoPE, then text positions; a row without latents is its original row, with its own
+    M-RoPE throughout (which differs from continuing text positions where its image reaches past p)."""
+    row_pos, tail_pos = positions
     if cfg.rope == "1d":
         return tail_pos(jnp.arange(length))
-    return join_positions(prefix_pos, tail_pos, p, length)
+    has_latent = jnp.any(batch["input_ids"] == cfg.latent_token_id, axis=1)  # [B]
+    kept = jnp.where(has_latent, p, length)  # [B] slots below it keep the row's own positions
+    return join_positions(row_pos, tail_pos, kept[:, None], length)
 
 
-def join_positions(prefix_pos, tail_fn, p, length: int):
-    """Positions of a sequence of `length` slots: the prefix's below p, tail_fn's from p on."""
+def join_positions(row_pos, tail_fn, kept, length: int):
+    """Positions of a sequence of `length` slots: row_pos's below `kept` ([] or [B, 1]), tail_fn's from it on."""
     slots = jnp.arange(length)
     tail = tail_fn(slots)
-    pad = length - prefix_pos.shape[-1]
-    head = jnp.pad(prefix_pos, [(0, 0)] * (prefix_pos.ndim - 1) + [(0, max(pad, 0))])[..., :length]
-    return jnp.where(slots < p, head, tail)
+    pad = length - row_pos.shape[-1]
+    head = jnp.pad(row_pos, [(0, 0)] * (row_pos.ndim - 1) + [(0, max(pad, 0))])[..., :length]
+    return jnp.where(slots < kept, head, tail)
 
 
 # ---- steps 1-2: prefill and the latent passes -------------------------------------------------------
@@ -188,11 +217,19 @@ def first_latent_index(ids: jax.Array, latent_token_id: int) -> jax.Array:
 def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len: int, extra_cache: int = 0,
                   dropout_key: jax.Array | None = None, shared: KVCache | None = None,
                   positions: tuple[Any, Any] | None = None):
-    """Run prefill + n latent passes. Returns (selected [n, B, K], latent states [n, B, D], cache, h_last,
-    p). `extra_cache` reserves cache slots after the chain (for generation). `dropout_key`: training-mode
+    """Run prefill + n latent passes. Returns (selected [n, B, K], latent states [n, B, D], cache, h_last
+    [B, D], p).
+
+    Pass i writes [V_i, L_i] at slots p + i*(K+1) .. p + (i+1)*(K+1) - 1 of every row; in a row without an
+    i-th latent (c_r <= i) that chunk is masked out (attention mask 0), so nothing attends to it, its
+    `selected` is -1 and its latent state is meaningless. `h_last`: each row's state at its own last
+    latent (at p-1 for a row without latents), where its continuation starts. The cache then holds
+    (n - c_r)*(K+1) masked slots after a row's chain (`chain_gap`).
+
+    `extra_cache` reserves cache slots after the chain (for generation). `dropout_key`: training-mode
     LoRA dropout, a fresh mask per pass (as every forward of the official code in train mode).
     `shared`: a cache already holding slots [0, c) for some c < p (`shared_prefix`); the prefill then
-    runs only [c, prefix_len). `positions`: `sequence_positions(model, cfg, batch, prefix_len, p)` when
+    runs only [c, prefix_len). `positions`: `sequence_positions(model, cfg, batch, p)` when
     the caller has it already (computed here otherwise)."""
     pass_key = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -201,16 +238,16 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     is_latent = ids == cfg.latent_token_id
     p = first_latent_index(ids, cfg.latent_token_id)
     if positions is None:
-        positions = sequence_positions(model, cfg, batch, prefix_len, p)
-    prefix_pos, tail_pos = positions
+        positions = sequence_positions(model, cfg, batch, p)
+    row_pos, tail_pos = positions
     image_mask = (ids == model.config.image_token_id)[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
-    latent_count = is_latent.sum(axis=1)  # [B]
+    latent_count = is_latent.sum(axis=1)  # [B] c_r, contiguous from p
 
     size = prefix_len + n * (k + 1) + extra_cache
     c = 0 if shared is None else shared.max_len  # slots [0, c) are already in the cache
     cache = model.init_cache(b, size) if shared is None else shared.resized(size)
     rows = jnp.full((b,), p - 1 - c, jnp.int32)  # query p-1, counted from the chunk's start c
-    out = model.decode(embeds[:, c:prefix_len], prefix_pos[..., c:], mask[:, c:prefix_len], cache=cache,
+    out = model.decode(embeds[:, c:prefix_len], row_pos[..., c:prefix_len], mask[:, c:prefix_len], cache=cache,
                        prob_rows=rows, dropout_key=pass_key(0))
     h0 = jnp.take_along_axis(out.hidden, rows[:, None, None], axis=1)[:, 0]  # [B, D] state before latent 0
     score0 = out.row_probs.mean(axis=0)[:, :prefix_len]  # [B, P] mean over layers (heads already)
@@ -220,21 +257,18 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
 
     def one_pass(carry, i):
         cache, h_prev, score, picked = carry
-        sel = select_patches(score, image_mask, picked, k, cfg.patch_order)  # 3.3
+        has_i = latent_count > i  # [B] rows with an i-th latent; the others' chunk is masked out
+        sel = select_patches(score, image_mask, picked, k, cfg.patch_order)  # 3.3: [B, K]
         picked = picked | jnp.any(jax.nn.one_hot(sel, prefix_len, dtype=bool), axis=1)
         patches = jnp.take_along_axis(embeds, sel[:, :, None], axis=1)  # 3.4: [B, K, D] input embeddings
-        has_i = latent_count > i  # 3.5: rows with an i-th latent get the carried hidden state
-        original = jax.lax.dynamic_index_in_dim(embeds, p + i, axis=1, keepdims=False)  # rows without latent i
-        latent = jnp.where(has_i[:, None], h_prev, original)
-        chunk = jnp.concatenate([patches, latent[:, None]], axis=1)  # 3.6: [V_i, L_i]
-        orig_mask = jax.lax.dynamic_index_in_dim(mask, p + i, axis=1, keepdims=False)
-        chunk_mask = jnp.concatenate([jnp.ones((b, k), bool), (has_i | (orig_mask > 0))[:, None]], axis=1)
+        chunk = jnp.concatenate([patches, h_prev[:, None]], axis=1)  # 3.5-3.6: [B, K+1, D] = [V_i, L_i]
+        chunk_mask = jnp.broadcast_to(has_i[:, None], (b, k + 1))  # [B, K+1]
         slots = cache.end + jnp.arange(k + 1)
         o = model.decode(chunk, tail_pos(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32),
                          dropout_key=pass_key(i + 1))
-        h_next = o.hidden[:, k]  # state at L_i: the next latent's embedding
+        h_next = jnp.where(has_i[:, None], o.hidden[:, k], h_prev)  # [B, D] state at L_i: the next latent
         score_next = o.row_probs.mean(axis=0)[:, :prefix_len]
-        return (o.cache, h_next, score_next, picked), (sel, latent)
+        return (o.cache, h_next, score_next, picked), (jnp.where(has_i[:, None], sel, -1), h_prev)
 
     picked0 = jnp.zeros((b, prefix_len), bool)
     (cache, h_last, _, _), (selected, latents) = jax.lax.scan(
@@ -243,37 +277,52 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     return selected, latents, cache, h_last, p
 
 
-# ---- step 3: the final sequence -----------------------------------------------------------------------
-def assemble(embeds, mask, labels, selected, latents, has_latent_i, p, k: int):
-    """Insert V_i before the i-th latent slot and write latent states: the final sequence [B, S + n*K].
+def chain_gap(counts: jax.Array, n: int, k: int) -> jax.Array:
+    """[B] masked slots that `latent_passes` leaves in a row's cache after its own chain: (n - c_r)*(K+1).
+    Cache slot t after the chain is slot t - gap of the row alone (give that to the positions' tail)."""
+    return (n - counts) * (k + 1)
 
-    selected [n, B, K], latents [n, B, D], has_latent_i [n, B]. Patches are gathered from `embeds`
-    (differentiable); labels are right-aligned (original token j at j + n*K)."""
+
+# ---- step 3: the final sequence -----------------------------------------------------------------------
+def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
+    """The final sequence [B, S + n*K]: each row gets its own patches before its own latents.
+
+    Row r with c_r latents becomes `question, V_0, L_0, ..., V_{c_r-1}, L_{c_r-1}, rest-of-row` (what it
+    is alone, after its left pad), then right padding up to S + n*K (zero embeddings, mask 0, labels
+    -100). Its labels are right-aligned by c_r*K: original token j is predicted at final index
+    j + c_r*K - 1. embeds [B, S, D] (patches are gathered from them, differentiably), selected [n, B, K]
+    (-1 past a row's own passes), latents [n, B, D], counts [B] (c_r). Returns (embeds [B, L, D], mask
+    [B, L], labels [B, L])."""
     n = selected.shape[0]
     b, s, d = embeds.shape
     length = s + n * k
-    f = jnp.arange(length)
+    f = jnp.arange(length)[None]  # [1, L] final slots
+    shift = counts[:, None] * k  # [B, 1] patch slots inserted in the row
     rel = f - p
-    in_chain = (rel >= 0) & (rel < n * (k + 1))
+    in_chain = (rel >= 0) & (rel < counts[:, None] * (k + 1))  # [B, L] the row's own chunks [V_i, L_i]
     step, r = rel // (k + 1), rel % (k + 1)
     is_patch = in_chain & (r < k)
     is_latent_slot = in_chain & (r == k)
-    # source index into concat([embeds, patches]): patches live at s + i*K + r
-    src = jnp.where(f < p, f, jnp.where(is_patch, s + step * k + r, jnp.where(is_latent_slot, p + step, f - n * k)))
-    patches = jnp.take_along_axis(embeds[None], selected[..., None], axis=2)  # [n, B, K, D]
+    orig = jnp.where(f < p, f, f - shift)  # [B, L] original slot of a question or rest-of-row slot
+    is_pad = orig >= s  # [B, L] right padding after the row's end
+    # source index into concat([embeds, patches]) [B, S + n*K, D]: the patches of step i at s + i*K + r
+    src = jnp.where(is_patch, s + step * k + r, jnp.where(is_latent_slot, p + step, jnp.minimum(orig, s - 1)))
+    chosen = jnp.maximum(selected, 0)  # -1 (a pass the row does not have) gathers a patch that goes unused
+    patches = jnp.take_along_axis(embeds[None], chosen[..., None], axis=2)  # [n, B, K, D]
     patches = jnp.transpose(patches, (1, 0, 2, 3)).reshape(b, n * k, d)
     table = jnp.concatenate([embeds, patches], axis=1)
-    final = table[:, src]
+    final = jnp.take_along_axis(table, src[..., None], axis=1)  # [B, L, D]
     mask_table = jnp.concatenate([mask.astype(bool), jnp.ones((b, n * k), bool)], axis=1)
-    final_mask = mask_table[:, src]
+    final_mask = jnp.take_along_axis(mask_table, src, axis=1) & ~is_pad  # [B, L]
     if n:
         step_c = jnp.clip(step, 0, n - 1)
-        slot_latent = jnp.transpose(latents, (1, 0, 2))[:, step_c]  # [B, L, D]
-        slot_has = jnp.transpose(has_latent_i)[:, step_c] & is_latent_slot[None]  # [B, L]
-        final = jnp.where(slot_has[..., None], slot_latent.astype(final.dtype), final)
-        final_mask = final_mask | slot_has
-    final_labels = jnp.concatenate([jnp.full((b, n * k), IGNORE, labels.dtype), labels], axis=1)
-    return final, final_mask, final_labels
+        slot_latent = jnp.take_along_axis(jnp.transpose(latents, (1, 0, 2)), step_c[..., None], axis=1)  # [B, L, D]
+        final = jnp.where(is_latent_slot[..., None], slot_latent.astype(final.dtype), final)
+        final_mask = final_mask | is_latent_slot
+    final = jnp.where(is_pad[..., None], jnp.zeros((), final.dtype), final)
+    j = f - shift  # [B, L] the original token whose label sits at final slot f
+    final_labels = jnp.where((j >= 0) & (j < s), jnp.take_along_axis(labels, jnp.clip(j, 0, s - 1), axis=1), IGNORE)
+    return final, final_mask, final_labels.astype(labels.dtype)
 
 
 def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -351,16 +400,16 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None
     embeds = model.embed_inputs(ids, **image_inputs_of(batch, frame_len))
     final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
 
-    if n == 0:  # REFERENCE 3.2: a plain forward
+    if n == 0:  # docs/method.md section 7 (n = 0): a plain forward
         s = ids.shape[1]
         final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
         selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
-        positions = sequence_positions(model, cfg, batch, s, jnp.int32(s))[0]
+        positions = sequence_positions(model, cfg, batch, jnp.int32(s))[0]
         hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
     else:
         p = first_latent_index(ids, cfg.latent_token_id)
-        sequence_pos = sequence_positions(model, cfg, batch, prefix_len, p)  # M-RoPE: the prefix's index once
-        positions = final_positions(cfg, sequence_pos, p, ids.shape[1] + n * k)
+        sequence_pos = sequence_positions(model, cfg, batch, p)  # M-RoPE: the index once
+        positions = final_positions(model, cfg, batch, sequence_pos, p, ids.shape[1] + n * k)
         shared = None
         if c:  # the question slots [0, c), run once with gradients, cached for the chain and the final pass
             pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c], cache=model.init_cache(ids.shape[0], c),
@@ -378,9 +427,8 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None
                                                    dropout_key=chain_key, shared=chain_shared, positions=sequence_pos)
         if cfg.latent_grad == "stop":
             latents = jax.lax.stop_gradient(latents)
-        counts = jnp.sum(ids == cfg.latent_token_id, axis=1)
-        has_latent_i = counts[None, :] > jnp.arange(n)[:, None]
-        final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, has_latent_i, p, k)
+        counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
+        final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k)
         if c:  # the rest of the final sequence continues from the shared cache
             cache = shared.resized(final.shape[1])
             rest = model.decode(final[:, c:], positions[..., c:], final_mask[:, c:], cache=cache,

@@ -1,11 +1,13 @@
-"""A PyTorch implementation of REFERENCE.md section 3, written independently of ivtlr_jax, on top of
+"""A PyTorch implementation of docs/method.md sections 4-10, written independently of ivtlr_jax, on top of
 transformers' own models with eager attention: the oracle the JAX latent loop is tested against.
 
 It does what the official code does (n + 1 full forwards over a growing sequence, full attention
 matrices) with this project's documented choices: ties break to the lower index, patches inserted in
 descending score order (or raster order), fewer than K eligible patches filled with the lowest-index
 already-picked ones, each row's own image span, latent hidden states cut from the graph without
-routing their gradient to the `<|latent|>` embedding row.
+routing their gradient to the `<|latent|>` embedding row, and rows with different latent counts
+treated each as it is alone (docs/method.md section 10: patches only before a row's own latents, labels right-aligned
+by its own count), where the official code inserts every pass's patches into every row.
 """
 
 from __future__ import annotations
@@ -54,14 +56,19 @@ def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rop
                  official_compute: bool = False):
     """-> (loss with graph, selected [n][B][K] lists, final embeds, final mask).
 
+    Rows may have different latent counts c_r (docs/method.md section 10, the corrected behaviour, not the official
+    one): each row is grown on its own, pass i runs only the rows that have an i-th latent and inserts
+    patches only into them; a row without pass i gets [-1] * K in `selected`. The final sequences are
+    right-padded (zero embeddings, mask 0) to S + n*K and each row's labels are right-aligned by its own
+    c_r*K, so a row contributes what it contributes alone.
+
     official_compute: also do what the official code computes without effect on the result (for timing
     it the way it runs): every pass's LM-head logits are kept, and the loss is the cross-entropy of all
     passes' logits concatenated along the sequence with the labels right-aligned to the total (so the
-    passes' rows are all -100: the same value), whose backward runs through every pass."""
-    ids = torch.tensor(batch["input_ids"])
-    mask = torch.tensor(batch["attention_mask"])
-    labels = torch.tensor(batch["labels"])
-    collator_pos = torch.tensor(batch["position_ids"])
+    passes' rows are all -100: the same value), whose backward runs through every pass. Equal counts
+    only."""
+    ids, mask, labels, collator_pos = (torch.tensor(np.asarray(batch[key], np.int64))
+                                       for key in ("input_ids", "attention_mask", "labels", "position_ids"))
     latent_id = batch["latent_token_id"]
     if family == "qwen2vl":
         image_inputs = (torch.tensor(batch["pixel_values"]), torch.tensor(batch["image_grid_thw"]))
@@ -70,57 +77,69 @@ def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rop
     b, s = ids.shape
     embeds, image_token = _embed(hf, family, ids, image_inputs)
 
-    counts = (ids == latent_id).sum(1)
-    n = int(counts.max())
-    p = int((ids[counts.argmax()] == latent_id).nonzero()[0]) if n else s
+    counts = [int(c) for c in (ids == latent_id).sum(1)]
+    n = max(counts)
+    p = min(int((ids[r] == latent_id).nonzero()[0]) for r in range(b) if counts[r]) if n else s
+    if official_compute and len(set(counts)) > 1:
+        raise ValueError("official_compute needs the same number of latents in every row")
 
-    def positions_for(length, first_pass):
+    if rope == "mrope":  # each row's M-RoPE over its whole original row (images and text as transformers)
+        whole, _ = hf.model.get_rope_index(ids, (ids == image_token).long(), image_inputs[1], None, mask)
+
+    def row_positions(r, length, first_pass):
+        """[length] (or [3, length] for mrope) positions of row r's current sequence."""
         if rope == "mrope":
-            grid = image_inputs[1]
-            prefix_mask = mask[:, :p].clone()
-            mm = (ids[:, :p] == image_token).long()
-            pos3, _ = hf.model.get_rope_index(ids[:, :p], mm, grid, None, prefix_mask)
-            base = pos3.amax(dim=(0, 2)) + 1  # [B]
-            tail = base[:, None] + torch.arange(length - p)[None]
-            return torch.cat([pos3, tail[None].expand(3, -1, -1)], dim=2)
+            if counts[r] == 0:  # nothing is inserted: the original row
+                return F.pad(whole[:, r], (0, length - s))
+            prefix = whole[:, r, :p]  # the question; then text positions from its largest index on
+            tail = prefix.max() + 1 + torch.arange(length - p)
+            return torch.cat([prefix, tail[None].expand(3, -1)], dim=1)
         if family == "chameleon" or not first_pass:  # the official code: arange over the whole row
-            return torch.arange(length)[None].expand(b, -1)
-        return collator_pos[:, :length]
+            return torch.arange(length)
+        return collator_pos[r, :length]
+
+    def stack_positions(rows, length, first_pass):
+        return torch.stack([row_positions(r, length, first_pass) for r in rows], dim=-2)
 
     image_pos = [[j for j in range(p) if ids[row, j] == image_token] for row in range(b)]
     picked = [set() for _ in range(b)]
     selected = []
-    cur, cur_mask, end = embeds, mask, p
+    seqs = [embeds[r] for r in range(b)]  # each row's sequence [len_r, D], grown by its own insertions
+    seq_masks = [mask[r] for r in range(b)]
     pass_logits = []
     for i in range(n):
-        pos = positions_for(cur.shape[1], first_pass=(i == 0))
-        out = _lm(hf, family, cur[:, :end], cur_mask[:, :end], pos[..., :end], attentions=True)
+        active = [r for r in range(b) if counts[r] > i]  # rows with an i-th latent
+        end = p + i * (k + 1)  # where latent i sits in each of them (after i chunks of K + 1)
+        x = torch.stack([seqs[r][:end] for r in active])
+        m = torch.stack([seq_masks[r][:end] for r in active])
+        out = _lm(hf, family, x, m, stack_positions(active, end, first_pass=(i == 0)), attentions=True)
         if official_compute:
             pass_logits.append(_logits(hf, family, out.last_hidden_state))
-        att = torch.stack(out.attentions)  # [L, B, N, end, end]
-        score = att[:, :, :, end - 1, :].mean(dim=2).mean(dim=0)  # [B, end]
+        att = torch.stack(out.attentions)  # [L, A, N, end, end]
+        score = att[:, :, :, end - 1, :].mean(dim=2).mean(dim=0).detach()  # [A, end]
         hidden = out.last_hidden_state  # final-norm hidden states
-        chosen_rows = []
-        for row in range(b):
+        chosen_rows = [[-1] * k for _ in range(b)]
+        for a, row in enumerate(active):
             cands = [j for j in image_pos[row] if j not in picked[row]]
-            ranked = sorted(cands, key=lambda j: (-float(score[row, j]), j))[:k]
+            ranked = sorted(cands, key=lambda j: (-float(score[a, j]), j))[:k]
             fill = sorted(picked[row])[: k - len(ranked)]
             picked[row].update(ranked)
             chosen = ranked + fill
-            chosen_rows.append(sorted(chosen) if order == "position" else chosen)
+            chosen_rows[row] = sorted(chosen) if order == "position" else chosen
+            patches = seqs[row][chosen_rows[row]]  # [K, D] input embeddings
+            latent = hidden[a, end - 1].detach()[None]  # the state before latent i replaces it
+            seqs[row] = torch.cat([seqs[row][:end], patches, latent, seqs[row][end + 1:]])
+            seq_masks[row] = torch.cat([seq_masks[row][:end], torch.ones(k + 1, dtype=mask.dtype),
+                                        seq_masks[row][end + 1:]])
         selected.append(chosen_rows)
-        patches = torch.stack([cur[row, chosen_rows[row]] for row in range(b)])  # [B, K, D] input embeddings
-        cur = cur.clone()
-        for row in range(b):
-            if counts[row] > i:  # this row has an i-th latent, at index `end`
-                cur[row, end] = hidden[row, end - 1].detach()
-        cur = torch.cat([cur[:, :end], patches, cur[:, end:]], dim=1)
-        cur_mask = torch.cat([cur_mask[:, :end], torch.ones(b, k, dtype=cur_mask.dtype), cur_mask[:, end:]], dim=1)
-        end += 1 + k
 
-    out = _lm(hf, family, cur, cur_mask, positions_for(cur.shape[1], first_pass=(n == 0)))
+    length = s + n * k
+    cur = torch.stack([F.pad(seqs[r], (0, 0, 0, length - len(seqs[r]))) for r in range(b)])
+    cur_mask = torch.stack([F.pad(seq_masks[r], (0, length - len(seq_masks[r]))) for r in range(b)])
+    out = _lm(hf, family, cur, cur_mask, stack_positions(range(b), length, first_pass=(n == 0)))
     logits = _logits(hf, family, out.last_hidden_state)
-    final_labels = torch.cat([torch.full((b, n * k), IGNORE, dtype=labels.dtype), labels], dim=1)
+    final_labels = torch.stack([F.pad(labels[r], (counts[r] * k, (n - counts[r]) * k), value=IGNORE)
+                                for r in range(b)])
     if official_compute:  # the official loss over every pass's logits, labels right-aligned to the total
         logits = torch.cat(pass_logits + [logits], dim=1)
         final_labels = torch.cat([torch.full((b, logits.shape[1] - final_labels.shape[1]), IGNORE,
@@ -157,7 +176,7 @@ def latent_batch(rng: np.random.Generator, question_rows: list[list[int]], laten
 
 
 def oracle_generate(hf, family: str, batch: dict, k: int, max_new_tokens: int, order: str = "score") -> list[int]:
-    """REFERENCE section 4 for one unpadded prompt (question + latents): the section-3 forward with
+    """docs/method.md section 17 for one unpadded prompt (question + latents): the forward of sections 7-9 with
     labels = input ids, then greedy decoding (here by re-running the full sequence each step)."""
     batch = dict(batch, labels=batch["input_ids"])
     with torch.no_grad():

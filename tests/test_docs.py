@@ -16,17 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC, DESIGN = "REFERENCE", "DESIGN"
 FORBIDDEN = re.compile(rf"{SPEC}\.md|{DESIGN}\.md|\b{SPEC}\s+(?:sections?\s+)?\d")
 
-# Files still allowed to cite the internal documents: another engineer is editing them now, and the lead
-# retargets their citations to docs/method.md when that work lands. EMPTY THIS LIST THEN. A file listed
-# here that no longer cites them fails `test_no_file_cites_documents_outside_the_repository`, so the list
-# cannot outlive its reason.
-ALLOWED = (
-    "ivtlr_jax/latent.py",
-    "ivtlr_jax/generate.py",
-    "tests/oracle_ivtlr.py",
-    "tests/test_latent.py",
-    "tests/test_generate.py",
-)
+# Files allowed to cite the internal documents (none now). A file listed here that no longer cites them
+# fails `test_no_file_cites_documents_outside_the_repository`, so the list cannot outlive its reason.
+ALLOWED = ()
 
 # the way to cite a numbered section of a document: "docs/method.md section 6", "docs/method.md sections
 # 2, 13-15 and 19" (a line break, with a comment's `#`, may separate the file from the word "section")

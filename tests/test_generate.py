@@ -1,7 +1,8 @@
-"""Batched IVT-LR generation: equals batch-of-one and the PyTorch oracle of REFERENCE section 4."""
+"""Batched IVT-LR generation: equals batch-of-one and the PyTorch oracle of docs/method.md section 17."""
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate, next_token
 from ivtlr_jax.latent import LatentConfig
@@ -79,13 +80,79 @@ def test_prompt_continuing_after_its_latents(request, family, k):
         assert np.asarray(batched.tokens[i]).tolist() == oracle_generate(hf, family, single, k, N_NEW)
 
 
-def test_prompts_with_different_latent_counts_are_rejected(qwen):
+def mixed_prompts(family, latents, suffix=(), seed=2):
+    """Prompts `question + <|latent|> x c + suffix`, one per entry of `latents`, with questions and images of
+    different sizes: each as an unpadded batch of one, and together left-padded (as evaluation pads them)."""
+    rng = np.random.default_rng(seed)
+    text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
+    lens = [(3, 5), (1, 2), (2, 1)][: len(latents)]
+    if family == "qwen2vl":
+        pv, grid = hf_tiny.image_inputs([(84, 84), (56, 112), (84, 56)][: len(latents)], seed=seed)
+        starts = np.concatenate([[0], np.cumsum(grid.prod(-1))])
+        span = lambda n: [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * int(n) + [hf_tiny.VISION_END]
+        rows = [text(a) + span(n) + text(b) for n, (a, b) in zip(grid.prod(-1) // 4, lens)]
+        images = [{"pixel_values": pv[starts[i]:starts[i + 1]], "image_grid_thw": grid[i:i + 1]}
+                  for i in range(len(latents))]
+        latent = QWEN_LATENT
+    else:
+        pv = rng.uniform(-1, 1, (len(latents), 3, 32, 32)).astype(np.float32)
+        img = [hf_tiny.CHAMELEON_IMAGE] * hf_tiny.CHAMELEON_TOKENS_PER_IMAGE
+        rows = [text(a) + img + text(b) for a, b in lens]
+        images = [{"pixel_values": pv[i:i + 1]} for i in range(len(latents))]
+        latent = CHAMELEON_LATENT
+    rows = [r + [latent] * c + list(suffix) for r, c in zip(rows, latents)]
+    singles = [{"input_ids": np.asarray([r]), "attention_mask": np.ones((1, len(r)), np.int64),
+                "position_ids": np.arange(len(r))[None], **im} for r, im in zip(rows, images)]
+    ids, mask = hf_tiny.pad_rows(rows, left_pad=True)
+    both = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
+            **{key: np.concatenate([im[key] for im in images]) for key in images[0]}}
+    return singles, both, latent
+
+
+def amplified(model, qk=8.0, out=10.0):
+    """A copy of `model` with queries and keys scaled by `qk` (Chameleon: their LayerNorm scales) and the
+    attention and MLP outputs by `out`. The tiny random models attend almost uniformly and their layers
+    barely move the residual stream, so greedy tokens hardly depend on positions or on which state a
+    row continues from; amplified, a wrong position or state changes them."""
+    model = nnx.clone(model)
+    layers = model.layers
+    qk_names = ("q_norm_scale_nh", "k_norm_scale_kh") if hasattr(layers, "q_norm_scale_nh") else ("q_weight_dnh",
+                                                                                                 "k_weight_dkh")
+    for names, factor in ((qk_names, qk), (("o_weight_nhd", "down_weight_fd"), out)):
+        for name in names:
+            getattr(layers, name)[...] = getattr(layers, name)[...] * factor
+    return model
+
+
+@pytest.mark.parametrize("family,latents,k,suffix", [
+    ("qwen2vl", (3, 1, 2), 2, (7, 11)),  # a suffix after the latents, as the official Chameleon separator
+    ("chameleon", (2, 0, 1), 6, ()),  # each row continues from its own last latent (none: its question)
+])
+def test_prompts_with_different_latent_counts_generate_as_alone(request, family, latents, k, suffix):
+    """Mixed latent counts in one batch: each row generates the tokens it generates alone and selects the
+    same patches. Rows with fewer latents hold masked chain slots in the cache, which every later position
+    skips, and continue from the state at their own last latent. (Without the skip every row with fewer
+    latents here generates other tokens; continuing from the last pass's state instead changes the
+    Chameleon row without latents.)"""
+    model = amplified(request.getfixturevalue("qwen" if family == "qwen2vl" else "chameleon")[2])
+    singles, both, latent = mixed_prompts(family, latents, suffix)
+    batched = run(model, both, latent, k)
+    assert batched.selected.shape[0] == max(latents)
+    for i, (single, c) in enumerate(zip(singles, latents)):
+        alone = run(model, single, latent, k)
+        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(alone.tokens[0]))
+        shift = both["input_ids"].shape[1] - single["input_ids"].shape[1]  # the row's left pad
+        np.testing.assert_array_equal(np.asarray(batched.selected[:c, i]) - shift, np.asarray(alone.selected[:, 0]))
+        assert (np.asarray(batched.selected[c:, i]) == -1).all()
+
+
+def test_prompts_with_different_suffixes_are_rejected(qwen):
     _, _, model = qwen
-    _, both = prompts("qwen2vl")
+    _, both, latent = mixed_prompts("qwen2vl", (2, 1), suffix=(7,))
     ids = both["input_ids"].copy()
-    ids[0, -1] = 5  # row 0: 2 latents, row 1: 3
-    with pytest.raises(ValueError, match=r"same number of <\|latent\|> tokens; rows have \[2, 3\]"):
-        run(model, both | {"input_ids": ids}, QWEN_LATENT, 2)
+    ids[0, -1] = latent  # row 0: 3 latents and no suffix, row 1: 1 latent and its suffix
+    with pytest.raises(ValueError, match=r"rows end with \[0, 1\] tokens after their last <\|latent\|>"):
+        run(model, both | {"input_ids": ids}, latent, 2)
 
 
 def test_eos_stops_rows_and_lengths_exclude_it(qwen):

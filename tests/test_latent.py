@@ -1,4 +1,4 @@
-"""The JAX IVT-LR latent loop against the PyTorch oracle of REFERENCE.md section 3 (tests/oracle_ivtlr.py)
+"""The JAX IVT-LR latent loop against the PyTorch oracle of docs/method.md sections 4-10 (tests/oracle_ivtlr.py)
 on tiny random Qwen2-VL and Chameleon models: selected patches, assembled sequence, loss, gradients."""
 
 import functools
@@ -120,8 +120,10 @@ def test_qwen2vl_matches_oracle(qwen, latents, k, order, rope):
 
 
 def test_qwen2vl_rows_with_fewer_and_without_latents(qwen):
-    """A row without latents has no left pad, so its supervised answer may lie in the shared question
-    slots: the loss must still count it."""
+    """Rows with different latent counts against the oracle, which grows each row on its own (docs/method.md section 10:
+    patches only before a row's own latents, labels right-aligned by its own count). A row without latents
+    has no left pad, so its supervised answer may lie in the shared question slots: the loss must still
+    count it."""
     folder, hf, model = qwen
     for latents, shared in [((3, 1), "max"), ((0, 2), "max")]:
         compare(folder, hf, "qwen2vl", model, qwen_batch(latents, seed=1), LatentConfig(QWEN_LATENT, 2), shared=shared)
@@ -131,6 +133,18 @@ def test_qwen2vl_rows_with_fewer_and_without_latents(qwen):
     _, p = latent_layout(batch["input_ids"], QWEN_LATENT)
     assert answer_slots.max() < p - 1
     compare(folder, hf, "qwen2vl", model, batch, LatentConfig(QWEN_LATENT, 2), shared="max")
+
+
+def test_qwen2vl_mrope_row_without_latents_keeps_its_own_positions(qwen):
+    """M-RoPE, a row without latents whose image lies past p: nothing is inserted into it, so its final
+    sequence has the M-RoPE of its whole row (the image's 3-D positions), as alone, not text positions
+    continuing from p. (An M-RoPE index over the questions alone cut this image and so gave the next row
+    this row's image grid.)"""
+    folder, hf, model = qwen
+    batch = qwen_batch((0, 2), seed=3, text_lens=((14, 3), (1, 1)))
+    _, p = latent_layout(batch["input_ids"], QWEN_LATENT)
+    assert np.flatnonzero(batch["input_ids"][0] == hf_tiny.IMAGE_TOKEN).max() >= p
+    compare(folder, hf, "qwen2vl", model, batch, LatentConfig(QWEN_LATENT, 2, rope="mrope"))
 
 
 @pytest.mark.parametrize("shared", ["none", "half"])
@@ -220,3 +234,78 @@ def test_new_batch_content_does_not_retrace(qwen):
     la = f(model, to_jax(a), 2, a["input_ids"].shape[1])
     lb = f(model, to_jax(b), 2, b["input_ids"].shape[1])
     assert len(traces) == 1 and float(la) != float(lb)
+
+
+# ---- rows with different latent counts (docs/method.md section 10): every row is what it is alone ---------------
+def mixed_features(latents=(3, 1, 2), seed=6):
+    """Collator features (input_ids, labels, image) of rows `question + <|latent|> x c + answer + EOS`
+    with questions of different lengths (so different left pads) and images of 9, 8 and 6 tokens."""
+    rng = np.random.default_rng(seed)
+    pv, grid = hf_tiny.image_inputs([(84, 84), (56, 112), (84, 56)], seed=seed)
+    sizes = grid.prod(-1)
+    text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
+    features, start = [], 0
+    for m, c, (before, after), answer in zip(grid.prod(-1) // 4, latents, ((2, 4), (6, 1), (1, 2)), (5, 7, 3)):
+        q = text(before) + [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * int(m) + [hf_tiny.VISION_END] + text(after)
+        a = text(answer) + [EOS]
+        image = {"pixel_values": pv[start:start + sizes[len(features)]], "image_grid_thw": grid[len(features)][None]}
+        start += sizes[len(features)]
+        features.append((q + [QWEN_LATENT] * c + a, [-100] * (len(q) + c) + a, image))
+    return features
+
+
+def collate_tight(features):
+    """The collator's batch with tight shapes (S the longest row, prefix_len = p) -> (batch, n, prefix_len, p)."""
+    from ivtlr_jax.data.collate import collate
+
+    every = tuple(range(1, 512))
+    batch, n, prefix_len = collate(features, latent_id=QWEN_LATENT, pad_id=0, length_buckets=every,
+                                   prefix_buckets=every)
+    return batch, n, prefix_len, latent_layout(batch["input_ids"], QWEN_LATENT)[1]
+
+
+@functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len", "shared"))
+def loss_only(model, batch, cfg, n, prefix_len, shared):
+    return ivtlr_loss(model, batch, cfg, num_latents=n, prefix_len=prefix_len, shared_prefix=shared)
+
+
+def test_rows_with_different_latent_counts_equal_rows_alone(qwen):
+    """A batch of rows with 3, 1 and 2 latents: each row's selected patches, final sequence, loss terms
+    and gradient contribution equal those of the row collated and run alone (the official forward
+    would insert 3 chunks of patches into every row and shift every row's labels by 3*K). The rows
+    alone run in JAX (forward) and in the oracle (gradients: a batch of one, where nothing is new)."""
+    folder, hf, model = qwen
+    cfg = LatentConfig(QWEN_LATENT, 3)
+    features = mixed_features()
+    batch, n, prefix_len, p = collate_tight(features)
+    assert n == 3
+    _, aux, grads = loss_and_grads(model, to_jax(batch), cfg, n, prefix_len, p - 1)
+    ours = variables_by_path(grads)
+    expected = {path: np.zeros(g.shape, np.float32) for path, g in ours.items()}
+    for r, feature in enumerate(features):
+        c = feature[0].count(QWEN_LATENT)
+        left = int(np.argmax(batch["attention_mask"][r]))  # the row's left pad in the batch
+        single, n_r, prefix_r, p_r = collate_tight([feature])
+        _, alone = loss_only(model, to_jax(single), cfg, n_r, prefix_r, p_r - 1)
+        assert int(aux.row_tokens[r]) == int(alone.row_tokens[0]) > 0
+        nll, nll_alone = float(aux.row_nll[r]), float(alone.row_nll[0])
+        assert abs(nll - nll_alone) <= 1e-5 * abs(nll_alone), (r, nll, nll_alone)
+        np.testing.assert_array_equal(np.asarray(aux.selected[:c, r]) - left, np.asarray(alone.selected[:, 0]))
+        assert (np.asarray(aux.selected[c:, r]) == -1).all()
+        # the row's final sequence is its sequence alone after its left pad, then right padding
+        span = slice(left, left + alone.embeds.shape[1])
+        valid = np.asarray(alone.attention_mask[0])
+        np.testing.assert_array_equal(np.asarray(aux.attention_mask[r, span]), valid)
+        assert not np.asarray(aux.attention_mask[r, span.stop:]).any()
+        np.testing.assert_array_equal(np.asarray(aux.labels[r, span]), np.asarray(alone.labels[0]))
+        assert np.abs(np.asarray(aux.embeds[r, span]) - np.asarray(alone.embeds[0]))[valid].max() <= 1e-5
+        np.testing.assert_array_equal(np.asarray(aux.positions[r, span])[valid], np.asarray(alone.positions[0])[valid])
+        # the batch loss is sum(row_nll) / tokens: row r's gradient enters weighted by its share of the tokens
+        hf.zero_grad()
+        oracle_ivtlr(hf, "qwen2vl", single | {"latent_token_id": QWEN_LATENT}, cfg.num_selected_patches)[0].backward()
+        weight = int(alone.row_tokens[0]) / int(aux.num_tokens)
+        for path, g in torch_grads_in_our_layout(folder, hf).items():
+            expected[path] += weight * g
+    for path, g in expected.items():
+        diff = np.abs(np.asarray(ours[path][...]) - g).max()
+        assert diff <= 1e-5 * max(np.linalg.norm(g), 1e-2), (path, diff, np.linalg.norm(g))

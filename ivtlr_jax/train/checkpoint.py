@@ -70,11 +70,8 @@ class TrainCheckpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        meta = restored["meta"]
-        if not isinstance(meta, dict) or not {"epoch", "batch_index", "micro_step"} <= set(meta):
-            raise ValueError(f"its meta record is incomplete: {meta!r}")
         trainable = with_values(trainable_like, flatten_tree(restored["trainable"]))
-        return trainable, restored["opt_state"], meta
+        return trainable, restored["opt_state"], restored["meta"]
 
     def restore_trainable(self, step: int, trainable_like):
         """Only the trainable parameters of a step (to rebuild a stage export), in `trainable_like`'s structure."""
@@ -84,14 +81,17 @@ class TrainCheckpointer:
         return with_values(trainable_like, flatten_tree(restored["trainable"]))
 
     def restore_latest(self, trainable_like, opt_state_like, *, log: Callable[[str], None] = print,
-                       below: int | None = None) -> tuple[int, Any, Any, dict] | None:
-        """The newest checkpoint (below `below` when given) that restores: (step, trainable, opt_state,
-        meta), or None when there is none. Each one that fails is moved aside with one log line."""
+                       required_meta: tuple[str, ...] = ()) -> tuple[int, Any, Any, dict] | None:
+        """The newest checkpoint that restores, with the `required_meta` keys in its meta record:
+        (step, trainable, opt_state, meta), or None when there is none. Each one that fails is moved
+        aside with one log line."""
         for step in reversed(self.all_steps()):
-            if below is not None and step >= below:
-                continue
             try:
-                return (step, *self.restore(step, trainable_like, opt_state_like))
+                trainable, opt_state, meta = self.restore(step, trainable_like, opt_state_like)
+                missing = [k for k in required_meta if not isinstance(meta, dict) or k not in meta]
+                if missing:
+                    raise ValueError(f"its meta record lacks {missing}")
+                return step, trainable, opt_state, meta
             except Exception as e:  # any failure to read it: set it aside and try the previous one
                 where = self.move_aside(step)
                 reason = " ".join(str(e).split())[:300] or type(e).__name__

@@ -180,7 +180,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                              preserve=tuple(stage_ends.values()))
     start_epoch, start_index, micro_step = 0, 0, 0
-    restored = ckpt.restore_latest(trainable, opt_state, log=log)
+    restored = ckpt.restore_latest(trainable, opt_state, log=log, required_meta=("epoch", "batch_index", "micro_step"))
     if restored is not None:
         latest, trainable, opt_state, meta = restored
         start_epoch, start_index, micro_step = meta["epoch"], meta["batch_index"], meta["micro_step"]
