@@ -24,7 +24,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q --durations=15 tests
 
 bench: install
 	$(PY) bench/forward.py
