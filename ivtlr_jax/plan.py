@@ -143,7 +143,10 @@ def abstract_batch(model_type: str, batch: int, seq_len: int, image_tokens: int,
 
 
 def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, seq_len: int | None = None,
-               prefix_len: int | None = None, num_latents: int = 3, full_finetune: bool = False) -> Plan:
+               prefix_len: int | None = None, num_latents: int = 3, full_finetune: bool = False,
+               count_flops: bool = True) -> Plan:
+    """`count_flops=False`: FLOPs of the compiled (scanned) program as XLA counts them, each loop body
+    once (a lower bound that still grows with batch and length), without the 3 unrolled compiles."""
     raw = architecture(cfg)
     family = FAMILIES[raw["model_type"]]
     config = family.config_cls.from_hf(raw)
@@ -180,7 +183,7 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
     model = build(False)
     (trainable, frozen, opt_abstract), (t_sh, f_sh, o_sh) = split(model)
     compiled = compile_step(model)  # the program that runs: memory
-    flops = flops_by_depth(lambda c: compile_step(build(True, c)), config)
+    flops = flops_by_depth(lambda c: compile_step(build(True, c)), config) if count_flops else _flops(compiled)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
     tokens = b * (s + num_latents * k)
     return _plan(f"train step ({'full fine-tuning' if full_finetune else f'LoRA r={lora.rank}'}, batch {b}, "

@@ -12,10 +12,14 @@ def test_plan_numbers_grow_with_batch_and_length(tiny_qwen2vl, tmp_path):
                                         "latent": {"num_selected_patches": 8}, "lora": {"rank": 4}}))
     cfg = load_config(cfg_path)
     mesh = {"data": 2, "fsdp": 2, "tensor": 1}
-    small = plan_train(cfg, mesh, batch=1, seq_len=300, prefix_len=192)
-    longer = plan_train(cfg, mesh, batch=1, seq_len=500, prefix_len=192)
-    bigger = plan_train(cfg, mesh, batch=2, seq_len=300, prefix_len=192)
-    full = plan_train(cfg, mesh, batch=1, seq_len=300, prefix_len=192, full_finetune=True)
+    # the comparisons use XLA's count of the scanned program (loop bodies once: cheap, and it grows with
+    # batch and length); the extrapolated full-depth count is checked once against it
+    small = plan_train(cfg, mesh, batch=1, seq_len=300, prefix_len=192, count_flops=False)
+    longer = plan_train(cfg, mesh, batch=1, seq_len=500, prefix_len=192, count_flops=False)
+    bigger = plan_train(cfg, mesh, batch=2, seq_len=300, prefix_len=192, count_flops=False)
+    full = plan_train(cfg, mesh, batch=1, seq_len=300, prefix_len=192, full_finetune=True, count_flops=False)
+    exact = plan_train(cfg, mesh, batch=1, seq_len=300, prefix_len=192)
+    assert exact.flops_per_device > small.flops_per_device  # every layer and pass counted, not each body once
     for p in (small, longer, bigger, full):
         assert p.params_gb > 0 and p.arguments_gb > 0 and p.temporaries_gb > 0 and p.flops_per_device > 0
         assert 0 < p.mfu_ceiling <= 1 and p.step_s_at_peak > 0
