@@ -1,10 +1,12 @@
 """Train IVT-LR: `python train.py --config configs/qwen2vl_m3cot.yaml [section.key=value ...]`.
 
-Resumes automatically from the run folder's latest checkpoint (save_path/name/checkpoints)."""
+Resumes automatically from the run folder's latest checkpoint (save_path/name/checkpoints). Several
+processes (hosts): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a SLURM job (README)."""
 
 import argparse
 import sys
 
+from ivtlr_jax import distributed
 from ivtlr_jax.config import ConfigError, load_config
 from ivtlr_jax.train.loop import NonFiniteError, RunFolderError, train
 
@@ -16,11 +18,17 @@ def main(argv=None) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many micro-batches (testing)")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg, max_steps=args.max_steps)
-    except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
+        distributed.initialize()  # first: every process then checks the configuration and the run folder
+    except distributed.DistributedSetupError as e:
         sys.exit(f"error: {e}")
-    print(result.summary())
+    with distributed.fail_together():  # an error in any process stops all; process 0 prints it once
+        try:
+            cfg = load_config(args.config, args.overrides)
+            result = train(cfg, max_steps=args.max_steps)
+        except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
+            sys.exit(f"error: {e}")
+        if distributed.is_writer():
+            print(result.summary())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from ..distributed import fetch
 from .common.loading import variables_by_path
 from .common.safetensors_io import write_streaming
 
@@ -19,10 +20,20 @@ TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat1
 
 
 def save_hf(model: nnx.Module, folder: str | os.PathLike, family=None) -> Path:
-    from . import FAMILIES
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    entries, cfg = hf_entries(model, family)
+    write_streaming(folder / "model.safetensors", entries)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def hf_entries(model: nnx.Module, family=None) -> tuple[list, dict]:
+    """([(HF name, HF shape, dtype, read)], config.json's dict), sorted by name; `read()` returns one
+    tensor on the host (gathered from the other processes when this one does not hold all of it, so in a
+    multi-process run every process calls every `read` in this order)."""
+    from . import FAMILIES
+
     config = model.config
     family = family or FAMILIES[config.model_type]
     variables = variables_by_path(nnx.state(model))
@@ -35,12 +46,10 @@ def save_hf(model: nnx.Module, folder: str | os.PathLike, family=None) -> Path:
         if stacked:
             for i in range(v.shape[0]):
                 entries.append((spec.hf_name.format(i=i), spec.hf_shape, dtype,
-                                lambda v=v, i=i, spec=spec: spec.to_hf(np.asarray(v[i]))))
+                                lambda v=v, i=i, spec=spec: spec.to_hf(fetch(v[i]))))
         else:
-            entries.append((spec.hf_name, spec.hf_shape, dtype, lambda v=v, spec=spec: spec.to_hf(np.asarray(v[...]))))
+            entries.append((spec.hf_name, spec.hf_shape, dtype, lambda v=v, spec=spec: spec.to_hf(fetch(v[...]))))
     entries.sort(key=lambda e: e[0])
-    write_streaming(folder / "model.safetensors", entries)
     cfg = config.to_hf()
     cfg["torch_dtype"] = TORCH_DTYPE_NAMES.get(dtype, "float32")
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    return folder
+    return entries, cfg

@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from .. import distributed
 from ..models.checkpoint_io import flatten_tree, nest_paths
 from ..models.common.loading import with_values, variables_by_path
 
@@ -84,13 +85,17 @@ class TrainCheckpointer:
                        required_meta: tuple[str, ...] = ()) -> tuple[int, Any, Any, dict] | None:
         """The newest checkpoint that restores, with the `required_meta` keys in its meta record:
         (step, trainable, opt_state, meta), or None when there is none. Each one that fails is moved
-        aside with one log line."""
+        aside with one log line. With several processes, a checkpoint restores when it restores on all."""
         for step in reversed(self.all_steps()):
-            try:
+            def attempt(step=step):
                 trainable, opt_state, meta = self.restore(step, trainable_like, opt_state_like)
                 missing = [k for k in required_meta if not isinstance(meta, dict) or k not in meta]
                 if missing:
                     raise ValueError(f"its meta record lacks {missing}")
+                return trainable, opt_state, meta
+
+            try:
+                trainable, opt_state, meta = distributed.agree(attempt, "restore")
                 return step, trainable, opt_state, meta
             except Exception as e:  # any failure to read it: set it aside and try the previous one
                 where = self.move_aside(step)
@@ -100,16 +105,20 @@ class TrainCheckpointer:
         return None
 
     def move_aside(self, step: int) -> Path:
-        """Rename a step's folder into `damaged/` (never deleted) and reopen the manager without it."""
+        """Rename a step's folder into `damaged/` (never deleted; by process 0) and reopen the manager
+        without it."""
         self.manager.wait_until_finished()
         source = self.directory / str(step)
         target = self.directory.parent / DAMAGED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        n = 0
-        while target.exists():
-            n += 1
-            target = target.with_name(f"{target.name.split('.')[0]}.{n}")
-        source.rename(target)
+        if distributed.is_writer():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            n = 0
+            while target.exists():
+                n += 1
+                target = target.with_name(f"{target.name.split('.')[0]}.{n}")
+            source.rename(target)
+        target = Path(distributed.broadcast_object(str(target), "moved"))
+        distributed.barrier("moved")
         self.manager.close()
         self.manager = self._open()
         return target

@@ -21,9 +21,10 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from .. import distributed
 from ..build import build_model
 from ..config import ConfigError, RunConfig, differing_keys, to_dict
-from ..data import collate, epoch_order, load_examples, shared_prefix_bound, stage_of_epoch, stage_tokens
+from ..data import epoch_order, load_examples, shared_prefix_bound, stage_of_epoch, stage_tokens
 from ..data.tokenizer import save_processor
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
@@ -33,8 +34,9 @@ from ..models.convert import atomic_output_folder
 from ..models.export import save_hf
 from ..models.qwen2vl.modeling import uniform_frame_len
 from .checkpoint import TrainCheckpointer
+from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import make_optimizer
-from .step import StepConfig, batch_shardings, init_optimizer, make_train_step, split_trainable, step_shardings
+from .step import StepConfig, init_optimizer, make_train_step, split_trainable, step_shardings
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
 
@@ -85,9 +87,8 @@ class TrainResult:
 
 
 def maybe_init_distributed() -> None:
-    """Multi-host: initialise when the environment names a coordinator (or a cluster JAX detects)."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
-        jax.distributed.initialize()
+    """Multi-process: join the run the environment names (`ivtlr_jax.distributed.initialize`)."""
+    distributed.initialize()
 
 
 def check_run_folder(cfg: RunConfig) -> Path:
@@ -141,7 +142,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     """Run (or resume) training. `max_steps`: stop after this many micro-batches in this call (used to
     simulate an interrupted run)."""
     maybe_init_distributed()
-    run_dir = check_run_folder(cfg)
+    log = log if distributed.is_writer() else (lambda *_: None)  # process 0 speaks for the run
+    run_dir = distributed.agree(lambda: check_run_folder(cfg), "run_folder")  # every process checks; all stop
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -163,7 +165,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     if curriculum.max_latent_stage and cfg.train.num_epochs > curriculum.epochs_per_stage:  # a stage with latents
         check_patch_budget(examples, image_token_id, latent_cfg.num_selected_patches,
                            f"{cfg.data.source} ({cfg.data.train_split})")
-    write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
+    if distributed.is_writer():
+        write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
 
     micro_per_epoch = math.ceil(len(examples) / global_batch)
     total_micro = micro_per_epoch * cfg.train.num_epochs
@@ -188,7 +191,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
             start_epoch, start_index = start_epoch + 1, 0
         log(f"resumed from {run_dir / 'checkpoints'} step {latest}: epoch {start_epoch}, batch {start_index}")
     metrics_path = run_dir / "metrics.jsonl"
-    trim_metrics(metrics_path, micro_step)
+    if distributed.is_writer():
+        trim_metrics(metrics_path, micro_step)
 
     exports = []
     for stage, end in sorted(stage_ends.items()):  # finished stages: is each export complete?
@@ -208,7 +212,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     steps_cache: dict = {}
     compiled: set = set()
     base_key = jax.random.key(cfg.seed)
-    metrics_file = open(metrics_path, "a", buffering=1)  # line-buffered: readable while training
+    metrics_file = open(metrics_path if distributed.is_writer() else os.devnull, "a", buffering=1)  # line-buffered
     losses = []
     done_here = 0
     zero_grads = ZeroGradientWatch(log)
@@ -216,7 +220,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_micro, initial=micro_step, desc="train", dynamic_ncols=True, disable=None)
+        bar = tqdm(total=total_micro, initial=micro_step, desc="train", dynamic_ncols=True,
+                   disable=None if distributed.is_writer() else True)
         for epoch in range(start_epoch, cfg.train.num_epochs):
             stage = stage_of_epoch(epoch, curriculum)
             if cfg.optim.reset_optimizer and epoch % curriculum.epochs_per_stage == 0 and epoch > 0 \
@@ -335,13 +340,13 @@ class PreparedBatch:
 
 def prepare_batch(features, latent_cfg: LatentConfig, pad_id: int, data_cfg, rules: ShardingRules,
                   image_token_id: int | None = None, row_ids=()) -> PreparedBatch:
-    batch, n, prefix_len = collate(features, latent_id=latent_cfg.latent_token_id, pad_id=pad_id,
+    batch, n, prefix_len = collate_local(features, rules, latent_id=latent_cfg.latent_token_id, pad_id=pad_id,
                                    length_buckets=data_cfg.length_buckets, prefix_buckets=data_cfg.prefix_buckets,
                                    image_token_id=image_token_id, num_selected_patches=latent_cfg.num_selected_patches)
     frame_len = uniform_frame_len(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
     shared = shared_prefix_bound(prefix_len, data_cfg.prefix_buckets) if n else 0
     signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), n, prefix_len, frame_len)
-    return PreparedBatch(jax.device_put(batch, batch_shardings(batch, rules)), (n, prefix_len, frame_len, shared),
+    return PreparedBatch(place_batch(batch, rules), (n, prefix_len, frame_len, shared),
                          signature, list(row_ids))
 
 
@@ -373,7 +378,7 @@ def accumulation_window_tokens(examples, order, stage, curriculum, token_ids, gl
 
 
 def device_memory() -> str:
-    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
     if not stats or "bytes_limit" not in stats:
         return "unknown"
     return f"{stats.get('bytes_in_use', 0) / 2**30:.1f} / {stats['bytes_limit'] / 2**30:.1f} GiB in use"
@@ -405,7 +410,7 @@ def ensure_stage_export(run_dir: Path, stage: int, end_step: int, ckpt: TrainChe
     """A finished stage's export, rebuilt from the stage's end checkpoint when missing or incomplete (a crash
     during the export). Returns the rebuilt folder, or None when it was complete or cannot be rebuilt."""
     out = run_dir / f"stage_{stage}"
-    problem = export_problem(out)
+    problem = distributed.broadcast_object(export_problem(out))  # process 0's folder decides
     if problem is None:
         return None
     if end_step not in ckpt.all_steps():
@@ -414,7 +419,7 @@ def ensure_stage_export(run_dir: Path, stage: int, end_step: int, ckpt: TrainChe
         return None
     log(f"the export of stage {stage} ({out}) is {problem}: rebuilding it from checkpoint step {end_step}")
     try:
-        stage_trainable = ckpt.restore_trainable(end_step, trainable)
+        stage_trainable = distributed.agree(lambda: ckpt.restore_trainable(end_step, trainable), "restore")
     except Exception as e:  # a damaged stage-end checkpoint: training itself can still go on
         log(f"warning: checkpoint step {end_step} could not be read ({type(e).__name__}: {e}); the export of "
             f"stage {stage} is not rebuilt")
@@ -428,6 +433,9 @@ def export_stage(run_dir: Path, stage: int, graphdef, trainable, frozen, process
     out = run_dir / f"stage_{stage}"
     copy = lambda state: jax.tree.map(lambda x: x, state)
     model = merge_lora(nnx.merge(graphdef, copy(trainable), copy(frozen)))
+    if not distributed.is_writer():  # process 0 writes; the others take part in gathering sharded tensors
+        read_hf_tensors(model)
+        return out
     with atomic_output_folder(out, replace=True) as tmp:
         save_hf(model, tmp)
         save_processor(processor, tmp)
