@@ -2,8 +2,10 @@
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from ivtlr_jax import distributed
 from ivtlr_jax.config import ConfigError, load_config
 from ivtlr_jax.eval.run import DTYPES, EvalSetupError, eval_config_from_run, evaluate, setup_path, summary_path
 
@@ -22,6 +24,9 @@ Writes one JSON line per example to --out (default: <checkpoint>/eval_<split>.js
 <out stem>.setup.json before the first line and a summary to <out stem>.summary.json. Re-running
 with the same --out skips the examples already written if the setup (model weights, data, prompt
 format, latents, dtype, sampling, limit) is the same, and refuses otherwise.
+
+Several processes (hosts; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID or a SLURM job):
+each evaluates its share of every batch, process 0 writes the output, the setup and the summary.
 """
 
 
@@ -52,9 +57,25 @@ def main(argv=None) -> None:
                    help="train: the training prompt (default); official: the official evaluation scripts' prompt")
     args = p.parse_args(argv)
     try:
+        distributed.initialize()
+    except distributed.DistributedSetupError as err:
+        p.exit(2, f"infer.py: error: {err}\n")
+    with distributed.fail_together():  # an error in any process stops all; process 0 prints it once
+        run(p, args)
+
+
+def fail(p: argparse.ArgumentParser, message: str) -> None:
+    """One message and exit status 2 (several processes: printed once, by process 0)."""
+    if distributed.process_count() > 1:
+        sys.exit(message.rstrip())
+    p.exit(2, message)
+
+
+def run(p: argparse.ArgumentParser, args) -> None:
+    try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        p.exit(2, f"infer.py: error: {err}\n")
+        fail(p, f"infer.py: error: {err}\n")
     split = args.split or cfg.data.eval_split
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{split}.jsonl"
     dtypes = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
@@ -64,9 +85,10 @@ def main(argv=None) -> None:
     try:
         summary = evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention)
     except EvalSetupError as err:  # an output of another setup, or a damaged one: one clear line
-        p.exit(2, f"infer.py: error: {err}\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "setup"}, indent=2))
-    print(f"wrote {out}, {summary_path(out).name} and {setup_path(out).name}")
+        fail(p, f"infer.py: error: {err}\n")
+    if distributed.is_writer():
+        print(json.dumps({k: v for k, v in summary.items() if k != "setup"}, indent=2))
+        print(f"wrote {out}, {summary_path(out).name} and {setup_path(out).name}")
 
 
 if __name__ == "__main__":

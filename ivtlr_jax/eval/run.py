@@ -10,6 +10,9 @@ left-padded to a length bucket so that batches compile once per bucket.
   replicated); a short batch is filled with copies of its last row, whose outputs are dropped. Rows
   are independent, so in float32 the records equal a one-device run's (`EvalConfig.devices=1`); in
   bfloat16 they match up to rounding, which varies with the rows per device as with any batch size.
+- Processes (hosts; `ivtlr_jax.distributed`): each process evaluates its contiguous share of every
+  batch on its own devices (prompts padded to the whole batch's bucket, so every row sees what it
+  would in one process), process 0 gathers the records, writes them in order, the setup and the summary.
 - Resuming: the setup (model folder, a fingerprint of its weights and tokenizer files, data, prompt
   format, latents, K, patch order, RoPE, dtypes, sampling, limit) is written beside the output before
   the first record (`setup_path`: eval_test.jsonl -> eval_test.setup.json). Re-running with the same
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import distributed
 from ..data import load_examples, load_processor, materialize, special_token_ids
 from ..data.collate import smallest_bucket
 from ..generate import SamplingConfig, ivtlr_generate
@@ -287,10 +291,15 @@ def eval_mesh(devices: int | None):
 
 def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, save_attention: str | Path | None = None,
              log=print) -> dict:
+    distributed.initialize()
+    writer, procs = distributed.is_writer(), distributed.process_count()
+    log = log if writer else (lambda *_: None)
     mesh = eval_mesh(cfg.devices)
     rules = ShardingRules(mesh)
     n_dev = mesh.devices.size
-    rows = -(-cfg.batch_size // n_dev) * n_dev  # a multiple of the device count
+    rows = -(-cfg.batch_size // (n_dev * procs)) * n_dev * procs  # a multiple of every process's devices
+    share = rows // procs
+    mine = slice(distributed.process_index() * share, (distributed.process_index() + 1) * share)  # this process's
     model_dir = resolve_folder(model_dir)
     family_obj, _, _ = read_config(model_dir)
     family = family_obj.name
@@ -303,63 +312,73 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     examples, report = load_examples(cfg.dataset, cfg.source, cfg.split, processor, family, limit=cfg.limit,
                                      max_length=10**9, prompt_format=cfg.prompt_format)
     out_file = Path(out_file)
-    setup = eval_setup(model_dir, cfg, sampling)
-    done = prepare_output(out_file, setup, [ex.id for ex in examples], log)
-    todo = [ex for ex in examples if ex.id not in done]
+
+    def open_output() -> tuple[dict, list[str]]:  # process 0's output decides (setup check, examples done)
+        setup = eval_setup(model_dir, cfg, sampling)
+        return setup, sorted(prepare_output(out_file, setup, [ex.id for ex in examples], log))
+
+    setup, done = distributed.on_writer(open_output, "eval_output", errors=(EvalSetupError,))
+    todo = [ex for ex in examples if ex.id not in set(done)]
 
     model = from_pretrained(model_dir, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.storage_dtype),
                             rules=rules, scan_layers=cfg.scan_layers)
     log(f"evaluating {model_dir} on {cfg.dataset}/{cfg.split} ({cfg.prompt_format} prompts, {cfg.dtype}): "
         f"{len(examples)} examples ({report}); {len(done)} already in {out_file}, {len(todo)} to do; "
-        f"{rows} rows per batch over {n_dev} device(s)"
+        f"{rows} rows per batch over {n_dev * procs} device(s)" + (f" of {procs} processes" if procs > 1 else "")
         + (f" (batch_size {cfg.batch_size} rounded up to a multiple of the devices)" if rows != cfg.batch_size else ""))
-    if save_attention:
+    if save_attention:  # each process draws its own rows
         Path(save_attention).mkdir(parents=True, exist_ok=True)
 
     from tqdm import tqdm
 
     start = time.perf_counter()
     gen_tokens = 0
-    with open(out_file, "a") as f:
-        for i in tqdm(range(0, len(todo), rows), desc="eval", disable=None):
+    with open(out_file if writer else os.devnull, "a") as f:
+        for i in tqdm(range(0, len(todo), rows), desc="eval", disable=None if writer else True):
             chunk = todo[i : i + rows]
             padded = chunk + [chunk[-1]] * (rows - len(chunk))  # dummy rows: copies, outputs dropped
             prompts = [ex.question_ids + [latent.latent_token_id] * cfg.num_latents + ex.prompt_suffix for ex in padded]
-            input_ids, mask, pos = left_pad(prompts, ids["eos_token_id"], cfg.length_buckets)
-            images = [materialize(ex.image) for ex in padded]
-            batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **stack_images(images)}
-            batch = jax.device_put(batch, batch_shardings(batch, rules))
-            out = ivtlr_generate(model, batch, latent, sampling)
-            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-            selected = np.asarray(out.selected)
+            input_ids, mask, pos = left_pad(prompts, ids["eos_token_id"], cfg.length_buckets)  # the whole batch's
             lines = []
-            for row, ex in enumerate(chunk):
+            first = mine.start  # the global index of this process's first row
+            if first < len(chunk):  # (a process whose rows are all dummies has nothing to run)
+                images = [materialize(ex.image) for ex in padded[mine]]
+                batch = {"input_ids": input_ids[mine], "attention_mask": mask[mine], "position_ids": pos[mine],
+                         **stack_images(images)}
+                batch = jax.device_put(batch, batch_shardings(batch, rules))
+                out = ivtlr_generate(model, batch, latent, sampling)
+                tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+                selected = np.asarray(out.selected)
+            for row, ex in enumerate(chunk[mine]):
                 generated = tok.decode(tokens[row, : lengths[row]], skip_special_tokens=True)
                 prompt_text = tok.decode(ex.question_ids + ex.prompt_suffix, skip_special_tokens=True)
                 record = score(cfg.dataset, ex, prompt_text, generated)
-                offset = input_ids.shape[1] - len(prompts[row])
+                offset = input_ids.shape[1] - len(prompts[first + row])
                 image_positions = [j for j, t in enumerate(ex.question_ids) if t == model.config.image_token_id]
                 steps = [[image_positions.index(int(s) - offset) for s in selected[step, row]]
                          for step in range(selected.shape[0])]
                 record.update(selected_patches=steps, generated_tokens=int(lengths[row]))
-                gen_tokens += int(lengths[row])
                 lines.append(json.dumps(record) + "\n")
                 if save_attention:
                     save_picture(ex, images[row], steps, family, Path(save_attention) / f"{ex.id}.png", record=record,
                                  ranked=cfg.patch_order == "score", dataset=cfg.dataset, split=cfg.split)
+            lines = [line for part in distributed.allgather_objects(lines, "eval_records") for line in part]
+            gen_tokens += sum(json.loads(line)["generated_tokens"] for line in lines)
             f.write("".join(lines))
             f.flush()
     elapsed = time.perf_counter() - start
+    if not writer:  # process 0 writes the summary and hands it over
+        return distributed.broadcast_object(None, "eval_summary")
     summary = summarize(out_file, cfg.dataset)
     skipped = dict(sorted(report.counts.items()))
     skipped["already_done"] = len(done)
     summary.update(time_per_example_s=elapsed / max(len(todo), 1),
                    generated_tokens_per_s=gen_tokens / max(elapsed, 1e-9), prompt_format=cfg.prompt_format,
-                   dtype=cfg.dtype, param_dtype=cfg.storage_dtype, devices=n_dev, rows_per_batch=rows,
+                   dtype=cfg.dtype, param_dtype=cfg.storage_dtype, devices=n_dev * procs, rows_per_batch=rows,
                    rows_read=report.rows, examples_in_set=len(examples), evaluated_now=len(todo),
-                   skipped=skipped, setup=setup)
+                   skipped=skipped, setup=setup, **({"processes": procs} if procs > 1 else {}))
     summary_path(out_file).write_text(json.dumps(summary, indent=2))
-    return summary
+    return distributed.broadcast_object(summary, "eval_summary")
 
 
 def score(dataset: str, ex, prompt_text: str, generated: str) -> dict:
