@@ -1,10 +1,14 @@
-"""One process of a multi-process test run (tests/test_multihost.py): `python tests/multihost_worker.py
-train|infer ARGS...` runs train.py's or infer.py's main with two test hooks, read from the environment:
+"""One process of a multi-process test run (tests/test_multihost.py):
 
-- IVTLR_TEST_DECODED=FILE: append to FILE (one line per decode) that this process decoded a training
-  image (`LazyImage.materialize`), to check that each process decodes only its share of every batch;
-- IVTLR_TEST_PAUSE_AFTER=N: once the checkpoint of micro-step N is complete, write FILE.paused<process>
-  (FILE: IVTLR_TEST_PAUSE_MARK) and wait to be killed (a deterministic window for `kill -9`).
+    python tests/multihost_worker.py train ARGS... [--then infer ARGS... [--then train ARGS...]]
+
+runs train.py's or infer.py's main, one command after the other in the same process (one start-up for
+several runs), with two test hooks read from the environment:
+
+- IVTLR_TEST_DECODED=PREFIX: for every decoded image (`LazyImage.materialize`), append a line to
+  PREFIX.<command number>.<process>, to check that each process decodes only its share of every batch;
+- IVTLR_TEST_PAUSE=RUN:N:MARK: once the checkpoint of micro-step N of the run named RUN is complete,
+  write MARK.<process> and wait to be killed (a deterministic window for `kill -9`).
 """
 
 import os
@@ -14,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+command_number = [0]
 
 
 def hooks() -> None:
@@ -23,37 +28,48 @@ def hooks() -> None:
     from ivtlr_jax.train import checkpoint
 
     if os.environ.get("IVTLR_TEST_DECODED"):
-        log = os.environ["IVTLR_TEST_DECODED"]
+        prefix = os.environ["IVTLR_TEST_DECODED"]
         real = examples.LazyImage.materialize
 
         def counted(self):
-            with open(f"{log}.{jax.process_index()}", "a") as f:
+            with open(f"{prefix}.{command_number[0]}.{jax.process_index()}", "a") as f:
                 f.write(f"{len(self._data)}\n")
             return real(self)
 
         examples.LazyImage.materialize = counted
-    if os.environ.get("IVTLR_TEST_PAUSE_AFTER"):
-        step, mark = int(os.environ["IVTLR_TEST_PAUSE_AFTER"]), os.environ["IVTLR_TEST_PAUSE_MARK"]
+    if os.environ.get("IVTLR_TEST_PAUSE"):
+        run, step, mark = os.environ["IVTLR_TEST_PAUSE"].split(":", 2)
         real_save = checkpoint.TrainCheckpointer.save
 
         def save_then_pause(self, at, *args, **kwargs):
             real_save(self, at, *args, **kwargs)
-            if at == step:
+            if at == int(step) and self.directory.parent.name == run:
                 self.wait()
-                Path(f"{mark}.paused{jax.process_index()}").write_text("")
+                Path(f"{mark}.{jax.process_index()}").write_text("")
                 time.sleep(600)
 
         checkpoint.TrainCheckpointer.save = save_then_pause
 
 
+def commands(argv: list[str]) -> list[list[str]]:
+    out = [[]]
+    for arg in argv:
+        if arg == "--then":
+            out.append([])
+        else:
+            out[-1].append(arg)
+    return out
+
+
 if __name__ == "__main__":
-    command, argv = sys.argv[1], sys.argv[2:]
     hooks()
-    if command == "train":
-        import train
+    for number, (command, *args) in enumerate(commands(sys.argv[1:])):
+        command_number[0] = number
+        if command == "train":
+            import train
 
-        train.main(argv)
-    else:
-        import infer
+            train.main(args)
+        else:
+            import infer
 
-        infer.main(argv)
+            infer.main(args)
