@@ -340,9 +340,10 @@ class PreparedBatch:
 
 def prepare_batch(features, latent_cfg: LatentConfig, pad_id: int, data_cfg, rules: ShardingRules,
                   image_token_id: int | None = None, row_ids=()) -> PreparedBatch:
-    batch, n, prefix_len = collate_local(features, rules, latent_id=latent_cfg.latent_token_id, pad_id=pad_id,
-                                   length_buckets=data_cfg.length_buckets, prefix_buckets=data_cfg.prefix_buckets,
-                                   image_token_id=image_token_id, num_selected_patches=latent_cfg.num_selected_patches)
+    batch, n, prefix_len = collate_local(  # images decoded for this process's rows only (multihost.py)
+        features, rules, latent_id=latent_cfg.latent_token_id, pad_id=pad_id, length_buckets=data_cfg.length_buckets,
+        prefix_buckets=data_cfg.prefix_buckets, image_token_id=image_token_id,
+        num_selected_patches=latent_cfg.num_selected_patches)
     frame_len = uniform_frame_len(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
     shared = shared_prefix_bound(prefix_len, data_cfg.prefix_buckets) if n else 0
     signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), n, prefix_len, frame_len)
