@@ -253,6 +253,13 @@ def _publish_failure(message: str) -> None:
         _client().key_value_set(f"{FAILED}{jax.process_index()}", message or "failed", allow_overwrite=True)
 
 
+def _peer_failures() -> list[tuple[int, str]]:
+    """The failures other processes have published, or [] (also when the coordinator cannot be reached)."""
+    with contextlib.suppress(Exception):
+        return [(p, m) for p, m in _failures() if p != jax.process_index()]
+    return []
+
+
 def _watch(stop: threading.Event) -> None:
     """Ends this process when another one has failed (this one may be waiting inside a collective)."""
     me = jax.process_index()
@@ -311,6 +318,10 @@ def fail_together():
         text = e.line()
         _fail("", lambda: print(text, file=sys.stderr), 1)
     except BaseException as e:
+        peers = _peer_failures()
+        if peers:  # most likely a consequence (a collective broken by a process that failed first): report that one
+            text = _peer_message(*peers[0])
+            _fail("", lambda: print(text, file=sys.stderr), 1)
         _fail(f"{type(e).__name__}: {e}", traceback.print_exc, 1)
     try:
         allgather_objects("done", "finished")  # wait for the others; raises PeerFailure if one failed

@@ -8,7 +8,9 @@ several runs), with two test hooks read from the environment:
 - IVTLR_TEST_DECODED=PREFIX: for every decoded image (`LazyImage.materialize`), append a line to
   PREFIX.<command number>.<process>, to check that each process decodes only its share of every batch;
 - IVTLR_TEST_PAUSE=RUN:N:MARK: once the checkpoint of micro-step N of the run named RUN is complete,
-  write MARK.<process> and wait to be killed (a deterministic window for `kill -9`).
+  write MARK.<process> and wait to be killed (a deterministic window for `kill -9`);
+- IVTLR_TEST_FAIL=RUN:N:P: process P raises once the checkpoint of micro-step N of the run named RUN is
+  complete (the other processes go on into the next step's collectives).
 """
 
 import os
@@ -49,6 +51,17 @@ def hooks() -> None:
                 time.sleep(600)
 
         checkpoint.TrainCheckpointer.save = save_then_pause
+    if os.environ.get("IVTLR_TEST_FAIL"):
+        run, step, process = os.environ["IVTLR_TEST_FAIL"].split(":")
+        real_save_too = checkpoint.TrainCheckpointer.save
+
+        def save_then_fail(self, at, *args, **kwargs):
+            real_save_too(self, at, *args, **kwargs)
+            if at == int(step) and self.directory.parent.name == run and jax.process_index() == int(process):
+                self.wait()
+                raise RuntimeError(f"injected failure after micro-step {at}")
+
+        checkpoint.TrainCheckpointer.save = save_then_fail
 
 
 def commands(argv: list[str]) -> list[list[str]]:

@@ -6,14 +6,15 @@ on 127.0.0.1 (gloo collectives) against 1 process x 4 devices (this test process
 - both processes of a run killed with SIGKILL mid-run and launched again resume exactly (stage exports
   equal to the uninterrupted 2-process run's, metrics once per step);
 - evaluation: 2 processes, resuming an output begun by a 1-process run, write the 1-process records;
-- a failure in one process stops both, its message printed once (by process 0).
+- a failure in one process (mid-run, or a bad setting before any collective) stops both, its message
+  printed once (by process 0), the other exiting quietly.
 
 Kept small (8 training rows, 4 micro-steps over 2 stages, 6 test rows) and cheap in start-ups: one
 launch runs the uninterrupted training and the run that is killed (while this process runs the 1-process
-references), one more resumes it and evaluates (`tests/multihost_worker.py` runs several commands in one
-process); the processes share a persistent compilation cache (the second run and the relaunch compile
-nothing) and compile with XLA's cheaper CPU settings (which moves results by ~1e-8 against this
-process's default ones, well within the tolerance)."""
+references), one more resumes it, evaluates, then runs the one that fails (`tests/multihost_worker.py`
+runs several commands in one process); the processes share a persistent compilation cache (only the
+first run compiles the steps) and compile with XLA's cheaper CPU settings (which moves results by ~1e-8
+against this process's default ones, well within the tolerance)."""
 
 import json
 import os
@@ -127,13 +128,13 @@ def config(tmp: Path, assets: Path, name: str) -> Path:
 def runs(assets, tmp_path_factory):
     """Everything the tests compare, run once. 2 processes x 2 devices: the training run, then a run killed
     after its first checkpoint; meanwhile in this process (1 x 4 devices) the same training run and an
-    evaluation; then 2 processes again: the killed run relaunched, then the evaluation resuming the first
-    2 records of the 1-process one."""
+    evaluation; then 2 processes again: the killed run relaunched, the evaluation resuming the first 2
+    records of the 1-process one, and a run in which process 1 fails after micro-step 1."""
     from tests.test_eval_run import scale_weights
 
     tmp = tmp_path_factory.mktemp("multihost")
     start = time.perf_counter()
-    two, killed = config(tmp, assets, "two"), config(tmp, assets, "killed")
+    two, killed, fails = config(tmp, assets, "two"), config(tmp, assets, "killed"), config(tmp, assets, "fails")
     first = Launch(lambda i: ["train", "--config", str(two), "--then", "train", "--config", str(killed)], tmp, "first",
                    {"IVTLR_TEST_DECODED": str(tmp / "decoded1"), "IVTLR_TEST_PAUSE": f"killed:1:{tmp / 'paused'}"})
 
@@ -165,13 +166,17 @@ def runs(assets, tmp_path_factory):
     start = time.perf_counter()
     second = Launch(lambda i: ["train", "--config", str(killed), "--then", "infer", "--config", str(tmp / "eval.yaml"),
                                "--checkpoint", str(model), "--out", str(tmp / "eval2.jsonl"), "--batch-size", "4",
-                               "--max-new-tokens", "6"], tmp, "second",
-                    {"IVTLR_TEST_DECODED": str(tmp / "decoded2")}).ok()
+                               "--max-new-tokens", "6", "--then", "train", "--config", str(fails)], tmp, "second",
+                    {"IVTLR_TEST_DECODED": str(tmp / "decoded2"), "IVTLR_TEST_FAIL": "fails:1:1"})
+    second = second.wait()
+    stopped = time.time() - (tmp / "runs" / "fails" / "checkpoints" / "1").stat().st_mtime  # failure -> both ended
     print(f"\n1 x 4 in this process (train, evaluate): {in_process:.1f} s; meanwhile 2 processes (train, train "
-          f"until killed): {both:.1f} s in all; 2 processes (the killed run relaunched, evaluate): "
+          f"until killed): {both:.1f} s in all; 2 processes (the killed run relaunched, evaluate, a failing run): "
           f"{time.perf_counter() - start:.1f} s")
-    return {"tmp": tmp, "one": one.run_dir, "two": tmp / "runs" / "two", "killed": tmp / "runs" / "killed",
-            "first": [(printed(o.read_text()), e.read_text()) for o, e in first.files], "second": second}
+    print(f"the failure after micro-step 1 stopped both processes within {stopped:.1f} s")
+    return {"stopped_s": stopped, "tmp": tmp, "one": one.run_dir, "two": tmp / "runs" / "two",
+            "killed": tmp / "runs" / "killed", "second": second,
+            "first": [(printed(o.read_text()), e.read_text()) for o, e in first.files]}
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
@@ -202,7 +207,7 @@ def test_two_processes_train_like_one(runs):
 
 def test_both_processes_killed_then_relaunched_resume_exactly(runs):
     two, killed = runs["two"], runs["killed"]
-    (_, out0, _), (_, out1, _) = runs["second"]
+    (_, out0, _), (_, out1, _) = runs["second"]  # (the launch ends with the failing run)
     assert "resumed from" in out0 and "step 1: epoch 0, batch 1" in out0, out0  # killed mid-epoch 0
     assert "trained 3 micro-batches" in out0 and out1 == ""
     assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())[-1] == STEPS
@@ -227,7 +232,20 @@ def test_two_processes_evaluate_like_one(runs):
     assert len((tmp / "decoded2.1.1").read_text().splitlines()) == 2
 
 
-def test_a_failure_in_one_process_stops_both_and_is_shown_once(assets, tmp_path):
+def test_a_failure_mid_run_in_one_process_stops_both_and_is_shown_once(runs):
+    """Process 1 raises after micro-step 1 of the run "fails"; process 0, by then inside micro-step 2's
+    collectives, is stopped too and prints process 1's error once; process 1 prints nothing."""
+    (status0, _, err0), (status1, out1, err1) = runs["second"]
+    assert status0 == status1 == 1
+    message = "error (process 1): RuntimeError: injected failure after micro-step 1"
+    assert err0.count(message) == 1 and "Traceback" not in err0, err0[-3000:]
+    assert "injected" not in err1 and "Traceback" not in err1 and out1 == "", err1[-3000:]
+    assert runs["stopped_s"] < 60
+    fails = runs["tmp"] / "runs" / "fails"
+    assert (fails / "checkpoints" / "1").exists() and not (fails / "stage_0").exists()
+
+
+def test_a_bad_setting_in_one_process_stops_both_and_is_shown_once(assets, tmp_path):
     cfg = config(tmp_path, assets, "fails")
     start = time.time()
     # process 1 alone is given a bad setting: it stops at once; process 0 is stopped while it waits for it

@@ -157,14 +157,19 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     image_token_id = model.config.image_token_id
     markers = (ids["start_latent_id"], ids["end_latent_id"])  # used when curriculum.use_latent_markers
 
-    examples, report = load_examples(cfg.data.dataset, cfg.data.source, cfg.data.train_split, processor, family,
-                                     max_length=cfg.data.max_length, limit=cfg.data.limit)
-    if not examples:
-        raise ValueError(f"no usable training rows in {cfg.data.source} ({report})")
     curriculum = cfg.curriculum
-    if curriculum.max_latent_stage and cfg.train.num_epochs > curriculum.epochs_per_stage:  # a stage with latents
-        check_patch_budget(examples, image_token_id, latent_cfg.num_selected_patches,
-                           f"{cfg.data.source} ({cfg.data.train_split})")
+
+    def load_and_check():
+        examples, report = load_examples(cfg.data.dataset, cfg.data.source, cfg.data.train_split, processor, family,
+                                         max_length=cfg.data.max_length, limit=cfg.data.limit)
+        if not examples:
+            raise ValueError(f"no usable training rows in {cfg.data.source} ({report})")
+        if curriculum.max_latent_stage and cfg.train.num_epochs > curriculum.epochs_per_stage:  # a stage with latents
+            check_patch_budget(examples, image_token_id, latent_cfg.num_selected_patches,
+                               f"{cfg.data.source} ({cfg.data.train_split})")
+        return examples, report
+
+    examples, report = distributed.agree(load_and_check, "examples")  # every process loaded, or all stop here
     if distributed.is_writer():
         write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
 
