@@ -12,8 +12,10 @@ On CPU the cross-process collectives go through gloo (`jax_cpu_collectives_imple
 the multi-process tests run on one machine with host devices.
 
 Host-level exchange (small Python objects: row counts, messages, evaluation records) goes through the
-coordinator's key-value store (`allgather_objects`, `broadcast_object`, `agree`), not through device
-collectives; every process must call these in the same order (each call takes the next key).
+coordinator's key-value store (`allgather_objects`, `broadcast_object`, `on_writer`, `agree`), not through
+device collectives; every process must call these in the same order (each call takes the next key). The
+store is reached through `jax._src.distributed.global_state.client`, as `jax.experimental.multihost_utils`
+and orbax do (no public accessor in jax 0.10).
 
 Failures: `agree(fn)` runs a check on every process and raises the same error everywhere when one of
 them failed (the run-folder and configuration checks, the images of a batch), so all processes stop
