@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ivtlr_jax.models import FLAX_MARKER, from_pretrained, read_config, resolve_folder  # noqa: E402
+from ivtlr_jax.models import FAMILIES, FLAX_MARKER, from_pretrained, read_config, resolve_folder  # noqa: E402
 from ivtlr_jax.models.common.loading import WeightLoadError, variables_by_path, with_values  # noqa: E402
 from ivtlr_jax.models.convert import atomic_output_folder, check_output_folder  # noqa: E402
 from ivtlr_jax.models.common.layers import DTYPES  # noqa: E402
@@ -51,7 +51,6 @@ from ivtlr_jax.models.export import save_hf  # noqa: E402
 COPY_SKIP_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 COPY_SKIP_NAMES = ("config.json", "model.safetensors.index.json", FLAX_MARKER)
 # module-name prefixes of the language model's layers in transformers >= 4.52, by model type
-V5_LAYER_PREFIX = {"qwen2_vl": ("model.layers.", "model.language_model.layers.")}
 
 
 class ExportError(ValueError):
@@ -144,8 +143,9 @@ def peft_module_name(hub_name: str, model_type: str, layout: str) -> str:
     """A hub weight name (`model.layers.3.self_attn.q_proj.weight`) -> the module name PEFT uses in the
     model of that transformers layout (`model.language_model.layers.3.self_attn.q_proj`)."""
     module = hub_name[: -len(".weight")]
-    if layout == "v5" and model_type in V5_LAYER_PREFIX:
-        old, new = V5_LAYER_PREFIX[model_type]
+    prefix = FAMILIES[model_type].peft_v5_prefix
+    if layout == "v5" and prefix is not None:
+        old, new = prefix
         if module.startswith(old):
             module = new + module[len(old):]
     return module
@@ -153,8 +153,6 @@ def peft_module_name(hub_name: str, model_type: str, layout: str) -> str:
 
 def adapter_tensors(model: nnx.Module, lora, layout: str) -> dict[str, np.ndarray]:
     """Our adapters ([L, in..., r] and [L, r, out...]) as PEFT's lora_A [r, in] / lora_B [out, r] per layer."""
-    from ivtlr_jax.models import FAMILIES
-
     config = model.config
     specs = FAMILIES[config.model_type].weight_specs(config)
     out = {}

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES
+from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES, LatentConfig
 from .data.curriculum import CurriculumConfig
 from .models.common.decoder import REMAT_POLICIES
 from .models.common.layers import DTYPES
@@ -78,6 +78,10 @@ class LatentSection:
         _one_of(self.latent_grad, LATENT_GRADS, "latent_grad")
         _one_of(self.rope, ROPES, "rope")
         _at_least(self.ce_chunk, 1, "ce_chunk")
+
+    def latent_config(self, latent_token_id: int) -> LatentConfig:
+        """The loop's LatentConfig: these settings and the model's `<|latent|>` id."""
+        return LatentConfig(latent_token_id, **dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,14 @@ def qwen2vl_batch():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen25vl(tmp_path_factory):
+    """(folder, transformers model) of a tiny random Qwen2.5-VL (windowed and full vision blocks)."""
+    folder = tmp_path_factory.mktemp("tiny_qwen25vl")
+    model = hf_tiny.build_qwen25vl(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
 def tiny_chameleon(tmp_path_factory):
     """(folder, transformers model) of a tiny random Chameleon (VQ tokenizer included)."""
     folder = tmp_path_factory.mktemp("tiny_chameleon")
@@ -44,6 +52,17 @@ def qwen(tiny_qwen2vl):
 
     folder = tiny_qwen2vl[0]
     hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    from ivtlr_jax.models import from_pretrained
+
+    return folder, hf, from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def qwen25(tiny_qwen25vl):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    folder = tiny_qwen25vl[0]
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
     from ivtlr_jax.models import from_pretrained
 
     return folder, hf, from_pretrained(folder)

@@ -362,8 +362,8 @@ def test_collator_refuses_rows_with_fewer_image_tokens_than_k():
     image, latent = 7, 9
     rows = [([1, image, image, image, latent, 5], [-100] * 5 + [5], None),
             ([1, image, image, latent, latent, 5], [-100] * 5 + [5], None)]
-    batch, n, _ = collate(rows, latent_id=latent, pad_id=0, image_token_id=image, num_selected_patches=2)
-    assert n == 2
+    batch, shapes = collate(rows, latent_id=latent, pad_id=0, image_token_id=image, num_selected_patches=2)
+    assert shapes.num_latents == 2
     with pytest.raises(ValueError, match=r"row 1 has 2 image tokens before its first latent, fewer than .*=3"):
         collate(rows, latent_id=latent, pad_id=0, image_token_id=image, num_selected_patches=3)
 

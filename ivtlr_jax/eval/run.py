@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data import load_examples, load_processor, materialize, special_token_ids
-from ..data.collate import smallest_bucket
+from ..data.collate import smallest_bucket, stack_images
 from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
 from ..models.common.layers import DTYPES
-from ..models import ShardingRules, from_pretrained, make_mesh, read_config, resolve_folder
+from ..models import ShardingRules, family_named, from_pretrained, make_mesh, read_config, resolve_folder
 from ..train.step import batch_shardings
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
@@ -107,12 +107,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, buckets) -> tuple[np.ndarray
     for i, p in enumerate(prompts):
         ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
     return ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-
-
-def stack_images(images: list[dict]) -> dict:
-    keys = images[0].keys()
-    return {k: np.concatenate([im[k] if k != "pixel_values" or im[k].ndim != 3 else im[k][None] for im in images])
-            for k in keys}
 
 
 # ---- the setup an output belongs to --------------------------------------------------------------------
@@ -401,12 +395,7 @@ def save_picture(ex, image: dict, steps: list[list[int]], family: str, path: Pat
     from ..data import decode_image
 
     raw = getattr(ex.image, "_data", None)  # a LazyImage keeps the encoded bytes
-    if family == "qwen2vl":
-        _, gh, gw = (int(v) for v in image["image_grid_thw"][0])
-        grid, size = (gh // 2, gw // 2), (gw * 14, gh * 14)
-    else:
-        side = image["pixel_values"].shape[-1]
-        grid, size = (side // 16, side // 16), (side, side)
+    grid, size = family_named(family).picture_geometry(image)
     picture = np.asarray(decode_image(raw).convert("RGB").resize(size)) if raw is not None else \
         np.full((size[1], size[0], 3), 127, np.uint8)
     record = record or {}

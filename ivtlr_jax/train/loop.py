@@ -23,7 +23,7 @@ from flax import nnx
 
 from ..build import build_model
 from ..config import ConfigError, RunConfig, differing_keys, to_dict
-from ..data import collate, epoch_order, load_examples, shared_prefix_bound, stage_of_epoch, stage_tokens
+from ..data import LatentShapes, collate, epoch_order, load_examples, stage_of_epoch, stage_tokens
 from ..data.tokenizer import save_processor
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
@@ -31,7 +31,6 @@ from ..models.common.safetensors_io import read_header
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
 from ..models.convert import atomic_output_folder
 from ..models.export import save_hf
-from ..models.qwen2vl.modeling import uniform_frame_len
 from .checkpoint import TrainCheckpointer
 from .optim import make_optimizer
 from .step import StepConfig, batch_shardings, init_optimizer, make_train_step, split_trainable, step_shardings
@@ -149,8 +148,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
 
     built = build_model(cfg, rules=rules)
     model, processor, ids, family = built.model, built.processor, built.ids, built.family.name
-    latent_cfg = LatentConfig(ids["latent_id"], cfg.latent.num_selected_patches, cfg.latent.patch_order,
-                              cfg.latent.latent_grad, cfg.latent.rope, cfg.latent.ce_chunk)
+    latent_cfg = cfg.latent.latent_config(ids["latent_id"])
     pad_id = ids["eos_token_id"]  # docs/method.md section 3: pad = EOS
     image_token_id = model.config.image_token_id
     markers = (ids["start_latent_id"], ids["end_latent_id"])  # used when curriculum.use_latent_markers
@@ -244,7 +242,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 if max_steps is not None and done_here >= max_steps:
                     return result()
                 current = upcoming.result()  # raises here what preparing this micro-batch raised
-                batch, n = current.batch, current.static[0]
+                batch, n = current.batch, current.shapes.num_latents
                 compiled.add(current.signature)
                 if "sharded" not in steps_cache:
                     steps_cache["sharded"] = make_train_step(
@@ -253,7 +251,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 denominator = jnp.float32(max(window_tokens[index // accum] / accum, 1.0))
                 key = jax.random.fold_in(base_key, micro_step)
                 trainable, opt_state, m = steps_cache["sharded"](trainable, frozen, opt_state, batch, key, denominator,
-                                                                 *current.static)
+                                                                 current.shapes)
                 if index + 1 < micro_per_epoch:  # the step runs asynchronously: prepare the next one meanwhile
                     upcoming = Lookahead(prepare, index + 1)
                 micro_step += 1
@@ -326,23 +324,20 @@ def trim_metrics(path: Path, micro_step: int) -> None:
 
 @dataclasses.dataclass
 class PreparedBatch:
-    """A collated micro-batch on its devices, with the step's static arguments."""
+    """A collated micro-batch on its devices, with the step's static shapes."""
     batch: dict
-    static: tuple  # (num_latents, prefix_len, frame_len, shared_prefix)
-    signature: tuple  # the shapes and static arguments: one compilation each
+    shapes: LatentShapes
+    signature: tuple  # the array shapes and static shapes: one compilation each
     row_ids: list = dataclasses.field(default_factory=list)  # the examples' ids, for messages
 
 
 def prepare_batch(features, latent_cfg: LatentConfig, pad_id: int, data_cfg, rules: ShardingRules,
                   image_token_id: int | None = None, row_ids=()) -> PreparedBatch:
-    batch, n, prefix_len = collate(features, latent_id=latent_cfg.latent_token_id, pad_id=pad_id,
-                                   length_buckets=data_cfg.length_buckets, prefix_buckets=data_cfg.prefix_buckets,
-                                   image_token_id=image_token_id, num_selected_patches=latent_cfg.num_selected_patches)
-    frame_len = uniform_frame_len(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
-    shared = shared_prefix_bound(prefix_len, data_cfg.prefix_buckets) if n else 0
-    signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), n, prefix_len, frame_len)
-    return PreparedBatch(jax.device_put(batch, batch_shardings(batch, rules)), (n, prefix_len, frame_len, shared),
-                         signature, list(row_ids))
+    batch, shapes = collate(features, latent_id=latent_cfg.latent_token_id, pad_id=pad_id,
+                            length_buckets=data_cfg.length_buckets, prefix_buckets=data_cfg.prefix_buckets,
+                            image_token_id=image_token_id, num_selected_patches=latent_cfg.num_selected_patches)
+    signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), shapes)
+    return PreparedBatch(jax.device_put(batch, batch_shardings(batch, rules)), shapes, signature, list(row_ids))
 
 
 class Lookahead:
