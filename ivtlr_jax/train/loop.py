@@ -198,9 +198,10 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
 
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_total = n_trainable + sum(x.size for x in jax.tree.leaves(frozen))
+    memory = device_memory()
     log(f"run {run_dir} | mesh {dict(mesh.shape)} | params trainable {n_trainable:,} / total {n_total:,} | "
         f"train rows {len(examples)} ({report}) | global batch {global_batch} x accumulation {accum} | "
-        f"{micro_per_epoch} micro-batches per epoch | memory per device {device_memory()}")
+        f"{micro_per_epoch} micro-batches per epoch" + (f" | memory per device {memory}" if memory else ""))
     for stage in sorted(stage_ends):
         epochs = [e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, curriculum) == stage]
         log(f"  stage {stage}: epochs {epochs}")
@@ -372,10 +373,11 @@ def accumulation_window_tokens(examples, order, stage, curriculum, token_ids, gl
     return [sum(per_batch[w : w + accum]) for w in range(0, len(per_batch), accum)]
 
 
-def device_memory() -> str:
+def device_memory() -> str | None:
+    """Memory in use / the limit of the first device, or None where the backend does not say (CPU)."""
     stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
     if not stats or "bytes_limit" not in stats:
-        return "unknown"
+        return None
     return f"{stats.get('bytes_in_use', 0) / 2**30:.1f} / {stats['bytes_limit'] / 2**30:.1f} GiB in use"
 
 
