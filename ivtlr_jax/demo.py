@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         out.unlink()
     # the run config's data, latent settings and dtype (configs/tiny.yaml: float32)
     summary = evaluate(final, eval_config_from_run(cfg, num_latents=3, batch_size=16, max_new_tokens=48), out,
-                       save_attention=cfg.run_dir / "attention")
+                       save_attention=cfg.run_dir / "attention", events=cfg.log)
     print(json.dumps(summary, indent=2))
     print(f"accuracy after the last stage: {summary['accuracy_strict']:.3f} (strict), "
           f"{summary['accuracy_official']:.3f} (official scoring); chance {1 / NUM_CHOICES:.3f}")

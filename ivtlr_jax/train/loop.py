@@ -33,7 +33,8 @@ from ..models.convert import atomic_output_folder
 from ..models.export import save_hf
 from ..models.qwen2vl.modeling import uniform_frame_len
 from .checkpoint import TrainCheckpointer
-from .optim import make_optimizer
+from .events import check_backends, log_train_step, train_events
+from .optim import learning_rate, make_optimizer
 from .step import StepConfig, batch_shardings, init_optimizer, make_train_step, split_trainable, step_shardings
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
@@ -142,6 +143,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     simulate an interrupted run)."""
     maybe_init_distributed()
     run_dir = check_run_folder(cfg)
+    check_backends(cfg.log)  # TensorBoard / W&B packages present (train/events.py)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -169,7 +171,9 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     total_micro = micro_per_epoch * cfg.train.num_epochs
     accum = cfg.optim.gradient_accumulation_steps
     opt_per_epoch = max(micro_per_epoch // accum, 1)
-    tx = make_optimizer(cfg.optim, opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * curriculum.epochs_per_stage)
+    schedule_steps = (opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * curriculum.epochs_per_stage)
+    tx = make_optimizer(cfg.optim, *schedule_steps)
+    lr_at = learning_rate(cfg.optim, *schedule_steps)  # of an optimizer step (as counted since the last reset)
 
     graphdef, trainable, frozen = split_trainable(model, trainable_filter(cfg.lora))
     trainable = jax.device_put(trainable, state_shardings(trainable, rules))
@@ -210,6 +214,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     compiled: set = set()
     base_key = jax.random.key(cfg.seed)
     metrics_file = open(metrics_path, "a", buffering=1)  # line-buffered: readable while training
+    events = train_events(cfg, micro_step, metrics_path)  # TensorBoard / W&B copies (train/events.py)
     losses = []
     done_here = 0
     zero_grads = ZeroGradientWatch(log)
@@ -228,6 +233,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
             window_tokens = accumulation_window_tokens(examples, order, stage, curriculum,
                                                        (latent_cfg.latent_token_id, *markers), global_batch, accum)
             first = start_index if epoch == start_epoch else 0
+            reset_at = epoch // curriculum.epochs_per_stage * curriculum.epochs_per_stage * micro_per_epoch \
+                if cfg.optim.reset_optimizer else 0  # the micro-step where the optimizer's count restarted
 
             def prepare(index: int) -> PreparedBatch:
                 rows = [examples[i] for i in order[index * global_batch : (index + 1) * global_batch]]
@@ -264,8 +271,10 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 tick = time.perf_counter()
                 record = {"micro_step": micro_step, "epoch": epoch, "stage": stage, "loss": loss,
                           "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                          "latents": n, "compilations": len(compiled)}
+                          "latents": n, "compilations": len(compiled),
+                          "lr": float(lr_at((micro_step - 1 - reset_at) // accum))}
                 metrics_file.write(json_line(record))
+                log_train_step(events, record)
                 if not finite:
                     last = ckpt.latest_step()
                     raise NonFiniteError(
@@ -298,6 +307,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
         bar.close()
     finally:
         metrics_file.close()
+        events.close()
         ckpt.close()
     return result()
 
