@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flax import nnx
 
+from .compilation_cache import enable_compilation_cache
 from .config import load_config
 from .data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_token_ids, synthetic_corpus,
                    synthetic_rows)
@@ -70,6 +71,7 @@ def main(argv=None) -> None:
         prepare()
         if args.prepare:
             return
+    enable_compilation_cache(log=print)  # as train.py and infer.py: a re-run compiles nothing
     cfg = load_config(args.config)
     print(train(cfg).summary())
     stages = [p for p in cfg.run_dir.glob("stage_*") if p.name.removeprefix("stage_").isdigit()]

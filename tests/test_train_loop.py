@@ -382,7 +382,7 @@ def test_train_command_prints_one_line_for_a_bad_setting(assets, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "optim.lr: -1.0" in proc.stderr
 
 
-# ---- observability: event files ------------------------------------------------------------
+# ---- observability: event files, quiet exports ------------------------------------------------------------
 def assert_events_match_metrics(run_dir: Path) -> dict:
     """Every metrics.jsonl record is in <run>/tensorboard/train, once per micro-step, with its values."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -399,3 +399,55 @@ def test_event_files_hold_the_runs_scalars(straight):
     scalars = assert_events_match_metrics(straight.run_dir)
     assert set(scalars["train/lr"].values()) == {np.float32(1e-3)}  # the constant schedule of the test config
     assert sorted(set(scalars["train/stage"].values())) == [0.0, 1.0, 2.0]
+
+
+def test_exports_of_a_run_are_quiet_and_load_their_processor(straight, tmp_path):
+    """No transformers warning about token ids of our own configs, no orbax warning about a missing metadata
+    file, when a trained run folder is exported; the stage export's processor loads (AutoProcessor where
+    torchvision is installed: transformers 5 builds Qwen2-VL's video processor with it, always)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from ivtlr_jax.cli.flax_to_hf import export
+    from ivtlr_jax.data import load_processor
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(f"{record.name}: {record.getMessage()}")
+
+    collect = Collect()
+    loggers = [logging.getLogger(), logging.getLogger("transformers"), logging.getLogger("absl")]
+    hf_logging.warning_once.cache_clear()  # said once per process: another test may have said it already
+    for logger in loggers:
+        logger.addHandler(collect)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export(straight.run_dir, tmp_path / "hf", log=collect.lines.append)
+            processor = load_processor(straight.run_dir / "stage_2")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(collect)
+    text = "\n".join(collect.lines + [str(w.message) for w in caught])
+    assert "loading training run" in text and "writing" in text  # the progress lines are collected too
+    for noise in ("must be `None` or an integer within the vocabulary", "Metadata file does not exist",
+                  "token_id"):
+        assert noise not in text, text
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["bos_token_id"] is None
+    assert processor.tokenizer.convert_tokens_to_ids("<|latent|>") == len(processor.tokenizer) - 1
+
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        auto = AutoProcessor.from_pretrained(straight.run_dir / "stage_2")
+        assert len(auto.tokenizer) == len(processor.tokenizer)
+    else:  # what README says: AutoProcessor needs torchvision, ivtlr_jax.data.load_processor does not
+        with pytest.raises(ImportError, match="Torchvision"):
+            AutoProcessor.from_pretrained(straight.run_dir / "stage_2")
