@@ -100,12 +100,18 @@ def _wandb_run(run_dir: Path, log_cfg, config: dict | None, name: str | None):
 
 
 def train_events(cfg, resumed_at: int, metrics_path: Path) -> EventLog:
-    """The training run's writers (after config.yaml is written). A resumed run's TensorBoard copy is
-    rebuilt from metrics.jsonl (already cut back to `resumed_at`): everything before is purged and the
-    records replayed, so it holds each micro-step once even where a killed writer lost its last events."""
+    """The training run's writers (after config.yaml is written; on the first process of a multi-host run
+    only). A resumed run's TensorBoard copy is rebuilt from metrics.jsonl (already cut back to `resumed_at`):
+    everything before is purged and the records replayed, so it holds each micro-step once even where a
+    killed writer lost its last events."""
+    import dataclasses
+
+    import jax
+
     from ..config import to_dict
 
-    events = EventLog(cfg.run_dir / TENSORBOARD_DIR / "train", cfg.log, run_dir=cfg.run_dir,
+    log_cfg = cfg.log if jax.process_index() == 0 else dataclasses.replace(cfg.log, tensorboard=False, wandb=False)
+    events = EventLog(cfg.run_dir / TENSORBOARD_DIR / "train", log_cfg, run_dir=cfg.run_dir,
                       purge_step=1 if resumed_at else None, config=to_dict(cfg), name=cfg.name)
     if resumed_at and events.tb is not None:
         wandb, events.wandb = events.wandb, None  # W&B keeps what it was sent: not replayed
