@@ -1,26 +1,12 @@
 """Train IVT-LR: `python train.py --config configs/qwen2vl_m3cot.yaml [section.key=value ...]`.
 
-Resumes automatically from the run folder's latest checkpoint (save_path/name/checkpoints)."""
+The same command as `ivtlr-train` (ivtlr_jax/cli/train.py); `python train.py --help` lists the options."""
 
-import argparse
-import sys
-
-from ivtlr_jax.config import ConfigError, load_config
-from ivtlr_jax.train.loop import NonFiniteError, RunFolderError, train
+from ivtlr_jax.cli.train import main as _main
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML run configuration")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many micro-batches (testing)")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg, max_steps=args.max_steps)
-    except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
-        sys.exit(f"error: {e}")
-    print(result.summary())
+    _main(argv, prog="train.py")
 
 
 if __name__ == "__main__":

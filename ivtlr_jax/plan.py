@@ -3,8 +3,8 @@ abstractly (shape-only parameters), lowered and compiled for a mesh of host devi
 GPUs, and XLA's own memory and cost analyses are printed per device: parameters, optimizer state,
 activations/temporaries, FLOPs, and the step time and MFU ceiling they imply on H100s.
 
-    python -m ivtlr_jax.plan --config configs/qwen2vl_m3cot.yaml [--mesh data=1,fsdp=4,tensor=1]
-        [--full-finetune] [--generate] [--seq-len 1216] [--batch 2]
+    ivtlr-plan --config configs/qwen2vl_m3cot.yaml [--mesh data=1,fsdp=4,tensor=1]
+        [--full-finetune] [--generate] [--seq-len 1216] [--batch 2]     (or python -m ivtlr_jax.plan)
 
 Nothing is allocated: the parameters of the model named in the config are never read (the
 architecture comes from the built-in copies of the hub configs below, or the folder's config.json
@@ -23,6 +23,7 @@ if ("jax" not in __import__("sys").modules
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -251,12 +252,20 @@ def parse_mesh(text: str) -> dict:
     return out
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--mesh", default="data=1,fsdp=4,tensor=1")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch per data-parallel replica (default: config)")
-    p.add_argument("--seq-len", type=int, default=None, help="final sequence length incl. latent patches")
+USAGE = "%(prog)s --config YAML [--mesh AXES] [--full-finetune] [--generate] [options]"
+
+
+def main(argv=None, prog: str = "ivtlr-plan") -> None:
+    head, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog=prog, usage=USAGE, description=head, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="YAML", help="run configuration (its model, LoRA, K, optimizer)")
+    p.add_argument("--mesh", default="data=1,fsdp=4,tensor=1", metavar="AXES",
+                   help="mesh axes over the host devices (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="micro-batch per data-parallel replica (default: the config's)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="final sequence length incl. latent patches (default: the official shape)")
     p.add_argument("--full-finetune", action="store_true", help="also plan full fine-tuning")
     p.add_argument("--generate", action="store_true", help="also plan generation at batch 32")
     args = p.parse_args(argv)
@@ -264,11 +273,20 @@ def main(argv=None) -> None:
     mesh = parse_mesh(args.mesh)
     print(f"{len(jax.devices())} host devices stand in for 4 x H100 ({H100_MEMORY_GB:.0f} GB, "
           f"{H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s dense bf16 each)")
-    print(plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len), flush=True)
+    phases = [("the training step" + ("" if not cfg.lora.enabled else f" (LoRA r={cfg.lora.rank})"),
+               lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len))]
     if args.full_finetune:
-        print(plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, full_finetune=True), flush=True)
+        phases.append(("the full fine-tuning step",
+                       lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, full_finetune=True)))
     if args.generate:
-        print(plan_generate(cfg, mesh), flush=True)
+        phases.append(("generation at batch 32", lambda: plan_generate(cfg, mesh)))
+    for i, (what, plan) in enumerate(phases, 1):
+        print(f"[{i}/{len(phases)}] compiling {what} for mesh {mesh} (shapes only; FLOPs from shallow unrolled "
+              "copies: a few minutes at 7B) ...", flush=True)
+        start = time.perf_counter()
+        result = plan()
+        print(f"[{i}/{len(phases)}] done in {time.perf_counter() - start:.0f} s", flush=True)
+        print(result, flush=True)
 
 
 if __name__ == "__main__":

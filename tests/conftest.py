@@ -5,6 +5,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("IVTLR_JAX_CACHE", "off")  # the commands run by tests leave no compilation cache behind
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -39,6 +39,7 @@ from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
 from ..models.common.layers import DTYPES
 from ..models import ShardingRules, family_named, from_pretrained, make_mesh, read_config, resolve_folder
+from ..train.events import log_evaluation
 from ..train.step import batch_shardings
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
@@ -280,7 +281,8 @@ def eval_mesh(devices: int | None):
 
 
 def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, save_attention: str | Path | None = None,
-             log=print) -> dict:
+             log=print, events=None) -> dict:
+    """`events`: a run config's `log` section; the summary (and a few pictures) also go to TensorBoard / W&B."""
     mesh = eval_mesh(cfg.devices)
     rules = ShardingRules(mesh)
     n_dev = mesh.devices.size
@@ -353,6 +355,8 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
                    rows_read=report.rows, examples_in_set=len(examples), evaluated_now=len(todo),
                    skipped=skipped, setup=setup)
     summary_path(out_file).write_text(json.dumps(summary, indent=2))
+    log_evaluation(events, summary, model_dir, out_file, split=cfg.split, prompt_format=cfg.prompt_format,
+                   pictures_dir=save_attention)  # train/events.py
     return summary
 
 

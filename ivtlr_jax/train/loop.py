@@ -32,7 +32,8 @@ from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
 from ..models.convert import atomic_output_folder
 from ..models.export import save_hf
 from .checkpoint import TrainCheckpointer
-from .optim import make_optimizer
+from .events import check_backends, log_train_step, train_events
+from .optim import learning_rate, make_optimizer
 from .step import StepConfig, batch_shardings, init_optimizer, make_train_step, split_trainable, step_shardings
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
@@ -141,6 +142,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     simulate an interrupted run)."""
     maybe_init_distributed()
     run_dir = check_run_folder(cfg)
+    check_backends(cfg.log)  # TensorBoard / W&B packages present (train/events.py)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -167,7 +169,9 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     total_micro = micro_per_epoch * cfg.train.num_epochs
     accum = cfg.optim.gradient_accumulation_steps
     opt_per_epoch = max(micro_per_epoch // accum, 1)
-    tx = make_optimizer(cfg.optim, opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * curriculum.epochs_per_stage)
+    schedule_steps = (opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * curriculum.epochs_per_stage)
+    tx = make_optimizer(cfg.optim, *schedule_steps)
+    lr_at = learning_rate(cfg.optim, *schedule_steps)  # of an optimizer step (as counted since the last reset)
 
     graphdef, trainable, frozen = split_trainable(model, trainable_filter(cfg.lora))
     trainable = jax.device_put(trainable, state_shardings(trainable, rules))
@@ -196,9 +200,10 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
 
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_total = n_trainable + sum(x.size for x in jax.tree.leaves(frozen))
+    memory = device_memory()
     log(f"run {run_dir} | mesh {dict(mesh.shape)} | params trainable {n_trainable:,} / total {n_total:,} | "
         f"train rows {len(examples)} ({report}) | global batch {global_batch} x accumulation {accum} | "
-        f"{micro_per_epoch} micro-batches per epoch | memory per device {device_memory()}")
+        f"{micro_per_epoch} micro-batches per epoch" + (f" | memory per device {memory}" if memory else ""))
     for stage in sorted(stage_ends):
         epochs = [e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, curriculum) == stage]
         log(f"  stage {stage}: epochs {epochs}")
@@ -207,6 +212,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     compiled: set = set()
     base_key = jax.random.key(cfg.seed)
     metrics_file = open(metrics_path, "a", buffering=1)  # line-buffered: readable while training
+    events = train_events(cfg, micro_step, metrics_path)  # TensorBoard / W&B copies (train/events.py)
     losses = []
     done_here = 0
     zero_grads = ZeroGradientWatch(log)
@@ -225,6 +231,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
             window_tokens = accumulation_window_tokens(examples, order, stage, curriculum,
                                                        (latent_cfg.latent_token_id, *markers), global_batch, accum)
             first = start_index if epoch == start_epoch else 0
+            reset_at = epoch // curriculum.epochs_per_stage * curriculum.epochs_per_stage * micro_per_epoch \
+                if cfg.optim.reset_optimizer else 0  # the micro-step where the optimizer's count restarted
 
             def prepare(index: int) -> PreparedBatch:
                 rows = [examples[i] for i in order[index * global_batch : (index + 1) * global_batch]]
@@ -261,8 +269,10 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 tick = time.perf_counter()
                 record = {"micro_step": micro_step, "epoch": epoch, "stage": stage, "loss": loss,
                           "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                          "latents": n, "compilations": len(compiled)}
+                          "latents": n, "compilations": len(compiled),
+                          "lr": float(lr_at((micro_step - 1 - reset_at) // accum))}
                 metrics_file.write(json_line(record))
+                log_train_step(events, record)
                 if not finite:
                     last = ckpt.latest_step()
                     raise NonFiniteError(
@@ -295,6 +305,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
         bar.close()
     finally:
         metrics_file.close()
+        events.close()
         ckpt.close()
     return result()
 
@@ -367,10 +378,11 @@ def accumulation_window_tokens(examples, order, stage, curriculum, token_ids, gl
     return [sum(per_batch[w : w + accum]) for w in range(0, len(per_batch), accum)]
 
 
-def device_memory() -> str:
+def device_memory() -> str | None:
+    """Memory in use / the limit of the first device, or None where the backend does not say (CPU)."""
     stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
     if not stats or "bytes_limit" not in stats:
-        return "unknown"
+        return None
     return f"{stats.get('bytes_in_use', 0) / 2**30:.1f} / {stats['bytes_limit'] / 2**30:.1f} GiB in use"
 
 

@@ -63,6 +63,7 @@ class Qwen2VLConfig:
     vision_start_token_id: int
     vision_end_token_id: int
     eos_token_id: int | None = None
+    bos_token_id: int | None = None  # written to config.json (transformers' default 151643: outside a tiny vocabulary)
 
     model_type = "qwen2_vl"
 
@@ -119,6 +120,7 @@ class Qwen2VLConfig:
             vision_start_token_id=d.get("vision_start_token_id", 151652),
             vision_end_token_id=d.get("vision_end_token_id", 151653),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            bos_token_id=text.get("bos_token_id"),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -139,6 +141,9 @@ class Qwen2VLConfig:
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
             "eos_token_id": self.eos_token_id,
+            # an id outside the vocabulary (a tiny model built with transformers' default) is written as null
+            "bos_token_id": self.bos_token_id if self.bos_token_id is not None and
+            0 <= self.bos_token_id < self.vocab_size else None,
             "vision_config": {
                 "depth": v.depth,
                 "embed_dim": v.embed_dim,
