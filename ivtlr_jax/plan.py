@@ -201,8 +201,9 @@ def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops
 
 
 def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_tokens: int = 512,
-                  num_latents: int = 3) -> Plan:
-    """Batched IVT-LR generation (prefill, latent passes, decoding) at `batch`, bf16 parameters."""
+                  num_latents: int = 3, count_flops: bool = True) -> Plan:
+    """Batched IVT-LR generation (prefill, latent passes, decoding) at `batch`, bf16 parameters.
+    `count_flops=False`: as in `plan_train`."""
     from .generate import SamplingConfig, _generate
 
     raw = architecture(cfg)
@@ -233,7 +234,7 @@ def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_toke
     state = nnx.state(build(False))
     sh = state_shardings(state, rules)
     compiled = compile_run(build(False))
-    flops = flops_by_depth(lambda c: compile_run(build(True, c)), config)
+    flops = flops_by_depth(lambda c: compile_run(build(True, c)), config) if count_flops else _flops(compiled)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
     # the decoding while-loop's body is counted once by XLA: the FLOPs are those of the prefill, the
     # latent passes and one decoding step
