@@ -20,6 +20,8 @@ holds `base/` (the base model with the latent tokens added: a Hugging Face folde
 Adapter tensor names follow the module names of the installed transformers (--peft-layout auto):
 Qwen2-VL's language model is `model.language_model.layers.*` from transformers 4.52 on and
 `model.layers.*` before (the official IVT-LR environment, transformers 4.51.3: --peft-layout v4).
+The adapter's target_modules is a regex of the decoder layers' projections (bare names like `gate_proj` would
+also adapt Qwen2.5-VL's vision MLPs).
 
 The output folder must not exist or be empty; it is written under a temporary name and renamed when
 complete.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -166,6 +169,20 @@ def adapter_tensors(model: nnx.Module, lora, layout: str) -> dict[str, np.ndarra
     return dict(sorted(out.items()))
 
 
+def peft_target_modules(config, targets, layout: str) -> str:
+    """PEFT's `target_modules` for our adapters: a regex (PEFT full-matches it against module names) of the
+    decoder layers' projections only. The bare names (`gate_proj`, ...) would also match modules of a vision
+    tower that has them (Qwen2.5-VL's `visual.blocks.N.mlp.gate_proj`), which PEFT would then adapt too."""
+    specs = FAMILIES[config.model_type].weight_specs(config)
+    layer = re.escape("{i}")
+    modules = []
+    for name in targets:
+        attr, _ = PROJECTIONS[name]
+        module = peft_module_name(specs[("layers", attr)].hf_name.format(i="{i}"), config.model_type, layout)
+        modules.append(re.escape(module).replace(layer, r"\d+"))
+    return "|".join(modules)
+
+
 def write_adapter(model: nnx.Module, lora, folder: Path, base_path: Path, dropout: float, layout: str) -> None:
     folder.mkdir(parents=True)
     tensors = adapter_tensors(model, lora, layout)
@@ -182,7 +199,7 @@ def write_adapter(model: nnx.Module, lora, folder: Path, base_path: Path, dropou
         "r": int(lora.rank),
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
         "lora_dropout": float(dropout),
-        "target_modules": list(lora.targets),
+        "target_modules": peft_target_modules(model.config, lora.targets, layout),
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
