@@ -78,3 +78,20 @@ def chameleon(tiny_chameleon):
     from ivtlr_jax.models import from_pretrained
 
     return folder, hf, from_pretrained(folder)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """`--dist loadgroup` (make test) sends the tests of one `xdist_group` to one worker by suffixing their
+    node ids with `@<group>`: pytest-xdist 3.8 sets `item._nodeid`, which pytest 9 no longer reads (the id
+    lives in `item._id`), so without this every group is split and its module fixtures (test_train_loop's
+    uninterrupted run, test_multihost's runs) are built once per worker."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and hasattr(item, "_id") and "@" not in item.nodeid.rpartition("]")[2]:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
