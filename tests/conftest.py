@@ -88,7 +88,10 @@ def pytest_collection_modifyitems(config, items):
     uninterrupted run, test_multihost's runs) are built once per worker."""
     if not getattr(config.option, "loadgroup", False):
         return
-    from _pytest.nodeid import NodeId
+    try:
+        from _pytest.nodeid import NodeId  # pytest 9
+    except ImportError:  # earlier pytest reads item._nodeid, which pytest-xdist sets itself
+        return
 
     for item in items:
         names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
