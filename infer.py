@@ -1,94 +1,12 @@
-"""Evaluate a model folder on M3CoT / ScienceQA with batched, jitted IVT-LR generation."""
+"""Evaluate a model folder: `python infer.py --config C --checkpoint DIR [section.key=value ...]`.
 
-import argparse
-import json
-import sys
-from pathlib import Path
+The same command as `ivtlr-infer` (ivtlr_jax/cli/infer.py); `python infer.py --help` lists the options."""
 
-from ivtlr_jax import distributed
-from ivtlr_jax.config import ConfigError, load_config
-from ivtlr_jax.eval.run import DTYPES, EvalSetupError, eval_config_from_run, evaluate, setup_path, summary_path
-
-EPILOG = """\
-examples:
-  python infer.py --config configs/qwen2vl_m3cot.yaml --checkpoint runs/qwen2vl_m3cot/stage_3 --batch-size 32
-  python infer.py --config configs/tiny.yaml --checkpoint outputs/tiny/runs/tiny/stage_3 --limit 16 \\
-      --save-attention /tmp/pictures latent.num_selected_patches=8 model.dtype=float32
-
-The config supplies the dataset (data.dataset, data.source, data.eval_split), the latent settings
-(latent.num_selected_patches, latent.patch_order, latent.rope), model.scan_layers and the precision
-(model.dtype for compute, model.param_dtype for storing the weights); section.key=value overrides
-change any of them, as in train.py.
-
-Writes one JSON line per example to --out (default: <checkpoint>/eval_<split>.jsonl), its setup to
-<out stem>.setup.json before the first line and a summary to <out stem>.summary.json. Re-running
-with the same --out skips the examples already written if the setup (model weights, data, prompt
-format, latents, dtype, sampling, limit) is the same, and refuses otherwise.
-
-Several processes (hosts; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID or a SLURM job):
-each evaluates its share of every batch, process 0 writes the output, the setup and the summary.
-"""
+from ivtlr_jax.cli.infer import main as _main
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="infer.py", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, metavar="YAML", help="run configuration (as for train.py)")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="model folder: a stage export of train.py, a converted or a Hugging Face folder")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, e.g. model.dtype=float32")
-    p.add_argument("--split", default=None, help="dataset split (default: data.eval_split of the config)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="rows per batch over all devices (default: %(default)s)")
-    p.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="split each batch over the first N local devices (default: all)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="compute and weight-storage dtype (default: model.dtype and model.param_dtype of the config)")
-    p.add_argument("--latents", type=int, default=3, metavar="N",
-                   help="<|latent|> tokens after the question (default: %(default)s, as the official evaluation)")
-    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="default: %(default)s")
-    p.add_argument("--out", default=None, metavar="FILE",
-                   help="JSONL output (default: <checkpoint>/eval_<split>.jsonl)")
-    p.add_argument("--save-attention", default=None, metavar="DIR",
-                   help="write one PNG per example: the patches selected at each latent step")
-    p.add_argument("--prompt-format", choices=("train", "official"), default="train",
-                   help="train: the training prompt (default); official: the official evaluation scripts' prompt")
-    args = p.parse_args(argv)
-    try:
-        distributed.initialize()
-    except distributed.DistributedSetupError as err:
-        p.exit(2, f"infer.py: error: {err}\n")
-    with distributed.fail_together():  # an error in any process stops all; process 0 prints it once
-        run(p, args)
-
-
-def fail(p: argparse.ArgumentParser, message: str) -> None:
-    """One message and exit status 2 (several processes: printed once, by process 0)."""
-    if distributed.process_count() > 1:
-        sys.exit(message.rstrip())
-    p.exit(2, message)
-
-
-def run(p: argparse.ArgumentParser, args) -> None:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        fail(p, f"infer.py: error: {err}\n")
-    split = args.split or cfg.data.eval_split
-    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{split}.jsonl"
-    dtypes = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
-    eval_cfg = eval_config_from_run(cfg, split=split, num_latents=args.latents, batch_size=args.batch_size,
-                                    max_new_tokens=args.max_new_tokens, limit=args.limit,
-                                    prompt_format=args.prompt_format, devices=args.devices, **dtypes)
-    try:
-        summary = evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention)
-    except EvalSetupError as err:  # an output of another setup, or a damaged one: one clear line
-        fail(p, f"infer.py: error: {err}\n")
-    if distributed.is_writer():
-        print(json.dumps({k: v for k, v in summary.items() if k != "setup"}, indent=2))
-        print(f"wrote {out}, {summary_path(out).name} and {setup_path(out).name}")
+    _main(argv, prog="infer.py")
 
 
 if __name__ == "__main__":

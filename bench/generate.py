@@ -52,7 +52,7 @@ from ivtlr_jax.latent import LatentConfig  # noqa: E402
 from tests import hf_tiny  # noqa: E402
 from tests.oracle_ivtlr import oracle_generate, oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
-from bench.latent_step import IMAGE_SIZE, LATENT_ID, build_models  # noqa: E402  (the same mid-size model)
+from bench.latent_step import IMAGE_SIZE, LATENT_ID, build_models, stacked_images  # noqa: E402  (same model)
 
 QUESTION_TEXT = (36, 45)  # [low, high) text tokens per question, split before / after the image
 
@@ -79,11 +79,14 @@ def make_prompts(count: int, latents: int, seed: int = 0) -> tuple[list[dict], n
 
 
 def left_padded(singles: list[dict], pixel_values: np.ndarray, grid: np.ndarray) -> dict:
-    """The prompts left-padded to a common length (so their latents align), as ivtlr_generate wants."""
+    """The prompts left-padded to a common length (so their latents align), as ivtlr_generate wants; the
+    same-size images stacked per image ([B, 256, 1176], as the collator stacks them), so the vision tower
+    attends per image."""
     ids, mask = hf_tiny.pad_rows([s["input_ids"][0].tolist() for s in singles], left_pad=True)
     b = len(singles)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
-            "pixel_values": pixel_values[: int(grid[:b].prod(-1).sum())], "image_grid_thw": grid[:b]}
+    return stacked_images({"input_ids": ids, "attention_mask": mask,
+                           "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
+                           "pixel_values": pixel_values[: int(grid[:b].prod(-1).sum())], "image_grid_thw": grid[:b]})
 
 
 # ---- the torch baseline ---------------------------------------------------------------------------

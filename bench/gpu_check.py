@@ -12,7 +12,9 @@ micro-batch (2 rows) in the real collator's layout (`ivtlr_jax.data.collate.coll
 image per row (100 image tokens), questions of up to `--question` tokens (different lengths, so
 different left pads), 3 latents, K=32, answers filling the longest row to the collated length S =
 `--seq-len` - 3*32 (assembled length 1216, the planner's official shape); prefix bucket and shared
-prefix as the trainer computes them (`data.prefix_buckets`, `shared_prefix_bound`).
+prefix as the trainer computes them (`data.prefix_buckets`; `collate` returns them as `LatentShapes`),
+the same-size images stacked per image ([rows, 400, 1176]) as `collate` stacks them, so the vision tower
+attends per image.
 
 Sections (each guarded: a failure, e.g. out of memory or cudnn missing, is recorded as an error string
 and the next section still runs; the JSON is rewritten after every section, so a run killed by a
@@ -93,14 +95,13 @@ from flax import nnx  # noqa: E402
 from bench.timing import interleaved_median_ms, timed  # noqa: E402
 from ivtlr_jax.build import abstract_model, model_dtypes  # noqa: E402
 from ivtlr_jax.config import load_config  # noqa: E402
-from ivtlr_jax.data.collate import IGNORE, collate, shared_prefix_bound  # noqa: E402
+from ivtlr_jax.data.collate import IGNORE, LatentShapes, collate  # noqa: E402
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate  # noqa: E402
 from ivtlr_jax.latent import LatentConfig, latent_layout  # noqa: E402
 from ivtlr_jax.models import FAMILIES  # noqa: E402
 from ivtlr_jax.models.common.lora import add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
 from ivtlr_jax.models.qwen2vl.config import Qwen2VLConfig  # noqa: E402
-from ivtlr_jax.models.qwen2vl.modeling import uniform_frame_len  # noqa: E402
 from ivtlr_jax.plan import HUB_CONFIGS, with_shardings  # noqa: E402
 from ivtlr_jax.train.optim import make_optimizer  # noqa: E402
 from ivtlr_jax.train.step import (StepConfig, init_optimizer, make_train_step, split_trainable,  # noqa: E402
@@ -206,11 +207,12 @@ def question_of(rng, tok: Tokens, length: int, shapes: Shapes) -> list[int]:
             + tok.text(rng, text - before))
 
 
-def training_batch(tok: Tokens, shapes: Shapes, prefix_buckets, seed: int = 0) -> tuple[dict, int, int]:
+def training_batch(tok: Tokens, shapes: Shapes, prefix_buckets, seed: int = 0) -> tuple[dict, LatentShapes]:
     """The collator's batch (input_ids, attention_mask, labels, position_ids, pixel_values, image_grid_thw)
     of `shapes.batch` rows: row 0 has the longest question (`shapes.question` tokens) and fills the
     collated length exactly; the others have shorter questions (left pads) and answers (right pads).
-    -> (batch, num_latents, prefix_len)."""
+    -> (batch, its LatentShapes: num_latents, prefix bucket, shared prefix). pixel_values: [rows, Np, 1176]
+    (one size: `collate` stacks them per image)."""
     rng = np.random.default_rng(seed)
     n, s = shapes.latents, shapes.collated
     longest_answer = s - shapes.question - n  # answer + EOS of row 0
@@ -224,11 +226,13 @@ def training_batch(tok: Tokens, shapes: Shapes, prefix_buckets, seed: int = 0) -
         a_len = longest_answer if row == 0 else int(rng.integers(max(longest_answer // 2, 2), longest_answer + 1))
         question, answer = question_of(rng, tok, q_len, shapes), tok.text(rng, a_len - 1) + [tok.eos]
         features.append((question + [tok.latent] * n + answer, [IGNORE] * (q_len + n) + answer, image_of(rng, shapes)))
-    batch, num_latents, prefix_len = collate(features, latent_id=tok.latent, pad_id=tok.eos, length_buckets=(s,),
-                                             prefix_buckets=tuple(prefix_buckets), image_token_id=tok.image,
-                                             num_selected_patches=shapes.k)
-    assert batch["input_ids"].shape == (shapes.batch, s) and num_latents == n, (batch["input_ids"].shape, num_latents)
-    return batch, num_latents, prefix_len
+    batch, static = collate(features, latent_id=tok.latent, pad_id=tok.eos, length_buckets=(s,),
+                            prefix_buckets=tuple(prefix_buckets), image_token_id=tok.image,
+                            num_selected_patches=shapes.k)
+    assert batch["input_ids"].shape == (shapes.batch, s) and static.num_latents == n, (batch["input_ids"].shape,
+                                                                                       static)
+    assert batch["pixel_values"].ndim == 3, batch["pixel_values"].shape  # stacked per image
+    return batch, static
 
 
 def assembled_length_batch(batch: dict, tok: Tokens, n: int, k: int, seed: int = 1) -> dict:
@@ -260,8 +264,8 @@ def generation_batch(tok: Tokens, shapes: Shapes, seed: int = 2) -> dict:
         ids = question_of(rng, tok, q_len, shapes) + [tok.latent] * n
         features.append((ids, [IGNORE] * len(ids), image_of(rng, shapes)))
     width = max(len(f[0]) for f in features)
-    batch, _, _ = collate(features, latent_id=tok.latent, pad_id=tok.eos, length_buckets=(width,),
-                          prefix_buckets=(width,), image_token_id=tok.image, num_selected_patches=shapes.k)
+    batch, _ = collate(features, latent_id=tok.latent, pad_id=tok.eos, length_buckets=(width,),
+                       prefix_buckets=(width,), image_token_id=tok.image, num_selected_patches=shapes.k)
     batch.pop("labels")
     return batch
 
@@ -341,7 +345,7 @@ def _peak_bytes(device) -> int | None:
 class TrainStep:
     """The trainer's step for one batch, compiled ahead of time, and its (donated, so carried) state."""
 
-    def __init__(self, check: Check, label: str, batch: dict, n: int, prefix_len: int, shared: int):
+    def __init__(self, check: Check, label: str, batch: dict, static: LatentShapes):
         ctx = check.ctx
         self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
         # a copy of the adapters of its own (the step donates them), placed as the trainer places them
@@ -352,12 +356,12 @@ class TrainStep:
         self.step = make_train_step(ctx["graphdef"], ctx["tx"], ctx["step_cfg"], rules=ctx["rules"],
                                     shardings=shardings)
         self.denominator = jnp.float32(max(int(np.sum(batch["labels"][:, 1:] != IGNORE)), 1))
-        self.static = (n, prefix_len, uniform_frame_len(batch["image_grid_thw"]), shared)
+        self.static = static  # the step's one static argument
         self.frozen = ctx["frozen"]
         self.calls = 0
-        check.log(f"{label}: lowering (batch {batch['input_ids'].shape}, n={n}, prefix_len={prefix_len}, "
-                  f"shared_prefix={shared})")
-        self.lower_s, lowered = timed(lambda: self.step.lower(*self.args(), *self.static))
+        check.log(f"{label}: lowering (batch {batch['input_ids'].shape}, pixel_values {batch['pixel_values'].shape}, "
+                  f"n={static.num_latents}, prefix_len={static.prefix_len}, shared_prefix={static.shared_prefix})")
+        self.lower_s, lowered = timed(lambda: self.step.lower(*self.args(), self.static))
         check.log(f"{label}: compiling")
         self.compile_s, self.compiled = timed(lowered.compile)
 
@@ -386,7 +390,7 @@ class TrainStep:
         step = make_train_step(graphdef, ctx["tx"], ctx["step_cfg"], rules=rules, shardings=shardings)
         states = [with_shardings(x, sh) for x, sh in zip((trainable, frozen, opt_state, batch), shardings)]
         lowered = step.lower(*states, jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
-                             jax.ShapeDtypeStruct((), jnp.float32), *self.static)
+                             jax.ShapeDtypeStruct((), jnp.float32), self.static)
         cost = lowered.cost_analysis()
         how = "the HLO before optimisation"
         if cost is None:
@@ -435,8 +439,9 @@ def setup(check: Check) -> dict:
                step_cfg=StepConfig(LatentConfig(tok.latent, shapes.k, cfg.latent.patch_order, cfg.latent.latent_grad,
                                                 cfg.latent.rope, cfg.latent.ce_chunk),
                                    shapes.batch, cfg.optim.loss_scale))
-    batch, n, prefix_len = training_batch(tok, shapes, cfg.data.prefix_buckets)
-    ctx.update(batch=batch, n=n, prefix_len=prefix_len, shared=shared_prefix_bound(prefix_len, cfg.data.prefix_buckets))
+    batch, static = training_batch(tok, shapes, cfg.data.prefix_buckets)
+    n, prefix_len = static.num_latents, static.prefix_len
+    ctx.update(batch=batch, static=static, n=n, prefix_len=prefix_len, shared=static.shared_prefix)
     count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
     peak = _peak_bytes(device)
     return {"build_s": round(build_s, 2), "peak_bytes_in_use": peak,
@@ -459,7 +464,7 @@ def setup(check: Check) -> dict:
 def train_section(check: Check) -> dict:
     ctx, args = check.ctx, check.args
     shapes = ctx["shapes"]
-    step = TrainStep(check, "train: ivtlr step", ctx["batch"], ctx["n"], ctx["prefix_len"], ctx["shared"])
+    step = TrainStep(check, "train: ivtlr step", ctx["batch"], ctx["static"])
     ctx["ivtlr_step"] = step
     check.log("train: first call")
     first_s, metrics = timed(step)
@@ -553,7 +558,7 @@ def ratio_section(check: Check) -> dict:
         raise RuntimeError("the train section did not produce the IVT-LR step")
     plain_batch = assembled_length_batch(ctx["batch"], ctx["tok"], ctx["n"], ctx["shapes"].k)
     s_plain = plain_batch["input_ids"].shape[1]
-    plain = TrainStep(check, "ratio: plain step", plain_batch, 0, s_plain, 0)
+    plain = TrainStep(check, "ratio: plain step", plain_batch, LatentShapes(0, s_plain))
     check.log("ratio: first call")
     first_s, metrics = timed(plain)
     check.log(f"ratio: timing {args.repeats} interleaved rounds")

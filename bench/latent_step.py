@@ -12,10 +12,11 @@ train mode so its dropout is on; `add_lora` on the JAX side, with a dropout key)
 neither side runs the vision tower's backward; with `--train full` every parameter. Three steps are timed:
 
 - ivtlr: `jax.value_and_grad` of `ivtlr_loss` with respect to the trained parameters under `jax.jit`, as the
-  trainer runs it (static num_latents, prefix_len = the first latent's index and shared_prefix =
-  prefix_len - 1; latent_grad="stop"): the question slots once, the chain's prefill of the rest, n
-  latent passes against the KV cache, then the forward + backward of the assembled sequence (length
-  S + n*K) continuing from the question's cache.
+  trainer runs it (static `LatentShapes`: num_latents n, prefix_len = the first latent's index p and
+  shared_prefix = p - 1; latent_grad="stop"; pixel_values stacked per image, [B, 256, 1176], as the
+  collator stacks same-size images, so the vision tower attends per image): the question slots once, the
+  chain's prefill of the rest, n latent passes against the KV cache, then the forward + backward of the
+  assembled sequence (length S + n*K) continuing from the question's cache.
 - oracle: `oracle_ivtlr(official_compute=True)` (docs/method.md section 7, the way the official code runs it: n + 1
   full forwards over the growing sequence with eager attention, all attention matrices returned, every
   pass's LM-head logits kept and concatenated into the loss, whose rows for the passes are all -100,
@@ -66,9 +67,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ivtlr_jax.models.qwen2vl.modeling import uniform_frame_len  # noqa: E402
-from ivtlr_jax.latent import (IGNORE, LatentConfig, image_inputs_of, ivtlr_loss, latent_layout,  # noqa: E402
-                              latent_passes)
+from ivtlr_jax.latent import (IGNORE, LatentConfig, LatentShapes, image_inputs_of, ivtlr_loss,  # noqa: E402
+                              latent_layout, latent_passes)
 from ivtlr_jax.models import from_pretrained  # noqa: E402
 from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.train.step import split_trainable  # noqa: E402
@@ -143,28 +143,39 @@ def assembled_length_batch(batch: dict, n: int, k: int, seed: int = 1) -> dict:
     }
 
 
+def stacked_images(batch: dict) -> dict:
+    """pixel_values [B * Np, 1176] of B one-frame images of one size -> [B, Np, 1176]: the layout the
+    collator (`ivtlr_jax.data.collate.stack_images`) gives such images, from whose static shape the
+    model runs the vision tower's attention per image (the trainer's path). The torch side keeps [B * Np, 1176]."""
+    grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
+    if not ((grid[:, 0] == 1).all() and len({tuple(g) for g in grid.tolist()}) == 1):
+        raise ValueError(f"images of different sizes (or several frames) cannot be stacked per image: {grid}")
+    pixels = np.asarray(batch["pixel_values"])
+    return batch | {"pixel_values": pixels.reshape(len(grid), -1, pixels.shape[-1])}
+
+
 def to_jax(batch: dict) -> dict:
-    return {key: jnp.asarray(value) for key, value in batch.items() if key != "latent_token_id"}
+    """The JAX side's batch: device arrays, same-size images stacked per image (`stacked_images`)."""
+    return {key: jnp.asarray(value) for key, value in stacked_images(batch).items() if key != "latent_token_id"}
 
 
 # ---- the timed steps -------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "prefix_len", "shared", "frame_len"))
-def jax_train_step(graphdef, trainable, frozen, batch, dropout_key, cfg, n, prefix_len, shared=0, frame_len=None):
-    """(loss, gradients of the trainable parameters) of ivtlr_loss; n=0 is a plain forward + backward.
-    dropout_key: LoRA dropout in training mode (None: none). frame_len: all images share one size, so the
-    vision tower attends per image (as the trainer passes it)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "shapes"))
+def jax_train_step(graphdef, trainable, frozen, batch, dropout_key, cfg, shapes: LatentShapes):
+    """(loss, gradients of the trainable parameters) of ivtlr_loss; shapes.num_latents=0 is a plain forward +
+    backward. dropout_key: LoRA dropout in training mode (None: none). batch: same-size images stacked per
+    image (`to_jax`), so the vision tower attends per image, as in the trainer."""
     def loss_of(trainable):
         model = nnx.merge(graphdef, trainable, frozen)
-        return ivtlr_loss(model, batch, cfg, num_latents=n, prefix_len=prefix_len, shared_prefix=shared,
-                          frame_len=frame_len, dropout_key=dropout_key)[0]
+        return ivtlr_loss(model, batch, cfg, shapes, dropout_key=dropout_key)[0]
     return jax.value_and_grad(loss_of)(trainable)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "prefix_len", "frame_len"))
-def jax_latent_chain(graphdef, trainable, frozen, batch, cfg, n, prefix_len, frame_len=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "prefix_len"))
+def jax_latent_chain(graphdef, trainable, frozen, batch, cfg, n, prefix_len):
     """Vision tower + prefill + n latent passes, forward only: (selected patches, latent states)."""
     model = nnx.merge(graphdef, trainable, frozen)
-    embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch, frame_len))
+    embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch))
     selected, latents, *_ = latent_passes(model, cfg, embeds, batch, n=n, prefix_len=prefix_len)
     return selected, latents
 
@@ -200,19 +211,17 @@ def bench(args) -> list[str]:
     n, p = latent_layout(batch["input_ids"], LATENT_ID)
     s, s_plain = batch["input_ids"].shape[1], plain["input_ids"].shape[1]
     assert s_plain == s + n * args.k
-    j_batch, j_plain = to_jax(batch), to_jax(plain)
-    frame_len = uniform_frame_len(batch["image_grid_thw"])  # 224x224 images: 256 patches each
+    j_batch, j_plain = to_jax(batch), to_jax(plain)  # 224x224 images: [B, 256, 1176] (per-image attention)
+    ivtlr_shapes, plain_shapes = LatentShapes(n, p, p - 1), LatentShapes(0, s_plain)
     wait = jax.block_until_ready
 
     calls = {
-        "ivtlr": lambda: wait(jax_train_step(graphdef, trainable, frozen, j_batch, dropout_key, cfg, n, p, p - 1,
-                                             frame_len)),
+        "ivtlr": lambda: wait(jax_train_step(graphdef, trainable, frozen, j_batch, dropout_key, cfg, ivtlr_shapes)),
         "oracle": lambda: oracle_train_step(hf, batch, args.k),
-        "plain": lambda: wait(jax_train_step(graphdef, trainable, frozen, j_plain, dropout_key, cfg, 0, s_plain, 0,
-                                             frame_len)),
+        "plain": lambda: wait(jax_train_step(graphdef, trainable, frozen, j_plain, dropout_key, cfg, plain_shapes)),
     }
     if args.breakdown:
-        calls["chain"] = lambda: wait(jax_latent_chain(graphdef, trainable, frozen, j_batch, cfg, n, p, frame_len))
+        calls["chain"] = lambda: wait(jax_latent_chain(graphdef, trainable, frozen, j_batch, cfg, n, p))
         calls["torch plain"] = lambda: oracle_train_step(hf, plain, args.k)
     compile_s, (jax_loss, _) = timed(calls["ivtlr"])
     plain_compile_s, _ = timed(calls["plain"])

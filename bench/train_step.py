@@ -23,9 +23,11 @@ official collator's layout (tests/oracle_ivtlr.py `latent_batch`): `--batch` row
 
 All steps use loss_scale="token_mean" with the batch's supervised token count as denominator, so every
 loss is the batch token mean the oracle computes; the first-call losses are compared (LoRA's B starts at
-zero, so its first loss is the base model's too). latent_grad="stop" (official); prefix_len = the first
-latent's index. Each JAX step's first call (trace + XLA compile + one run) is reported as "compile"; the
-torch step gets one warm-up call. Then `--repeats` rounds in which the calls alternate, so all see the
+zero, so its first loss is the base model's too). latent_grad="stop" (official); static shapes
+`LatentShapes(n, prefix_len = the first latent's index, shared_prefix=0)`; pixel_values stacked per image
+([B, 256, 1176], as the collator stacks same-size images), so the vision tower attends per image. Each
+JAX step's first call (trace + XLA compile + one run) is reported as "compile"; the torch step gets one
+warm-up call. Then `--repeats` rounds in which the calls alternate, so all see the
 same machine load, and the median of each. Reported: supervised tokens/s (answer + EOS labels) and total
 tokens/s (the real tokens of the assembled sequences: input tokens without padding + n*K inserted patches
 per row), and the ratios. On a machine with fewer cores than mesh devices the mesh cannot beat 1 device:
@@ -61,10 +63,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ivtlr_jax.config import OptimSection  # noqa: E402
-from ivtlr_jax.latent import LatentConfig, latent_layout  # noqa: E402
+from ivtlr_jax.latent import LatentConfig, LatentShapes, latent_layout  # noqa: E402
 from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh  # noqa: E402
 from ivtlr_jax.models.common.sharding import state_shardings  # noqa: E402
-from ivtlr_jax.models.qwen2vl.modeling import uniform_frame_len  # noqa: E402
 from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.train.optim import make_optimizer  # noqa: E402
 from ivtlr_jax.train.step import (StepConfig, batch_shardings, init_optimizer, make_train_step,  # noqa: E402
@@ -72,7 +73,7 @@ from ivtlr_jax.train.step import (StepConfig, batch_shardings, init_optimizer, m
 from tests.oracle_ivtlr import IGNORE, oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
 # the same mid-size model and batch as the latent-step benchmark
-from bench.latent_step import LATENT_ID, latent_training_batch, mid_qwen2vl_folder  # noqa: E402
+from bench.latent_step import LATENT_ID, latent_training_batch, mid_qwen2vl_folder, stacked_images  # noqa: E402
 
 OPTIM = OptimSection(lr=1e-5, gradient_accumulation_steps=1)  # clip 0.7 + AdamW, as the runs
 
@@ -82,7 +83,7 @@ class JaxStep:
     """One sharded train step and its (donated, so carried) trainable and optimizer state."""
 
     def __init__(self, folder, rules: ShardingRules, lora: LoRAConfig, batch: dict, cfg: StepConfig,
-                 n: int, prefix_len: int, frame_len: int | None, denominator: float):
+                 shapes: LatentShapes, denominator: float):
         model = from_pretrained(folder, rules=rules)
         if lora.enabled:
             add_lora(model, lora)
@@ -90,11 +91,12 @@ class JaxStep:
         tx = make_optimizer(OPTIM)
         self.trainable = jax.device_put(trainable, state_shardings(trainable, rules))
         self.opt_state = init_optimizer(tx, self.trainable, rules)
-        jbatch = {k: jnp.asarray(v) for k, v in batch.items() if k != "latent_token_id"}
+        # same-size images stacked per image: the model attends per image, as for the collator's batches
+        jbatch = {k: jnp.asarray(v) for k, v in stacked_images(batch).items() if k != "latent_token_id"}
         self.batch = jax.device_put(jbatch, batch_shardings(jbatch, rules))
         shardings = step_shardings(self.trainable, self.frozen, self.opt_state, self.batch, rules)
         self.step = make_train_step(graphdef, tx, cfg, rules=rules, shardings=shardings)
-        self.static = (n, prefix_len, frame_len)
+        self.shapes = shapes  # the step's static argument
         self.denominator = jnp.float32(denominator)
         self.trainable_count = sum(x.size for x in jax.tree.leaves(self.trainable))
         self.calls = 0
@@ -103,7 +105,7 @@ class JaxStep:
         key = jax.random.key(self.calls)
         self.calls += 1
         self.trainable, self.opt_state, metrics = self.step(self.trainable, self.frozen, self.opt_state, self.batch,
-                                                            key, self.denominator, *self.static)
+                                                            key, self.denominator, self.shapes)
         return jax.block_until_ready(metrics)
 
 
@@ -129,7 +131,6 @@ class TorchStep:
 def bench(args) -> list[str]:
     batch = latent_training_batch(args.batch, args.latents)
     n, p = latent_layout(batch["input_ids"], LATENT_ID)
-    frame_len = uniform_frame_len(batch["image_grid_thw"])
     supervised = int(np.sum(batch["labels"][:, 1:] != IGNORE))  # what the step's cross-entropy counts
     total = int(batch["attention_mask"].sum()) + args.batch * n * args.k  # real tokens of the assembled rows
     cfg = StepConfig(LatentConfig(LATENT_ID, args.k), group_size=args.batch // DEVICES, loss_scale="token_mean")
@@ -138,7 +139,7 @@ def bench(args) -> list[str]:
     one_rules = ShardingRules(make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1]))
 
     with mid_qwen2vl_folder() as (folder, hf):
-        common = (batch, cfg, n, p, frame_len, supervised)
+        common = (batch, cfg, LatentShapes(n, p), supervised)
         steps = {
             f"jax lora {DEVICES} devices": JaxStep(folder, mesh_rules, lora, *common),
             "jax lora 1 device": JaxStep(folder, one_rules, lora, *common),

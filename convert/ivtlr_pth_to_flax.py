@@ -1,51 +1,20 @@
-"""Import a checkpoint saved by the official IVT-LR training scripts (the `torch.save`d state dict of
-their wrapper model, e.g. `epoch_16_full_model_fp32.pth`) as a Flax folder that `from_pretrained`
-loads, with the LoRA adapters merged and the processor's latent tokens added.
+"""Import a checkpoint of the official IVT-LR training scripts (.pth) as a Flax folder, LoRA merged:
+the same command as `ivtlr-convert-official` (ivtlr_jax/cli/official.py); `--help` lists the options.
 
     python convert/ivtlr_pth_to_flax.py --pth epoch_16_full_model_fp32.pth \\
         --base Qwen/Qwen2-VL-7B-Instruct --out checkpoints/ivtlr-qwen2vl-m3cot --dtype bfloat16
-
---base is the Hugging Face base model (folder or hub id) the run started from: its config and
-processor are used (the vocabulary size comes from the .pth). The .pth is read with
-`torch.load(weights_only=True)` only (memory-mapped), so a file that would need arbitrary code to
-unpickle is refused. Keys may be in the hub layout of transformers 4.51 (`model.layers.*`,
-`visual.*`) or transformers 5's (`model.language_model.*`, `model.visual.*`), with or without
-DeepSpeed's `module.` prefix. LoRA scaling is alpha / r: r is read from the lora_A shapes
-(--lora-rank only checks it), alpha is 16 as in the official LoraConfig unless --lora-alpha says
-otherwise.
-
-The output folder must not exist or be empty; it is written under a temporary name and renamed when
-complete. Export it to Hugging Face format with convert/flax_to_hf.py if needed.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ivtlr_jax.models.common.loading import WeightLoadError  # noqa: E402
-from ivtlr_jax.io.official import DTYPE_NAMES, OfficialCheckpointError, import_official  # noqa: E402
+from ivtlr_jax.cli.official import main as _main  # noqa: E402
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pth", required=True, help="the official checkpoint (.pth state dict)")
-    p.add_argument("--base", required=True, help="Hugging Face base model folder or hub id (config + processor)")
-    p.add_argument("--out", required=True, help="new output folder")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="storage dtype of the parameters")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 16, the official value)")
-    p.add_argument("--lora-rank", type=int, default=None,
-                   help="LoRA rank; read from the lora_A shapes, this only checks it (official: 64)")
-    args = p.parse_args(argv)
-    try:
-        out = import_official(args.pth, args.base, args.out, dtype=args.dtype, lora_alpha=args.lora_alpha,
-                              lora_rank=args.lora_rank)
-    except (FileExistsError, FileNotFoundError, OfficialCheckpointError, WeightLoadError) as e:
-        p.exit(2, f"error: {e}\n")
-    print(f"wrote {out}")
+    _main(argv, prog="ivtlr_pth_to_flax.py")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES
+from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES, LatentConfig
 from .data.curriculum import CurriculumConfig
 from .models.common.decoder import REMAT_POLICIES
 from .models.common.layers import DTYPES
@@ -24,7 +24,8 @@ DATASETS = ("m3cot", "scienceqa")
 SCHEDULES = ("constant", "cosine", "linear")
 LOSS_SCALES = ("micro_batch_mean", "token_mean")
 # keys that may change between the runs of one run folder: where the folder is, and logging only
-RESUME_NEUTRAL_KEYS = ("name", "save_path", "train.log_every", "train.keep_checkpoints")
+RESUME_NEUTRAL_KEYS = ("name", "save_path", "train.log_every", "train.keep_checkpoints", "log.tensorboard",
+                       "log.wandb", "log.wandb_project", "log.wandb_entity")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,10 @@ class LatentSection:
         _one_of(self.latent_grad, LATENT_GRADS, "latent_grad")
         _one_of(self.rope, ROPES, "rope")
         _at_least(self.ce_chunk, 1, "ce_chunk")
+
+    def latent_config(self, latent_token_id: int) -> LatentConfig:
+        """The loop's LatentConfig: these settings and the model's `<|latent|>` id."""
+        return LatentConfig(latent_token_id, **dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +171,20 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogSection:
+    """Where the metrics go besides metrics.jsonl (the source of truth): TensorBoard event files and
+    Weights & Biases (train/events.py). None of these keys blocks a resume (RESUME_NEUTRAL_KEYS)."""
+    tensorboard: bool = True  # event files in <run>/tensorboard/ (tensorboardX, no TensorFlow)
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`; checked at start)
+    wandb_project: str = "ivtlr-jax"
+    wandb_entity: str = ""  # W&B team or user ("": the default of the logged-in account)
+
+    def __post_init__(self):
+        if not self.wandb_project.strip():
+            raise ConfigError(f"wandb_project: {self.wandb_project!r} must name a W&B project")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     save_path: str = "runs"
@@ -178,6 +197,7 @@ class RunConfig:
     lora: LoRASection = LoRASection()
     mesh: MeshSection = MeshSection()
     train: TrainSection = TrainSection()
+    log: LogSection = LogSection()
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name in (".", ".."):

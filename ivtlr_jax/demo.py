@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flax import nnx
 
+from .compilation_cache import enable_compilation_cache
 from .config import load_config
 from .data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_token_ids, synthetic_corpus,
                    synthetic_rows)
@@ -70,6 +71,7 @@ def main(argv=None) -> None:
         prepare()
         if args.prepare:
             return
+    enable_compilation_cache(log=print)  # as train.py and infer.py: a re-run compiles nothing
     cfg = load_config(args.config)
     print(train(cfg).summary())
     stages = [p for p in cfg.run_dir.glob("stage_*") if p.name.removeprefix("stage_").isdigit()]
@@ -79,7 +81,7 @@ def main(argv=None) -> None:
         out.unlink()
     # the run config's data, latent settings and dtype (configs/tiny.yaml: float32)
     summary = evaluate(final, eval_config_from_run(cfg, num_latents=3, batch_size=16, max_new_tokens=48), out,
-                       save_attention=cfg.run_dir / "attention")
+                       save_attention=cfg.run_dir / "attention", events=cfg.log)
     print(json.dumps(summary, indent=2))
     print(f"accuracy after the last stage: {summary['accuracy_strict']:.3f} (strict), "
           f"{summary['accuracy_official']:.3f} (official scoring); chance {1 / NUM_CHOICES:.3f}")

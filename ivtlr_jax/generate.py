@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .latent import (LatentConfig, chain_gap, first_latent_index, image_inputs_of, latent_layout, latent_passes,
-                     sequence_positions)
-from .models.qwen2vl.modeling import uniform_frame_len
+from .latent import (LatentConfig, LatentShapes, chain_gap, first_latent_index, image_inputs_of, latent_layout,
+                     latent_passes, sequence_positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,18 +125,18 @@ def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, samplin
     if prefix_len is not None and prefix_len < p:
         raise ValueError(f"prefix_len={prefix_len} is below the first latent's index {p}")
     key = jax.random.key(0) if key is None else key
-    frame_len = uniform_frame_len(batch["image_grid_thw"]) if batch.get("image_grid_thw") is not None else None
     jbatch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None and k != "labels"}
-    out = _generate(model, jbatch, latent, sampling, key, n, prefix_len or p, frame_len, suffix_len)
+    out = _generate(model, jbatch, latent, sampling, key, LatentShapes(n, prefix_len or p), suffix_len)
     if shift is not None:  # back to the prompts' indices
         out = out._replace(selected=jnp.where(out.selected >= 0, out.selected - jnp.asarray(shift)[None, :, None], -1))
     return out
 
 
-@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "n", "prefix_len", "frame_len", "suffix_len"))
-def _generate(model, batch, latent, sampling, key, n, prefix_len, frame_len, suffix_len=0):
+@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "shapes", "suffix_len"))
+def _generate(model, batch, latent, sampling, key, shapes: LatentShapes, suffix_len=0):
     b = batch["input_ids"].shape[0]
-    embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch, frame_len))
+    n, prefix_len = shapes.num_latents, shapes.prefix_len
+    embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch))
     if n:
         p = first_latent_index(batch["input_ids"], latent.latent_token_id)
         positions = sequence_positions(model, latent, batch, p)

@@ -14,7 +14,7 @@ passes, the same result comes from (docs/method.md section 8):
 3. **assemble** the final sequence `question, V_0, L_0, ..., V_{n-1}, L_{n-1}, rest` (length S + n*K)
    from the recorded indices, gathering the patches again from the differentiable embeddings, and run
    one ordinary forward over it; the loss is the token-mean cross-entropy of the right-aligned labels
-   (3.4), computed in sequence chunks so the [B, T, V] logits never exist at once.
+   (docs/method.md sections 9 and 11), computed in sequence chunks so the [B, T, V] logits never exist at once.
 
 With `latent_grad="stop"` (the official behaviour) steps 1-2 see stop-gradient parameters and
 embeddings, so gradients reach the parameters only through step 3. With `latent_grad="full"` the
@@ -54,10 +54,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .data.collate import IGNORE, LatentShapes
 from .models.common.kv_cache import KVCache
 from .models.common.layers import acc_dtype
 
-IGNORE = -100
 PATCH_ORDERS = ("score", "position")
 LATENT_GRADS = ("stop", "full")
 ROPES = ("1d", "mrope")
@@ -89,6 +89,94 @@ class LatentAux(NamedTuple):
     labels: jax.Array  # [B, S + n*K] labels, right-aligned per row by c_r*K
     positions: jax.Array  # positions of the final sequence ([B, L] or [3, B, L])
     num_tokens: jax.Array  # [] supervised tokens in the batch
+
+
+# ---- the entry: the training loss (steps 1-3 of the module docstring) ----------------------------------
+def image_inputs_of(batch: dict) -> dict:
+    """The model's image arguments found in a batch."""
+    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch and batch[k] is not None}
+
+
+def concrete_shapes(model, ids: np.ndarray, cfg: LatentConfig, shapes: LatentShapes | None) -> LatentShapes:
+    """The batch's own shapes (n, p and c = p - 1 read off concrete input_ids) where `shapes` is None, or
+    `shapes` validated against the batch."""
+    n, p = latent_layout(ids, cfg.latent_token_id)
+    if shapes is None:
+        shapes = LatentShapes(n, ids.shape[1], max(p - 1, 0) if n else 0)
+    if n > shapes.num_latents or p > shapes.prefix_len:
+        raise ValueError(f"batch has {n} latents from index {p}; static {shapes} is too small")
+    if n and shapes.shared_prefix >= p:
+        raise ValueError(f"shared_prefix={shapes.shared_prefix} must be below the first latent's index {p}")
+    if n:
+        check_eligible_patches(ids, p, model.config.image_token_id, cfg)
+    return shapes
+
+
+def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | None = None, *,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, LatentAux]:
+    """IVT-LR training loss of a batch in the official collator layout -> (loss, aux).
+
+    `shapes` (static: jit this function, or the train step around it, with it static) fixes n, the
+    bound on p (the first latent's index) and the shared question slots c < p: those slots are
+    identical in the latent chain and in the final sequence, so they run once, differentiably, and both
+    continue from that KV cache (exact: the model is causal). For a concrete batch, `shapes` defaults
+    to the batch's own (c = p - 1) and is validated. `dropout_key` turns on LoRA dropout (training
+    mode) in every pass; the shared slots then have one dropout mask for the chain and the final pass
+    (the official code draws a fresh one per full forward).
+    """
+    ids = batch["input_ids"]
+    if isinstance(ids, jax.core.Tracer):
+        if shapes is None:
+            raise ValueError("ivtlr_loss under jit needs static shapes (a LatentShapes)")
+    else:
+        shapes = concrete_shapes(model, np.asarray(ids), cfg, shapes)
+    num_latents, prefix_len = shapes.num_latents, shapes.prefix_len
+    n, k, c = num_latents, cfg.num_selected_patches, shapes.shared_prefix if num_latents else 0
+    mask = batch["attention_mask"]
+    embeds = model.embed_inputs(ids, **image_inputs_of(batch))
+    final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
+
+    if n == 0:  # docs/method.md section 7 (n = 0): a plain forward
+        s = ids.shape[1]
+        final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
+        selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
+        positions = sequence_positions(model, cfg, batch, jnp.int32(s))[0]
+        hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
+    else:
+        p = first_latent_index(ids, cfg.latent_token_id)
+        sequence_pos = sequence_positions(model, cfg, batch, p)  # M-RoPE: the index once
+        positions = final_positions(model, cfg, batch, sequence_pos, p, ids.shape[1] + n * k)
+        shared = None
+        if c:  # the question slots [0, c), run once with gradients, cached for the chain and the final pass
+            pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c], cache=model.init_cache(ids.shape[0], c),
+                               dropout_key=final_key)
+            shared = pre.cache
+        if cfg.latent_grad == "stop":
+            graphdef, state = nnx.split(model)
+            chain_model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+            chain_embeds = jax.lax.stop_gradient(embeds)
+            chain_shared = jax.lax.stop_gradient(shared)
+        else:
+            chain_model, chain_embeds, chain_shared = model, embeds, shared
+        chain_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
+        selected, latents, _, _, p = latent_passes(chain_model, cfg, chain_embeds, batch, n=n, prefix_len=prefix_len,
+                                                   dropout_key=chain_key, shared=chain_shared, positions=sequence_pos)
+        if cfg.latent_grad == "stop":
+            latents = jax.lax.stop_gradient(latents)
+        counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
+        final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k)
+        if c:  # the rest of the final sequence continues from the shared cache
+            cache = shared.resized(final.shape[1])
+            rest = model.decode(final[:, c:], positions[..., c:], final_mask[:, c:], cache=cache,
+                                dropout_key=jax.random.fold_in(final_key, 1) if final_key is not None else None)
+            hidden = jnp.concatenate([pre.hidden, rest.hidden], axis=1)
+        else:
+            hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
+
+    row_nll, row_tokens = chunked_cross_entropy(model, hidden, final_labels, cfg.ce_chunk)
+    count = jnp.sum(row_tokens)
+    loss = jnp.sum(row_nll) / jnp.maximum(count, 1)
+    return loss, LatentAux(selected, row_nll, row_tokens, final, final_mask, final_labels, positions, count)
 
 
 # ---- host-side checks ------------------------------------------------------------------------------
@@ -125,7 +213,7 @@ def check_eligible_patches(input_ids: np.ndarray, p: int, image_token_id: int, c
                          f"fewer than num_selected_patches={cfg.num_selected_patches}")
 
 
-# ---- step 3.3: patch selection -------------------------------------------------------------------
+# ---- patch selection (docs/method.md section 6) -------------------------------------------------------------------
 def select_patches(score: jax.Array, image_mask: jax.Array, picked: jax.Array, k: int, order: str) -> jax.Array:
     """Top-k eligible image positions per row: [B, k] indices.
 
@@ -258,10 +346,10 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     def one_pass(carry, i):
         cache, h_prev, score, picked = carry
         has_i = latent_count > i  # [B] rows with an i-th latent; the others' chunk is masked out
-        sel = select_patches(score, image_mask, picked, k, cfg.patch_order)  # 3.3: [B, K]
+        sel = select_patches(score, image_mask, picked, k, cfg.patch_order)  # section 6: [B, K]
         picked = picked | jnp.any(jax.nn.one_hot(sel, prefix_len, dtype=bool), axis=1)
-        patches = jnp.take_along_axis(embeds, sel[:, :, None], axis=1)  # 3.4: [B, K, D] input embeddings
-        chunk = jnp.concatenate([patches, h_prev[:, None]], axis=1)  # 3.5-3.6: [B, K+1, D] = [V_i, L_i]
+        patches = jnp.take_along_axis(embeds, sel[:, :, None], axis=1)  # section 6: [B, K, D] input embeddings
+        chunk = jnp.concatenate([patches, h_prev[:, None]], axis=1)  # sections 5, 8: [B, K+1, D] = [V_i, L_i]
         chunk_mask = jnp.broadcast_to(has_i[:, None], (b, k + 1))  # [B, K+1]
         slots = cache.end + jnp.arange(k + 1)
         o = model.decode(chunk, tail_pos(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32),
@@ -353,91 +441,3 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
     acc = acc_dtype(hidden)
     total, _ = jax.lax.scan(body, jnp.zeros((b,), acc), (hs, ts), unroll=getattr(model, "unroll_scans", False))
     return total, jnp.sum(targets != IGNORE, axis=1)
-
-
-# ---- the public entry -----------------------------------------------------------------------------------
-def image_inputs_of(batch: dict, frame_len: int | None = None) -> dict:
-    """The model's image arguments found in a batch (+ the static frame_len hint when given)."""
-    out = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch and batch[k] is not None}
-    return out | ({"frame_len": frame_len} if frame_len else {})
-
-
-def ivtlr_loss(model, batch: dict, cfg: LatentConfig, *, num_latents: int | None = None,
-               prefix_len: int | None = None, shared_prefix: int | None = None,
-               dropout_key: jax.Array | None = None, frame_len: int | None = None) -> tuple[jax.Array, LatentAux]:
-    """IVT-LR training loss of a batch in the official collator layout -> (loss, aux).
-
-    num_latents (n) and prefix_len (a static bound >= p, the first latent's index; default S) fix the
-    shapes; when the batch is concrete they are read off it and the layout is validated. Jit this
-    function (or the train step around it) with all three static. `shared_prefix` (c, a static bound
-    < p; default p - 1 for a concrete batch, else 0): the question slots [0, c) are identical in the
-    latent chain and in the final sequence, so they run once, differentiably, and both continue from
-    that KV cache (exact: the model is causal). `dropout_key` turns on LoRA dropout (training mode) in
-    every pass; the shared slots then have one dropout mask for the chain and the final pass (the
-    official code draws a fresh one per full forward). `frame_len` (static, Qwen2-VL): patches per
-    image frame when all images have the same size, so the vision tower attends per frame.
-    """
-    ids = batch["input_ids"]
-    if num_latents is None or prefix_len is None or shared_prefix is None:
-        if isinstance(ids, jax.core.Tracer):
-            if num_latents is None or prefix_len is None:
-                raise ValueError("ivtlr_loss under jit needs static num_latents and prefix_len")
-            shared_prefix = 0
-        else:
-            n, p = latent_layout(np.asarray(ids), cfg.latent_token_id)
-            num_latents = n if num_latents is None else num_latents
-            prefix_len = ids.shape[1] if prefix_len is None else prefix_len
-            shared_prefix = max(p - 1, 0) if shared_prefix is None else shared_prefix
-            if n > num_latents or p > prefix_len:
-                raise ValueError(f"batch has {n} latents from index {p}; static num_latents={num_latents}, "
-                                 f"prefix_len={prefix_len} are too small")
-            if n and shared_prefix >= p:
-                raise ValueError(f"shared_prefix={shared_prefix} must be below the first latent's index {p}")
-            if n:
-                check_eligible_patches(np.asarray(ids), p, model.config.image_token_id, cfg)
-    n, k, c = num_latents, cfg.num_selected_patches, shared_prefix if num_latents else 0
-    mask = batch["attention_mask"]
-    embeds = model.embed_inputs(ids, **image_inputs_of(batch, frame_len))
-    final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
-
-    if n == 0:  # docs/method.md section 7 (n = 0): a plain forward
-        s = ids.shape[1]
-        final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
-        selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
-        positions = sequence_positions(model, cfg, batch, jnp.int32(s))[0]
-        hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
-    else:
-        p = first_latent_index(ids, cfg.latent_token_id)
-        sequence_pos = sequence_positions(model, cfg, batch, p)  # M-RoPE: the index once
-        positions = final_positions(model, cfg, batch, sequence_pos, p, ids.shape[1] + n * k)
-        shared = None
-        if c:  # the question slots [0, c), run once with gradients, cached for the chain and the final pass
-            pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c], cache=model.init_cache(ids.shape[0], c),
-                               dropout_key=final_key)
-            shared = pre.cache
-        if cfg.latent_grad == "stop":
-            graphdef, state = nnx.split(model)
-            chain_model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-            chain_embeds = jax.lax.stop_gradient(embeds)
-            chain_shared = jax.lax.stop_gradient(shared)
-        else:
-            chain_model, chain_embeds, chain_shared = model, embeds, shared
-        chain_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-        selected, latents, _, _, p = latent_passes(chain_model, cfg, chain_embeds, batch, n=n, prefix_len=prefix_len,
-                                                   dropout_key=chain_key, shared=chain_shared, positions=sequence_pos)
-        if cfg.latent_grad == "stop":
-            latents = jax.lax.stop_gradient(latents)
-        counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
-        final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k)
-        if c:  # the rest of the final sequence continues from the shared cache
-            cache = shared.resized(final.shape[1])
-            rest = model.decode(final[:, c:], positions[..., c:], final_mask[:, c:], cache=cache,
-                                dropout_key=jax.random.fold_in(final_key, 1) if final_key is not None else None)
-            hidden = jnp.concatenate([pre.hidden, rest.hidden], axis=1)
-        else:
-            hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
-
-    row_nll, row_tokens = chunked_cross_entropy(model, hidden, final_labels, cfg.ce_chunk)
-    count = jnp.sum(row_tokens)
-    loss = jnp.sum(row_nll) / jnp.maximum(count, 1)
-    return loss, LatentAux(selected, row_nll, row_tokens, final, final_mask, final_labels, positions, count)

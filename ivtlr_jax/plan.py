@@ -3,8 +3,8 @@ abstractly (shape-only parameters), lowered and compiled for a mesh of host devi
 GPUs, and XLA's own memory and cost analyses are printed per device: parameters, optimizer state,
 activations/temporaries, FLOPs, and the step time and MFU ceiling they imply on H100s.
 
-    python -m ivtlr_jax.plan --config configs/qwen2vl_m3cot.yaml [--mesh data=1,fsdp=4,tensor=1]
-        [--full-finetune] [--generate] [--seq-len 1216] [--batch 2]
+    ivtlr-plan --config configs/qwen2vl_m3cot.yaml [--mesh data=1,fsdp=4,tensor=1]
+        [--full-finetune] [--generate] [--seq-len 1216] [--batch 2]     (or python -m ivtlr_jax.plan)
 
 Nothing is allocated: the parameters of the model named in the config are never read (the
 architecture comes from the built-in copies of the hub configs below, or the folder's config.json
@@ -23,6 +23,7 @@ if ("jax" not in __import__("sys").modules
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -32,8 +33,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from .config import RunConfig, load_config  # noqa: E402
-from .latent import LatentConfig  # noqa: E402
-from .models import FAMILIES  # noqa: E402
+from .latent import LatentConfig, LatentShapes  # noqa: E402
+from .models import FAMILIES, Family  # noqa: E402
 from .models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
 from .build import abstract_model  # noqa: E402
 from .models.common.lora import trainable_filter  # noqa: E402
@@ -42,35 +43,11 @@ from .train.step import StepConfig, batch_shardings, make_train_step, opt_state_
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM (the figure the MFU ceiling is relative to)
 H100_MEMORY_GB = 80.0
-
-# the hub config.json files of the two official models (architecture fields only)
-HUB_CONFIGS = {
-    "Qwen/Qwen2-VL-7B-Instruct": {
-        "model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "vocab_size": 152064,
-        "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-        "tie_word_embeddings": False, "image_token_id": 151655, "video_token_id": 151656,
-        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "eos_token_id": 151645,
-        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
-                          "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
-    },
-    "facebook/chameleon-7b": {
-        "model_type": "chameleon", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "vocab_size": 65536,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "swin_norm": False,
-        "vq_config": {"embed_dim": 256, "num_embeddings": 8192, "latent_channels": 256, "resolution": 512,
-                      "in_channels": 3, "base_channels": 128, "channel_multiplier": [1, 1, 2, 2, 4],
-                      "num_res_blocks": 2, "attn_resolutions": [], "double_latent": False},
-        # image codes 0..8191 are BPE ids 4..8195 in the real vocabulary_map; <image> is 8711
-        "vocabulary_map": {"<image>": 8711, **{"IMGIMG" + "".join(chr(65 + int(d)) for d in str(i)) + "Z": 4 + i
-                                               for i in range(8192)}},
-    },
-}
+# the official models' hub config.json files (each family keeps its own): planning without a download
+HUB_CONFIGS = {hub: raw for family in FAMILIES.values() for hub, raw in family.hub_configs.items()}
 
 # the official sequence shapes (docs/method.md sections 2, 14 and 15): image tokens, question, final length
 # before latents
-OFFICIAL_SHAPES = {"qwen2_vl": dict(image_tokens=100, prefix=512, seq_len=1216, image_side=280),
-                   "chameleon": dict(image_tokens=1024, prefix=1152, seq_len=1408, image_side=512)}
 
 
 @dataclasses.dataclass
@@ -109,10 +86,6 @@ def architecture(cfg: RunConfig) -> dict:
     raise ValueError(f"{cfg.model.model_id}: no local config.json and no built-in hub config")
 
 
-def _bytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 def _per_device_bytes(tree, shardings) -> float:
     total = 0.0
     for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, NamedSharding))):
@@ -131,15 +104,10 @@ def with_shardings(tree, shardings):
     return jax.tree.map(one, shardings, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def abstract_batch(model_type: str, batch: int, seq_len: int, image_tokens: int, image_side: int) -> dict:
+def abstract_batch(family: Family, batch: int, seq_len: int, image_tokens: int, image_side: int) -> dict:
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     out = {k: sds((batch, seq_len), jnp.int32) for k in ("input_ids", "attention_mask", "labels", "position_ids")}
-    if model_type == "qwen2_vl":
-        out["pixel_values"] = sds((batch * image_tokens * 4, 1176), jnp.float32)
-        out["image_grid_thw"] = sds((batch, 3), jnp.int32)
-    else:
-        out["pixel_values"] = sds((batch, 3, image_side, image_side), jnp.float32)
-    return out
+    return out | {k: sds(*v) for k, v in family.image_shapes(batch, image_tokens, image_side).items()}
 
 
 def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, seq_len: int | None = None,
@@ -150,7 +118,7 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
     raw = architecture(cfg)
     family = FAMILIES[raw["model_type"]]
     config = family.config_cls.from_hf(raw)
-    shapes = OFFICIAL_SHAPES[raw["model_type"]]
+    shapes = family.official_shapes
     rules = ShardingRules(make_mesh(**mesh_shape))
     replicas = rules.mesh.shape["data"] * rules.mesh.shape["fsdp"]
     b = (batch or cfg.train.batch_size_training) * replicas
@@ -161,12 +129,12 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
     build = lambda unroll, config=config: abstract_model(cfg, family, config, rules=rules, unroll_scans=unroll)
 
     tx = make_optimizer(cfg.optim, 1000, 250)
-    batch_abs = abstract_batch(raw["model_type"], b, s, shapes["image_tokens"], shapes["image_side"])
+    batch_abs = abstract_batch(family, b, s, shapes["image_tokens"], shapes["image_side"])
     b_sh = batch_shardings(batch_abs, rules)
-    latent = LatentConfig(0, k, cfg.latent.patch_order, cfg.latent.latent_grad, cfg.latent.rope, cfg.latent.ce_chunk)
-    frame_len = shapes["image_tokens"] * 4 if raw["model_type"] == "qwen2_vl" else None
+    latent = cfg.latent.latent_config(0)
+    prefix_len = prefix_len or shapes["prefix"]
     rest = (with_shardings(batch_abs, b_sh), jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
-            jax.ShapeDtypeStruct((), jnp.float32), num_latents, prefix_len or shapes["prefix"], frame_len)
+            jax.ShapeDtypeStruct((), jnp.float32), LatentShapes(num_latents, prefix_len))
 
     def split(model):
         _, trainable, frozen = nnx.split(model, trainable_filter(lora), ...)
@@ -233,40 +201,40 @@ def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops
 
 
 def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_tokens: int = 512,
-                  num_latents: int = 3) -> Plan:
-    """Batched IVT-LR generation (prefill, latent passes, decoding) at `batch`, bf16 parameters."""
+                  num_latents: int = 3, count_flops: bool = True) -> Plan:
+    """Batched IVT-LR generation (prefill, latent passes, decoding) at `batch`, bf16 parameters.
+    `count_flops=False`: as in `plan_train`."""
     from .generate import SamplingConfig, _generate
 
     raw = architecture(cfg)
     family = FAMILIES[raw["model_type"]]
     config = family.config_cls.from_hf(raw)
-    shapes = OFFICIAL_SHAPES[raw["model_type"]]
+    shapes = family.official_shapes
     rules = ShardingRules(make_mesh(**mesh_shape))
     def build(unroll: bool, config=config):
         return nnx.eval_shape(lambda: family.model_cls(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                                         rules=rules, unroll_scans=unroll, rngs=nnx.Rngs(0)))
 
     prompt = shapes["prefix"] + num_latents
-    batch_abs = abstract_batch(raw["model_type"], batch, prompt, shapes["image_tokens"], shapes["image_side"])
+    batch_abs = abstract_batch(family, batch, prompt, shapes["image_tokens"], shapes["image_side"])
     batch_abs.pop("labels")
     latent = LatentConfig(0, cfg.latent.num_selected_patches)
     sampling = SamplingConfig(max_new_tokens=new_tokens, eos_token_id=None)
-    frame_len = shapes["image_tokens"] * 4 if raw["model_type"] == "qwen2_vl" else None
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
 
     def compile_run(model):
         graphdef, state = nnx.split(model)
 
         def run(state, batch, key):
-            return _generate(nnx.merge(graphdef, state), batch, latent, sampling, key, num_latents, shapes["prefix"],
-                             frame_len).tokens
+            return _generate(nnx.merge(graphdef, state), batch, latent, sampling, key,
+                             LatentShapes(num_latents, shapes["prefix"])).tokens
 
         return jax.jit(run).lower(with_shardings(state, state_shardings(state, rules)), batch_abs, key).compile()
 
     state = nnx.state(build(False))
     sh = state_shardings(state, rules)
     compiled = compile_run(build(False))
-    flops = flops_by_depth(lambda c: compile_run(build(True, c)), config)
+    flops = flops_by_depth(lambda c: compile_run(build(True, c)), config) if count_flops else _flops(compiled)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
     # the decoding while-loop's body is counted once by XLA: the FLOPs are those of the prefill, the
     # latent passes and one decoding step
@@ -285,12 +253,20 @@ def parse_mesh(text: str) -> dict:
     return out
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--mesh", default="data=1,fsdp=4,tensor=1")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch per data-parallel replica (default: config)")
-    p.add_argument("--seq-len", type=int, default=None, help="final sequence length incl. latent patches")
+USAGE = "%(prog)s --config YAML [--mesh AXES] [--full-finetune] [--generate] [options]"
+
+
+def main(argv=None, prog: str = "ivtlr-plan") -> None:
+    head, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog=prog, usage=USAGE, description=head, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="YAML", help="run configuration (its model, LoRA, K, optimizer)")
+    p.add_argument("--mesh", default="data=1,fsdp=4,tensor=1", metavar="AXES",
+                   help="mesh axes over the host devices (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="micro-batch per data-parallel replica (default: the config's)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="final sequence length incl. latent patches (default: the official shape)")
     p.add_argument("--full-finetune", action="store_true", help="also plan full fine-tuning")
     p.add_argument("--generate", action="store_true", help="also plan generation at batch 32")
     args = p.parse_args(argv)
@@ -298,11 +274,20 @@ def main(argv=None) -> None:
     mesh = parse_mesh(args.mesh)
     print(f"{len(jax.devices())} host devices stand in for 4 x H100 ({H100_MEMORY_GB:.0f} GB, "
           f"{H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s dense bf16 each)")
-    print(plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len), flush=True)
+    phases = [("the training step" + ("" if not cfg.lora.enabled else f" (LoRA r={cfg.lora.rank})"),
+               lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len))]
     if args.full_finetune:
-        print(plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, full_finetune=True), flush=True)
+        phases.append(("the full fine-tuning step",
+                       lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, full_finetune=True)))
     if args.generate:
-        print(plan_generate(cfg, mesh), flush=True)
+        phases.append(("generation at batch 32", lambda: plan_generate(cfg, mesh)))
+    for i, (what, plan) in enumerate(phases, 1):
+        print(f"[{i}/{len(phases)}] compiling {what} for mesh {mesh} (shapes only; FLOPs from shallow unrolled "
+              "copies: a few minutes at 7B) ...", flush=True)
+        start = time.perf_counter()
+        result = plan()
+        print(f"[{i}/{len(phases)}] done in {time.perf_counter() - start:.0f} s", flush=True)
+        print(result, flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Reads the run folder that `train.py` writes (`ivtlr_jax/train/loop.py`):
 
 - `metrics.jsonl`: one JSON object per micro-step, {"micro_step", "epoch", "stage", "loss", "grad_norm",
-  "tokens", "tokens_per_s", "latents", "compilations"}; non-finite values are written as null. Lines
+  "tokens", "tokens_per_s", "latents", "compilations", "lr"}; non-finite values are written as null. Lines
   that do not parse (a torn last line of a crashed run) are skipped and counted.
 - `config.yaml` (optional here): the run's name and model, for the title.
 - evaluations (optional): `stage_<s>/*.summary.json` (evaluations of stage s's export, `infer.py`'s
@@ -12,10 +12,11 @@ Reads the run folder that `train.py` writes (`ivtlr_jax/train/loop.py`):
 
 Writes a PNG (default `RUN_FOLDER/report.png`) with three panels sharing the micro-step axis: training
 loss, gradient norm (after the loss scale, before clipping) and throughput (supervised tokens, those
-with a label, per second of the micro-step, as the trainer logs it), each raw and as a moving mean restarted at every
-stage; stage boundaries are vertical lines labelled with the stage, its latents and its accuracy where
-evaluated; null values are marked below the curves. Prints a per-stage table: stage, epochs,
-micro-steps, final loss (mean loss of the stage's last epoch), mean tokens/s, accuracy where evaluated.
+with a label, per second of the micro-step, as the trainer logs it), each raw and as a moving mean
+restarted at every stage; stage boundaries are vertical lines labelled with the stage, its latents and
+its accuracy where evaluated; null values are marked below the curves. Prints a per-stage table: stage,
+epochs, micro-steps, final loss (mean loss of the stage's last epoch), mean tokens/s, accuracy where
+evaluated.
 
 Only numpy, PyYAML and matplotlib (Agg backend); no JAX, so it runs beside a training run.
 """
@@ -378,18 +379,18 @@ def report_title(run_dir: Path, config: dict, metrics: Metrics) -> str:
     return " | ".join(parts)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: RUN_FOLDER [--out PNG]."""
-    p = argparse.ArgumentParser(prog="python -m ivtlr_jax.report", description=__doc__,
+def build_parser(prog: str = "ivtlr-report") -> argparse.ArgumentParser:
+    """The command line: RUN_FOLDER [--out PNG] (`ivtlr-report`, or `python -m ivtlr_jax.report`)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_folder", metavar="RUN_FOLDER", help="a run folder of train.py (save_path/name)")
     p.add_argument("--out", metavar="PNG", default=None, help="the picture (default: RUN_FOLDER/report.png)")
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "ivtlr-report") -> int:
     """Print the per-stage table and write the PNG; exit with a message naming the file on a bad run folder."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     run_dir = Path(args.run_folder)
     try:
         metrics = read_metrics(run_dir)

@@ -5,6 +5,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("IVTLR_JAX_CACHE", "off")  # the commands run by tests leave no compilation cache behind
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -29,6 +30,14 @@ def qwen2vl_batch():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen25vl(tmp_path_factory):
+    """(folder, transformers model) of a tiny random Qwen2.5-VL (windowed and full vision blocks)."""
+    folder = tmp_path_factory.mktemp("tiny_qwen25vl")
+    model = hf_tiny.build_qwen25vl(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
 def tiny_chameleon(tmp_path_factory):
     """(folder, transformers model) of a tiny random Chameleon (VQ tokenizer included)."""
     folder = tmp_path_factory.mktemp("tiny_chameleon")
@@ -44,6 +53,17 @@ def qwen(tiny_qwen2vl):
 
     folder = tiny_qwen2vl[0]
     hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    from ivtlr_jax.models import from_pretrained
+
+    return folder, hf, from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def qwen25(tiny_qwen25vl):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    folder = tiny_qwen25vl[0]
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
     from ivtlr_jax.models import from_pretrained
 
     return folder, hf, from_pretrained(folder)
@@ -68,7 +88,10 @@ def pytest_collection_modifyitems(config, items):
     uninterrupted run, test_multihost's runs) are built once per worker."""
     if not getattr(config.option, "loadgroup", False):
         return
-    from _pytest.nodeid import NodeId
+    try:
+        from _pytest.nodeid import NodeId  # pytest 9
+    except ImportError:  # earlier pytest reads item._nodeid, which pytest-xdist sets itself
+        return
 
     for item in items:
         names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))

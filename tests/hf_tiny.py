@@ -150,3 +150,54 @@ def chameleon_forward(model, ids, mask, pixel_values=None, **kw):
         kwargs["pixel_values"] = torch.tensor(pixel_values)
     with torch.no_grad():
         return model(**kwargs)
+
+
+# ---- Qwen2.5-VL ---------------------------------------------------------------------------------
+# windows of 56 pixels = 2x2 merged tokens = 4x4 patches (the released models: 112 = 8x8 patches), so
+# that the tiny images below have several windows, partial ones at their edges
+QWEN25VL_IMAGE_SIZES = ((84, 84), (112, 140))  # 6x6 and 8x10 patches: 3x3 and 4x5 merged tokens
+
+
+def qwen25vl_config(tie_word_embeddings=False, **text_overrides):
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+        max_position_embeddings=512,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    text.update(text_overrides, tie_word_embeddings=tie_word_embeddings)
+    return Qwen2_5_VLConfig(
+        tie_word_embeddings=tie_word_embeddings,
+        text_config=text,
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2,
+                           out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3, window_size=56,
+                           fullatt_block_indexes=[1],  # blocks 0 and 2 windowed, block 1 full
+                           initializer_range=0.1),  # peaked attention: a wrong window shows
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+
+
+def build_qwen25vl(folder, seed: int = 0, tie_word_embeddings=False, **text_overrides):
+    """Save a tiny random Qwen2_5_VLForConditionalGeneration to `folder`; return it in eval mode (fp32)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(qwen25vl_config(tie_word_embeddings, **text_overrides)).eval()
+    with torch.no_grad():  # random norm weights, so that a wrong norm (or a missing one) shows
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight")):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+QWEN_FAMILIES = ("qwen2vl", "qwen25vl")  # Qwen2-VL and Qwen2.5-VL: the same LM, image features and M-RoPE calls
 
 
 def _embed(hf, family, ids, image_inputs):
     model = hf.model
     embeds = model.get_input_embeddings()(ids)
-    if family == "qwen2vl":
+    if family in QWEN_FAMILIES:
         pv, grid = image_inputs
         feats = model.visual(pv, grid_thw=grid).pooler_output
         image_token = hf.config.image_token_id
@@ -36,7 +37,7 @@ def _embed(hf, family, ids, image_inputs):
 
 
 def _lm(hf, family, embeds, mask, positions, attentions=False):
-    if family == "qwen2vl":
+    if family in QWEN_FAMILIES:
         out = hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                       output_attentions=attentions)
     else:
@@ -70,7 +71,7 @@ def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rop
     ids, mask, labels, collator_pos = (torch.tensor(np.asarray(batch[key], np.int64))
                                        for key in ("input_ids", "attention_mask", "labels", "position_ids"))
     latent_id = batch["latent_token_id"]
-    if family == "qwen2vl":
+    if family in QWEN_FAMILIES:
         image_inputs = (torch.tensor(batch["pixel_values"]), torch.tensor(batch["image_grid_thw"]))
     else:
         image_inputs = (torch.tensor(batch["pixel_values"]),)
@@ -84,7 +85,9 @@ def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rop
         raise ValueError("official_compute needs the same number of latents in every row")
 
     if rope == "mrope":  # each row's M-RoPE over its whole original row (images and text as transformers)
-        whole, _ = hf.model.get_rope_index(ids, (ids == image_token).long(), image_inputs[1], None, mask)
+        # attention_mask by keyword: Qwen2.5-VL's signature has second_per_grid_ts before it
+        whole, _ = hf.model.get_rope_index(ids, (ids == image_token).long(), image_inputs[1], None,
+                                           attention_mask=mask)
 
     def row_positions(r, length, first_pass):
         """[length] (or [3, length] for mrope) positions of row r's current sequence."""

@@ -18,7 +18,7 @@ from flax import nnx
 
 from ivtlr_jax.config import LoRASection, ModelSection, RunConfig
 from ivtlr_jax.data import build_tiny_qwen2vl_processor, load_processor, special_token_ids
-from ivtlr_jax.latent import LatentConfig, ivtlr_loss, latent_layout
+from ivtlr_jax.latent import LatentConfig, LatentShapes, ivtlr_loss, latent_layout
 from ivtlr_jax.models import WeightLoadError, from_pretrained
 from ivtlr_jax.models.common.safetensors_io import SafetensorsFolder
 from ivtlr_jax.models.convert import convert
@@ -306,7 +306,7 @@ def latent_qwen_batch(ids, latents, seed=0):
 
 @functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len"))
 def latent_loss(model, batch, cfg, n, prefix_len):
-    return ivtlr_loss(model, batch, cfg, num_latents=n, prefix_len=prefix_len)
+    return ivtlr_loss(model, batch, cfg, LatentShapes(n, prefix_len))
 
 
 def test_official_pth_import_matches_the_oracle(base, official, tmp_path):

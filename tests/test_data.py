@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from ivtlr_jax.data import (
+    LatentShapes,
     CurriculumConfig,
     Example,
     LazyImage,
@@ -495,10 +496,10 @@ def test_collate_alignment():
     r0 = ([5, 6, 7, 8, 9, L, L, 30, 31, 32], [IGNORE] * 7 + [30, 31, 32])
     r1 = ([5, 6, 7, 8, 9, 10, 11, 12, L, 33, 34], [IGNORE] * 9 + [33, 34])
     r2 = ([5, 6, 7, 40, 41, 42], [IGNORE] * 3 + [40, 41, 42])
-    batch, n, prefix_len = collate([r0 + (None,), r1 + (None,), r2 + (None,)], latent_id=L, pad_id=PAD,
-                                   length_buckets=(8, 16, 32), prefix_buckets=(4, 12, 20))
+    batch, shapes = collate([r0 + (None,), r1 + (None,), r2 + (None,)], latent_id=L, pad_id=PAD,
+                            length_buckets=(8, 16, 32), prefix_buckets=(4, 12, 20))
     # p = 8 (row 1's first latent); row 0 gets 3 left pads; longest padded row = 13 -> bucket 16
-    assert n == 2 and prefix_len == 12
+    assert shapes == LatentShapes(2, 12, 4)
     P = PAD
     assert batch["input_ids"].tolist() == [
         [P, P, P, 5, 6, 7, 8, 9, L, L, 30, 31, 32, P, P, P],
@@ -541,10 +542,12 @@ def test_shared_prefix_bound_is_below_every_batch_p():
         question = int(rng.integers(1, 30))
         answer = int(rng.integers(1, 9))
         row = ([5] * question + [L] + [30] * answer, [IGNORE] * (question + 1) + [30] * answer)
-        batch, n, prefix_len = collate([row + (None,)], latent_id=L, pad_id=PAD, length_buckets=(64,),
-                                       prefix_buckets=buckets)
+        batch, shapes = collate([row + (None,)], latent_id=L, pad_id=PAD, length_buckets=(64,),
+                                prefix_buckets=buckets)
         _, p = latent_layout(batch["input_ids"], L)
-        bound = shared_prefix_bound(prefix_len, buckets)
+        bound = shared_prefix_bound(shapes.prefix_len, buckets)
+        assert shapes.shared_prefix == bound  # the collator's record carries the bound
+        prefix_len = shapes.prefix_len
         assert 0 <= bound < p, (buckets, p, prefix_len, bound)
         seen.add(bound > 0)
     assert seen == {True, False}
@@ -564,25 +567,25 @@ def test_collate_matches_oracle_layout():
         m = ref["attention_mask"][row].astype(bool)
         feats.append((ref["input_ids"][row][m].tolist(), ref["labels"][row][m].tolist(), None))
     s = ref["input_ids"].shape[1]
-    batch, n, prefix_len = collate(feats, latent_id=latent, pad_id=0, length_buckets=(s,), prefix_buckets=(9,))
+    batch, shapes = collate(feats, latent_id=latent, pad_id=0, length_buckets=(s,), prefix_buckets=(9,))
     for key in ("input_ids", "attention_mask", "labels", "position_ids"):
         np.testing.assert_array_equal(batch[key], ref[key], err_msg=key)
-    assert n == 3 and prefix_len == 9
+    assert (shapes.num_latents, shapes.prefix_len) == (3, 9)
 
 
 def test_collate_buckets_and_errors():
     row = lambda q, m, a: (list(range(1, q + 1)) + [L] * m + [7] * a, [IGNORE] * (q + m) + [7] * a, None)  # noqa: E731
     # no latents: no left pads, prefix_len = S
-    batch, n, prefix_len = collate([row(5, 0, 3), row(2, 0, 1)], latent_id=L, pad_id=PAD, length_buckets=(4, 8, 12))
-    assert batch["input_ids"].shape == (2, 8) and n == 0 and prefix_len == 8
+    batch, shapes = collate([row(5, 0, 3), row(2, 0, 1)], latent_id=L, pad_id=PAD, length_buckets=(4, 8, 12))
+    assert batch["input_ids"].shape == (2, 8) and shapes == LatentShapes(0, 8, 0)
     assert batch["attention_mask"][:, 0].tolist() == [1, 1]
     # p beyond every prefix bucket: prefix_len falls back to S; a prefix bucket above S is clamped to S
-    _, n, prefix_len = collate([row(10, 1, 1)], latent_id=L, pad_id=PAD, length_buckets=(16,), prefix_buckets=(4,))
-    assert (n, prefix_len) == (1, 16)
-    _, _, prefix_len = collate([row(10, 1, 1)], latent_id=L, pad_id=PAD, length_buckets=(16,), prefix_buckets=(32,))
-    assert prefix_len == 16
+    _, shapes = collate([row(10, 1, 1)], latent_id=L, pad_id=PAD, length_buckets=(16,), prefix_buckets=(4,))
+    assert (shapes.num_latents, shapes.prefix_len) == (1, 16)
+    _, shapes = collate([row(10, 1, 1)], latent_id=L, pad_id=PAD, length_buckets=(16,), prefix_buckets=(32,))
+    assert shapes.prefix_len == 16
     # exact bucket fit
-    batch, _, _ = collate([row(6, 1, 1)], latent_id=L, pad_id=PAD, length_buckets=(8, 16))
+    batch, _ = collate([row(6, 1, 1)], latent_id=L, pad_id=PAD, length_buckets=(8, 16))
     assert batch["input_ids"].shape == (1, 8)
     with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
         collate([row(2, 0, 1), row(20, 1, 1)], latent_id=L, pad_id=PAD, length_buckets=(8, 16))
@@ -597,11 +600,18 @@ def test_collate_images():
     q1 = {"pixel_values": np.ones((400, 1176), np.float32), "image_grid_thw": np.array([[1, 20, 20]], np.int64)}
     q2 = {"pixel_values": np.zeros((16, 1176), np.float32), "image_grid_thw": np.array([[1, 4, 4]], np.int64)}
     feats = [([1, L, 2], [IGNORE, IGNORE, 2], q1), ([1, 2, L, 3], [IGNORE] * 3 + [3], q2)]
-    batch, _, _ = collate(feats, latent_id=L, pad_id=PAD, length_buckets=(8,))
+    batch, _ = collate(feats, latent_id=L, pad_id=PAD, length_buckets=(8,))
     assert batch["pixel_values"].shape == (416, 1176) and batch["image_grid_thw"].tolist() == [[1, 20, 20], [1, 4, 4]]
     np.testing.assert_array_equal(batch["pixel_values"][:400], 1.0)
+    # images of one size: stacked per image [B, Np, 1176], the shape the model reads per-image attention from
+    grid = q2["image_grid_thw"]
+    same = [(f[0], f[1], {"pixel_values": np.full((16, 1176), float(i), np.float32), "image_grid_thw": grid})
+            for i, f in enumerate(feats)]
+    batch, _ = collate(same, latent_id=L, pad_id=PAD, length_buckets=(8,))
+    assert batch["pixel_values"].shape == (2, 16, 1176) and batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
+    assert batch["pixel_values"][1].min() == 1.0
     c = [{"pixel_values": np.full((3, 8, 8), float(i), np.float32)} for i in range(2)]
-    batch, _, _ = collate([(f[0], f[1], im) for f, im in zip(feats, c)], latent_id=L, pad_id=PAD, length_buckets=(8,))
+    batch, _ = collate([(f[0], f[1], im) for f, im in zip(feats, c)], latent_id=L, pad_id=PAD, length_buckets=(8,))
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["pixel_values"][1].max() == 1.0
     with pytest.raises(ValueError, match="rows \\[1\\] have no image"):
         collate([feats[0], (feats[1][0], feats[1][1], None)], latent_id=L, pad_id=PAD, length_buckets=(8,))
@@ -652,13 +662,13 @@ def test_synthetic_end_to_end_batch(tmp_path, qwen_proc):
     exs, _ = load_examples("m3cot", str(folder), "train", qwen_proc, "qwen2vl")
     ids = special_token_ids(qwen_proc)
     feats = [stage_tokens(e, s, CurriculumConfig(), ids["latent_id"]) + (e.image,) for e, s in zip(exs, (0, 1, 2, 6))]
-    batch, n, prefix_len = collate(feats, latent_id=ids["latent_id"], pad_id=ids["eos_token_id"])
-    assert n == 5 and prefix_len >= max(len(e.question_ids) for e in exs)
+    batch, shapes = collate(feats, latent_id=ids["latent_id"], pad_id=ids["eos_token_id"])
+    assert shapes.num_latents == 5 and shapes.prefix_len >= max(len(e.question_ids) for e in exs)
     assert latent_layout(batch["input_ids"], ids["latent_id"]) == (5, max(len(e.question_ids) for e in exs[1:]))
     cfg = LatentConfig(latent_token_id=ids["latent_id"], num_selected_patches=32)
     check_eligible_patches(batch["input_ids"], latent_layout(batch["input_ids"], ids["latent_id"])[1],
                            ids["image_token_id"], cfg)
-    assert batch["pixel_values"].shape == (4 * 400, 1176) and batch["image_grid_thw"].tolist() == [[1, 20, 20]] * 4
+    assert batch["pixel_values"].shape == (4, 400, 1176) and batch["image_grid_thw"].tolist() == [[1, 20, 20]] * 4
     # supervised tokens: steps from the stage on + answer + EOS, per row
     for row, (e, s) in enumerate(zip(exs, (0, 1, 2, 6))):
         kept = sum(len(x) for x in e.step_ids[min(s, len(e.step_ids)):]) + len(e.answer_ids)

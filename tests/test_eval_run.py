@@ -190,9 +190,10 @@ def write_run_config(tmp_path: Path, assets: Path, dtype: str = "bfloat16") -> P
 
 def test_infer_takes_overrides_dtype_and_devices(assets, tmp_path, monkeypatch, capsys):
     import infer
+    from ivtlr_jax.cli import infer as command
 
     calls = []
-    monkeypatch.setattr(infer, "evaluate", lambda model, cfg, out, **kw: calls.append((cfg, out)) or {"examples": 0})
+    monkeypatch.setattr(command, "evaluate", lambda model, cfg, out, **kw: calls.append((cfg, out)) or {"examples": 0})
     config = write_run_config(tmp_path, assets)
     base = ["--config", str(config), "--checkpoint", str(assets / "model")]
     infer.main(base)

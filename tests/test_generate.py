@@ -11,6 +11,9 @@ from tests.oracle_ivtlr import oracle_generate
 from tests.test_latent import CHAMELEON_LATENT, QWEN_LATENT
 
 N_NEW = 8
+FIXTURES = {"qwen2vl": "qwen", "qwen25vl": "qwen25", "chameleon": "chameleon"}  # family -> its model fixture
+# the Qwen families' prompt images: Qwen2.5-VL's have partial vision windows (tests/hf_tiny.py)
+QWEN_IMAGE_SIZES = {"qwen2vl": [(84, 84), (56, 112)], "qwen25vl": list(hf_tiny.QWEN25VL_IMAGE_SIZES)}
 
 
 def prompts(family, seed=0, latents=3, suffix=()):
@@ -18,8 +21,8 @@ def prompts(family, seed=0, latents=3, suffix=()):
     and together left-padded."""
     rng = np.random.default_rng(seed)
     text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
-    if family == "qwen2vl":
-        pv, grid = hf_tiny.image_inputs([(84, 84), (56, 112)], seed=seed)
+    if family in QWEN_IMAGE_SIZES:
+        pv, grid = hf_tiny.image_inputs(QWEN_IMAGE_SIZES[family], seed=seed)
         n_img = (grid.prod(-1) // 4).tolist()
         span = lambda n: [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * n + [hf_tiny.VISION_END]
         rows = [text(3) + span(n_img[0]) + text(5), text(1) + span(n_img[1]) + text(2)]
@@ -42,7 +45,7 @@ def prompts(family, seed=0, latents=3, suffix=()):
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     both = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "latent_token_id": latent}
     both["pixel_values"] = np.concatenate([im["pixel_values"] for im in images])
-    if family == "qwen2vl":
+    if family in QWEN_IMAGE_SIZES:
         both["image_grid_thw"] = np.concatenate([im["image_grid_thw"] for im in images])
     return singles, both
 
@@ -52,9 +55,9 @@ def run(model, batch, latent_id, k):
     return ivtlr_generate(model, batch, LatentConfig(latent_id, k), SamplingConfig(max_new_tokens=N_NEW))
 
 
-@pytest.mark.parametrize("family,k", [("qwen2vl", 3), ("chameleon", 8)])
+@pytest.mark.parametrize("family,k", [("qwen2vl", 3), ("qwen25vl", 3), ("chameleon", 8)])
 def test_generation_matches_oracle_and_batch_of_one(request, family, k):
-    folder, hf, model = request.getfixturevalue("qwen" if family == "qwen2vl" else "chameleon")
+    folder, hf, model = request.getfixturevalue(FIXTURES[family])
     singles, both = prompts(family)
     latent = singles[0]["latent_token_id"]
     batched = run(model, both, latent, k)
@@ -70,7 +73,7 @@ def test_generation_matches_oracle_and_batch_of_one(request, family, k):
 def test_prompt_continuing_after_its_latents(request, family, k):
     """The official Chameleon evaluation prompt ends with a separator after the latents: the section-3
     sequence is then question, V0, L0, ..., separator, and decoding starts after the separator."""
-    _, hf, model = request.getfixturevalue("qwen" if family == "qwen2vl" else "chameleon")
+    _, hf, model = request.getfixturevalue(FIXTURES[family])
     singles, both = prompts(family, seed=1, latents=2, suffix=(7, 11))
     latent = singles[0]["latent_token_id"]
     batched = run(model, both, latent, k)
@@ -134,7 +137,7 @@ def test_prompts_with_different_latent_counts_generate_as_alone(request, family,
     skips, and continue from the state at their own last latent. (Without the skip every row with fewer
     latents here generates other tokens; continuing from the last pass's state instead changes the
     Chameleon row without latents.)"""
-    model = amplified(request.getfixturevalue("qwen" if family == "qwen2vl" else "chameleon")[2])
+    model = amplified(request.getfixturevalue(FIXTURES[family])[2])
     singles, both, latent = mixed_prompts(family, latents, suffix)
     batched = run(model, both, latent, k)
     assert batched.selected.shape[0] == max(latents)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ivtlr_jax.data.examples import ChameleonEncoder, blend_rgba, decode_image
+from ivtlr_jax.models.chameleon.processing import ChameleonEncoder
+from ivtlr_jax.models.common.images import blend_rgba, decode_image
 from ivtlr_jax.data.tokenizer import build_tiny_chameleon_processor
 
 

@@ -1,5 +1,5 @@
 """The JAX IVT-LR latent loop against the PyTorch oracle of docs/method.md sections 4-10 (tests/oracle_ivtlr.py)
-on tiny random Qwen2-VL and Chameleon models: selected patches, assembled sequence, loss, gradients."""
+on tiny random Qwen2-VL, Qwen2.5-VL and Chameleon models: selected patches, assembled sequence, loss, gradients."""
 
 import functools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ivtlr_jax.latent import LatentConfig, ivtlr_loss, latent_layout
+from ivtlr_jax.latent import LatentConfig, LatentShapes, ivtlr_loss, latent_layout
 from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh, read_config
 from ivtlr_jax.models.common.loading import variables_by_path
 from tests import hf_tiny
@@ -18,11 +18,11 @@ from tests.oracle_ivtlr import latent_batch, oracle_ivtlr
 QWEN_LATENT, CHAMELEON_LATENT, EOS = 295, 390, 2
 
 
-def qwen_batch(latents, seed=0, answers=(6, 4), text_lens=((3, 5), (1, 2))):
-    """Two rows with images of different sizes (9 and 8 image tokens) and questions of different
+def qwen_batch(latents, seed=0, answers=(6, 4), text_lens=((3, 5), (1, 2)), sizes=((84, 84), (56, 112))):
+    """Two rows with images of different sizes (by default 9 and 8 image tokens) and questions of different
     lengths (text before and after the image per row), so the rows get different left pads."""
     rng = np.random.default_rng(seed)
-    pv, grid = hf_tiny.image_inputs([(84, 84), (56, 112)], seed=seed)
+    pv, grid = hf_tiny.image_inputs(list(sizes), seed=seed)
     n_img = (grid.prod(-1) // 4).tolist()
     span = lambda k: [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * k + [hf_tiny.VISION_END]
     text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
@@ -48,7 +48,7 @@ def to_jax(batch):
 @functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len", "shared"))
 def loss_and_grads(model, batch, cfg, n, prefix_len, shared):
     def f(m):
-        loss, aux = ivtlr_loss(m, batch, cfg, num_latents=n, prefix_len=prefix_len, shared_prefix=shared)
+        loss, aux = ivtlr_loss(m, batch, cfg, LatentShapes(n, prefix_len, shared))
         return loss, aux
 
     (loss, aux), grads = nnx.value_and_grad(f, has_aux=True)(model)
@@ -119,6 +119,22 @@ def test_qwen2vl_matches_oracle(qwen, latents, k, order, rope):
     compare(folder, hf, "qwen2vl", model, qwen_batch(latents), cfg)
 
 
+@pytest.mark.parametrize(
+    "latents,k,order,rope",
+    [
+        ((2, 2), 3, "score", "1d"),
+        ((2, 1), 2, "position", "mrope"),  # and rows with different latent counts
+    ],
+)
+def test_qwen25vl_matches_oracle(qwen25, latents, k, order, rope):
+    """Qwen2.5-VL (window-attention vision tower) against the oracle on transformers'
+    Qwen2_5_VLForConditionalGeneration: images of 3x3 and 4x5 merged tokens, windows of 2x2, so both
+    have partial windows; the gradients reach the vision tower's windowed and full blocks."""
+    folder, hf, model = qwen25
+    cfg = LatentConfig(QWEN_LATENT, k, patch_order=order, rope=rope)
+    compare(folder, hf, "qwen25vl", model, qwen_batch(latents, sizes=hf_tiny.QWEN25VL_IMAGE_SIZES), cfg)
+
+
 def test_qwen2vl_rows_with_fewer_and_without_latents(qwen):
     """Rows with different latent counts against the oracle, which grows each row on its own (docs/method.md section 10:
     patches only before a row's own latents, labels right-aligned by its own count). A row without latents
@@ -183,8 +199,7 @@ def test_full_latent_gradients_match_finite_differences(tiny_qwen2vl):
         direction = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape)), state)
 
         def loss_of(state, cfg):
-            return ivtlr_loss(nnx.merge(graphdef, state), jb, cfg, num_latents=2,
-                              prefix_len=batch["input_ids"].shape[1])[0]
+            return ivtlr_loss(nnx.merge(graphdef, state), jb, cfg, LatentShapes(2, batch["input_ids"].shape[1]))[0]
 
         full, stop = LatentConfig(QWEN_LATENT, 3, latent_grad="full"), LatentConfig(QWEN_LATENT, 3)
         dot = lambda g: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(direction)))
@@ -227,7 +242,7 @@ def test_new_batch_content_does_not_retrace(qwen):
     @functools.partial(nnx.jit, static_argnames=("n", "prefix_len"))
     def f(model, batch, n, prefix_len):
         traces.append(1)
-        return ivtlr_loss(model, batch, cfg, num_latents=n, prefix_len=prefix_len)[0]
+        return ivtlr_loss(model, batch, cfg, LatentShapes(n, prefix_len))[0]
 
     a, b = qwen_batch((2, 2), seed=4), qwen_batch((2, 2), seed=5)
     assert a["input_ids"].shape == b["input_ids"].shape and (a["input_ids"] != b["input_ids"]).any()
@@ -259,14 +274,13 @@ def collate_tight(features):
     from ivtlr_jax.data.collate import collate
 
     every = tuple(range(1, 512))
-    batch, n, prefix_len = collate(features, latent_id=QWEN_LATENT, pad_id=0, length_buckets=every,
-                                   prefix_buckets=every)
-    return batch, n, prefix_len, latent_layout(batch["input_ids"], QWEN_LATENT)[1]
+    batch, shapes = collate(features, latent_id=QWEN_LATENT, pad_id=0, length_buckets=every, prefix_buckets=every)
+    return batch, shapes.num_latents, shapes.prefix_len, latent_layout(batch["input_ids"], QWEN_LATENT)[1]
 
 
 @functools.partial(nnx.jit, static_argnames=("cfg", "n", "prefix_len", "shared"))
 def loss_only(model, batch, cfg, n, prefix_len, shared):
-    return ivtlr_loss(model, batch, cfg, num_latents=n, prefix_len=prefix_len, shared_prefix=shared)
+    return ivtlr_loss(model, batch, cfg, LatentShapes(n, prefix_len, shared))
 
 
 def test_rows_with_different_latent_counts_equal_rows_alone(qwen):

@@ -27,6 +27,6 @@ def test_plan_numbers_grow_with_batch_and_length(tiny_qwen2vl, tmp_path):
     assert bigger.flops_per_device > 1.6 * small.flops_per_device
     assert longer.temporaries_gb > small.temporaries_gb and bigger.temporaries_gb > small.temporaries_gb
     assert full.optimizer_gb > 10 * small.optimizer_gb  # Adam moments of every parameter vs the adapters'
-    gen = plan_generate(cfg, {"data": 1, "fsdp": 4, "tensor": 1}, batch=4, new_tokens=8)
+    gen = plan_generate(cfg, {"data": 1, "fsdp": 4, "tensor": 1}, batch=4, new_tokens=8, count_flops=False)
     assert gen.flops_per_device > 0 and gen.optimizer_gb == 0
     assert "fits" in str(small)

@@ -138,9 +138,13 @@ def test_layers_are_scanned_so_compiled_size_does_not_grow_with_depth(tmp_path):
 
 
 def test_per_frame_vision_attention_equals_the_masked_one(flax_model):
-    """Same-size images: attention per frame (frame_len) equals the [Np, Np] block-diagonal mask."""
+    """Same-size images stacked per image ([images, patches, dim], static under jit): attention per frame
+    equals the [Np, Np] block-diagonal mask of the flat layout with a traced grid."""
     pv, grid = hf_tiny.image_inputs([(56, 84), (56, 84), (56, 84)], seed=9)
     args = (jnp.asarray(pv), jnp.asarray(grid))
-    masked = jax.jit(lambda p, g: flax_model.image_features(p, g))(*args)  # traced grid: mask path
-    per_frame = flax_model.image_features(*args, frame_len=int(grid[0, 1] * grid[0, 2]))
+    features = jax.jit(lambda p, g: flax_model.image_features(p, g))
+    masked = features(*args)  # traced grid, flat patches: mask path
+    per_frame = features(args[0].reshape(3, -1, pv.shape[-1]), args[1])
     np.testing.assert_allclose(np.asarray(per_frame), np.asarray(masked), atol=1e-5)
+    with pytest.raises(ValueError, match="holds 1 images but"):
+        flax_model.image_features(args[0][None], args[1])

@@ -247,17 +247,16 @@ def test_one_train_step_with_latents_over_the_full_vocabulary(grown, synthetic_d
     curriculum = CurriculumConfig(epochs_per_stage=1, max_latent_stage=3)
     latent = LatentConfig(ids["latent_id"], num_selected_patches=4, ce_chunk=64)
     features = [(*stage_tokens(ex, 2, curriculum, latent.latent_token_id), ex.image) for ex in examples]
-    batch, n, prefix_len = collate(features, latent_id=latent.latent_token_id, pad_id=ids["eos_token_id"],
-                                   image_token_id=ids["image_token_id"], num_selected_patches=4)
-    assert n == 2 and int((batch["input_ids"] == LATENT_IDS["<|latent|>"]).sum()) == 4
+    batch, shapes = collate(features, latent_id=latent.latent_token_id, pad_id=ids["eos_token_id"],
+                            image_token_id=ids["image_token_id"], num_selected_patches=4)
+    assert shapes.num_latents == 2 and int((batch["input_ids"] == LATENT_IDS["<|latent|>"]).sum()) == 4
     graphdef, trainable, frozen = split_trainable(model, trainable_filter(LoRAConfig(enabled=False)))
     tx = make_optimizer(OptimSection(lr=1e-3, gradient_accumulation_steps=1))
     opt_state = init_optimizer(tx, trainable)
     before = jax.tree.map(np.asarray, trainable)
     step = make_train_step(graphdef, tx, StepConfig(latent, group_size=2))
     batch = jax.tree.map(jnp.asarray, batch)
-    trainable, _, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(0), jnp.float32(1), n,
-                                 prefix_len)
+    trainable, _, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(0), jnp.float32(1), shapes)
     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
     assert math.isfinite(loss) and math.isfinite(grad_norm) and grad_norm > 0 and bool(metrics["finite"])
     # a random start spreads the probability over all 151660 ids: the loss is about ln(151660) = 11.93

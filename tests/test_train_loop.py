@@ -20,6 +20,7 @@ import yaml
 from ivtlr_jax.config import load_config
 from ivtlr_jax.demo import prepare
 from ivtlr_jax.train.loop import RunFolderError, train
+from tests.event_files import read_event_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("train_loop")
@@ -106,6 +107,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(assets, straight, tmp_p
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
     assert_metrics_once_per_step(run_dir / "metrics.jsonl", 18)
+    assert_events_match_metrics(run_dir)  # the killed writer's file, then the resumed run's rebuilt copy
 
 
 def test_run_folder_with_other_content_or_config_is_refused(assets, tmp_path):
@@ -348,7 +350,10 @@ def test_bad_start_leaves_no_trace_and_resume_names_differing_keys(assets, tmp_p
     assert (typo.run_dir / "config.yaml").exists()
 
     # logging-only keys and the folder's own location may change; anything else is named
-    train(load_config(fixed, ["train.log_every=3", "train.keep_checkpoints=5"]), max_steps=0, log=quiet)
+    lines = []
+    train(load_config(fixed, ["train.log_every=3", "train.keep_checkpoints=5", "log.tensorboard=false",
+                              "log.wandb_project=elsewhere"]), max_steps=0, log=lines.append)
+    assert "micro-batches per epoch" in lines[0] and "unknown" not in lines[0]  # no memory figure on the CPU
     moved = tmp_path / "elsewhere"
     typo.run_dir.parent.rename(moved)
     train(load_config(fixed, [f"save_path={moved}"]), max_steps=0, log=quiet)
@@ -362,8 +367,8 @@ def test_collator_refuses_rows_with_fewer_image_tokens_than_k():
     image, latent = 7, 9
     rows = [([1, image, image, image, latent, 5], [-100] * 5 + [5], None),
             ([1, image, image, latent, latent, 5], [-100] * 5 + [5], None)]
-    batch, n, _ = collate(rows, latent_id=latent, pad_id=0, image_token_id=image, num_selected_patches=2)
-    assert n == 2
+    batch, shapes = collate(rows, latent_id=latent, pad_id=0, image_token_id=image, num_selected_patches=2)
+    assert shapes.num_latents == 2
     with pytest.raises(ValueError, match=r"row 1 has 2 image tokens before its first latent, fewer than .*=3"):
         collate(rows, latent_id=latent, pad_id=0, image_token_id=image, num_selected_patches=3)
 
@@ -375,3 +380,74 @@ def test_train_command_prints_one_line_for_a_bad_setting(assets, tmp_path):
                           timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "optim.lr: -1.0" in proc.stderr
+
+
+# ---- observability: event files, quiet exports ------------------------------------------------------------
+def assert_events_match_metrics(run_dir: Path) -> dict:
+    """Every metrics.jsonl record is in <run>/tensorboard/train, once per micro-step, with its values."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scalars = read_event_scalars(run_dir / "tensorboard" / "train")
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "stage", "epoch"):
+        logged = scalars[f"train/{key}"]
+        assert sorted(logged) == [r["micro_step"] for r in records], key
+        np.testing.assert_allclose([logged[r["micro_step"]] for r in records], [r[key] for r in records],
+                                   rtol=1e-6, err_msg=key)
+    return scalars
+
+
+def test_event_files_hold_the_runs_scalars(straight):
+    scalars = assert_events_match_metrics(straight.run_dir)
+    assert set(scalars["train/lr"].values()) == {np.float32(1e-3)}  # the constant schedule of the test config
+    assert sorted(set(scalars["train/stage"].values())) == [0.0, 1.0, 2.0]
+
+
+def test_exports_of_a_run_are_quiet_and_load_their_processor(straight, tmp_path):
+    """No transformers warning about token ids of our own configs, no orbax warning about a missing metadata
+    file, when a trained run folder is exported; the stage export's processor loads (AutoProcessor where
+    torchvision is installed: transformers 5 builds Qwen2-VL's video processor with it, always)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from ivtlr_jax.cli.flax_to_hf import export
+    from ivtlr_jax.data import load_processor
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(f"{record.name}: {record.getMessage()}")
+
+    collect = Collect()
+    loggers = [logging.getLogger(), logging.getLogger("transformers"), logging.getLogger("absl")]
+    hf_logging.warning_once.cache_clear()  # said once per process: another test may have said it already
+    for logger in loggers:
+        logger.addHandler(collect)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export(straight.run_dir, tmp_path / "hf", log=collect.lines.append)
+            processor = load_processor(straight.run_dir / "stage_2")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(collect)
+    text = "\n".join(collect.lines + [str(w.message) for w in caught])
+    assert "loading training run" in text and "writing" in text  # the progress lines are collected too
+    for noise in ("must be `None` or an integer within the vocabulary", "Metadata file does not exist",
+                  "token_id"):
+        assert noise not in text, text
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["bos_token_id"] is None
+    assert processor.tokenizer.convert_tokens_to_ids("<|latent|>") == len(processor.tokenizer) - 1
+
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        auto = AutoProcessor.from_pretrained(straight.run_dir / "stage_2")
+        assert len(auto.tokenizer) == len(processor.tokenizer)
+    else:  # what README says: AutoProcessor needs torchvision, ivtlr_jax.data.load_processor does not
+        with pytest.raises(ImportError, match="Torchvision"):
+            AutoProcessor.from_pretrained(straight.run_dir / "stage_2")

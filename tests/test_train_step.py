@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from ivtlr_jax.config import ConfigError, OptimSection, load_config
-from ivtlr_jax.latent import LatentConfig
+from ivtlr_jax.latent import LatentConfig, LatentShapes
 from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh
 from ivtlr_jax.train.checkpoint import TrainCheckpointer
 from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, merge_lora, trainable_filter
@@ -57,8 +57,8 @@ def test_lora_training_changes_only_the_adapters(tiny_qwen2vl):
     opt = init_optimizer(tx, trainable)
     batch = batch4()
     before = jax.tree.map(np.asarray, trainable)
-    trainable, opt, metrics = step(trainable, frozen, opt, batch, jax.random.key(0), jnp.float32(1), 2,
-                                   batch["input_ids"].shape[1])
+    trainable, opt, metrics = step(trainable, frozen, opt, batch, jax.random.key(0), jnp.float32(1),
+                                   LatentShapes(2, batch["input_ids"].shape[1]))
     assert np.isfinite(float(metrics["loss"])) and int(metrics["tokens"]) > 0
     for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(a, np.asarray(b))
@@ -88,7 +88,7 @@ def test_sharded_step_equals_single_device_step(tiny_qwen2vl):
             step = make_train_step(graphdef, tx, cfg)
         losses = []
         for i in range(2):
-            trainable, opt, m = step(trainable, frozen, opt, b, jax.random.key(i), jnp.float32(1), 2, s)
+            trainable, opt, m = step(trainable, frozen, opt, b, jax.random.key(i), jnp.float32(1), LatentShapes(2, s))
             losses.append(float(m["loss"]))
         return losses, trainable
 

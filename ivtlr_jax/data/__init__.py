@@ -2,7 +2,7 @@
 
     examples, report = load_examples("m3cot", "LightChen2333/M3CoT", "train", processor, "qwen2vl")
     ids, labels = stage_tokens(examples[i], stage, CurriculumConfig(), latent_id)
-    batch, n, prefix_len = collate([(ids, labels, examples[i].image), ...], latent_id=..., pad_id=eos)
+    batch, shapes = collate([(ids, labels, examples[i].image), ...], latent_id=..., pad_id=eos)
 
 `source` is a hub id (datasets.load_dataset), a folder written by `save_to_disk`, a folder of
 parquet / arrow files (one split per file name or sub-folder, e.g. `data/train-00000-of-00001.parquet`,
@@ -17,12 +17,11 @@ import glob
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..models import family_named
 from . import m3cot, scienceqa
-from .collate import DEFAULT_LENGTH_BUCKETS, DEFAULT_PREFIX_BUCKETS, collate, shared_prefix_bound
+from .collate import DEFAULT_LENGTH_BUCKETS, DEFAULT_PREFIX_BUCKETS, LatentShapes, collate, shared_prefix_bound
 from .curriculum import CurriculumConfig, epoch_order, num_latents, stage_of_epoch, stage_tokens
 from .examples import (
-    DEFAULT_MAX_LENGTH,
-    FAMILIES,
     Example,
     LazyImage,
     SkipReport,
@@ -44,10 +43,10 @@ PROMPT_FORMATS = ("train", "official")
 _BATCH = 64
 
 __all__ = [
-    "DATASETS", "PROMPT_FORMATS", "FAMILIES", "DEFAULT_MAX_LENGTH", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
+    "DATASETS", "PROMPT_FORMATS", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
     "Example", "SkipReport", "LazyImage", "CurriculumConfig",
     "load_examples", "read_rows", "split_rationale", "materialize",
-    "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate", "shared_prefix_bound",
+    "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate", "LatentShapes", "shared_prefix_bound",
     "make_synthetic_m3cot", "synthetic_corpus", "synthetic_rows",
     "build_tiny_qwen2vl_processor", "build_tiny_chameleon_processor", "load_processor", "special_token_ids",
 ]
@@ -175,7 +174,7 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     module = DATASETS[dataset]
     encoder = make_encoder(family, processor, num_image_tokens)
     tokenizer = tokenizer_of(processor)
-    cap = DEFAULT_MAX_LENGTH[family] if max_length is None else int(max_length)
+    cap = family_named(family).max_length if max_length is None else int(max_length)
     report = SkipReport()
     examples: list[Example] = []
     for index, row in enumerate(read_rows(source, split, module.REQUIRED_COLUMNS)):

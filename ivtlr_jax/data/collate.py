@@ -15,6 +15,7 @@ latent), so a whole training run compiles a bounded number of shapes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,6 +26,26 @@ IGNORE = -100
 DEFAULT_LENGTH_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1152, 1280, 1408, 1536,
                           1792, 2048, 2304, 2560, 3072, 3584, 4096)
 DEFAULT_PREFIX_BUCKETS = DEFAULT_LENGTH_BUCKETS
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentShapes:
+    """The static shapes a collated batch compiles for (hashable: one jit static argument of the train
+    step, `ivtlr_loss` and generation; one compilation per distinct record).
+
+    num_latents: n, the most `<|latent|>` tokens of a row (0: a plain forward).
+    prefix_len: a bound >= p, the common index of the first latent (S when n = 0).
+    shared_prefix: c < p, question slots that run once for the latent chain and the final pass
+    (`shared_prefix_bound`; 0 when n = 0)."""
+
+    num_latents: int
+    prefix_len: int
+    shared_prefix: int = 0
+
+    def __post_init__(self):
+        if self.num_latents < 0 or self.prefix_len < 1 or not 0 <= self.shared_prefix < self.prefix_len:
+            raise ValueError(f"LatentShapes: need num_latents >= 0, prefix_len >= 1 and 0 <= shared_prefix < "
+                             f"prefix_len; got {self}")
 
 
 def smallest_bucket(n: int, buckets: Sequence[int]) -> int | None:
@@ -43,13 +64,17 @@ def shared_prefix_bound(prefix_len: int, prefix_buckets: Sequence[int]) -> int:
 
 
 def stack_images(images: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Qwen2-VL: pixel_values concatenated along patches [sum Np, 1176], image_grid_thw stacked [B, 3];
-    Chameleon: pixel_values stacked [B, 3, H, W]."""
+    """One image per row -> the batch's image arrays. Qwen2-VL: pixel_values stacked per image [B, Np, 1176]
+    when every image has one frame of the same size (the model reads its per-image attention off that
+    static shape), else concatenated along patches [sum Np, 1176]; image_grid_thw [B, 3]. Chameleon:
+    pixel_values stacked [B, 3, H, W]."""
     arrays = [materialize(im) for im in images]
     if all("image_grid_thw" in a for a in arrays):
-        return {"pixel_values": np.concatenate([np.asarray(a["pixel_values"], np.float32) for a in arrays], axis=0),
-                "image_grid_thw": np.concatenate([np.asarray(a["image_grid_thw"], np.int64).reshape(-1, 3)
-                                                  for a in arrays], axis=0)}
+        pixels = [np.asarray(a["pixel_values"], np.float32) for a in arrays]
+        grids = [np.asarray(a["image_grid_thw"], np.int64).reshape(-1, 3) for a in arrays]
+        uniform = all(len(g) == 1 and g[0, 0] == 1 for g in grids) and len({p.shape for p in pixels}) == 1
+        return {"pixel_values": np.stack(pixels) if uniform else np.concatenate(pixels, axis=0),
+                "image_grid_thw": np.concatenate(grids, axis=0)}
     if any("image_grid_thw" in a for a in arrays):
         raise ValueError("collate: rows mix Qwen2-VL (image_grid_thw) and Chameleon images")
     return {"pixel_values": np.stack([np.asarray(a["pixel_values"], np.float32) for a in arrays], axis=0)}
@@ -58,17 +83,17 @@ def stack_images(images: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nda
 def collate(features: list[tuple[list[int], list[int], Mapping[str, np.ndarray] | None]], *, latent_id: int,
             pad_id: int, length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS,
             prefix_buckets: tuple[int, ...] = DEFAULT_PREFIX_BUCKETS, image_token_id: int | None = None,
-            num_selected_patches: int = 0) -> tuple[dict[str, np.ndarray], int, int]:
-    """features: (input_ids, labels, image) per row -> (batch, num_latents, prefix_len).
+            num_selected_patches: int = 0) -> tuple[dict[str, np.ndarray], LatentShapes]:
+    """features: (input_ids, labels, image) per row -> (batch, shapes).
 
     With `image_token_id`, every row with latents must have at least `num_selected_patches` (K) image
     tokens before its first latent: the first latent pass picks K of them (checked here, on the host,
     because inside the jitted top-K a short row would silently pick text positions).
 
     batch: input_ids, attention_mask, labels, position_ids [B, S] int32, plus the stacked image arrays
-    (omitted when no row has an image; every row needs one otherwise). num_latents: the largest
-    number of latents in a row. prefix_len: the prefix bucket of p, the common first-latent index
-    (S when there are no latents)."""
+    (omitted when no row has an image; every row needs one otherwise, see `stack_images`). shapes: n the
+    largest number of latents in a row; prefix_len the prefix bucket of p, the common first-latent
+    index (S when there are no latents); shared_prefix the largest prefix bucket below it."""
     if not features:
         raise ValueError("collate: empty batch")
     firsts = []
@@ -116,4 +141,5 @@ def collate(features: list[tuple[list[int], list[int], Mapping[str, np.ndarray] 
         if missing:
             raise ValueError(f"collate: rows {missing} have no image while others do")
         batch.update(stack_images(images))
-    return batch, num_latents, prefix_len
+    shared = shared_prefix_bound(prefix_len, prefix_buckets) if num_latents else 0
+    return batch, LatentShapes(num_latents, prefix_len, shared)

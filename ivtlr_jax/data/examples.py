@@ -5,27 +5,23 @@
 - `SkipReport`: how many rows were dropped, and why.
 - `split_rationale`: rationale -> steps (newlines to spaces, split on ". ", at most 3 chunks).
 - `cap_steps`: the official length cap (drop trailing steps that do not fit).
-- the two model families' prompt encoders: Qwen2-VL (chat template, image first, 280x280, the
-  processor expands `<|image_pad|>`) and Chameleon (no chat format, `<image>` x N inside the
-  question's braces, 512x512 through its image processor).
+- `make_encoder`: the model family's prompt encoder (chat format, image placeholder, image processing),
+  which each family keeps in its own `models/<family>/processing.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-FAMILIES = ("qwen2vl", "chameleon")
+from ..models import family_named
+from ..models.common.images import blend_rgba, decode_image, to_rgb, tokenizer_of  # noqa: F401 (re-exported)
+
 ANSWER_PREFIX = "Therefore, the answer is "
-# docs/method.md section 14: total length caps of the official training scripts (one per model family)
-DEFAULT_MAX_LENGTH = {"qwen2vl": 3400, "chameleon": 1400}
-# docs/method.md section 2: Qwen2-VL images are resized to 280x280 = 20x20 patches of 14 = 100 merged image tokens
-QWEN_IMAGE_TOKENS = 100
 
 
 @dataclasses.dataclass
@@ -187,48 +183,6 @@ def image_bytes(cell: Any) -> bytes | None:
     raise TypeError(f"unsupported image cell of type {type(cell).__name__}")
 
 
-def decode_image(data: bytes):
-    """bytes -> PIL image, exactly as `datasets.Image` decodes (load, EXIF orientation applied)."""
-    from PIL import Image, ImageOps
-
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    if image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
-        image = ImageOps.exif_transpose(image)
-    return image
-
-
-def to_rgb(image):
-    """qwen_vl_utils' conversion: RGBA is composited onto white, everything else converted to RGB."""
-    from PIL import Image
-
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.split()[3])
-        return background
-    return image.convert("RGB")
-
-
-def blend_rgba(image):
-    """Chameleon's conversion to RGB: transformers 4.51.3's `ChameleonImageProcessor.blend_rgba`, which the
-    official code ran (docs/method.md section 14). Any mode but RGB goes through RGBA; when some alpha is below 255 it
-    is blended onto white in float64, (1 - a) * 255 + a * rgb with a = alpha / 255, truncated to uint8
-    (this covers RGBA, LA and palette images with transparency alike). The result is a plain RGB image
-    without a "transparency" entry, so no processor applies its own alpha handling afterwards."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        rgb = np.asarray(image)  # [H, W, 3]; a tRNS colour key is ignored, as 4.51.3 does
-    else:
-        rgba = np.array(image.convert("RGBA"))  # [H, W, 4] uint8
-        if not (rgba[:, :, 3] < 255).any():
-            rgb = np.asarray(image.convert("RGB"))
-        else:
-            alpha = rgba[:, :, 3:] / 255.0  # [H, W, 1] float64
-            rgb = ((1 - alpha) * 255 + alpha * rgba[:, :, :3]).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(rgb))
-
-
 class LazyImage(Mapping):
     """A read-only mapping of processed image arrays, computed from the encoded bytes on each access
     (`process(bytes) -> dict`). Holds only the bytes; `dict(lazy)` materialises it."""
@@ -262,117 +216,9 @@ def materialize(image: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # ---- the two families' prompt encoders --------------------------------------------------------------
-def tokenizer_of(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
-class QwenEncoder:
-    """Qwen2-VL: the prompt text is the user turn of the chat template (after its default system
-    turn), image first; the image is converted to RGB and resized to side x side (280 = 100 tokens)
-    as qwen_vl_utils does, then the processor patchifies it and expands `<|image_pad|>`."""
-
-    family = "qwen2vl"
-    image_keys = ("pixel_values", "image_grid_thw")
-    image_placeholder = ""  # the image is its own content item, before the text
-
-    def __init__(self, processor, num_image_tokens: int | None = None):
-        self.processor = processor
-        ip = processor.image_processor
-        self.factor = int(ip.patch_size) * int(ip.merge_size)
-        n = QWEN_IMAGE_TOKENS if num_image_tokens is None else int(num_image_tokens)
-        m = math.isqrt(max(n, 0))
-        if n < 1 or m * m != n:
-            raise ValueError(f"qwen2vl: num_image_tokens={n} must be a perfect square (a square image of "
-                             f"sqrt(n) x sqrt(n) merged patches)")
-        self.num_image_tokens = n
-        self.side = m * self.factor  # 10 * 28 = 280
-        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-
-    def _resized(self, data: bytes):
-        from PIL import Image
-
-        return to_rgb(decode_image(data)).resize((self.side, self.side), Image.Resampling.BICUBIC)
-
-    def process_image(self, data: bytes) -> dict[str, np.ndarray]:
-        out = self.processor.image_processor(images=[self._resized(data)], return_tensors="np")
-        return {"pixel_values": np.asarray(out["pixel_values"], np.float32),
-                "image_grid_thw": np.asarray(out["image_grid_thw"], np.int64)}
-
-    def prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray]]:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        chat = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out = self.processor(text=[chat], images=[self._resized(data)], return_tensors="np")
-        ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
-        image = {"pixel_values": np.asarray(out["pixel_values"], np.float32),
-                 "image_grid_thw": np.asarray(out["image_grid_thw"], np.int64)}
-        count = sum(t == self.image_token_id for t in ids)
-        if count != self.num_image_tokens:
-            raise ValueError(f"qwen2vl: the prompt has {count} image tokens, expected {self.num_image_tokens} "
-                             f"(image processor: min/max pixels or patch size do not give a {self.side}x{self.side} "
-                             "image its full resolution)")
-        return ids, image
-
-    def official_prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
-        """The official evaluation prompt has the training format's framing (chat template, image first)."""
-        return *self.prompt(text, data), []
-
-
-class ChameleonEncoder:
-    """Chameleon: no chat format; `<image>` x N (N = processor.image_seq_length, 1024 for 7B) sits at
-    the start of the question inside its braces; the image goes through the processor's image
-    processor (512x512 for 7B) after `blend_rgba` (transformers 4.51.3's alpha blend, whatever
-    transformers is installed) and the prompt through the tokenizer without special tokens."""
-
-    family = "chameleon"
-    image_keys = ("pixel_values",)
-
-    def __init__(self, processor, num_image_tokens: int | None = None):
-        self.processor = processor
-        n = getattr(processor, "image_seq_length", 1024) if num_image_tokens is None else int(num_image_tokens)
-        self.num_image_tokens = int(n)
-        token = getattr(processor, "image_token", "<image>")
-        self.image_placeholder = token * self.num_image_tokens
-        self.image_token_id = tokenizer_of(processor).convert_tokens_to_ids(token)
-
-    def process_image(self, data: bytes) -> dict[str, np.ndarray]:
-        out = self.processor.image_processor(images=[blend_rgba(decode_image(data))], return_tensors="np")
-        return {"pixel_values": np.asarray(out["pixel_values"], np.float32)[0]}
-
-    def prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray]]:
-        image = self.process_image(data)
-        ids = tokenizer_of(self.processor).encode(text, add_special_tokens=False)
-        count = sum(t == self.image_token_id for t in ids)
-        if count != self.num_image_tokens:
-            raise ValueError(f"chameleon: the prompt has {count} image tokens, expected {self.num_image_tokens} "
-                             "(is the image token a special token of the tokenizer?)")
-        return list(ids), image
-
-    def official_prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
-        """The official evaluation framing (what `ChameleonProcessor` makes of `"<image>" + text + latents`):
-        BOS, image start `<racm3:break>`, `<image>` x N, image end `<eoss>`, the text; the processor's
-        separator (`<reserved08706>`) follows the latents. -> (ids before the latents, image, [separator])."""
-        tok = tokenizer_of(self.processor)
-        start = getattr(self.processor, "image_start_token", "<racm3:break>")
-        end = getattr(self.processor, "image_end_token", "<eoss>")
-        unknown = lambda t: t is None or tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)  # noqa: E731
-        missing = [t for t in (start, end, tok.sep_token) if unknown(t)]
-        if missing or tok.bos_token_id is None:
-            raise ValueError(f"chameleon official prompt format: the tokenizer lacks {missing or ['a BOS token']} "
-                             "(image start/end markers, separator)")
-        ids = list(tok.encode(start + self.image_placeholder + end + text, add_special_tokens=False))
-        ids = [tok.bos_token_id] + ids
-        count = sum(t == self.image_token_id for t in ids)
-        if count != self.num_image_tokens:
-            raise ValueError(f"chameleon: the prompt has {count} image tokens, expected {self.num_image_tokens}")
-        return ids, self.process_image(data), [tok.convert_tokens_to_ids(tok.sep_token)]
-
-
 def make_encoder(family: str, processor, num_image_tokens=None):
-    if family == "qwen2vl":
-        return QwenEncoder(processor, num_image_tokens)
-    if family == "chameleon":
-        return ChameleonEncoder(processor, num_image_tokens)
-    raise ValueError(f"unknown model family {family!r}; choose from {FAMILIES}")
+    """The prompt encoder of a model family, by its short name ("qwen2vl", "chameleon")."""
+    return family_named(family).encoder(processor, num_image_tokens)
 
 
 def encode_text_parts(tokenizer, steps: list[str], answer: str) -> tuple[list[list[int]], list[int]]:

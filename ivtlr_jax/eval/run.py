@@ -38,11 +38,12 @@ import numpy as np
 
 from .. import distributed
 from ..data import load_examples, load_processor, materialize, special_token_ids
-from ..data.collate import smallest_bucket
+from ..data.collate import smallest_bucket, stack_images
 from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
 from ..models.common.layers import DTYPES
-from ..models import ShardingRules, from_pretrained, make_mesh, read_config, resolve_folder
+from ..models import ShardingRules, family_named, from_pretrained, make_mesh, read_config, resolve_folder
+from ..train.events import log_evaluation
 from ..train.step import batch_shardings
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
@@ -111,12 +112,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, buckets) -> tuple[np.ndarray
     for i, p in enumerate(prompts):
         ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
     return ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-
-
-def stack_images(images: list[dict]) -> dict:
-    keys = images[0].keys()
-    return {k: np.concatenate([im[k] if k != "pixel_values" or im[k].ndim != 3 else im[k][None] for im in images])
-            for k in keys}
 
 
 # ---- the setup an output belongs to --------------------------------------------------------------------
@@ -290,7 +285,9 @@ def eval_mesh(devices: int | None):
 
 
 def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, save_attention: str | Path | None = None,
-             log=print) -> dict:
+             log=print, events=None) -> dict:
+    """`events`: a run config's `log` section; the summary (and a few pictures) also go to TensorBoard / W&B
+    (by process 0, which writes the output, the setup and the summary when several processes evaluate)."""
     distributed.initialize()
     writer, procs = distributed.is_writer(), distributed.process_count()
     log = log if writer else (lambda *_: None)
@@ -378,6 +375,8 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
                    rows_read=report.rows, examples_in_set=len(examples), evaluated_now=len(todo),
                    skipped=skipped, setup=setup, **({"processes": procs} if procs > 1 else {}))
     summary_path(out_file).write_text(json.dumps(summary, indent=2))
+    log_evaluation(events, summary, model_dir, out_file, split=cfg.split, prompt_format=cfg.prompt_format,
+                   pictures_dir=save_attention)  # train/events.py
     return distributed.broadcast_object(summary, "eval_summary")
 
 
@@ -420,12 +419,7 @@ def save_picture(ex, image: dict, steps: list[list[int]], family: str, path: Pat
     from ..data import decode_image
 
     raw = getattr(ex.image, "_data", None)  # a LazyImage keeps the encoded bytes
-    if family == "qwen2vl":
-        _, gh, gw = (int(v) for v in image["image_grid_thw"][0])
-        grid, size = (gh // 2, gw // 2), (gw * 14, gh * 14)
-    else:
-        side = image["pixel_values"].shape[-1]
-        grid, size = (side // 16, side // 16), (side, side)
+    grid, size = family_named(family).picture_geometry(image)
     picture = np.asarray(decode_image(raw).convert("RGB").resize(size)) if raw is not None else \
         np.full((size[1], size[0], 3), 127, np.uint8)
     record = record or {}

@@ -230,6 +230,7 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
     family, config, raw = read_config(src)
     origin = str(pth)
 
+    log(f"reading {origin} (memory-mapped, weights only)")
     parsed = parse_state_dict(load_state_dict(pth), family.hf_renamer(config), origin)
     rank = infer_lora_rank(parsed, lora_rank, origin)
     alpha = OFFICIAL_LORA_ALPHA if lora_alpha is None else float(lora_alpha)
@@ -257,9 +258,11 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
     model = abstract_model(family, config, dtype=jdtype, param_dtype=jdtype)
     _, abstract_state = nnx.split(model)
+    log(f"merging the LoRA adapters into the weights ({dtype})")
     state = load_params(abstract_state, family.weight_specs(config), MergedSource(parsed, scale),
                         stacked_prefixes=family.stacked, origin=origin)
 
+    log(f"writing {out}")
     with atomic_output_folder(out) as tmp:
         save_params(state, tmp / FLAX_PARAMS_DIR)
         del state

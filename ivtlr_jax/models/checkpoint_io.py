@@ -48,8 +48,10 @@ def restore_params(directory: str | Path, abstract_state: nnx.State, shardings=N
         for p, v in variables.items()
     }
     with ocp.StandardCheckpointer() as ckpt:
-        metadata = ckpt.metadata(directory)
-        stored = flatten_tree(metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata)
+        # the item's own metadata: a checkpoint's `trainable` item (train/checkpoint.py) has no step metadata
+        # file of its own, which ckpt.metadata() would warn about
+        metadata = ocp.StandardCheckpointHandler().metadata(directory)
+        stored = flatten_tree(metadata.tree if hasattr(metadata, "tree") else metadata)
         missing = sorted(".".join(p) for p in set(target) - set(stored))
         unexpected = sorted(".".join(p) for p in set(stored) - set(target))
         bad = [

@@ -48,12 +48,16 @@ def atomic_output_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def convert(hf: str, out: str | Path, dtype: str = "float32") -> Path:
+def convert(hf: str, out: str | Path, dtype: str = "float32", log=print) -> Path:
+    """`log` gets one line per phase (the folder found, the weights read, the parameters written)."""
     out = Path(out)
     check_output_folder(out)  # before the (long) load
+    start = time.perf_counter()
     src = resolve_folder(hf)
-    read_config(src)  # fails early on an unsupported model type
+    family, _, _ = read_config(src)  # fails early on an unsupported model type
+    log(f"reading {src} ({family.name}) as {dtype}")
     model = from_pretrained(src, dtype=DTYPES[dtype])
+    log(f"read the weights ({time.perf_counter() - start:.1f} s); writing the orbax parameters to {out}")
     with atomic_output_folder(out) as tmp:
         save_params(nnx.state(model), tmp / FLAX_PARAMS_DIR)
         for f in src.iterdir():

@@ -24,7 +24,7 @@ from flax import nnx
 from .. import distributed
 from ..build import build_model
 from ..config import ConfigError, RunConfig, differing_keys, to_dict
-from ..data import epoch_order, load_examples, shared_prefix_bound, stage_of_epoch, stage_tokens
+from ..data import LatentShapes, epoch_order, load_examples, stage_of_epoch, stage_tokens
 from ..data.tokenizer import save_processor
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
@@ -32,10 +32,10 @@ from ..models.common.safetensors_io import read_header
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
 from ..models.convert import atomic_output_folder
 from ..models.export import save_hf
-from ..models.qwen2vl.modeling import uniform_frame_len
 from .checkpoint import TrainCheckpointer
+from .events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
-from .optim import make_optimizer
+from .optim import learning_rate, make_optimizer
 from .step import StepConfig, init_optimizer, make_train_step, split_trainable, step_shardings
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
@@ -143,7 +143,13 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     simulate an interrupted run)."""
     maybe_init_distributed()
     log = log if distributed.is_writer() else (lambda *_: None)  # process 0 speaks for the run
-    run_dir = distributed.agree(lambda: check_run_folder(cfg), "run_folder")  # every process checks; all stop
+
+    def check_start() -> Path:
+        run_dir = check_run_folder(cfg)
+        check_backends(cfg.log)  # TensorBoard / W&B packages present (train/events.py)
+        return run_dir
+
+    run_dir = distributed.agree(check_start, "run_folder")  # every process checks; all stop
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -151,8 +157,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
 
     built = build_model(cfg, rules=rules)
     model, processor, ids, family = built.model, built.processor, built.ids, built.family.name
-    latent_cfg = LatentConfig(ids["latent_id"], cfg.latent.num_selected_patches, cfg.latent.patch_order,
-                              cfg.latent.latent_grad, cfg.latent.rope, cfg.latent.ce_chunk)
+    latent_cfg = cfg.latent.latent_config(ids["latent_id"])
     pad_id = ids["eos_token_id"]  # docs/method.md section 3: pad = EOS
     image_token_id = model.config.image_token_id
     markers = (ids["start_latent_id"], ids["end_latent_id"])  # used when curriculum.use_latent_markers
@@ -177,7 +182,9 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     total_micro = micro_per_epoch * cfg.train.num_epochs
     accum = cfg.optim.gradient_accumulation_steps
     opt_per_epoch = max(micro_per_epoch // accum, 1)
-    tx = make_optimizer(cfg.optim, opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * curriculum.epochs_per_stage)
+    schedule_steps = (opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * curriculum.epochs_per_stage)
+    tx = make_optimizer(cfg.optim, *schedule_steps)
+    lr_at = learning_rate(cfg.optim, *schedule_steps)  # of an optimizer step (as counted since the last reset)
 
     graphdef, trainable, frozen = split_trainable(model, trainable_filter(cfg.lora))
     trainable = jax.device_put(trainable, state_shardings(trainable, rules))
@@ -207,9 +214,10 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
 
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_total = n_trainable + sum(x.size for x in jax.tree.leaves(frozen))
+    memory = device_memory()
     log(f"run {run_dir} | mesh {dict(mesh.shape)} | params trainable {n_trainable:,} / total {n_total:,} | "
         f"train rows {len(examples)} ({report}) | global batch {global_batch} x accumulation {accum} | "
-        f"{micro_per_epoch} micro-batches per epoch | memory per device {device_memory()}")
+        f"{micro_per_epoch} micro-batches per epoch" + (f" | memory per device {memory}" if memory else ""))
     for stage in sorted(stage_ends):
         epochs = [e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, curriculum) == stage]
         log(f"  stage {stage}: epochs {epochs}")
@@ -218,6 +226,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     compiled: set = set()
     base_key = jax.random.key(cfg.seed)
     metrics_file = open(metrics_path if distributed.is_writer() else os.devnull, "a", buffering=1)  # line-buffered
+    events = train_events(cfg, micro_step, metrics_path)  # TensorBoard / W&B copies (train/events.py; process 0)
     losses = []
     done_here = 0
     zero_grads = ZeroGradientWatch(log)
@@ -237,6 +246,8 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
             window_tokens = accumulation_window_tokens(examples, order, stage, curriculum,
                                                        (latent_cfg.latent_token_id, *markers), global_batch, accum)
             first = start_index if epoch == start_epoch else 0
+            reset_at = epoch // curriculum.epochs_per_stage * curriculum.epochs_per_stage * micro_per_epoch \
+                if cfg.optim.reset_optimizer else 0  # the micro-step where the optimizer's count restarted
 
             def prepare(index: int) -> PreparedBatch:
                 rows = [examples[i] for i in order[index * global_batch : (index + 1) * global_batch]]
@@ -254,7 +265,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 if max_steps is not None and done_here >= max_steps:
                     return result()
                 current = upcoming.result()  # raises here what preparing this micro-batch raised
-                batch, n = current.batch, current.static[0]
+                batch, n = current.batch, current.shapes.num_latents
                 compiled.add(current.signature)
                 if "sharded" not in steps_cache:
                     steps_cache["sharded"] = make_train_step(
@@ -263,7 +274,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 denominator = jnp.float32(max(window_tokens[index // accum] / accum, 1.0))
                 key = jax.random.fold_in(base_key, micro_step)
                 trainable, opt_state, m = steps_cache["sharded"](trainable, frozen, opt_state, batch, key, denominator,
-                                                                 *current.static)
+                                                                 current.shapes)
                 if index + 1 < micro_per_epoch:  # the step runs asynchronously: prepare the next one meanwhile
                     upcoming = Lookahead(prepare, index + 1)
                 micro_step += 1
@@ -273,8 +284,10 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 tick = time.perf_counter()
                 record = {"micro_step": micro_step, "epoch": epoch, "stage": stage, "loss": loss,
                           "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                          "latents": n, "compilations": len(compiled)}
+                          "latents": n, "compilations": len(compiled),
+                          "lr": float(lr_at((micro_step - 1 - reset_at) // accum))}
                 metrics_file.write(json_line(record))
+                log_train_step(events, record)
                 if not finite:
                     last = ckpt.latest_step()
                     raise NonFiniteError(
@@ -307,6 +320,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
         bar.close()
     finally:
         metrics_file.close()
+        events.close()
         ckpt.close()
     return result()
 
@@ -336,24 +350,21 @@ def trim_metrics(path: Path, micro_step: int) -> None:
 
 @dataclasses.dataclass
 class PreparedBatch:
-    """A collated micro-batch on its devices, with the step's static arguments."""
+    """A collated micro-batch on its devices, with the step's static shapes."""
     batch: dict
-    static: tuple  # (num_latents, prefix_len, frame_len, shared_prefix)
-    signature: tuple  # the shapes and static arguments: one compilation each
+    shapes: LatentShapes
+    signature: tuple  # the array shapes and static shapes: one compilation each
     row_ids: list = dataclasses.field(default_factory=list)  # the examples' ids, for messages
 
 
 def prepare_batch(features, latent_cfg: LatentConfig, pad_id: int, data_cfg, rules: ShardingRules,
                   image_token_id: int | None = None, row_ids=()) -> PreparedBatch:
-    batch, n, prefix_len = collate_local(  # images decoded for this process's rows only (multihost.py)
+    batch, shapes = collate_local(  # images decoded for this process's rows only (multihost.py)
         features, rules, latent_id=latent_cfg.latent_token_id, pad_id=pad_id, length_buckets=data_cfg.length_buckets,
         prefix_buckets=data_cfg.prefix_buckets, image_token_id=image_token_id,
         num_selected_patches=latent_cfg.num_selected_patches)
-    frame_len = uniform_frame_len(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
-    shared = shared_prefix_bound(prefix_len, data_cfg.prefix_buckets) if n else 0
-    signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), n, prefix_len, frame_len)
-    return PreparedBatch(place_batch(batch, rules), (n, prefix_len, frame_len, shared),
-                         signature, list(row_ids))
+    signature = (tuple((k, v.shape) for k, v in sorted(batch.items())), shapes)
+    return PreparedBatch(place_batch(batch, rules), shapes, signature, list(row_ids))
 
 
 class Lookahead:
@@ -383,10 +394,11 @@ def accumulation_window_tokens(examples, order, stage, curriculum, token_ids, gl
     return [sum(per_batch[w : w + accum]) for w in range(0, len(per_batch), accum)]
 
 
-def device_memory() -> str:
+def device_memory() -> str | None:
+    """Memory in use / the limit of the first local device, or None where the backend does not say (CPU)."""
     stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
     if not stats or "bytes_limit" not in stats:
-        return "unknown"
+        return None
     return f"{stats.get('bytes_in_use', 0) / 2**30:.1f} / {stats['bytes_limit'] / 2**30:.1f} GiB in use"
 
 

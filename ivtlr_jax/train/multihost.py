@@ -64,14 +64,17 @@ def local_row_range(rows: int, rules: ShardingRules) -> tuple[int, int]:
 
 def collate_local(features, rules: ShardingRules, **kwargs):
     """`collate(features, **kwargs)` for the global batch `features`, images processed only for this
-    process's rows: (batch, num_latents, prefix_len) where the batch's pixel arrays are `LocalRows` and
-    everything else is whole. An image that fails on one process fails the batch on every process."""
+    process's rows: (batch, shapes) where the batch's pixel arrays are `LocalRows` and everything else is
+    whole. Uniform one-frame Qwen images ([B, Np, 1176], `stack_images`) and Chameleon's [B, 3, H, W] are
+    split by rows; several frames of the same size per image ([B * Np, 1176]) by each row's patches; rows
+    of different sizes cannot be split evenly, so then every process processes every row's image (the
+    batch `collate` makes). An image that fails on one process fails the batch on every process."""
     if distributed.process_count() == 1:
         return collate(features, **kwargs)
-    tokens, n, prefix_len = collate([(ids, labels, None) for ids, labels, _ in features], **kwargs)
+    tokens, shapes = collate([(ids, labels, None) for ids, labels, _ in features], **kwargs)
     images = [image for *_, image in features]
     if all(image is None for image in images):
-        return tokens, n, prefix_len
+        return tokens, shapes
     missing = [i for i, image in enumerate(images) if image is None]
     if missing:
         raise ValueError(f"collate: rows {missing} have no image while others do")
@@ -80,38 +83,37 @@ def collate_local(features, rules: ShardingRules, **kwargs):
         per_row, error = [stack_images([image]) for image in images[lo:hi]], None
     except Exception as e:  # exchanged: every process raises it
         per_row, error = [], f"{type(e).__name__}: {e}"
+    keys = list(per_row[0]) if per_row else []
+    integer = [k for k in keys if per_row[0][k].dtype.kind in "iu"]
     mine = {"rows": [lo, hi], "error": error,
-            "sizes": {k: [int(r[k].shape[0]) for r in per_row] for k in (per_row[0] if per_row else {})},
-            "tail": {k: list(v.shape[1:]) for k, v in (per_row[0] if per_row else {}).items()},
-            "values": {k: v.tolist() for k, v in stack_images_of(per_row).items() if v.dtype.kind in "iu"}}
+            "sizes": {k: [int(r[k].shape[0]) for r in per_row] for k in keys},
+            "tails": {k: [list(r[k].shape[1:]) for r in per_row] for k in keys},
+            "values": {k: np.concatenate([r[k] for r in per_row]).tolist() for k in integer}}
     everyone = distributed.allgather_objects(mine, "batch")
     failed = [(p, m["error"]) for p, m in enumerate(everyone) if m["error"]]
     if failed:
         p, error = failed[0]
         raise ValueError(f"the images of rows {everyone[p]['rows'][0]}..{everyone[p]['rows'][1] - 1} "
                          f"(process {p}): {error}")
-    local = stack_images_of(per_row)
     owners = []  # per global row: (process, index among that process's rows)
     for row in range(len(features)):
         p = next(p for p, m in enumerate(everyone) if m["rows"][0] <= row < m["rows"][1])
         owners.append((p, row - everyone[p]["rows"][0]))
     batch = dict(tokens)
-    for key, value in local.items():
-        if value.dtype.kind in "iu":  # small integer arrays (image grids): exchanged whole
-            pieces = [_row_pieces(m, key, value.dtype, value.shape[1:]) for m in everyone]
+    for key in keys:
+        if key in integer:  # small integer arrays (image grids): exchanged whole
+            dtype, tail = per_row[0][key].dtype, per_row[0][key].shape[1:]
+            pieces = [_row_pieces(m, key, dtype, tail) for m in everyone]
             batch[key] = np.concatenate([pieces[p][i] for p, i in owners])
             continue
         sizes = [everyone[p]["sizes"][key][i] for p, i in owners]
-        tails = {tuple(m["tail"][key]) for m in everyone}
-        if len(set(sizes)) == 1 and len(tails) == 1:
-            batch[key] = LocalRows(value, (sum(sizes), *value.shape[1:]))
+        tails = {tuple(t) for m in everyone for t in m["tails"][key]}
+        if len(set(sizes)) == 1 and len(tails) == 1:  # an even split: by rows, or by each row's patches
+            local = np.concatenate([r[key] for r in per_row])
+            batch[key] = LocalRows(local, (sum(sizes), *tails.pop()))
         else:  # rows of different sizes cannot be split evenly: this process processes every row's image
             batch[key] = stack_images(images)[key]
-    return batch, n, prefix_len
-
-
-def stack_images_of(per_row: list[dict]) -> dict:
-    return {k: np.concatenate([r[k] for r in per_row]) for k in (per_row[0] if per_row else {})}
+    return batch, shapes
 
 
 def _row_pieces(shared: dict, key: str, dtype, tail) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ..latent import LatentConfig, ivtlr_loss
+from ..latent import LatentConfig, LatentShapes, ivtlr_loss
 from ..models.common.sharding import ShardingRules, state_shardings
 
 BATCH_AXES = {
@@ -56,19 +56,17 @@ def all_finite(tree) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *, rules: ShardingRules | None = None,
                     shardings=None):
-    """-> step(trainable, frozen, opt_state, batch, key, token_denominator, num_latents, prefix_len,
-    frame_len=None, shared_prefix=0) returning (trainable, opt_state, metrics); the last four are static
-    (positional; frame_len and shared_prefix: see `ivtlr_loss`). With `rules` and `shardings` ((trainable, frozen,
-    opt_state, batch) shardings from `step_shardings`) the jit gets explicit in/out shardings. metrics:
+    """-> step(trainable, frozen, opt_state, batch, key, token_denominator, shapes) returning (trainable,
+    opt_state, metrics); `shapes` (the collator's `LatentShapes`, see `ivtlr_loss`) is static. With `rules`
+    and `shardings` ((trainable, frozen, opt_state, batch) shardings from `step_shardings`) the jit gets
+    explicit in/out shardings. metrics:
     loss, tokens, grad_norm, and `finite` (loss, gradient norm and updated parameters all finite), read
     by the loop with the loss, so the guard adds no host synchronisation of its own."""
 
-    def step(trainable, frozen, opt_state, batch, key, token_denominator, num_latents, prefix_len, frame_len=None,
-             shared_prefix=0):
+    def step(trainable, frozen, opt_state, batch, key, token_denominator, shapes: LatentShapes):
         def loss_fn(trainable):
             model = nnx.merge(graphdef, trainable, frozen)
-            _, aux = ivtlr_loss(model, batch, cfg.latent, num_latents=num_latents, prefix_len=prefix_len,
-                                shared_prefix=shared_prefix, dropout_key=key, frame_len=frame_len)
+            _, aux = ivtlr_loss(model, batch, cfg.latent, shapes, dropout_key=key)
             return batch_loss(aux.row_nll, aux.row_tokens, cfg, token_denominator), aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -79,7 +77,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
                    "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(trainable)}
         return trainable, opt_state, metrics
 
-    kwargs = dict(static_argnums=(6, 7, 8, 9), donate_argnums=(0, 2))
+    kwargs = dict(static_argnums=(6,), donate_argnums=(0, 2))
     if shardings is not None:
         t_sh, f_sh, o_sh, b_sh = shardings
         replicated = NamedSharding(rules.mesh, PartitionSpec())

@@ -8,6 +8,22 @@ from typing import Any
 from ..common.decoder import DecoderConfig
 
 
+# the hub config.json of the official model (architecture fields only): the planner's input without a download
+HUB_CONFIGS = {
+    "facebook/chameleon-7b": {
+        "model_type": "chameleon", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "vocab_size": 65536,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "swin_norm": False,
+        "vq_config": {"embed_dim": 256, "num_embeddings": 8192, "latent_channels": 256, "resolution": 512,
+                      "in_channels": 3, "base_channels": 128, "channel_multiplier": [1, 1, 2, 2, 4],
+                      "num_res_blocks": 2, "attn_resolutions": [], "double_latent": False},
+        # image codes 0..8191 are BPE ids 4..8195 in the real vocabulary_map; <image> is 8711
+        "vocabulary_map": {"<image>": 8711, **{"IMGIMG" + "".join(chr(65 + int(d)) for d in str(i)) + "Z": 4 + i
+                                               for i in range(8192)}},
+    },
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class VQConfig:
     embed_dim: int = 256  # codebook vector width
@@ -21,10 +37,6 @@ class VQConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = ()
     attn_type: str = "vanilla"
-
-    @property
-    def tokens_per_side(self) -> int:
-        return self.resolution // 2 ** (len(self.channel_multiplier) - 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,20 @@ from typing import Any
 from ..common.decoder import DecoderConfig
 
 
+# the hub config.json of the official model (architecture fields only): the planner's input without a download
+HUB_CONFIGS = {
+    "Qwen/Qwen2-VL-7B-Instruct": {
+        "model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "vocab_size": 152064,
+        "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "tie_word_embeddings": False, "image_token_id": 151655, "video_token_id": 151656,
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "eos_token_id": 151645,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                          "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    },
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     depth: int
@@ -49,6 +63,7 @@ class Qwen2VLConfig:
     vision_start_token_id: int
     vision_end_token_id: int
     eos_token_id: int | None = None
+    bos_token_id: int | None = None  # written to config.json (transformers' default 151643: outside a tiny vocabulary)
 
     model_type = "qwen2_vl"
 
@@ -105,6 +120,7 @@ class Qwen2VLConfig:
             vision_start_token_id=d.get("vision_start_token_id", 151652),
             vision_end_token_id=d.get("vision_end_token_id", 151653),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            bos_token_id=text.get("bos_token_id"),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -125,6 +141,9 @@ class Qwen2VLConfig:
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
             "eos_token_id": self.eos_token_id,
+            # an id outside the vocabulary (a tiny model built with transformers' default) is written as null
+            "bos_token_id": self.bos_token_id if self.bos_token_id is not None and
+            0 <= self.bos_token_id < self.vocab_size else None,
             "vision_config": {
                 "depth": v.depth,
                 "embed_dim": v.embed_dim,

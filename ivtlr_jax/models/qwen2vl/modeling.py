@@ -27,25 +27,32 @@ class Qwen2VL(DecoderLM):
         self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
 
     # ---- inputs -------------------------------------------------------------------------------
-    def image_features(self, pixel_values: jax.Array, image_grid_thw: jax.Array, frame_len: int | None = None
-                       ) -> jax.Array:
-        """Vision tower + merger: [Np, patch_dim] -> [Np / 4, D]. `frame_len`: see `VisionTower`; found
-        by itself when image_grid_thw is concrete and all frames have the same size."""
-        if frame_len is None and is_concrete(image_grid_thw):
+    def image_features(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
+        """Vision tower + merger -> [Np / 4, D]. pixel_values: [Np, patch_dim] (transformers' layout) or
+        [images, patches, patch_dim] (one image per leading index, all of one size: `stack_images`).
+        The tower attends per image frame without a mask when the frames have one size: read off the
+        shape of 3-D pixel_values (static under jit), or off a concrete image_grid_thw."""
+        frame_len = None
+        if pixel_values.ndim == 3:
+            if pixel_values.shape[0] != image_grid_thw.shape[0]:
+                raise ValueError(f"pixel_values {pixel_values.shape} holds {pixel_values.shape[0]} images but "
+                                 f"image_grid_thw {image_grid_thw.shape} describes {image_grid_thw.shape[0]}")
+            frame_len = pixel_values.shape[1]  # one frame (t = 1) per image
+            pixel_values = pixel_values.reshape(-1, pixel_values.shape[-1])
+        if is_concrete(image_grid_thw):
             frame_len = uniform_frame_len(np.asarray(image_grid_thw))
         return self.visual(self.config.vision, pixel_values, image_grid_thw, dtype=self.dtype, remat=self.remat,
                            rules=self.rules, frame_len=frame_len, unroll=self.unroll_layers)
 
     def embed_inputs(
         self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None,
-        frame_len: int | None = None,
     ) -> jax.Array:
         """Token embeddings [B, T, D] with the image placeholder positions overwritten, in order, by the
         image features (transformers' `masked_scatter`)."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
-        features = self.image_features(pixel_values, image_grid_thw, frame_len)
+        features = self.image_features(pixel_values, image_grid_thw)
         return scatter_image_features(embeds, input_ids == self.config.image_token_id, features)
 
     def positions(

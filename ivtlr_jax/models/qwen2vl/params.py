@@ -13,6 +13,8 @@ from .config import Qwen2VLConfig
 
 # our module paths whose parameters have a leading layer axis
 STACKED = (("layers",), ("visual", "blocks"))
+# decoder layer modules in transformers 5's layout (PEFT adapter names of an export for that layout)
+PEFT_V5_PREFIX = ("model.layers.", "model.language_model.layers.")
 
 
 def hf_renamer(config: Qwen2VLConfig):

@@ -1,0 +1,31 @@
+"""Convert a Hugging Face model folder (or hub id) into a Flax folder that `from_pretrained` loads
+faster: orbax parameters in our layout + the config, tokenizer and processor files.
+
+    ivtlr-convert-hf-to-flax --hf Qwen/Qwen2-VL-7B-Instruct --out checkpoints/qwen2vl-7b --dtype bfloat16
+
+The output folder must not exist or be empty; it is written under a temporary name and renamed
+when complete, so an interrupted conversion never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+from . import make_parser
+
+USAGE = "%(prog)s --hf MODEL --out DIR [--dtype DTYPE]"
+
+
+def main(argv=None, prog: str = "ivtlr-convert-hf-to-flax") -> None:
+    from ..models.convert import DTYPES, convert
+
+    head, _, rest = __doc__.partition("\n\n")
+    p = make_parser(prog, USAGE, head, rest)
+    p.add_argument("--hf", required=True, metavar="MODEL", help="Hugging Face model folder or hub id")
+    p.add_argument("--out", required=True, metavar="DIR", help="new output folder")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="storage dtype of the parameters (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        out = convert(args.hf, args.out, args.dtype)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        p.exit(2, f"{prog}: error: {e}\n")
+    print(f"wrote {out}")

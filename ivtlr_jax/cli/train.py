@@ -1,0 +1,64 @@
+"""Train IVT-LR with the staged latent curriculum, or resume a run.
+
+Runs (or resumes from its latest checkpoint) the run folder save_path/name of the configuration:
+config.yaml, metrics.jsonl (one JSON line per micro-step), checkpoints/, one merged Hugging Face export
+per stage (stage_<s>/) and TensorBoard event files (tensorboard/train/). Re-run the same command to
+resume after an interruption.
+
+Several processes (hosts): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a SLURM
+job (README); each process runs the same command, process 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import make_parser
+
+USAGE = "%(prog)s --config YAML [--max-steps N] [section.key=value ...]"
+EPILOG = """\
+examples:
+  {cmd} --config configs/qwen2vl_m3cot.yaml
+  {cmd} --config configs/tiny.yaml optim.lr=1e-3 name=tiny_lr
+
+logging (the config's log section; none of it blocks a resume):
+  log.tensorboard=true   TensorBoard event files in <run>/tensorboard/ (default on):
+                         tensorboard --logdir <save_path>
+  log.wandb=true         also Weights & Biases (pip install wandb; log.wandb_project, log.wandb_entity)
+
+compilation cache: compiled XLA programs are kept in $IVTLR_JAX_CACHE (default ~/.cache/ivtlr_jax/xla),
+so a re-run or a resume starts without recompiling; IVTLR_JAX_CACHE=off turns it off.
+"""
+
+
+def main(argv=None, prog: str = "ivtlr-train") -> None:
+    p = make_parser(prog, USAGE, __doc__, EPILOG)
+    p.add_argument("--config", required=True, metavar="YAML", help="run configuration (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. optim.lr=1e-4 (value parsed as YAML)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after N micro-batches in this invocation (a later run resumes)")
+    args = p.parse_args(argv)
+
+    from .. import distributed
+    from ..compilation_cache import enable_compilation_cache
+    from ..config import ConfigError, load_config
+    from ..train.loop import NonFiniteError, RunFolderError, train
+
+    try:
+        distributed.initialize()  # first: every process then checks the configuration and the run folder
+    except distributed.DistributedSetupError as e:
+        sys.exit(f"error: {e}")
+    enable_compilation_cache(log=print)
+    with distributed.fail_together():  # an error in any process stops all; process 0 prints it once
+        try:
+            cfg = load_config(args.config, args.overrides)
+            result = train(cfg, max_steps=args.max_steps)
+        except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
+            sys.exit(f"error: {e}")
+        if distributed.is_writer():
+            print(result.summary())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Qwen2.5-VL architecture settings, read from a Hugging Face `config.json` (hub layout of
+Qwen2.5-VL-*-Instruct with flat text fields, or transformers 5's nested `text_config`).
+
+The language model is Qwen2-VL's (parsed by `Qwen2VLConfig.from_hf`); only the vision tower's
+settings differ (`Qwen2_5_VLVisionConfig`: `hidden_size` is the tower's width, `out_hidden_size` the
+LM's, an explicit `intermediate_size`, window attention)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..qwen2vl.config import Qwen2VLConfig, VisionConfig
+
+# the hub config.json of the released model (architecture fields only): the planner's input without a download
+HUB_CONFIGS = {
+    "Qwen/Qwen2.5-VL-7B-Instruct": {
+        "model_type": "qwen2_5_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "vocab_size": 152064, "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "tie_word_embeddings": False, "use_sliding_window": False, "image_token_id": 151655, "video_token_id": 151656,
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "eos_token_id": 151645,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    },
+    "Qwen/Qwen2.5-VL-3B-Instruct": {
+        "model_type": "qwen2_5_vl", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "vocab_size": 151936, "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "tie_word_embeddings": True, "use_sliding_window": False, "image_token_id": 151655, "video_token_id": 151656,
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "eos_token_id": 151645,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VisionConfig:
+    depth: int
+    embed_dim: int  # transformers' vision `hidden_size`
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int  # the LM's hidden size, output of the patch merger
+    hidden_act: str = "silu"
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    window_size: int = 112  # window side in pixels (112 = 8x8 patches = 4x4 merged tokens)
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def window_merged(self) -> int:
+        """Window side in merged tokens (transformers' `vit_merger_window_size`)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    @property
+    def window_patches(self) -> int:
+        """Most patches one window holds."""
+        return (self.window_merged * self.spatial_merge_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig(Qwen2VLConfig):
+    vision: Qwen25VisionConfig
+
+    model_type = "qwen2_5_vl"
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "Qwen25VLConfig":
+        v = d["vision_config"]
+        text_cfg = d.get("text_config") or {}
+        lm_hidden = text_cfg.get("hidden_size", d.get("hidden_size"))
+        # the text side as Qwen2-VL reads it (the vision fields it wants are placeholders, replaced below)
+        base = super().from_hf({**d, "vision_config": {"depth": v["depth"], "embed_dim": v["hidden_size"],
+                                                       "num_heads": v["num_heads"]}})
+        vis_rope = v.get("rope_parameters") or {}
+        head_dim = v.get("head_dim")
+        if head_dim is not None and head_dim != v["hidden_size"] // v["num_heads"]:
+            raise ValueError(f"config.json: vision head_dim {head_dim} != hidden_size / num_heads is not supported")
+        vision = Qwen25VisionConfig(
+            depth=v["depth"],
+            embed_dim=v["hidden_size"],
+            num_heads=v["num_heads"],
+            intermediate_size=v["intermediate_size"],
+            out_hidden_size=v.get("out_hidden_size", lm_hidden),
+            hidden_act=v.get("hidden_act", "silu"),
+            patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
+            temporal_patch_size=v.get("temporal_patch_size", 2),
+            spatial_merge_size=v.get("spatial_merge_size", 2),
+            in_channels=v.get("in_channels", v.get("in_chans", 3)),
+            window_size=v.get("window_size", 112),
+            fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            rope_theta=vis_rope.get("rope_theta", 10000.0),
+        )
+        if vision.window_merged < 1:
+            raise ValueError(f"config.json: window_size {vision.window_size} is smaller than one merged token "
+                             f"({vision.patch_size * vision.spatial_merge_size} pixels)")
+        if vision.out_hidden_size != base.text.hidden_size:
+            raise ValueError(f"config.json: vision out_hidden_size {vision.out_hidden_size} != the language model's "
+                             f"hidden_size {base.text.hidden_size}")
+        return dataclasses.replace(base, vision=vision)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A `config.json` dict in the hub layout of Qwen2.5-VL-*-Instruct (flat text fields)."""
+        v = self.vision
+        stub = VisionConfig(depth=v.depth, embed_dim=v.embed_dim, num_heads=v.num_heads, mlp_ratio=1,
+                            out_hidden_size=v.out_hidden_size)  # the text fields as Qwen2-VL writes them
+        return {
+            **Qwen2VLConfig.to_hf(dataclasses.replace(self, vision=stub)),
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": self.model_type,
+            "vision_config": {
+                "depth": v.depth,
+                "hidden_size": v.embed_dim,
+                "num_heads": v.num_heads,
+                "intermediate_size": v.intermediate_size,
+                "out_hidden_size": v.out_hidden_size,
+                "hidden_act": v.hidden_act,
+                "patch_size": v.patch_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "in_channels": v.in_channels,
+                "in_chans": v.in_channels,
+                "window_size": v.window_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            },
+        }

@@ -1,0 +1,83 @@
+"""Qwen2-VL's prompts and images as the official scripts make them (docs/method.md section 14)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..common.images import decode_image, to_rgb
+
+# docs/method.md section 2: images are resized to 280x280 = 20x20 patches of 14 = 100 merged image tokens
+IMAGE_TOKENS = 100
+MAX_LENGTH = 3400  # docs/method.md section 14: the official training script's total length cap
+# the planner's official training batch: image tokens, p bound, collated length, image side in pixels
+OFFICIAL_SHAPES = dict(image_tokens=IMAGE_TOKENS, prefix=512, seq_len=1216, image_side=280)
+PATCH_DIM = 1176  # 3 channels x 2 frames x 14 x 14 pixels per patch
+
+
+class QwenEncoder:
+    """Qwen2-VL: the prompt text is the user turn of the chat template (after its default system
+    turn), image first; the image is converted to RGB and resized to side x side (280 = 100 tokens)
+    as qwen_vl_utils does, then the processor patchifies it and expands `<|image_pad|>`."""
+
+    image_keys = ("pixel_values", "image_grid_thw")
+    image_placeholder = ""  # the image is its own content item, before the text
+
+    def __init__(self, processor, num_image_tokens: int | None = None):
+        self.processor = processor
+        ip = processor.image_processor
+        self.factor = int(ip.patch_size) * int(ip.merge_size)
+        n = IMAGE_TOKENS if num_image_tokens is None else int(num_image_tokens)
+        m = math.isqrt(max(n, 0))
+        if n < 1 or m * m != n:
+            raise ValueError(f"qwen2vl: num_image_tokens={n} must be a perfect square (a square image of "
+                             f"sqrt(n) x sqrt(n) merged patches)")
+        self.num_image_tokens = n
+        self.side = m * self.factor  # 10 * 28 = 280
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def _resized(self, data: bytes):
+        from PIL import Image
+
+        return to_rgb(decode_image(data)).resize((self.side, self.side), Image.Resampling.BICUBIC)
+
+    def process_image(self, data: bytes) -> dict[str, np.ndarray]:
+        out = self.processor.image_processor(images=[self._resized(data)], return_tensors="np")
+        return {"pixel_values": np.asarray(out["pixel_values"], np.float32),
+                "image_grid_thw": np.asarray(out["image_grid_thw"], np.int64)}
+
+    def prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray]]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        chat = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out = self.processor(text=[chat], images=[self._resized(data)], return_tensors="np")
+        ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
+        image = {"pixel_values": np.asarray(out["pixel_values"], np.float32),
+                 "image_grid_thw": np.asarray(out["image_grid_thw"], np.int64)}
+        count = sum(t == self.image_token_id for t in ids)
+        if count != self.num_image_tokens:
+            raise ValueError(f"qwen2vl: the prompt has {count} image tokens, expected {self.num_image_tokens} "
+                             f"(image processor: min/max pixels or patch size do not give a {self.side}x{self.side} "
+                             "image its full resolution)")
+        return ids, image
+
+    def official_prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
+        """The official evaluation prompt has the training format's framing (chat template, image first)."""
+        return *self.prompt(text, data), []
+
+
+ENCODER = QwenEncoder  # the family's encoder (see models.Family)
+
+
+def picture_geometry(image: dict) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(rows, columns) of merged image tokens and (width, height) in pixels of a processed image
+    (patches of 14 pixels, merged 2x2)."""
+    _, gh, gw = (int(v) for v in np.asarray(image["image_grid_thw"]).reshape(-1, 3)[0])
+    return (gh // 2, gw // 2), (gw * 14, gh * 14)
+
+
+def image_shapes(rows: int, image_tokens: int, image_side: int) -> dict:
+    """Shapes and dtypes of a batch's image arrays: one image per row, its patches stacked per image
+    ([rows, patches, PATCH_DIM], see `data.collate.stack_images`), and its grid."""
+    return {"pixel_values": ((rows, image_tokens * 4, PATCH_DIM), np.float32),
+            "image_grid_thw": ((rows, 3), np.int32)}
