@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from ..common.lm import DecoderLM, ModelOutput, is_concrete
-from ..qwen2vl.modeling import Qwen2VL, check_image_tokens
+from ..qwen2vl.modeling import Qwen2VL
 from .config import Qwen25VLConfig
 from .vision import VisionTower
 
@@ -66,8 +66,5 @@ class Qwen25VL(Qwen2VL):
     ) -> ModelOutput:
         refuse_video(input_ids, self.config, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                      second_per_grid_ts=second_per_grid_ts)
-        if pixel_values is not None and is_concrete(input_ids) and is_concrete(image_grid_thw):
-            check_image_tokens(np.asarray(input_ids), np.asarray(image_grid_thw), self.config)
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
-        pos = self.positions(input_ids, attention_mask, image_grid_thw, position_ids)
-        return self.forward_embeds(embeds, pos, attention_mask, output_hidden_states)
+        return super().__call__(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
+                                output_hidden_states=output_hidden_states)
