@@ -9,14 +9,13 @@ IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 290, 291, 292, 293
 TEXT_VOCAB = 280  # ordinary text ids are drawn below this
 
 
-def qwen2vl_config(tie_word_embeddings=False, **text_overrides):
-    from transformers import Qwen2VLConfig
-
+def _qwen_text_config(tie_word_embeddings, num_hidden_layers, text_overrides) -> dict:
+    """The tiny Qwen2 language model both Qwen VL configs use (M-RoPE over 2+3+3 frequency pairs)."""
     text = dict(
         vocab_size=300,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=3,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
@@ -24,16 +23,23 @@ def qwen2vl_config(tie_word_embeddings=False, **text_overrides):
         eos_token_id=None,
         bos_token_id=None,
     )
-    text.update(text_overrides, tie_word_embeddings=tie_word_embeddings)
+    return text | dict(text_overrides, tie_word_embeddings=tie_word_embeddings)
+
+
+QWEN_SPECIAL_TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                           vision_end_token_id=VISION_END)
+
+
+def qwen2vl_config(tie_word_embeddings=False, **text_overrides):
+    from transformers import Qwen2VLConfig
+
+    text = _qwen_text_config(tie_word_embeddings, 3, text_overrides)
     return Qwen2VLConfig(
         tie_word_embeddings=tie_word_embeddings,
         text_config=text,
         vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
+        **QWEN_SPECIAL_TOKENS,
     )
 
 
@@ -161,19 +167,7 @@ QWEN25VL_IMAGE_SIZES = ((84, 84), (112, 140))  # 6x6 and 8x10 patches: 3x3 and 4
 def qwen25vl_config(tie_word_embeddings=False, **text_overrides):
     from transformers import Qwen2_5_VLConfig
 
-    text = dict(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-        max_position_embeddings=512,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    text.update(text_overrides, tie_word_embeddings=tie_word_embeddings)
+    text = _qwen_text_config(tie_word_embeddings, 2, text_overrides)
     return Qwen2_5_VLConfig(
         tie_word_embeddings=tie_word_embeddings,
         text_config=text,
@@ -182,10 +176,7 @@ def qwen25vl_config(tie_word_embeddings=False, **text_overrides):
                            temporal_patch_size=2, in_channels=3, window_size=56,
                            fullatt_block_indexes=[1],  # blocks 0 and 2 windowed, block 1 full
                            initializer_range=0.1),  # peaked attention: a wrong window shows
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
+        **QWEN_SPECIAL_TOKENS,
     )
 
 

@@ -10,37 +10,36 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..qwen2vl.config import Qwen2VLConfig, VisionConfig
+from ..qwen2vl.config import Qwen2VLConfig, VisionConfig, VisionGeometry
 
-# the hub config.json of the released model (architecture fields only): the planner's input without a download
+
+def _released_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int,
+                     tied: bool) -> dict[str, Any]:
+    """A released Qwen2.5-VL-*-Instruct config.json (architecture fields only): the sizes differ, the
+    vision tower (all but its output width) and the special tokens are the same."""
+    return {
+        "model_type": "qwen2_5_vl", "hidden_size": hidden, "intermediate_size": intermediate,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "vocab_size": vocab, "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "tie_word_embeddings": tied,
+        "use_sliding_window": False, "image_token_id": 151655, "video_token_id": 151656,
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "bos_token_id": 151643, "eos_token_id": 151645,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                          "num_heads": 16, "in_chans": 3, "out_hidden_size": hidden, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    }
+
+
+# the hub config.json of the released models: the planner's input without a download
 HUB_CONFIGS = {
-    "Qwen/Qwen2.5-VL-7B-Instruct": {
-        "model_type": "qwen2_5_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-        "vocab_size": 152064, "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-        "tie_word_embeddings": False, "use_sliding_window": False, "image_token_id": 151655, "video_token_id": 151656,
-        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "bos_token_id": 151643, "eos_token_id": 151645,
-        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
-                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
-                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
-    },
-    "Qwen/Qwen2.5-VL-3B-Instruct": {
-        "model_type": "qwen2_5_vl", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-        "num_attention_heads": 16, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-        "vocab_size": 151936, "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-        "tie_word_embeddings": True, "use_sliding_window": False, "image_token_id": 151655, "video_token_id": 151656,
-        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "bos_token_id": 151643, "eos_token_id": 151645,
-        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
-                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
-                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
-    },
+    "Qwen/Qwen2.5-VL-7B-Instruct": _released_config(3584, 18944, 28, 28, 4, 152064, tied=False),
+    "Qwen/Qwen2.5-VL-3B-Instruct": _released_config(2048, 11008, 36, 16, 2, 151936, tied=True),
 }
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen25VisionConfig:
+class Qwen25VisionConfig(VisionGeometry):
     depth: int
     embed_dim: int  # transformers' vision `hidden_size`
     num_heads: int
@@ -56,16 +55,8 @@ class Qwen25VisionConfig:
     rope_theta: float = 10000.0
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
     def mlp_dim(self) -> int:
         return self.intermediate_size
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @property
     def window_merged(self) -> int:

@@ -23,8 +23,26 @@ HUB_CONFIGS = {
 }
 
 
+class VisionGeometry:
+    """What the Qwen vision configs (Qwen2-VL's, Qwen2.5-VL's) derive from their fields."""
+
+    embed_dim: int
+    num_heads: int
+    in_channels: int
+    temporal_patch_size: int
+    patch_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(VisionGeometry):
     depth: int
     embed_dim: int
     num_heads: int
@@ -38,16 +56,8 @@ class VisionConfig:
     rope_theta: float = 10000.0
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
     def mlp_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,33 +30,46 @@ def hf_renamer(config: Qwen2VLConfig):
 
 def weight_specs(config: Qwen2VLConfig) -> dict[tuple[str, ...], WeightSpec]:
     v = config.vision
-    D = config.text.hidden_size
-    E, Fv, M = v.embed_dim, v.mlp_dim, v.embed_dim * v.spatial_merge_size**2
+    E, Fv = v.embed_dim, v.mlp_dim
     blk = "visual.blocks.{i}."
-    specs = decoder_lm_specs(config.text, config.vocab_size, config.tie_word_embeddings)
-    specs |= {
-        ("visual", "patch_weight_pe"): WeightSpec(
-            "visual.patch_embed.proj.weight",
-            (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
-            True,
-        ),
-        ("visual", "blocks", "norm1_scale_e"): WeightSpec(blk + "norm1.weight", (E,)),
-        ("visual", "blocks", "norm1_bias_e"): WeightSpec(blk + "norm1.bias", (E,)),
-        ("visual", "blocks", "qkv_weight_e3nh"): WeightSpec(blk + "attn.qkv.weight", (3 * E, E), True),
-        ("visual", "blocks", "qkv_bias_3nh"): WeightSpec(blk + "attn.qkv.bias", (3 * E,)),
-        ("visual", "blocks", "proj_weight_nhe"): WeightSpec(blk + "attn.proj.weight", (E, E), True),
-        ("visual", "blocks", "proj_bias_e"): WeightSpec(blk + "attn.proj.bias", (E,)),
-        ("visual", "blocks", "norm2_scale_e"): WeightSpec(blk + "norm2.weight", (E,)),
-        ("visual", "blocks", "norm2_bias_e"): WeightSpec(blk + "norm2.bias", (E,)),
-        ("visual", "blocks", "fc1_weight_ef"): WeightSpec(blk + "mlp.fc1.weight", (Fv, E), True),
-        ("visual", "blocks", "fc1_bias_f"): WeightSpec(blk + "mlp.fc1.bias", (Fv,)),
-        ("visual", "blocks", "fc2_weight_fe"): WeightSpec(blk + "mlp.fc2.weight", (E, Fv), True),
-        ("visual", "blocks", "fc2_bias_e"): WeightSpec(blk + "mlp.fc2.bias", (E,)),
-        ("visual", "merger_norm_scale_e"): WeightSpec("visual.merger.ln_q.weight", (E,)),
-        ("visual", "merger_norm_bias_e"): WeightSpec("visual.merger.ln_q.bias", (E,)),
-        ("visual", "merger_fc1_weight_mm"): WeightSpec("visual.merger.mlp.0.weight", (M, M), True),
-        ("visual", "merger_fc1_bias_m"): WeightSpec("visual.merger.mlp.0.bias", (M,)),
-        ("visual", "merger_fc2_weight_md"): WeightSpec("visual.merger.mlp.2.weight", (D, M), True),
-        ("visual", "merger_fc2_bias_d"): WeightSpec("visual.merger.mlp.2.bias", (D,)),
+    mlp = {
+        "fc1_weight_ef": WeightSpec(blk + "mlp.fc1.weight", (Fv, E), True),
+        "fc1_bias_f": WeightSpec(blk + "mlp.fc1.bias", (Fv,)),
+        "fc2_weight_fe": WeightSpec(blk + "mlp.fc2.weight", (E, Fv), True),
+        "fc2_bias_e": WeightSpec(blk + "mlp.fc2.bias", (E,)),
     }
-    return specs
+    return (decoder_lm_specs(config.text, config.vocab_size, config.tie_word_embeddings)
+            | vision_tower_specs(v, config.text.hidden_size, mlp, norm_bias=True))
+
+
+def vision_tower_specs(v, out_dim: int, mlp: dict[str, WeightSpec], *, norm_bias: bool
+                       ) -> dict[tuple[str, ...], WeightSpec]:
+    """The vision tower's rows (patch embedding, blocks, patch merger) of both Qwen towers. `v`: the
+    vision config; `out_dim`: the merger's output width (the LM's); `mlp`: the blocks' MLP rows by
+    parameter name; `norm_bias`: LayerNorms with a bias (Qwen2-VL) or RMSNorms without (Qwen2.5-VL)."""
+    E, M = v.embed_dim, v.embed_dim * v.spatial_merge_size**2
+    blk = "visual.blocks.{i}."
+    block = {
+        "norm1_scale_e": WeightSpec(blk + "norm1.weight", (E,)),
+        "qkv_weight_e3nh": WeightSpec(blk + "attn.qkv.weight", (3 * E, E), True),
+        "qkv_bias_3nh": WeightSpec(blk + "attn.qkv.bias", (3 * E,)),
+        "proj_weight_nhe": WeightSpec(blk + "attn.proj.weight", (E, E), True),
+        "proj_bias_e": WeightSpec(blk + "attn.proj.bias", (E,)),
+        "norm2_scale_e": WeightSpec(blk + "norm2.weight", (E,)),
+        **mlp,
+    }
+    tower = {
+        "patch_weight_pe": WeightSpec("visual.patch_embed.proj.weight",
+                                      (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), True),
+        "merger_norm_scale_e": WeightSpec("visual.merger.ln_q.weight", (E,)),
+        "merger_fc1_weight_mm": WeightSpec("visual.merger.mlp.0.weight", (M, M), True),
+        "merger_fc1_bias_m": WeightSpec("visual.merger.mlp.0.bias", (M,)),
+        "merger_fc2_weight_md": WeightSpec("visual.merger.mlp.2.weight", (out_dim, M), True),
+        "merger_fc2_bias_d": WeightSpec("visual.merger.mlp.2.bias", (out_dim,)),
+    }
+    if norm_bias:
+        block |= {"norm1_bias_e": WeightSpec(blk + "norm1.bias", (E,)),
+                  "norm2_bias_e": WeightSpec(blk + "norm2.bias", (E,))}
+        tower["merger_norm_bias_e"] = WeightSpec("visual.merger.ln_q.bias", (E,))
+    return ({("visual", name): spec for name, spec in tower.items()}
+            | {("visual", "blocks", name): spec for name, spec in block.items()})
