@@ -9,8 +9,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from .common.loading import Path as ParamPath
-from .common.loading import WeightLoadError, with_values, variables_by_path
+from ..models.common.loading import Path as ParamPath
+from ..models.common.loading import WeightLoadError, with_values, variables_by_path
 
 
 def nest_paths(flat: dict[ParamPath, object]) -> dict:
