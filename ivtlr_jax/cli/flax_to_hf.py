@@ -30,26 +30,22 @@ complete.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ..io.atomic import atomic_output_folder, check_output_folder
 from ..io.hf_export import ExportError, save_hf
-from ..io.model_folder import FLAX_MARKER, from_pretrained, resolve_folder
+from ..io.model_folder import FLAX_MARKER, WEIGHT_FILES, from_pretrained, resolve_folder, stored_dtype
 from ..io.peft import default_peft_layout, write_adapter
-from ..io.safetensors import SafetensorsFolder
 from ..models import read_config
 from ..models.common.loading import WeightLoadError, variables_by_path, with_values
 from ..models.common.layers import DTYPES
 from . import make_parser
 
-COPY_SKIP_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 COPY_SKIP_NAMES = ("config.json", "model.safetensors.index.json", FLAX_MARKER)
 
 
@@ -64,20 +60,6 @@ class Loaded:
 
 def is_run_folder(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
-
-
-def stored_dtype(folder: Path) -> str:
-    """The storage dtype of a model folder's parameters (float32 when it cannot tell)."""
-    marker = folder / FLAX_MARKER
-    if marker.exists():
-        return json.loads(marker.read_text()).get("param_dtype", "float32")
-    src = SafetensorsFolder(folder)
-    for name in src.keys():
-        dt = np.dtype(src.get(name).dtype)
-        for key, value in DTYPES.items():
-            if dt == np.dtype(value):
-                return key
-    return "float32"
 
 
 def checkpoint_steps(run: Path) -> list[int]:
@@ -134,7 +116,7 @@ def write_hf(model: nnx.Module, folder: Path, loaded: Loaded, dtype: str) -> Non
     save_hf(model, folder)
     if loaded.files_from is not None:  # tokenizer, processor, chat template, generation config
         for f in loaded.files_from.iterdir():
-            if f.is_file() and not f.name.endswith(COPY_SKIP_SUFFIXES) and f.name not in COPY_SKIP_NAMES:
+            if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name not in COPY_SKIP_NAMES:
                 shutil.copy2(f, folder / f.name)
     if loaded.processor is not None:
         from ..data.tokenizer import save_processor

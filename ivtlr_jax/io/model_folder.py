@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..models import abstract_model, read_config
+from ..models.common.layers import DTYPES
 from ..models.common.loading import RenamedSource, load_params, variables_by_path
 from ..models.common.sharding import ShardingRules, state_shardings
 from .safetensors import SafetensorsFolder
@@ -31,6 +34,20 @@ def resolve_folder(path: str | os.PathLike, revision: str | None = None) -> Path
 
     return Path(snapshot_download(str(path), revision=revision,
                                   allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+
+
+def stored_dtype(folder: Path) -> str:
+    """The storage dtype of a model folder's parameters (float32 when it cannot tell)."""
+    marker = folder / FLAX_MARKER
+    if marker.exists():
+        return json.loads(marker.read_text()).get("param_dtype", "float32")
+    src = SafetensorsFolder(folder)
+    for name in src.keys():
+        dt = np.dtype(src.get(name).dtype)
+        for key, value in DTYPES.items():
+            if dt == np.dtype(value):
+                return key
+    return "float32"
 
 
 def from_pretrained(

@@ -1,5 +1,6 @@
 """Flax parameters as an orbax checkpoint (what `convert/hf_to_flax.py` writes; loads faster than
-safetensors because no layout conversion is needed)."""
+safetensors because no layout conversion is needed). The trainer's checkpoints (train/checkpoint.py) use
+the same nesting of parameter paths (`nest_paths`, `flatten_tree`)."""
 
 from __future__ import annotations
 
