@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ivtlr_jax.models import from_pretrained  # noqa: E402
+from ivtlr_jax.io import from_pretrained  # noqa: E402
 from tests import hf_tiny  # noqa: E402
 from bench.timing import timed, interleaved_median_ms  # noqa: E402
 

@@ -69,7 +69,7 @@ from flax import nnx  # noqa: E402
 
 from ivtlr_jax.latent import (IGNORE, LatentConfig, LatentShapes, image_inputs_of, ivtlr_loss,  # noqa: E402
                               latent_layout, latent_passes)
-from ivtlr_jax.models import from_pretrained  # noqa: E402
+from ivtlr_jax.io import from_pretrained  # noqa: E402
 from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.train.step import split_trainable  # noqa: E402
 from tests import hf_tiny  # noqa: E402

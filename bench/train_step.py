@@ -64,7 +64,8 @@ import torch  # noqa: E402
 
 from ivtlr_jax.config import OptimSection  # noqa: E402
 from ivtlr_jax.latent import LatentConfig, LatentShapes, latent_layout  # noqa: E402
-from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh  # noqa: E402
+from ivtlr_jax.io import from_pretrained  # noqa: E402
+from ivtlr_jax.models import ShardingRules, make_mesh  # noqa: E402
 from ivtlr_jax.models.common.sharding import state_shardings  # noqa: E402
 from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.train.optim import make_optimizer  # noqa: E402

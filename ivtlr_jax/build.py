@@ -14,7 +14,8 @@ from flax import nnx
 
 from .config import RunConfig
 from .data import load_processor, special_token_ids
-from .models import Family, from_pretrained, read_config, resolve_folder
+from .io import from_pretrained, resolve_folder
+from .models import Family, read_config
 from .models.common.layers import DTYPES
 from .models.common.lora import add_lora
 from .models.common.sharding import ShardingRules

@@ -24,7 +24,7 @@ from .data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_t
                    synthetic_rows)
 from .eval.run import eval_config_from_run, evaluate
 from .models import Qwen2VL, Qwen2VLConfig
-from .models.export import save_hf
+from .io import save_hf
 from .train.loop import train
 
 ROOT = Path("outputs/tiny")

@@ -53,7 +53,7 @@ def qwen(tiny_qwen2vl):
 
     folder = tiny_qwen2vl[0]
     hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-    from ivtlr_jax.models import from_pretrained
+    from ivtlr_jax.io import from_pretrained
 
     return folder, hf, from_pretrained(folder)
 
@@ -64,7 +64,7 @@ def qwen25(tiny_qwen25vl):
 
     folder = tiny_qwen25vl[0]
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-    from ivtlr_jax.models import from_pretrained
+    from ivtlr_jax.io import from_pretrained
 
     return folder, hf, from_pretrained(folder)
 
@@ -75,7 +75,7 @@ def chameleon(tiny_chameleon):
 
     folder = tiny_chameleon[0]
     hf = ChameleonForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-    from ivtlr_jax.models import from_pretrained
+    from ivtlr_jax.io import from_pretrained
 
     return folder, hf, from_pretrained(folder)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from ivtlr_jax.models import from_pretrained
+from ivtlr_jax.io import from_pretrained
 from tests import hf_tiny
 
 

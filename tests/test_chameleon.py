@@ -7,8 +7,9 @@ import pytest
 import torch
 from flax import nnx
 
-from ivtlr_jax.models import ShardingRules, WeightLoadError, from_pretrained, make_mesh
-from ivtlr_jax.models.common.safetensors_io import SafetensorsFolder, save_file
+from ivtlr_jax.io import from_pretrained
+from ivtlr_jax.models import ShardingRules, WeightLoadError, make_mesh
+from ivtlr_jax.io.safetensors import SafetensorsFolder, save_file
 from ivtlr_jax.sampling import greedy_generate
 from tests import hf_tiny
 

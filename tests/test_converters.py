@@ -19,9 +19,10 @@ from flax import nnx
 from ivtlr_jax.config import LoRASection, ModelSection, RunConfig
 from ivtlr_jax.data import build_tiny_qwen2vl_processor, load_processor, special_token_ids
 from ivtlr_jax.latent import LatentConfig, LatentShapes, ivtlr_loss, latent_layout
-from ivtlr_jax.models import WeightLoadError, from_pretrained
-from ivtlr_jax.models.common.safetensors_io import SafetensorsFolder
-from ivtlr_jax.models.convert import convert
+from ivtlr_jax.io import from_pretrained
+from ivtlr_jax.models import WeightLoadError
+from ivtlr_jax.io.safetensors import SafetensorsFolder
+from ivtlr_jax.io.hf_to_flax import convert
 from ivtlr_jax.io.official import OfficialCheckpointError, import_official
 from ivtlr_jax.train.checkpoint import TrainCheckpointer
 from ivtlr_jax.models.common.lora import OFFICIAL_TARGETS, LoRAConfig, add_lora, trainable_filter

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ivtlr_jax.models import from_pretrained
+from ivtlr_jax.io import from_pretrained
 from tests import hf_tiny
 
 
@@ -79,7 +79,7 @@ def test_remat_policies_give_the_same_gradients(tiny_qwen2vl, qwen2vl_batch):
 
 def test_loading_does_not_import_torch(tiny_qwen2vl):
     code = (
-        "import sys; from ivtlr_jax.models import from_pretrained; "
+        "import sys; from ivtlr_jax.io import from_pretrained; "
         f"from_pretrained({str(tiny_qwen2vl[0])!r}); "
         "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')"
     )

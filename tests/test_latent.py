@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from ivtlr_jax.latent import LatentConfig, LatentShapes, ivtlr_loss, latent_layout
-from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh, read_config
+from ivtlr_jax.io import from_pretrained
+from ivtlr_jax.models import ShardingRules, make_mesh, read_config
 from ivtlr_jax.models.common.loading import variables_by_path
 from tests import hf_tiny
 from tests.oracle_ivtlr import latent_batch, oracle_ivtlr

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from ivtlr_jax.models.convert import convert
-from ivtlr_jax.models import WeightLoadError, from_pretrained
-from ivtlr_jax.models.common.safetensors_io import CorruptCheckpointError, SafetensorsFolder, save_file
+from ivtlr_jax.io.hf_to_flax import convert
+from ivtlr_jax.io import from_pretrained
+from ivtlr_jax.models import WeightLoadError
+from ivtlr_jax.io.safetensors import CorruptCheckpointError, SafetensorsFolder, save_file
 from tests import hf_tiny
 
 
@@ -122,7 +123,7 @@ def test_orbax_checkpoint_with_wrong_shape_is_rejected(tiny_qwen2vl, tmp_path):
 
 
 def test_hf_flax_hf_round_trip_is_bit_identical(tiny_qwen2vl, tmp_path):
-    from ivtlr_jax.models.export import save_hf
+    from ivtlr_jax.io import save_hf
 
     save_hf(from_pretrained(tiny_qwen2vl[0]), tmp_path / "back")
     original, back = tensors_of(tiny_qwen2vl[0]), tensors_of(tmp_path / "back")
@@ -136,7 +137,7 @@ def test_random_flax_model_exported_runs_in_transformers(tmp_path, qwen2vl_batch
     from transformers import Qwen2VLForConditionalGeneration
 
     from ivtlr_jax.models import Qwen2VL, Qwen2VLConfig
-    from ivtlr_jax.models.export import save_hf
+    from ivtlr_jax.io import save_hf
 
     model = Qwen2VL(Qwen2VLConfig.from_hf(hf_tiny.qwen2vl_config().to_dict()), rngs=nnx.Rngs(3))
     save_hf(model, tmp_path / "hf")
@@ -151,7 +152,7 @@ def test_chameleon_export_round_trip(tiny_chameleon, tmp_path):
     transformers loads it with the same logits."""
     from transformers import ChameleonForConditionalGeneration
 
-    from ivtlr_jax.models.export import save_hf
+    from ivtlr_jax.io import save_hf
 
     folder, hf = tiny_chameleon
     save_hf(from_pretrained(folder), tmp_path / "back")

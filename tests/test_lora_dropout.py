@@ -44,7 +44,7 @@ def test_mask_under_jit_and_small_shapes():
 
 
 def test_lora_rejects_a_dropout_outside_0_1(tiny_qwen2vl):
-    from ivtlr_jax.models import from_pretrained
+    from ivtlr_jax.io import from_pretrained
     from ivtlr_jax.models.common.lora import LoRAConfig, add_lora
     model = from_pretrained(tiny_qwen2vl[0])
     with pytest.raises(ValueError, match=r"dropout: 1\.0 must be a finite number >= 0\.0 and < 1\.0"):

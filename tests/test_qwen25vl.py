@@ -13,8 +13,9 @@ import pytest
 import torch
 from flax import nnx
 
-from ivtlr_jax.models import FAMILIES, from_pretrained
-from ivtlr_jax.models.common.safetensors_io import SafetensorsFolder, save_file
+from ivtlr_jax.io import from_pretrained
+from ivtlr_jax.models import FAMILIES
+from ivtlr_jax.io.safetensors import SafetensorsFolder, save_file
 from ivtlr_jax.models.qwen25vl.config import HUB_CONFIGS, Qwen25VLConfig
 from ivtlr_jax.models.qwen25vl.vision import window_layout
 from ivtlr_jax.sampling import greedy_generate
@@ -222,7 +223,7 @@ def test_save_hf_folder_loads_in_transformers(tiny, tmp_path):
     """`save_hf` (our weight table backwards, our `to_hf` config) gives transformers the same model."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from ivtlr_jax.models.export import save_hf
+    from ivtlr_jax.io import save_hf
 
     hf = tiny[1]
     back = Qwen2_5_VLForConditionalGeneration.from_pretrained(save_hf(tiny[2], tmp_path / "hf")).eval()

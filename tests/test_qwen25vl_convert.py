@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from ivtlr_jax.cli.flax_to_hf import Loaded, default_peft_layout, without_lora, write_adapter, write_hf
-from ivtlr_jax.models import FLAX_MARKER, from_pretrained
+from ivtlr_jax.cli.flax_to_hf import Loaded, without_lora, write_hf
+from ivtlr_jax.io.peft import default_peft_layout, write_adapter
+from ivtlr_jax.io import FLAX_MARKER, from_pretrained
 from ivtlr_jax.models.common.lora import OFFICIAL_TARGETS, LoRAConfig, add_lora, merge_lora
-from ivtlr_jax.models.common.safetensors_io import SafetensorsFolder
+from ivtlr_jax.io.safetensors import SafetensorsFolder
 from tests import hf_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ivtlr_jax.models import from_pretrained
+from ivtlr_jax.io import from_pretrained
 from ivtlr_jax.sampling import greedy_generate
 from tests import hf_tiny
 

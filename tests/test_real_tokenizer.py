@@ -26,7 +26,7 @@ from ivtlr_jax.data import (CurriculumConfig, collate, load_examples, load_proce
                             special_token_ids, stage_tokens, synthetic_rows)
 from ivtlr_jax.data.tokenizer import QWEN2VL_CHAT_TEMPLATE, build_processor, save_processor
 from ivtlr_jax.latent import LatentConfig
-from ivtlr_jax.models import from_pretrained
+from ivtlr_jax.io import from_pretrained
 from ivtlr_jax.models.common.lora import LoRAConfig, trainable_filter
 from ivtlr_jax.build import add_latent_tokens
 from ivtlr_jax.train.optim import make_optimizer

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh
+from ivtlr_jax.io import from_pretrained
+from ivtlr_jax.models import ShardingRules, make_mesh
 from tests import hf_tiny
 
 

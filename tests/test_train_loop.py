@@ -134,7 +134,7 @@ def test_chameleon_trains_exports_and_evaluates(tmp_path):
     from ivtlr_jax.data.tokenizer import save_processor
     from ivtlr_jax.eval.run import EvalConfig, evaluate
     from ivtlr_jax.models import Chameleon, ChameleonConfig
-    from ivtlr_jax.models.export import save_hf
+    from ivtlr_jax.io import save_hf
 
     data, model_dir = tmp_path / "data", tmp_path / "model"
     make_synthetic_m3cot(data, 8, 4, seed=2, image_size=32, fixed_choices=True)

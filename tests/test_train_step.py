@@ -8,7 +8,8 @@ from flax import nnx
 
 from ivtlr_jax.config import ConfigError, OptimSection, load_config
 from ivtlr_jax.latent import LatentConfig, LatentShapes
-from ivtlr_jax.models import ShardingRules, from_pretrained, make_mesh
+from ivtlr_jax.io import from_pretrained
+from ivtlr_jax.models import ShardingRules, make_mesh
 from ivtlr_jax.train.checkpoint import TrainCheckpointer
 from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, merge_lora, trainable_filter
 from ivtlr_jax.train.optim import make_optimizer

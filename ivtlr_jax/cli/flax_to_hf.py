@@ -30,31 +30,23 @@ complete.
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import shutil
 import time
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from ..models import FAMILIES, FLAX_MARKER, from_pretrained, read_config, resolve_folder
+from ..io.atomic import atomic_output_folder, check_output_folder
+from ..io.hf_export import ExportError, save_hf
+from ..io.model_folder import FLAX_MARKER, WEIGHT_FILES, from_pretrained, resolve_folder, stored_dtype
+from ..io.peft import default_peft_layout, write_adapter
+from ..models import read_config
 from ..models.common.loading import WeightLoadError, variables_by_path, with_values
-from ..models.convert import atomic_output_folder, check_output_folder
 from ..models.common.layers import DTYPES
-from ..models.common.lora import PROJECTIONS
-from ..models.common.safetensors_io import NAMES, SafetensorsFolder, save_file
-from ..models.export import save_hf
 from . import make_parser
 
-COPY_SKIP_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 COPY_SKIP_NAMES = ("config.json", "model.safetensors.index.json", FLAX_MARKER)
-
-
-class ExportError(ValueError):
-    pass
 
 
 @dataclasses.dataclass
@@ -70,20 +62,6 @@ def is_run_folder(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
 
 
-def stored_dtype(folder: Path) -> str:
-    """The storage dtype of a model folder's parameters (float32 when it cannot tell)."""
-    marker = folder / FLAX_MARKER
-    if marker.exists():
-        return json.loads(marker.read_text()).get("param_dtype", "float32")
-    src = SafetensorsFolder(folder)
-    for name in src.keys():
-        dt = np.dtype(src.get(name).dtype)
-        for key, value in DTYPES.items():
-            if dt == np.dtype(value):
-                return key
-    return "float32"
-
-
 def checkpoint_steps(run: Path) -> list[int]:
     return sorted(int(p.name) for p in (run / "checkpoints").iterdir()
                   if p.is_dir() and p.name.isdigit() and (p / "trainable").is_dir())
@@ -93,7 +71,7 @@ def load_run(run: Path, step: int | None = None) -> Loaded:
     """The model of a training run at a checkpoint, rebuilt as the trainer built it."""
     from ..build import build_model
     from ..config import load_config
-    from ..models.checkpoint_io import restore_params
+    from ..io.orbax_params import restore_params
     from ..models.common.lora import trainable_filter
 
     cfg = load_config(run / "config.yaml")
@@ -132,95 +110,13 @@ def without_lora(model: nnx.Module) -> tuple[nnx.Module, object | None]:
     return model, lora
 
 
-def default_peft_layout() -> str:
-    import transformers
-    from packaging.version import Version
-
-    return "v5" if Version(transformers.__version__) >= Version("4.52.0") else "v4"
-
-
-def peft_module_name(hub_name: str, model_type: str, layout: str) -> str:
-    """A hub weight name (`model.layers.3.self_attn.q_proj.weight`) -> the module name PEFT uses in the
-    model of that transformers layout (`model.language_model.layers.3.self_attn.q_proj`)."""
-    module = hub_name[: -len(".weight")]
-    prefix = FAMILIES[model_type].peft_v5_prefix
-    if layout == "v5" and prefix is not None:
-        old, new = prefix
-        if module.startswith(old):
-            module = new + module[len(old):]
-    return module
-
-
-def adapter_tensors(model: nnx.Module, lora, layout: str) -> dict[str, np.ndarray]:
-    """Our adapters ([L, in..., r] and [L, r, out...]) as PEFT's lora_A [r, in] / lora_B [out, r] per layer."""
-    config = model.config
-    specs = FAMILIES[config.model_type].weight_specs(config)
-    out = {}
-    for name in lora.targets:
-        attr, _ = PROJECTIONS[name]
-        spec = specs[("layers", attr)]
-        a = np.asarray(getattr(lora, f"{name}_a")[...])
-        b = np.asarray(getattr(lora, f"{name}_b")[...])
-        rank = a.shape[-1]
-        for i in range(a.shape[0]):
-            module = peft_module_name(spec.hf_name.format(i=i), config.model_type, layout)
-            out[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, rank).T)
-            out[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(rank, -1).T)
-    return dict(sorted(out.items()))
-
-
-def peft_target_modules(config, targets, layout: str) -> str:
-    """PEFT's `target_modules` for our adapters: a regex (PEFT full-matches it against module names) of the
-    decoder layers' projections only. The bare names (`gate_proj`, ...) would also match modules of a vision
-    tower that has them (Qwen2.5-VL's `visual.blocks.N.mlp.gate_proj`), which PEFT would then adapt too."""
-    specs = FAMILIES[config.model_type].weight_specs(config)
-    layer = re.escape("{i}")
-    modules = []
-    for name in targets:
-        attr, _ = PROJECTIONS[name]
-        module = peft_module_name(specs[("layers", attr)].hf_name.format(i="{i}"), config.model_type, layout)
-        modules.append(re.escape(module).replace(layer, r"\d+"))
-    return "|".join(modules)
-
-
-def write_adapter(model: nnx.Module, lora, folder: Path, base_path: Path, dropout: float, layout: str) -> None:
-    folder.mkdir(parents=True)
-    tensors = adapter_tensors(model, lora, layout)
-    if any(np.dtype(t.dtype) not in NAMES for t in tensors.values()):
-        raise ExportError("adapter tensors of an unsupported dtype")
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    alpha = float(lora.scale * lora.rank)
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": str(base_path.resolve()),
-        "revision": None,
-        "inference_mode": True,
-        "r": int(lora.rank),
-        "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
-        "lora_dropout": float(dropout),
-        "target_modules": peft_target_modules(model.config, lora.targets, layout),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_rslora": False,
-        "use_dora": False,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
 def write_hf(model: nnx.Module, folder: Path, loaded: Loaded, dtype: str) -> None:
     if dtype != "auto":
         model = cast_params(model, DTYPES[dtype])
     save_hf(model, folder)
     if loaded.files_from is not None:  # tokenizer, processor, chat template, generation config
         for f in loaded.files_from.iterdir():
-            if f.is_file() and not f.name.endswith(COPY_SKIP_SUFFIXES) and f.name not in COPY_SKIP_NAMES:
+            if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name not in COPY_SKIP_NAMES:
                 shutil.copy2(f, folder / f.name)
     if loaded.processor is not None:
         from ..data.tokenizer import save_processor

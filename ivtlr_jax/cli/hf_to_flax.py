@@ -15,7 +15,8 @@ USAGE = "%(prog)s --hf MODEL --out DIR [--dtype DTYPE]"
 
 
 def main(argv=None, prog: str = "ivtlr-convert-hf-to-flax") -> None:
-    from ..models.convert import DTYPES, convert
+    from ..io.hf_to_flax import convert
+    from ..models.common.layers import DTYPES
 
     head, _, rest = __doc__.partition("\n\n")
     p = make_parser(prog, USAGE, head, rest)

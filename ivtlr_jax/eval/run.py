@@ -42,7 +42,9 @@ from ..data.collate import smallest_bucket, stack_images
 from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
 from ..models.common.layers import DTYPES
-from ..models import ShardingRules, family_named, from_pretrained, make_mesh, read_config, resolve_folder
+from ..io import from_pretrained, resolve_folder
+from ..io.atomic import write_atomic
+from ..models import ShardingRules, family_named, make_mesh, read_config
 from ..train.events import log_evaluation
 from ..train.step import batch_shardings
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
@@ -207,12 +209,6 @@ def setup_differences(recorded: dict, current: dict) -> list[str]:
             for k in keys if recorded.get(k, "<absent>") != current.get(k, "<absent>")]
 
 
-def write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def read_records(out_file: Path, log=print) -> list[dict]:
     """The records of an output file. A last line that is torn (not newline-terminated, or not JSON)
     is cut off the file (logged) so that its example is redone; any other bad line is an error naming
@@ -269,7 +265,7 @@ def prepare_output(out_file: Path, setup: dict, example_ids: list[str], log=prin
                                  f"({setup['split']}) under this setup, e.g. {foreign[:3]}; the data changed")
         return set(done)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(record_file, setup)
+    write_atomic(record_file, json.dumps(setup, indent=2) + "\n")
     out_file.write_text("")
     return set()
 

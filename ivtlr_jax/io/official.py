@@ -33,9 +33,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from ..models import FLAX_MARKER, FLAX_PARAMS_DIR, abstract_model, read_config, resolve_folder
+from ..models import abstract_model, read_config
 from ..models.common.loading import WeightLoadError, load_params
-from ..models.convert import WEIGHT_FILES, atomic_output_folder, check_output_folder
+from .atomic import atomic_output_folder, check_output_folder
+from .model_folder import FLAX_MARKER, FLAX_PARAMS_DIR, WEIGHT_FILES, resolve_folder
 
 OFFICIAL_LORA_ALPHA = 16.0  # lora_alpha of the official LoraConfig (r=64)
 WRAPPER_PREFIX = "base_causallm."
@@ -220,7 +221,7 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
     from ..data import load_processor
     from ..data.tokenizer import save_processor
     from ..models.common.vocab import LATENT_TOKENS
-    from ..models.checkpoint_io import save_params
+    from .orbax_params import save_params
 
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {dtype!r}: choose from {DTYPE_NAMES}")

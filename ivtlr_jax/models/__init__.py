@@ -1,23 +1,21 @@
-"""Model families and `from_pretrained`: a Hugging Face folder (or hub id) or a folder written by
-`convert/hf_to_flax.py`, streamed into a Flax NNX model."""
+"""Model families: the registry keyed by Hugging Face `model_type` (`FAMILIES`), a folder's config.json
+read into its family and config (`read_config`), and the shape-only model (`abstract_model`). Loading a
+model folder's weights is `ivtlr_jax.io`'s (`from_pretrained`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import jax.numpy as jnp
 from flax import nnx
 
-from .common.loading import RenamedSource, WeightLoadError, load_params, variables_by_path
-from .common.safetensors_io import SafetensorsFolder
-from .common.sharding import ShardingRules, make_mesh, state_shardings
+from .common.loading import WeightLoadError
+from .common.sharding import ShardingRules, make_mesh
 from .chameleon import params as chameleon_params
 from .chameleon import processing as chameleon_processing
 from .chameleon.config import ChameleonConfig
@@ -29,10 +27,6 @@ from .qwen2vl.modeling import Qwen2VL
 from .qwen25vl import params as qwen25vl_params
 from .qwen25vl.config import Qwen25VLConfig
 from .qwen25vl.modeling import Qwen25VL
-
-FLAX_MARKER = "ivtlr_jax.json"  # written by convert/hf_to_flax.py next to the orbax parameters
-FLAX_PARAMS_DIR = "flax_params"
-
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -94,20 +88,6 @@ def family_named(name: str) -> Family:
     raise ValueError(f"unknown model family {name!r}; choose from {sorted(f.name for f in FAMILIES.values())}")
 
 
-def resolve_folder(path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder as is; anything else is taken as a hub id and downloaded (weights, configs,
-    tokenizer and processor files only)."""
-    p = Path(path)
-    if p.is_dir():
-        return p
-    if p.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
-        raise FileNotFoundError(f"{path}: no such model folder (and not a hub id of the form namespace/name)")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path), revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-
-
 def read_config(folder: Path) -> tuple[Family, Any, dict]:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -125,49 +105,6 @@ def abstract_model(family: Family, config, **kwargs) -> nnx.Module:
     return nnx.eval_shape(lambda: family.model_cls(config, rngs=nnx.Rngs(0), **kwargs))
 
 
-def from_pretrained(
-    path: str | os.PathLike,
-    *,
-    dtype=jnp.float32,
-    param_dtype=None,
-    remat: str = "none",
-    rules: ShardingRules | None = None,
-    revision: str | None = None,
-    scan_layers: bool = True,
-) -> nnx.Module:
-    """Load a model folder into Flax.
-
-    dtype: compute dtype; param_dtype: storage dtype of the parameters (defaults to dtype).
-    rules: place parameters sharded on `rules.mesh` as they are read (default: one device).
-    scan_layers: see `DecoderLM` (False: unrolled layers, faster for shallow models).
-    """
-    folder = resolve_folder(path, revision)
-    family, config, _ = read_config(folder)
-    param_dtype = param_dtype or dtype
-    model = abstract_model(family, config, dtype=dtype, param_dtype=param_dtype, remat=remat, rules=rules,
-                           scan_layers=scan_layers)
-    graphdef, abstract_state = nnx.split(model)
-    shardings = None
-    if rules is not None:
-        by_path = variables_by_path(state_shardings(abstract_state, rules))
-        shardings = {p: v for p, v in by_path.items()}
-    if (folder / FLAX_MARKER).exists():
-        from .checkpoint_io import restore_params
-
-        state = restore_params(folder / FLAX_PARAMS_DIR, abstract_state, shardings)
-    else:
-        source = RenamedSource(SafetensorsFolder(folder), family.hf_renamer(config))
-        state = load_params(
-            abstract_state,
-            family.weight_specs(config),
-            source,
-            shardings=shardings,
-            stacked_prefixes=family.stacked,
-            origin=str(folder),
-        )
-    return nnx.merge(graphdef, state)
-
-
 __all__ = ["FAMILIES", "Family", "family_named", "Chameleon",
            "ChameleonConfig", "Qwen2VL", "Qwen2VLConfig", "ShardingRules", "WeightLoadError",
-           "from_pretrained", "make_mesh", "read_config"]
+           "make_mesh", "read_config"]

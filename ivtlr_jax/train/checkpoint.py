@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from .. import distributed
-from ..models.checkpoint_io import flatten_tree, nest_paths
+from ..io.orbax_params import flatten_tree, nest_paths
 from ..models.common.loading import with_values, variables_by_path
 
 DAMAGED_DIR = "damaged"

@@ -26,12 +26,12 @@ from ..build import build_model
 from ..config import ConfigError, RunConfig, differing_keys, to_dict
 from ..data import LatentShapes, epoch_order, load_examples, stage_of_epoch, stage_tokens
 from ..data.tokenizer import save_processor
+from ..io.atomic import atomic_output_folder, write_atomic
+from ..io.hf_export import save_hf
+from ..io.safetensors import read_header
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
-from ..models.common.safetensors_io import read_header
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
-from ..models.convert import atomic_output_folder
-from ..models.export import save_hf
 from .checkpoint import TrainCheckpointer
 from .events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
@@ -113,12 +113,6 @@ def write_run_config(cfg: RunConfig) -> None:
     """config.yaml, written once the model and data have loaded (a failed start leaves no trace)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=True))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_patch_budget(examples, image_token_id: int, k: int, source: str) -> None:

@@ -23,7 +23,7 @@ from .. import distributed
 from ..data import collate
 from ..data.collate import stack_images
 from ..models.common.sharding import ShardingRules
-from ..models.export import hf_entries
+from ..io.hf_export import hf_entries
 from .step import batch_shardings
 
 

@@ -1,5 +1,6 @@
 """Flax parameters as an orbax checkpoint (what `convert/hf_to_flax.py` writes; loads faster than
-safetensors because no layout conversion is needed)."""
+safetensors because no layout conversion is needed). The trainer's checkpoints (train/checkpoint.py) use
+the same nesting of parameter paths (`nest_paths`, `flatten_tree`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from .common.loading import Path as ParamPath
-from .common.loading import WeightLoadError, with_values, variables_by_path
+from ..models.common.loading import Path as ParamPath
+from ..models.common.loading import WeightLoadError, with_values, variables_by_path
 
 
 def nest_paths(flat: dict[ParamPath, object]) -> dict:

@@ -12,11 +12,17 @@ import numpy as np
 from flax import nnx
 
 from ..distributed import fetch
-from .common.loading import variables_by_path
-from .common.safetensors_io import write_streaming
+from ..models import FAMILIES
+from ..models.common.loading import variables_by_path
+from .safetensors import write_streaming
 
 TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
                      np.dtype(np.float16): "float16"}
+
+
+class ExportError(ValueError):
+    """A model that cannot be written as asked (no LoRA to write as an adapter, a checkpoint step that
+    is not there, ...)."""
 
 
 def save_hf(model: nnx.Module, folder: str | os.PathLike, family=None) -> Path:
@@ -32,8 +38,6 @@ def hf_entries(model: nnx.Module, family=None) -> tuple[list, dict]:
     """([(HF name, HF shape, dtype, read)], config.json's dict), sorted by name; `read()` returns one
     tensor on the host (gathered from the other processes when this one does not hold all of it, so in a
     multi-process run every process calls every `read` in this order)."""
-    from . import FAMILIES
-
     config = model.config
     family = family or FAMILIES[config.model_type]
     variables = variables_by_path(nnx.state(model))
