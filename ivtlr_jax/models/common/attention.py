@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .kv_cache import K_SPEC, V_SPEC
 from .layers import acc_dtype
 
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
@@ -26,9 +27,9 @@ def causal_mask(query_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
     return (key_slots[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :]
 
 
-# key/value layouts: "bskh" as projected ([B, S, K, H] both); "cache" as the KV cache stores them (keys
-# [B, K, S, H], values [B, K, H, S], see kv_cache.py)
-KV_EINSUMS = {"bskh": ("bskh", "bskh"), "cache": ("bksh", "bkhs")}
+# key/value layouts -> (key spec, value spec): "bskh" as projected ([B, S, K, H] both); "cache" one layer
+# of the KV cache, which owns that layout (kv_cache.py)
+KV_EINSUMS = {"bskh": ("bskh", "bskh"), "cache": (K_SPEC, V_SPEC)}
 
 
 def dot_product_attention(

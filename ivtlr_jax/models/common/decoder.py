@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import dot_product_attention, row_attention_probs
+from .kv_cache import to_cache_layout, write_chunk
 from .layers import activation, layer_norm, param, rms_norm
 from .lora import PROJECTIONS, token_einsum
 from .rope import apply_rope
@@ -134,11 +135,9 @@ def _layer(
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), rules)
     k = apply_rope(k, cos, sin)
 
-    if k_cache is not None:  # this layer's cache slice (kv_cache.py layouts); the chunk goes in at write_index
-        zero = jnp.zeros((), write_index.dtype)
-        new_kv = (jnp.einsum("btkh->bkth", k).astype(k_cache.dtype), jnp.einsum("btkh->bkht", v).astype(v_cache.dtype))
-        k_att = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (zero, zero, write_index, zero)).astype(dtype)
-        v_att = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (zero, zero, zero, write_index)).astype(dtype)
+    if k_cache is not None:  # this layer's cache slice (kv_cache.py layout); the chunk goes in at write_index
+        new_kv = to_cache_layout(k, v, k_cache.dtype)
+        k_att, v_att = (x.astype(dtype) for x in write_chunk(k_cache, v_cache, *new_kv, write_index))
         layout = "cache"
     else:
         new_kv = None
@@ -211,7 +210,5 @@ def run_decoder(
     h, (rows, all_hidden, new_kv) = jax.lax.scan(
         body, h, (state, jnp.arange(cfg.num_layers), k_cache, v_cache), unroll=unroll)
     if cache_kv is not None:  # new_kv: [L, B, K, T, H] and [L, B, K, H, T], written at slot write_index
-        zero = jnp.zeros((), write_index.dtype)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (zero, zero, zero, write_index, zero))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (zero, zero, zero, zero, write_index))
+        k_cache, v_cache = write_chunk(k_cache, v_cache, *new_kv, write_index)
     return DecoderOutput(h, None if cache_kv is None else (k_cache, v_cache), rows, all_hidden)
