@@ -111,6 +111,7 @@ def _layer(
     dtype,
     rules: ShardingRules | None,
     dropout_key: jax.Array | None = None,
+    attention_impl: str = "xla",
 ):
     """One layer on h [B, T, D]; `lp` holds one layer's parameters (the scanned slice)."""
     w = lambda v: v[...].astype(dtype)
@@ -143,7 +144,7 @@ def _layer(
         new_kv = None
         k_att, v_att, layout = k, v, "bskh"
     scale = cfg.head_dim**-0.5
-    attn = dot_product_attention(q, k_att, v_att, mask, scale, layout)
+    attn = dot_product_attention(q, k_att, v_att, mask, scale, layout, attention_impl)
     rows = None if prob_rows is None else row_attention_probs(q, k_att, mask, prob_rows, scale, layout)
     attn_out = proj("o_proj", attn)
     if cfg.swin_norm:
@@ -176,6 +177,7 @@ def run_decoder(
     rules: ShardingRules | None = None,
     dropout_key: jax.Array | None = None,
     unroll: bool = False,
+    attention_impl: str = "xla",
 ) -> DecoderOutput:
     """Scan the stacked layers over h [B, T, D].
 
@@ -185,6 +187,7 @@ def run_decoder(
     whose head-averaged attention probabilities are returned per layer. `dropout_key`: LoRA dropout
     (training), folded with the layer index. `unroll`: unroll the layer loop (`scan_layers=False`: faster
     for shallow models; and for cost analysis, since XLA counts a loop body once, whatever its trip count).
+    `attention_impl`: see attention.py (the one-row probabilities are exact either way).
     """
     graphdef, state = nnx.split(layers)
     if write_index is not None:
@@ -198,7 +201,7 @@ def run_decoder(
         lp = nnx.merge(graphdef, layer_state)
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
         h, new_kv, rows = _layer(lp, cfg, h, cos, sin, mask, k_layer, v_layer, write_index, prob_rows, dtype, rules,
-                                 key)
+                                 key, attention_impl)
         return h, (rows, h if collect_hidden else None, new_kv)
 
     if REMAT_POLICIES.get(remat, "?") == "?":
