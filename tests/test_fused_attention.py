@@ -3,13 +3,17 @@ default einsum path at fp32: the attention itself (both key/value layouts, GQA, 
 the decoder (left-padded prefill, chunks through the KV cache, a one-token decoding step), the Qwen2-VL
 and Qwen2.5-VL vision towers, and an IVT-LR loss with its gradients and selected patches."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ivtlr_jax.build import abstract_model
+from ivtlr_jax.config import ConfigError, RunConfig, load_config
 from ivtlr_jax.latent import LatentConfig
-from ivtlr_jax.models import from_pretrained
+from ivtlr_jax.models import from_pretrained, read_config
 from ivtlr_jax.models.common.attention import causal_mask, dot_product_attention
 from ivtlr_jax.models.common.kv_cache import to_cache_layout
 from ivtlr_jax.models.common.lm import DecoderLM
@@ -50,6 +54,15 @@ def test_fused_equals_xla_and_a_wrong_mask_does_not(layout):
 def test_unknown_attention_impl_is_refused(tiny_qwen2vl):
     with pytest.raises(ValueError, match="attention_impl"):
         from_pretrained(tiny_qwen2vl[0], attention_impl="flash")
+    with pytest.raises(ConfigError, match="attention_impl: 'flash'"):
+        load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml", ["model.attention_impl=flash"])
+
+
+def test_run_config_sets_the_models_attention_impl(tiny_qwen2vl):
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml", ["model.attention_impl=fused"])
+    family, config, _ = read_config(tiny_qwen2vl[0])
+    assert RunConfig().model.attention_impl == "xla"
+    assert abstract_model(cfg, family, config).attention_impl == "fused"
 
 
 @pytest.fixture(scope="module")
