@@ -4,7 +4,10 @@ The cache owns its layout: `K_SPEC` / `V_SPEC` are the einsum specs of one layer
 stacked arrays put the layer axis L in front), and every write goes through `to_cache_layout` +
 `write_chunk`. The layouts are the ones the attention dots read without a transpose (on XLA CPU a
 per-layer, per-step copy of the whole cache otherwise: ~60% of a batch-32 decoding step): keys
-[L, B, K, S, H] (kv-head major), values [L, B, K, H, S] (slots minor)."""
+[L, B, K, S, H] (kv-head major), values [L, B, K, H, S] (slots minor). The layout is the same whichever
+attention implementation the model runs: attention_impl="fused" reads a layer through a transpose to
+[B, S, K, H] (attention.py), so a cache passes between the latent loop, generation and the sampler
+without their knowing the model's option."""
 
 from __future__ import annotations
 
