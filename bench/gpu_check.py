@@ -46,7 +46,10 @@ timeout keeps what it finished):
   (median of the calls after the first).
 - attention: `jax.nn.dot_product_attention` with implementation="cudnn" vs "xla" on the prefill shapes
   (B=2, T=1216, 28 query / 4 KV heads of 128, causal, bf16): forward and forward+backward time, max
-  abs difference of the outputs; off GPU the cudnn side is "unavailable".
+  abs difference of the outputs; off GPU the cudnn side is "unavailable". Then the model's own attention
+  (`models.common.attention.dot_product_attention`, boolean [B, T, S] mask: causal, row 1 left-padded by
+  T/8) with attention_impl "xla" (einsums) vs "fused" (cuDNN on GPU where `cudnn_fits`, else XLA):
+  `model_xla`, `model_fused`, `model_fused_speedup_fwd(_bwd)`, `model_max_abs_diff`.
 
     python bench/gpu_check.py [--out gpu_check.json] [--layers 4] [--vision-depth 4] [--vocab 151660]
                               [--repeats 5] [--gen-batch 32] [--new-tokens 64] [--plan-flops]
@@ -99,6 +102,7 @@ from ivtlr_jax.data.collate import IGNORE, LatentShapes, collate  # noqa: E402
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate  # noqa: E402
 from ivtlr_jax.latent import LatentConfig, latent_layout  # noqa: E402
 from ivtlr_jax.models import FAMILIES  # noqa: E402
+from ivtlr_jax.models.common.attention import ATTENTION_IMPLS, causal_mask, dot_product_attention  # noqa: E402
 from ivtlr_jax.models.common.lora import add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
 from ivtlr_jax.models.qwen2vl.config import Qwen2VLConfig  # noqa: E402
@@ -602,8 +606,9 @@ def attention_section(check: Check) -> dict:
                            "dtype": "bfloat16"}}
     outputs = {}
 
-    def measure(impl: str) -> dict:
-        attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    def measure(impl: str, attend=None) -> dict:
+        if attend is None:
+            attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         fwd = jax.jit(attend)
         bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
         compile_s, y = timed(lambda: jax.block_until_ready(fwd(q, k, v)))
@@ -613,6 +618,17 @@ def attention_section(check: Check) -> dict:
         bwd_ms, _ = _median_ms(lambda: jax.block_until_ready(bwd(q, k, v)), max(args.repeats, 5))
         return {"fwd_ms": fwd_ms, "fwd_bwd_ms": bwd_ms, "first_call_s": round(compile_s, 3)}
 
+    check.log("attention: the model's, xla and fused")
+    left_pad = jnp.where(jnp.arange(b) == 1, t // 8, 0)[:, None]  # [B, 1]
+    mask = causal_mask(jnp.arange(t), jnp.arange(t)[None] >= left_pad)  # [B, T, T]
+    for impl in ATTENTION_IMPLS:
+        out[f"model_{impl}"] = measure(f"model_{impl}", lambda q, k, v, impl=impl: dot_product_attention(
+            q, k, v, mask, dim**-0.5, impl=impl))
+    valid = mask.any(-1)[:, :, None, None]  # rows with a key to see (fully masked rows are arbitrary)
+    diff = jnp.abs(outputs["model_fused"].astype(jnp.float32) - outputs["model_xla"].astype(jnp.float32))
+    out["model_max_abs_diff"] = float(jnp.max(jnp.where(valid, diff, 0)))
+    out["model_fused_speedup_fwd"] = out["model_xla"]["fwd_ms"] / out["model_fused"]["fwd_ms"]
+    out["model_fused_speedup_fwd_bwd"] = out["model_xla"]["fwd_bwd_ms"] / out["model_fused"]["fwd_bwd_ms"]
     check.log("attention: xla")
     out["xla"] = measure("xla")
     if jax.default_backend() != "gpu":
@@ -663,7 +679,9 @@ def summary(results: dict) -> list[str]:
         f"{r['compile_and_first_call_s']:.0f} s)")
 
     def attention(r):
-        text = f"xla fwd {r['xla']['fwd_ms']:.2f} ms, fwd+bwd {r['xla']['fwd_bwd_ms']:.2f} ms | cudnn "
+        text = (f"model fused/xla {r['model_fused_speedup_fwd']:.2f}x fwd, {r['model_fused_speedup_fwd_bwd']:.2f}x "
+                f"fwd+bwd (max|diff| {r['model_max_abs_diff']:.2e}) | ")
+        text += f"xla fwd {r['xla']['fwd_ms']:.2f} ms, fwd+bwd {r['xla']['fwd_bwd_ms']:.2f} ms | cudnn "
         c = r["cudnn"]
         if isinstance(c, str):
             return text + c[:100]

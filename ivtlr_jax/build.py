@@ -48,7 +48,7 @@ def build_model(cfg: RunConfig, *, rules: ShardingRules | None = None, dtype=Non
     compute, storage = model_dtypes(cfg)
     model = from_pretrained(folder, dtype=compute if dtype is None else dtype, param_dtype=storage,
                             remat=cfg.model.remat if remat is None else remat, rules=rules,
-                            scan_layers=cfg.model.scan_layers)
+                            scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl)
     ids = add_latent_tokens(model, processor)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora, seed=cfg.seed)
@@ -63,7 +63,8 @@ def abstract_model(cfg: RunConfig, family: Family, config, *, rules: ShardingRul
 
     def build():
         model = family.model_cls(config, dtype=compute, param_dtype=storage, remat=cfg.model.remat, rules=rules,
-                                 unroll_scans=unroll_scans, rngs=nnx.Rngs(0))
+                                 unroll_scans=unroll_scans, attention_impl=cfg.model.attention_impl,
+                                 rngs=nnx.Rngs(0))
         return add_lora(model, cfg.lora) if cfg.lora.enabled else model
 
     return nnx.eval_shape(build)

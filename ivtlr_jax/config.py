@@ -16,6 +16,7 @@ import yaml
 
 from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES, LatentConfig
 from .data.curriculum import CurriculumConfig
+from .models.common.attention import ATTENTION_IMPLS
 from .models.common.decoder import REMAT_POLICIES
 from .models.common.layers import DTYPES
 from .models.common.lora import LoRAConfig
@@ -58,11 +59,13 @@ class ModelSection:
     param_dtype: str = "bfloat16"  # storage of the frozen base weights (trainable ones are fp32)
     remat: str = "dots"  # none | full | dots | dots_no_batch
     scan_layers: bool = True  # False: unroll the layers (faster for shallow models, compile time grows with depth)
+    attention_impl: str = "xla"  # xla | fused (jax.nn.dot_product_attention: cuDNN on GPU where it fits)
 
     def __post_init__(self):
         _one_of(self.dtype, DTYPES, "dtype")
         _one_of(self.param_dtype, DTYPES, "param_dtype")
         _one_of(self.remat, REMAT_POLICIES, "remat")
+        _one_of(self.attention_impl, ATTENTION_IMPLS, "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)

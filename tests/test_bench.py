@@ -90,6 +90,9 @@ def test_gpu_check_smoke(tmp_path):
     attention = result["attention"]
     assert positive(attention["xla"]["fwd_ms"]) and positive(attention["xla"]["fwd_bwd_ms"]), attention
     assert attention["cudnn"].startswith("unavailable"), attention
+    for impl in ("model_xla", "model_fused"):  # the model's attention_impl options (XLA on CPU either way)
+        assert positive(attention[impl]["fwd_ms"]) and positive(attention[impl]["fwd_bwd_ms"]), attention
+    assert 0 <= attention["model_max_abs_diff"] < 1e-2, attention  # bf16
     batch = result["setup"]["batch"]
     assert batch["assembled_length"] == batch["collated_length"] + batch["latents"] * batch["k"]
     assert 0 < batch["shared_prefix"] < batch["first_latent"] <= batch["prefix_len"], batch

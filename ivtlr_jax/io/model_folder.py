@@ -59,18 +59,20 @@ def from_pretrained(
     rules: ShardingRules | None = None,
     revision: str | None = None,
     scan_layers: bool = True,
+    attention_impl: str = "xla",
 ) -> nnx.Module:
     """Load a model folder into Flax.
 
     dtype: compute dtype; param_dtype: storage dtype of the parameters (defaults to dtype).
     rules: place parameters sharded on `rules.mesh` as they are read (default: one device).
     scan_layers: see `DecoderLM` (False: unrolled layers, faster for shallow models).
+    attention_impl: see `DecoderLM` ("xla" einsums, or "fused": jax.nn.dot_product_attention).
     """
     folder = resolve_folder(path, revision)
     family, config, _ = read_config(folder)
     param_dtype = param_dtype or dtype
     model = abstract_model(family, config, dtype=dtype, param_dtype=param_dtype, remat=remat, rules=rules,
-                           scan_layers=scan_layers)
+                           scan_layers=scan_layers, attention_impl=attention_impl)
     graphdef, abstract_state = nnx.split(model)
     shardings = None
     if rules is not None:

@@ -1,6 +1,15 @@
 """Grouped-query attention with a padding/causal mask, plus the one-row attention probabilities that
 the IVT-LR latent loop ranks image patches with (docs/method.md section 6, step 1).
 
+Two implementations of the full attention, chosen by the model option `attention_impl`:
+- "xla" (default): explicit einsums over the keys/values in the layout they come in (the KV cache's is
+  read without a transpose), fp32 softmax;
+- "fused": `jax.nn.dot_product_attention`, with `implementation="cudnn"` (cuDNN's fused flash kernel)
+  where `cudnn_fits` says so (GPU, bf16/fp16, a head dim cuDNN takes, even T and S), else JAX's own XLA
+  implementation (CPU, fp32, decoding steps). It takes keys/values [B, S, K, H], so a cache layer is
+  read through a transpose (the cache keeps one layout whichever implementation reads it; kv_cache.py).
+The one-row probabilities (`row_attention_probs`) are always the exact einsum path.
+
 Shapes: B batch, T query length, S key length, N query heads, K key/value heads, H head dim.
 """
 
@@ -9,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .kv_cache import K_SPEC, V_SPEC
 from .layers import acc_dtype
 
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
@@ -26,15 +36,35 @@ def causal_mask(query_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
     return (key_slots[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :]
 
 
-# key/value layouts: "bskh" as projected ([B, S, K, H] both); "cache" as the KV cache stores them (keys
-# [B, K, S, H], values [B, K, H, S], see kv_cache.py)
-KV_EINSUMS = {"bskh": ("bskh", "bskh"), "cache": ("bksh", "bkhs")}
+# key/value layouts -> (key spec, value spec): "bskh" as projected ([B, S, K, H] both); "cache" one layer
+# of the KV cache, which owns that layout (kv_cache.py)
+KV_EINSUMS = {"bskh": ("bskh", "bskh"), "cache": (K_SPEC, V_SPEC)}
+
+
+ATTENTION_IMPLS = ("xla", "fused")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 128  # 256 from Hopper on; 128 holds on every GPU cuDNN's flash kernel runs on
+
+
+def cudnn_fits(q: jax.Array, s: int) -> bool:
+    """Whether cuDNN's fused kernel takes q [B, T, N, H] over S keys: on a GPU backend, bf16/fp16, H a
+    multiple of 8 up to CUDNN_MAX_HEAD_DIM, and T and S even (cuDNN refuses odd lengths with a mask when
+    differentiated, which is not known when the forward is traced)."""
+    _, t, _, h = q.shape
+    return (jax.default_backend() == "gpu" and q.dtype in CUDNN_DTYPES and h % 8 == 0
+            and h <= CUDNN_MAX_HEAD_DIM and t % 2 == 0 and s % 2 == 0)
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, layout: str = "bskh"
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, layout: str = "bskh",
+    impl: str = "xla",
 ) -> jax.Array:
-    """q [B, T, N, H], k/v in `layout` with S slots, mask [B, T, S] -> [B, T, N, H]. Softmax in fp32."""
+    """q [B, T, N, H], k/v in `layout` with S slots, mask [B, T, S] (or [1, T, S]) -> [B, T, N, H]. Softmax
+    in fp32. impl: one of ATTENTION_IMPLS (module docstring)."""
+    if impl == "fused":
+        return fused_attention(q, k, v, mask, scale, layout)
+    if impl != "xla":
+        raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
     b, t, n, h = q.shape
     k_spec, v_spec = KV_EINSUMS[layout]
     kv_heads = k.shape[k_spec.index("k")]
@@ -44,6 +74,19 @@ def dot_product_attention(
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum(f"bkgts,{v_spec}->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, layout: str = "bskh"
+) -> jax.Array:
+    """`dot_product_attention` through `jax.nn.dot_product_attention` (cuDNN where `cudnn_fits`, else
+    XLA). Keys/values in the cache layout are transposed to [B, S, K, H] first."""
+    k_spec, v_spec = KV_EINSUMS[layout]
+    k = jnp.einsum(f"{k_spec}->bskh", k).astype(q.dtype)  # [B, S, K, H]
+    v = jnp.einsum(f"{v_spec}->bskh", v).astype(q.dtype)
+    implementation = "cudnn" if cudnn_fits(q, k.shape[1]) else "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,  # mask [B, 1, T, S]
+                                        implementation=implementation)
 
 
 def row_attention_probs(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import dot_product_attention, row_attention_probs
+from .kv_cache import to_cache_layout, write_chunk
 from .layers import activation, layer_norm, param, rms_norm
 from .lora import PROJECTIONS, token_einsum
 from .rope import apply_rope
@@ -110,6 +111,7 @@ def _layer(
     dtype,
     rules: ShardingRules | None,
     dropout_key: jax.Array | None = None,
+    attention_impl: str = "xla",
 ):
     """One layer on h [B, T, D]; `lp` holds one layer's parameters (the scanned slice)."""
     w = lambda v: v[...].astype(dtype)
@@ -134,17 +136,15 @@ def _layer(
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), rules)
     k = apply_rope(k, cos, sin)
 
-    if k_cache is not None:  # this layer's cache slice (kv_cache.py layouts); the chunk goes in at write_index
-        zero = jnp.zeros((), write_index.dtype)
-        new_kv = (jnp.einsum("btkh->bkth", k).astype(k_cache.dtype), jnp.einsum("btkh->bkht", v).astype(v_cache.dtype))
-        k_att = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (zero, zero, write_index, zero)).astype(dtype)
-        v_att = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (zero, zero, zero, write_index)).astype(dtype)
+    if k_cache is not None:  # this layer's cache slice (kv_cache.py layout); the chunk goes in at write_index
+        new_kv = to_cache_layout(k, v, k_cache.dtype)
+        k_att, v_att = (x.astype(dtype) for x in write_chunk(k_cache, v_cache, *new_kv, write_index))
         layout = "cache"
     else:
         new_kv = None
         k_att, v_att, layout = k, v, "bskh"
     scale = cfg.head_dim**-0.5
-    attn = dot_product_attention(q, k_att, v_att, mask, scale, layout)
+    attn = dot_product_attention(q, k_att, v_att, mask, scale, layout, attention_impl)
     rows = None if prob_rows is None else row_attention_probs(q, k_att, mask, prob_rows, scale, layout)
     attn_out = proj("o_proj", attn)
     if cfg.swin_norm:
@@ -177,6 +177,7 @@ def run_decoder(
     rules: ShardingRules | None = None,
     dropout_key: jax.Array | None = None,
     unroll: bool = False,
+    attention_impl: str = "xla",
 ) -> DecoderOutput:
     """Scan the stacked layers over h [B, T, D].
 
@@ -186,6 +187,7 @@ def run_decoder(
     whose head-averaged attention probabilities are returned per layer. `dropout_key`: LoRA dropout
     (training), folded with the layer index. `unroll`: unroll the layer loop (`scan_layers=False`: faster
     for shallow models; and for cost analysis, since XLA counts a loop body once, whatever its trip count).
+    `attention_impl`: see attention.py (the one-row probabilities are exact either way).
     """
     graphdef, state = nnx.split(layers)
     if write_index is not None:
@@ -199,7 +201,7 @@ def run_decoder(
         lp = nnx.merge(graphdef, layer_state)
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
         h, new_kv, rows = _layer(lp, cfg, h, cos, sin, mask, k_layer, v_layer, write_index, prob_rows, dtype, rules,
-                                 key)
+                                 key, attention_impl)
         return h, (rows, h if collect_hidden else None, new_kv)
 
     if REMAT_POLICIES.get(remat, "?") == "?":
@@ -211,7 +213,5 @@ def run_decoder(
     h, (rows, all_hidden, new_kv) = jax.lax.scan(
         body, h, (state, jnp.arange(cfg.num_layers), k_cache, v_cache), unroll=unroll)
     if cache_kv is not None:  # new_kv: [L, B, K, T, H] and [L, B, K, H, T], written at slot write_index
-        zero = jnp.zeros((), write_index.dtype)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (zero, zero, zero, write_index, zero))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (zero, zero, zero, zero, write_index))
+        k_cache, v_cache = write_chunk(k_cache, v_cache, *new_kv, write_index)
     return DecoderOutput(h, None if cache_kv is None else (k_cache, v_cache), rows, all_hidden)

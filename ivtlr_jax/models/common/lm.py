@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import causal_mask
+from .attention import ATTENTION_IMPLS, causal_mask
 from .decoder import DecoderConfig, DecoderLayers, run_decoder
 from .kv_cache import KVCache
 from .layers import acc_dtype, param, rms_norm
@@ -37,13 +37,17 @@ class DecoderLM(nnx.Module):
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                  rules: ShardingRules | None = None, scan_layers: bool = True, unroll_scans: bool = False,
-                 rngs: nnx.Rngs):
+                 attention_impl: str = "xla", rngs: nnx.Rngs):
         """scan_layers: run the stacked layers (decoder and vision tower) under `lax.scan`, so compile time
         does not grow with depth (the default, for 7B models); False unrolls them, which runs faster for
         shallow models (no per-iteration slicing of weights and residuals: ~10% of a 4-layer training step
         on CPU) at the price of a compile time proportional to depth. unroll_scans: also unroll the loops
         over latent passes and loss chunks, so that XLA's cost analysis counts each iteration (the
-        planner's FLOP count)."""
+        planner's FLOP count). attention_impl: "xla" (explicit einsums) or "fused"
+        (`jax.nn.dot_product_attention`, cuDNN on GPU where it fits) for the decoder's and the vision
+        tower's attentions; see common/attention.py."""
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {attention_impl!r}; choose from {ATTENTION_IMPLS}")
         text: DecoderConfig = config.text
         D, V = text.hidden_size, config.vocab_size
         self.config = config
@@ -52,6 +56,7 @@ class DecoderLM(nnx.Module):
         self.remat = remat
         self.scan_layers = scan_layers
         self.unroll_scans = unroll_scans
+        self.attention_impl = attention_impl
         self.rules = rules
         self.embed_vd = param(rngs, (V, D), ("vocab", "embed"), param_dtype)
         self.layers = DecoderLayers(text, param_dtype=param_dtype, rngs=rngs)
@@ -104,7 +109,7 @@ class DecoderLM(nnx.Module):
             self.layers, self.text_config, embeds.astype(self.dtype), cos, sin, mask,
             cache_kv=cache_kv, write_index=write_index, prob_rows=prob_rows, collect_hidden=collect_hidden,
             remat=self.remat, dtype=self.dtype, rules=self.rules, dropout_key=dropout_key,
-            unroll=self.unroll_layers,
+            unroll=self.unroll_layers, attention_impl=self.attention_impl,
         )
         new_cache = None
         if cache is not None:

@@ -30,7 +30,7 @@ def refuse_video(input_ids=None, config: Qwen25VLConfig | None = None, **video) 
 
 class Qwen25VL(Qwen2VL):
     def __init__(self, config: Qwen25VLConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs, **options):
-        """options: dtype (compute), remat, rules, scan_layers (see DecoderLM)."""
+        """options: dtype (compute), remat, rules, scan_layers, attention_impl (see DecoderLM)."""
         DecoderLM.__init__(self, config, param_dtype=param_dtype, rngs=rngs, **options)  # not Qwen2-VL's tower
         self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
 

@@ -78,7 +78,7 @@ def window_layout(image_grid_thw: jax.Array, num_patches: int, cfg: Qwen25Vision
 
 
 def chunked_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: jax.Array, width: int,
-                             scale: float) -> jax.Array:
+                             scale: float, impl: str = "xla") -> jax.Array:
     """Attention within windows: q, k, v [Np, N, H] with window ids [Np], each window contiguous and at
     most `width` long -> [Np, N, H]. Query chunk i (`width` rows) sees key chunks i-1, i, i+1."""
     n = q.shape[0]
@@ -97,21 +97,21 @@ def chunked_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: j
     wk = neighbours(wq, -2)
     kn, vn = neighbours(chunks(k, 0), 0), neighbours(chunks(v, 0), 0)
     mask = wq[:, :, None] == wk[:, None, :]  # [nc, width, 3 * width]
-    out = dot_product_attention(chunks(q, 0), kn, vn, mask, scale)  # [nc, width, N, H]
+    out = dot_product_attention(chunks(q, 0), kn, vn, mask, scale, impl=impl)  # [nc, width, N, H]
     return out.reshape(nc * width, *q.shape[1:])[:n]
 
 
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array, frame_len: int | None,
-                   scale: float) -> jax.Array:
+                   scale: float, impl: str = "xla") -> jax.Array:
     """Attention within each frame: q, k, v [Np, N, H] (frames contiguous) -> [Np, N, H]. With
     `frame_len` (every frame that long) per frame, else under a [Np, Np] block-diagonal mask."""
     n = q.shape[0]
     if frame_len is None:
         mask = (segment[:, None] == segment[None, :])[None]  # [1, Np, Np]
-        return dot_product_attention(q[None], k[None], v[None], mask, scale)[0]
+        return dot_product_attention(q[None], k[None], v[None], mask, scale, impl=impl)[0]
     frames = lambda t: t.reshape(n // frame_len, frame_len, *t.shape[1:])  # [frames, frame_len, N, H]
     mask = jnp.ones((n // frame_len, frame_len, frame_len), bool)
-    return dot_product_attention(frames(q), frames(k), frames(v), mask, scale).reshape(q.shape)
+    return dot_product_attention(frames(q), frames(k), frames(v), mask, scale, impl=impl).reshape(q.shape)
 
 
 class VisionTower(nnx.Module):
@@ -136,10 +136,12 @@ class VisionTower(nnx.Module):
         rules: ShardingRules | None = None,
         frame_len: int | None = None,
         unroll: bool = False,
+        attention_impl: str = "xla",
     ) -> jax.Array:
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D],
         in the processor's order. frame_len: static, every frame has this many patches (the full blocks
-        then attend per frame instead of under a [Np, Np] mask); the model finds it, not its callers."""
+        then attend per frame instead of under a [Np, Np] mask); the model finds it, not its callers.
+        attention_impl: see common/attention.py."""
         num_patches = pixel_values.shape[0]
         unit = cfg.spatial_merge_size**2
         if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
@@ -160,8 +162,9 @@ class VisionTower(nnx.Module):
         act = activation(cfg.hidden_act)
 
         full_flags = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)  # static, per block
-        attend_window = lambda q, k, v: chunked_window_attention(q, k, v, window, cfg.window_patches, scale)
-        attend_full = lambda q, k, v: full_attention(q, k, v, segment, frame_len, scale)
+        attend_window = lambda q, k, v: chunked_window_attention(q, k, v, window, cfg.window_patches, scale,
+                                                                 attention_impl)
+        attend_full = lambda q, k, v: full_attention(q, k, v, segment, frame_len, scale, attention_impl)
         graphdef, state = nnx.split(self.blocks)
 
         def block(x, xs):

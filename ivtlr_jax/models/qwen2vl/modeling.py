@@ -22,7 +22,7 @@ from .vision import VisionTower
 
 class Qwen2VL(DecoderLM):
     def __init__(self, config: Qwen2VLConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs, **options):
-        """options: dtype (compute), remat, rules, scan_layers (see DecoderLM)."""
+        """options: dtype (compute), remat, rules, scan_layers, attention_impl (see DecoderLM)."""
         super().__init__(config, param_dtype=param_dtype, rngs=rngs, **options)
         self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
 
@@ -42,7 +42,8 @@ class Qwen2VL(DecoderLM):
         if is_concrete(image_grid_thw):
             frame_len = uniform_frame_len(np.asarray(image_grid_thw))
         return self.visual(self.config.vision, pixel_values, image_grid_thw, dtype=self.dtype, remat=self.remat,
-                           rules=self.rules, frame_len=frame_len, unroll=self.unroll_layers)
+                           rules=self.rules, frame_len=frame_len, unroll=self.unroll_layers,
+                           attention_impl=self.attention_impl)
 
     def embed_inputs(
         self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None,

@@ -88,12 +88,14 @@ class VisionTower(nnx.Module):
         rules: ShardingRules | None = None,
         frame_len: int | None = None,
         unroll: bool = False,
+        attention_impl: str = "xla",
     ) -> jax.Array:
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D].
 
         frame_len: a static promise that every image frame has this many patches (e.g. all images
         resized to 280x280). Attention then runs per frame ([Np / frame_len] blocks of frame_len^2)
-        instead of over one [Np, Np] block-diagonal mask; the result is the same."""
+        instead of over one [Np, Np] block-diagonal mask; the result is the same. attention_impl: see
+        common/attention.py."""
         num_patches = pixel_values.shape[0]
         if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
             raise ValueError(f"pixel_values must be [num_patches, {cfg.patch_dim}], got {pixel_values.shape}")
@@ -118,10 +120,12 @@ class VisionTower(nnx.Module):
             q = apply_vision_rope(qkv[:, 0], cos, sin)
             k = apply_vision_rope(qkv[:, 1], cos, sin)
             if frame_len is None:
-                attn = dot_product_attention(q[None], k[None], qkv[None, :, 2], mask, cfg.head_dim**-0.5)[0]
+                attn = dot_product_attention(q[None], k[None], qkv[None, :, 2], mask, cfg.head_dim**-0.5,
+                                             impl=attention_impl)[0]
             else:
                 frames = lambda t: t.reshape(-1, frame_len, *t.shape[1:])  # [frames, frame_len, heads, H]
-                attn = dot_product_attention(frames(q), frames(k), frames(qkv[:, 2]), mask, cfg.head_dim**-0.5)
+                attn = dot_product_attention(frames(q), frames(k), frames(qkv[:, 2]), mask, cfg.head_dim**-0.5,
+                                             impl=attention_impl)
                 attn = attn.reshape(num_patches, *attn.shape[2:])
             x = x + jnp.einsum("pnh,nhe->pe", attn, w(b.proj_weight_nhe)) + w(b.proj_bias_e)
             y = layer_norm(x, b.norm2_scale_e[...], b.norm2_bias_e[...], LN_EPS)
