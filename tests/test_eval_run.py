@@ -15,6 +15,7 @@ import yaml
 from ivtlr_jax.demo import prepare
 from ivtlr_jax.eval import run as eval_run
 from ivtlr_jax.eval.run import EvalConfig, EvalSetupError, evaluate, setup_path
+from ivtlr_jax.generate import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -167,9 +168,16 @@ def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
 
     monkeypatch.setattr(eval_run, "from_pretrained", fake_from_pretrained)
     with pytest.raises(Stop):
-        evaluate(assets / "model", eval_cfg(assets, dtype="bfloat16", param_dtype="float32"), tmp_path / "e.jsonl",
-                 **QUIET)
-    assert (str(loaded["dtype"]), str(loaded["param_dtype"])) == ("bfloat16", "float32")
+        evaluate(assets / "model", eval_cfg(assets, dtype="bfloat16", param_dtype="float32", attention_impl="fused"),
+                 tmp_path / "e.jsonl", **QUIET)
+    assert (str(loaded["dtype"]), str(loaded["param_dtype"]), loaded["attention_impl"]) == ("bfloat16", "float32",
+                                                                                            "fused")
+    # a setup with fused attention says so (it rounds otherwise in bf16); the default one keeps its old keys
+    assert eval_run.eval_setup(assets / "model", eval_cfg(assets, attention_impl="fused"), SamplingConfig()
+                               )["attention_impl"] == "fused"
+    assert "attention_impl" not in eval_run.eval_setup(assets / "model", eval_cfg(assets), SamplingConfig())
+    with pytest.raises(ValueError, match=r"attention_impl='flash' is not supported; choose from \['xla', 'fused'\]"):
+        EvalConfig("m3cot", "x", attention_impl="flash")
     assert EvalConfig("m3cot", "x").dtype == "bfloat16"  # the official evaluation's precision by default
     with pytest.raises(ValueError, match=r"dtype='fp8' is not supported; choose from \['float32', 'bfloat16'"):
         EvalConfig("m3cot", "x", dtype="fp8")

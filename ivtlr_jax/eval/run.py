@@ -41,6 +41,7 @@ from ..data import load_examples, load_processor, materialize, special_token_ids
 from ..data.collate import smallest_bucket, stack_images
 from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
+from ..models.common.attention import ATTENTION_IMPLS
 from ..models.common.layers import DTYPES
 from ..io import from_pretrained, resolve_folder
 from ..io.atomic import write_atomic
@@ -74,6 +75,7 @@ class EvalConfig:
     limit: int | None = None
     length_buckets: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
     scan_layers: bool = True  # see DecoderLM
+    attention_impl: str = "xla"  # see DecoderLM: xla | fused
     prompt_format: str = "train"  # or "official": the official evaluation scripts' prompts (data.load_examples)
     dtype: str = "bfloat16"  # compute dtype (docs/method.md section 16: the official evaluation runs in bfloat16)
     param_dtype: str | None = None  # storage dtype of the weights (None: dtype)
@@ -84,6 +86,9 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"eval config: {name}={value!r} is not supported; choose from {list(DTYPES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"eval config: attention_impl={self.attention_impl!r} is not supported; choose from "
+                             f"{list(ATTENTION_IMPLS)}")
         if self.devices is not None and self.devices < 1:
             raise ValueError(f"eval config: devices={self.devices}; must be >= 1 (or None for all local devices)")
         if self.batch_size < 1:
@@ -99,8 +104,8 @@ def eval_config_from_run(cfg, **overrides) -> EvalConfig:
     scanning and dtypes (`model.dtype`, `model.param_dtype`); `overrides` replace any field."""
     base = dict(dataset=cfg.data.dataset, source=cfg.data.source, split=cfg.data.eval_split,
                 num_selected_patches=cfg.latent.num_selected_patches, patch_order=cfg.latent.patch_order,
-                rope=cfg.latent.rope, scan_layers=cfg.model.scan_layers, dtype=cfg.model.dtype,
-                param_dtype=cfg.model.param_dtype)
+                rope=cfg.latent.rope, scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl,
+                dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
     base.update(overrides)
     return EvalConfig(**base)
 
@@ -192,6 +197,9 @@ def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> di
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "limit": cfg.limit,
+        # fused attention (cuDNN on GPU) rounds otherwise than the einsums in bf16; written only when chosen,
+        # so the outputs of earlier setups (all "xla") still resume
+        **({"attention_impl": cfg.attention_impl} if cfg.attention_impl != "xla" else {}),
     }
 
 
@@ -314,7 +322,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     todo = [ex for ex in examples if ex.id not in set(done)]
 
     model = from_pretrained(model_dir, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.storage_dtype),
-                            rules=rules, scan_layers=cfg.scan_layers)
+                            rules=rules, scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl)
     log(f"evaluating {model_dir} on {cfg.dataset}/{cfg.split} ({cfg.prompt_format} prompts, {cfg.dtype}): "
         f"{len(examples)} examples ({report}); {len(done)} already in {out_file}, {len(todo)} to do; "
         f"{rows} rows per batch over {n_dev * procs} device(s)" + (f" of {procs} processes" if procs > 1 else "")
