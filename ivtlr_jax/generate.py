@@ -140,25 +140,24 @@ def _generate(model, batch, latent, sampling, key, shapes: LatentShapes, suffix_
     if n:
         p = first_latent_index(batch["input_ids"], latent.latent_token_id)
         positions = sequence_positions(model, latent, batch, p)
-        tail_pos = positions[1]
         counts = jnp.sum(batch["input_ids"] == latent.latent_token_id, axis=1)  # [B] c_r
         gap = chain_gap(counts, n, latent.num_selected_patches)  # [B] masked chain slots of rows with fewer latents
 
         def row_pos(slots):  # cache slots [T] after the chain -> [B, T] (or [3, B, T]) positions the rows have alone
-            return tail_pos(slots[None] - gap[:, None])
+            return positions.tail(slots[None] - gap[:, None])
 
-        selected, _, cache, h_last, p = latent_passes(model, latent, embeds, batch, n=n, prefix_len=prefix_len,
-                                                      extra_cache=suffix_len + sampling.max_new_tokens,
-                                                      positions=positions)
+        chain = latent_passes(model, latent, embeds, batch, p, positions, n=n, prefix_len=prefix_len,
+                              extra_cache=suffix_len + sampling.max_new_tokens)
+        selected, cache, h_last = chain.selected, chain.cache, chain.h_last
         if suffix_len:  # the prompt's tokens after the latents continue the sequence
             o = model.decode(embeds[:, embeds.shape[1] - suffix_len:], row_pos(cache.end + jnp.arange(suffix_len)),
                              jnp.ones((b, suffix_len), bool), cache=cache)
             cache, h_last = o.cache, o.hidden[:, -1]
     else:  # no latents: an ordinary prompt
-        p = jnp.int32(prefix_len)
-        prefix_pos, row_pos = sequence_positions(model, latent, batch, p)
+        positions = sequence_positions(model, latent, batch, jnp.int32(prefix_len))
+        row_pos = positions.tail
         cache = model.init_cache(b, prefix_len + sampling.max_new_tokens)
-        out = model.decode(embeds, prefix_pos, batch["attention_mask"], cache=cache)
+        out = model.decode(embeds, positions.own, batch["attention_mask"], cache=cache)
         cache, h_last = out.cache, out.hidden[:, -1]
         selected = jnp.zeros((0, b, latent.num_selected_patches), jnp.int32)
 

@@ -47,7 +47,7 @@ equal those of the row alone. With equal counts nothing changes (all rows have e
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,21 @@ class LatentAux(NamedTuple):
     labels: jax.Array  # [B, S + n*K] labels, right-aligned per row by c_r*K
     positions: jax.Array  # positions of the final sequence ([B, L] or [3, B, L])
     num_tokens: jax.Array  # [] supervised tokens in the batch
+
+
+class LatentChain(NamedTuple):
+    """What `latent_passes` leaves: the chain's patches and latents, and the cache to continue from."""
+    selected: jax.Array  # [n, B, K] patches inserted before latent i, as prompt slots (-1: the row has no latent i)
+    latents: jax.Array  # [n, B, D] latent i's input: the hidden state before it (meaningless where selected is -1)
+    cache: KVCache  # [0, p + n*(K+1)) filled, room for `extra_cache` slots after
+    h_last: jax.Array  # [B, D] each row's state at its own last latent (at p-1 without latents)
+
+
+class Positions(NamedTuple):
+    """Positions of a batch in the latent loop's layout (`sequence_positions`); [B, T] with 1-D RoPE,
+    [3, B, T] with M-RoPE."""
+    own: jax.Array  # [B, S] (or [3, B, S]) of the batch's own slots (a row's question; all of a row without latents)
+    tail: Callable[[jax.Array], jax.Array]  # slots [T] or [B, T] >= p of a row laid out alone -> [B, T] (or [3, B, T])
 
 
 # ---- the entry: the training loss (steps 1-3 of the module docstring) ----------------------------------
@@ -140,7 +155,7 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         s = ids.shape[1]
         final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
         selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
-        positions = sequence_positions(model, cfg, batch, jnp.int32(s))[0]
+        positions = sequence_positions(model, cfg, batch, jnp.int32(s)).own
         hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
     else:
         p = first_latent_index(ids, cfg.latent_token_id)
@@ -159,8 +174,9 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         else:
             chain_model, chain_embeds, chain_shared = model, embeds, shared
         chain_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-        selected, latents, _, _, p = latent_passes(chain_model, cfg, chain_embeds, batch, n=n, prefix_len=prefix_len,
-                                                   dropout_key=chain_key, shared=chain_shared, positions=sequence_pos)
+        chain = latent_passes(chain_model, cfg, chain_embeds, batch, p, sequence_pos, n=n, prefix_len=prefix_len,
+                              dropout_key=chain_key, shared=chain_shared)
+        selected, latents = chain.selected, chain.latents
         if cfg.latent_grad == "stop":
             latents = jax.lax.stop_gradient(latents)
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
@@ -233,12 +249,12 @@ def select_patches(score: jax.Array, image_mask: jax.Array, picked: jax.Array, k
 
 
 # ---- positions ------------------------------------------------------------------------------------
-def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> tuple[Any, Any]:
-    """(positions of the batch's own slots [B, S] (M-RoPE: [3, B, S]), function slots -> positions for
-    slots >= p).
+def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> Positions:
+    """The batch's `Positions`: `own`, the positions of its own slots [B, S] (M-RoPE: [3, B, S]), and
+    `tail`, a function slots -> positions for slots >= p.
 
-    The first array is meant where the latent loop leaves a row as it is: below p (the question) in a
-    row with latents, everywhere in a row without. The function takes slots [T] (the same in every row)
+    `own` is meant where the latent loop leaves a row as it is: below p (the question) in a row with
+    latents, everywhere in a row without. `tail` takes slots [T] (the same in every row)
     or [B, T] (per row) of a row laid out as it is alone: a caller whose cache holds masked slots (the
     chain of a row with fewer latents) subtracts them first (`chain_gap`). 1d: the collator's positions
     (slot - left pad); per row a constant away from the official `arange` positions, which RoPE does
@@ -252,7 +268,7 @@ def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> t
         def tail(slots):  # slots [T] or [B, T] -> [B, T]
             return jnp.maximum(jnp.atleast_2d(slots) - left_pad[:, None], 0)
 
-        return batch["position_ids"], tail
+        return Positions(batch["position_ids"], tail)
 
     if not hasattr(model, "rope_index"):
         raise ValueError("latent config: rope='mrope' needs a model with M-RoPE (Qwen2-VL)")
@@ -267,30 +283,31 @@ def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> t
         t = base[:, None] + jnp.atleast_2d(slots) - p
         return jnp.broadcast_to(t[None], (3, b, t.shape[1]))
 
-    return pos3, tail
+    return Positions(pos3, tail)
 
 
-def final_positions(model, cfg: LatentConfig, batch: dict, positions: tuple[Any, Any], p: jax.Array, length: int):
-    """Positions of the final sequence (length S + n*K), from `sequence_positions`' pair. Every row of it
+def final_positions(model, cfg: LatentConfig, batch: dict, positions: Positions, p: jax.Array, length: int):
+    """Positions of the final sequence (length S + n*K), from the batch's `Positions`. Every row of it
     is compact (its left pad, its own sequence, then right padding: `assemble`), so the positions the
     row has alone are its slots minus its left pad. 1d: exactly that (the official code resets them to
     `arange` over the whole row after the first insertion, a constant per row away). mrope: the
     question's M-RoPE, then text positions; a row without latents is its original row, with its own
     M-RoPE throughout (which differs from continuing text positions where its image reaches past p)."""
-    row_pos, tail_pos = positions
     if cfg.rope == "1d":
-        return tail_pos(jnp.arange(length))
+        return positions.tail(jnp.arange(length))
     has_latent = jnp.any(batch["input_ids"] == cfg.latent_token_id, axis=1)  # [B]
     kept = jnp.where(has_latent, p, length)  # [B] slots below it keep the row's own positions
-    return join_positions(row_pos, tail_pos, kept[:, None], length)
+    return join_positions(positions, kept[:, None], length)
 
 
-def join_positions(row_pos, tail_fn, kept, length: int):
-    """Positions of a sequence of `length` slots: row_pos's below `kept` ([] or [B, 1]), tail_fn's from it on."""
+def join_positions(positions: Positions, kept, length: int):
+    """Positions of a sequence of `length` slots: `positions.own` below `kept` ([] or [B, 1]), `positions.tail`
+    from it on."""
     slots = jnp.arange(length)
-    tail = tail_fn(slots)
-    pad = length - row_pos.shape[-1]
-    head = jnp.pad(row_pos, [(0, 0)] * (row_pos.ndim - 1) + [(0, max(pad, 0))])[..., :length]
+    tail = positions.tail(slots)
+    own = positions.own
+    pad = length - own.shape[-1]
+    head = jnp.pad(own, [(0, 0)] * (own.ndim - 1) + [(0, max(pad, 0))])[..., :length]
     return jnp.where(slots < kept, head, tail)
 
 
@@ -302,11 +319,13 @@ def first_latent_index(ids: jax.Array, latent_token_id: int) -> jax.Array:
     return jnp.max(jnp.where(has_latent, jnp.argmax(is_latent, axis=1), 0)).astype(jnp.int32)
 
 
-def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len: int, extra_cache: int = 0,
-                  dropout_key: jax.Array | None = None, shared: KVCache | None = None,
-                  positions: tuple[Any, Any] | None = None):
-    """Run prefill + n latent passes. Returns (selected [n, B, K], latent states [n, B, D], cache, h_last
-    [B, D], p).
+def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: jax.Array, positions: Positions, *,
+                  n: int, prefix_len: int, extra_cache: int = 0, dropout_key: jax.Array | None = None,
+                  shared: KVCache | None = None) -> LatentChain:
+    """Run prefill + n latent passes over embeds [B, S, D] -> `LatentChain`.
+
+    p [] is the first latent's index (`first_latent_index`), `positions` the batch's
+    (`sequence_positions(model, cfg, batch, p)`); the caller computes both once.
 
     Pass i writes [V_i, L_i] at slots p + i*(K+1) .. p + (i+1)*(K+1) - 1 of every row; in a row without an
     i-th latent (c_r <= i) that chunk is masked out (attention mask 0), so nothing attends to it, its
@@ -317,17 +336,12 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     `extra_cache` reserves cache slots after the chain (for generation). `dropout_key`: training-mode
     LoRA dropout, a fresh mask per pass (as every forward of the official code in train mode).
     `shared`: a cache already holding slots [0, c) for some c < p (`shared_prefix`); the prefill then
-    runs only [c, prefix_len). `positions`: `sequence_positions(model, cfg, batch, p)` when
-    the caller has it already (computed here otherwise)."""
+    runs only [c, prefix_len)."""
     pass_key = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, s, d = embeds.shape
     k = cfg.num_selected_patches
     is_latent = ids == cfg.latent_token_id
-    p = first_latent_index(ids, cfg.latent_token_id)
-    if positions is None:
-        positions = sequence_positions(model, cfg, batch, p)
-    row_pos, tail_pos = positions
     image_mask = (ids == model.config.image_token_id)[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
     latent_count = is_latent.sum(axis=1)  # [B] c_r, contiguous from p
 
@@ -335,7 +349,7 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     c = 0 if shared is None else shared.max_len  # slots [0, c) are already in the cache
     cache = model.init_cache(b, size) if shared is None else shared.resized(size)
     rows = jnp.full((b,), p - 1 - c, jnp.int32)  # query p-1, counted from the chunk's start c
-    out = model.decode(embeds[:, c:prefix_len], row_pos[..., c:prefix_len], mask[:, c:prefix_len], cache=cache,
+    out = model.decode(embeds[:, c:prefix_len], positions.own[..., c:prefix_len], mask[:, c:prefix_len], cache=cache,
                        prob_rows=rows, dropout_key=pass_key(0))
     h0 = jnp.take_along_axis(out.hidden, rows[:, None, None], axis=1)[:, 0]  # [B, D] state before latent 0
     score0 = out.row_probs.mean(axis=0)[:, :prefix_len]  # [B, P] mean over layers (heads already)
@@ -352,7 +366,7 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
         chunk = jnp.concatenate([patches, h_prev[:, None]], axis=1)  # sections 5, 8: [B, K+1, D] = [V_i, L_i]
         chunk_mask = jnp.broadcast_to(has_i[:, None], (b, k + 1))  # [B, K+1]
         slots = cache.end + jnp.arange(k + 1)
-        o = model.decode(chunk, tail_pos(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32),
+        o = model.decode(chunk, positions.tail(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32),
                          dropout_key=pass_key(i + 1))
         h_next = jnp.where(has_i[:, None], o.hidden[:, k], h_prev)  # [B, D] state at L_i: the next latent
         score_next = o.row_probs.mean(axis=0)[:, :prefix_len]
@@ -362,7 +376,7 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     (cache, h_last, _, _), (selected, latents) = jax.lax.scan(
         one_pass, (cache, h0, score0, picked0), jnp.arange(n), unroll=getattr(model, "unroll_scans", False)
     )
-    return selected, latents, cache, h_last, p
+    return LatentChain(selected, latents, cache, h_last)
 
 
 def chain_gap(counts: jax.Array, n: int, k: int) -> jax.Array:
