@@ -1,30 +1,37 @@
-"""The IVT-LR latent reasoning loop (docs/method.md sections 4-9), exact and jitted with static shapes.
+"""The IVT-LR latent reasoning loop, exact and jitted with static shapes.
 
-Read next to docs/method.md sections 7-9. The official code runs n+1 full forwards over a growing sequence with
-eager attention. Because the model is causal and everything before `end` never changes between
-passes, the same result comes from (docs/method.md section 8):
+Read next to docs/method.md sections 4-12; "section N" in this module is docs/method.md's section N.
+The official code runs n+1 full forwards over a growing sequence with eager attention (section 7).
+Because the model is causal and everything before `end` never changes between passes, the same result
+comes from the five steps of section 8, which `ivtlr_loss` runs in order ("step N" in this module is
+step N of that list):
 
-1. **prefill** the question prefix [0, prefix_len) into a KV cache sized for the whole latent chain,
-   keeping the final-norm hidden state at p-1 and the head- and layer-averaged attention row of
-   query p-1 (`row_attention_probs`: one [B, S] row per layer, never the full matrices);
-2. **latent passes** under `lax.scan`, one per latent i = 0..n-1: pick the top-K image patches by the
-   carried score row (docs/method.md section 6), gather their input embeddings, write the carried
-   hidden state as latent i (docs/method.md section 5), and run only the K+1 new positions [V_i, L_i]
-   through the LM against the cache (docs/method.md section 8), carrying L_i's hidden state and attention row onward;
-3. **assemble** the final sequence `question, V_0, L_0, ..., V_{n-1}, L_{n-1}, rest` (length S + n*K)
-   from the recorded indices, gathering the patches again from the differentiable embeddings, and run
-   one ordinary forward over it; the loss is the token-mean cross-entropy of the right-aligned labels
-   (docs/method.md sections 9 and 11), computed in sequence chunks so the [B, T, V] logits never exist at once.
+1. **embeddings**: `embed_inputs` writes the image features into the placeholder slots [B, S, D];
+2. **shared question prefix**: slots [0, c) (c < p, `LatentShapes.shared_prefix`) run once, with
+   gradients, into a KV cache that steps 3-5 continue from;
+3. **prefill** [c, prefix_len) into a KV cache sized for the whole latent chain, keeping the final-norm
+   hidden state at p-1 and the head- and layer-averaged attention row of query p-1
+   (`row_attention_probs`: one [B, S] row per layer, never the full matrices);
+4. **latent passes** under `lax.scan`, one per latent i = 0..n-1: pick the top-K image patches by the
+   carried score row (section 6), gather their input embeddings, write the carried hidden state as
+   latent i (section 5), and run only the K+1 new positions [V_i, L_i] through the LM against the
+   cache, carrying L_i's hidden state and attention row onward;
+5. **final pass**: assemble the final sequence `question, V_0, L_0, ..., V_{n-1}, L_{n-1}, rest` (length
+   S + n*K, section 9) from the recorded indices, gathering the patches again from the differentiable
+   embeddings, and run one ordinary forward over it from the shared cache; the loss is the token-mean
+   cross-entropy of the right-aligned labels (sections 9 and 11), computed in sequence chunks so the
+   [B, T, V] logits never exist at once.
 
-With `latent_grad="stop"` (the official behaviour) steps 1-2 see stop-gradient parameters and
-embeddings, so gradients reach the parameters only through step 3. With `latent_grad="full"` the
-latent chain is differentiated too (Coconut-style).
+With `latent_grad="stop"` (the official behaviour) steps 3-4 see stop-gradient parameters, embeddings
+and shared cache, so gradients reach the parameters only through the final pass (step 5, with the
+shared prefix of step 2; section 12). With `latent_grad="full"` the latent chain is differentiated too
+(Coconut-style).
 
 Batch layout (the official collator's): rows left-padded so that every row's first `<|latent|>` is
 at the same index p, then right-padded to S; `position_ids` 0 on left pads then 0, 1, 2, ...;
 `labels` -100 on pads, question and latents.
 
-**Rows with different latent counts** (docs/method.md sections 10 and 21; `pad_latent_to_max: false`, or mixed
+**Rows with different latent counts** (sections 10 and 21; `pad_latent_to_max: false`, or mixed
 prompts at evaluation): n is the largest count c_r in the batch. The official forward inserts K patches
 before index p+i in every row for every pass i < n, also in rows without an i-th latent (their text
 gets patches in the middle), and right-aligns every row's labels by n*K, so those rows learn from
@@ -106,27 +113,7 @@ class Positions(NamedTuple):
     tail: Callable[[jax.Array], jax.Array]  # slots [T] or [B, T] >= p of a row laid out alone -> [B, T] (or [3, B, T])
 
 
-# ---- the entry: the training loss (steps 1-3 of the module docstring) ----------------------------------
-def image_inputs_of(batch: dict) -> dict:
-    """The model's image arguments found in a batch."""
-    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch and batch[k] is not None}
-
-
-def concrete_shapes(model, ids: np.ndarray, cfg: LatentConfig, shapes: LatentShapes | None) -> LatentShapes:
-    """The batch's own shapes (n, p and c = p - 1 read off concrete input_ids) where `shapes` is None, or
-    `shapes` validated against the batch."""
-    n, p = latent_layout(ids, cfg.latent_token_id)
-    if shapes is None:
-        shapes = LatentShapes(n, ids.shape[1], max(p - 1, 0) if n else 0)
-    if n > shapes.num_latents or p > shapes.prefix_len:
-        raise ValueError(f"batch has {n} latents from index {p}; static {shapes} is too small")
-    if n and shapes.shared_prefix >= p:
-        raise ValueError(f"shared_prefix={shapes.shared_prefix} must be below the first latent's index {p}")
-    if n:
-        check_eligible_patches(ids, p, model.config.image_token_id, cfg)
-    return shapes
-
-
+# ---- the entry: the training loss (steps 1-5) --------------------------------------------------------
 def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | None = None, *,
                dropout_key: jax.Array | None = None) -> tuple[jax.Array, LatentAux]:
     """IVT-LR training loss of a batch in the official collator layout -> (loss, aux).
@@ -148,10 +135,10 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
     num_latents, prefix_len = shapes.num_latents, shapes.prefix_len
     n, k, c = num_latents, cfg.num_selected_patches, shapes.shared_prefix if num_latents else 0
     mask = batch["attention_mask"]
-    embeds = model.embed_inputs(ids, **image_inputs_of(batch))
+    embeds = model.embed_inputs(ids, **image_inputs_of(batch))  # step 1: [B, S, D]
     final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
 
-    if n == 0:  # docs/method.md section 7 (n = 0): a plain forward
+    if n == 0:  # section 7 (n = 0): a plain forward
         s = ids.shape[1]
         final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
         selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
@@ -162,10 +149,11 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         sequence_pos = sequence_positions(model, cfg, batch, p)  # M-RoPE: the index once
         positions = final_positions(model, cfg, batch, sequence_pos, p, ids.shape[1] + n * k)
         shared = None
-        if c:  # the question slots [0, c), run once with gradients, cached for the chain and the final pass
+        if c:  # step 2: the question slots [0, c), run once with gradients, cached for the chain and the final pass
             pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c], cache=model.init_cache(ids.shape[0], c),
                                dropout_key=final_key)
             shared = pre.cache
+        # steps 3-4: prefill and the latent passes (latent_grad="stop": on stop-gradient copies)
         if cfg.latent_grad == "stop":
             graphdef, state = nnx.split(model)
             chain_model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
@@ -179,6 +167,7 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         selected, latents = chain.selected, chain.latents
         if cfg.latent_grad == "stop":
             latents = jax.lax.stop_gradient(latents)
+        # step 5: the final sequence, run from the shared cache where there is one
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
         final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k)
         if c:  # the rest of the final sequence continues from the shared cache
@@ -195,7 +184,27 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
     return loss, LatentAux(selected, row_nll, row_tokens, final, final_mask, final_labels, positions, count)
 
 
-# ---- host-side checks ------------------------------------------------------------------------------
+# ---- the batch: its image inputs, its shapes, host-side checks ---------------------------------------
+def image_inputs_of(batch: dict) -> dict:
+    """The model's image arguments found in a batch."""
+    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch and batch[k] is not None}
+
+
+def concrete_shapes(model, ids: np.ndarray, cfg: LatentConfig, shapes: LatentShapes | None) -> LatentShapes:
+    """The batch's own shapes (n, p and c = p - 1 read off concrete input_ids) where `shapes` is None, or
+    `shapes` validated against the batch."""
+    n, p = latent_layout(ids, cfg.latent_token_id)
+    if shapes is None:
+        shapes = LatentShapes(n, ids.shape[1], max(p - 1, 0) if n else 0)
+    if n > shapes.num_latents or p > shapes.prefix_len:
+        raise ValueError(f"batch has {n} latents from index {p}; static {shapes} is too small")
+    if n and shapes.shared_prefix >= p:
+        raise ValueError(f"shared_prefix={shapes.shared_prefix} must be below the first latent's index {p}")
+    if n:
+        check_eligible_patches(ids, p, model.config.image_token_id, cfg)
+    return shapes
+
+
 def latent_layout(input_ids: np.ndarray, latent_token_id: int) -> tuple[int, int]:
     """(n, p) of a concrete batch: the largest number of latents in a row and the common index of the
     first latent. Raises with the offending row when the layout is not the collator's."""
@@ -229,7 +238,7 @@ def check_eligible_patches(input_ids: np.ndarray, p: int, image_token_id: int, c
                          f"fewer than num_selected_patches={cfg.num_selected_patches}")
 
 
-# ---- patch selection (docs/method.md section 6) -------------------------------------------------------------------
+# ---- patch selection (section 6) ---------------------------------------------------------------------
 def select_patches(score: jax.Array, image_mask: jax.Array, picked: jax.Array, k: int, order: str) -> jax.Array:
     """Top-k eligible image positions per row: [B, k] indices.
 
@@ -248,7 +257,7 @@ def select_patches(score: jax.Array, image_mask: jax.Array, picked: jax.Array, k
     return jnp.sort(sel, axis=1) if order == "position" else sel
 
 
-# ---- positions ------------------------------------------------------------------------------------
+# ---- positions (section 8, "Positions") --------------------------------------------------------------
 def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> Positions:
     """The batch's `Positions`: `own`, the positions of its own slots [B, S] (M-RoPE: [3, B, S]), and
     `tail`, a function slots -> positions for slots >= p.
@@ -311,7 +320,7 @@ def join_positions(positions: Positions, kept, length: int):
     return jnp.where(slots < kept, head, tail)
 
 
-# ---- steps 1-2: prefill and the latent passes -------------------------------------------------------
+# ---- steps 3-4: prefill and the latent passes --------------------------------------------------------
 def first_latent_index(ids: jax.Array, latent_token_id: int) -> jax.Array:
     """p: the common index of the first <|latent|> of the rows that have one (the collator aligns them)."""
     is_latent = ids == latent_token_id
@@ -385,7 +394,7 @@ def chain_gap(counts: jax.Array, n: int, k: int) -> jax.Array:
     return (n - counts) * (k + 1)
 
 
-# ---- step 3: the final sequence -----------------------------------------------------------------------
+# ---- step 5: the final sequence ----------------------------------------------------------------------
 def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
     """The final sequence [B, S + n*K]: each row gets its own patches before its own latents.
 
