@@ -68,7 +68,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ivtlr_jax.latent import (IGNORE, LatentConfig, LatentShapes, image_inputs_of, ivtlr_loss,  # noqa: E402
-                              latent_layout, latent_passes)
+                              first_latent_index, latent_layout, latent_passes, sequence_positions)
 from ivtlr_jax.io import from_pretrained  # noqa: E402
 from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.train.step import split_trainable  # noqa: E402
@@ -176,8 +176,10 @@ def jax_latent_chain(graphdef, trainable, frozen, batch, cfg, n, prefix_len):
     """Vision tower + prefill + n latent passes, forward only: (selected patches, latent states)."""
     model = nnx.merge(graphdef, trainable, frozen)
     embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch))
-    selected, latents, *_ = latent_passes(model, cfg, embeds, batch, n=n, prefix_len=prefix_len)
-    return selected, latents
+    p = first_latent_index(batch["input_ids"], cfg.latent_token_id)
+    chain = latent_passes(model, cfg, embeds, batch, p, sequence_positions(model, cfg, batch, p), n=n,
+                          prefix_len=prefix_len)
+    return chain.selected, chain.latents
 
 
 def oracle_train_step(hf, batch: dict, k: int) -> torch.Tensor:

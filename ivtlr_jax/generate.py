@@ -4,7 +4,9 @@
 
 The official code generates one example at a time and runs a final full forward before decoding; the
 last latent pass already leaves the cache and the last hidden state that forward would produce, so
-decoding starts right after it. Greedy by default; temperature and top-p sampling as options.
+decoding starts right after it. Greedy by default; temperature and top-p sampling as options. This is
+the package's one decode loop: prompts without latents skip the chain (plain decoding, which the parity
+tests compare with transformers' `generate`).
 
 Prompts may have different latent counts c_r (mixed prompts in one batch; docs/method.md section 10, where the
 official forward, batch-1 at evaluation, would insert every pass's patches into every row): every row
@@ -105,13 +107,16 @@ def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, samplin
     """Generate for prompts `question + <|latent|> x c_r [+ suffix]`, left-padded to a common length (the
     suffix, e.g. the official Chameleon evaluation's separator token, has the same length in every row).
     Rows may have different latent counts: each row generates what it generates alone (module
-    docstring). `batch` holds input_ids, attention_mask, position_ids and the model's image inputs.
-    `selected` indexes the prompts as given."""
+    docstring). `batch` holds input_ids, attention_mask, the model's image inputs and optionally
+    position_ids (by default the collator's: 0 on left pads, then 0, 1, 2, ...). `selected` indexes the
+    prompts as given. A prompt without latents is decoded as it is: plain greedy (or sampled) decoding."""
     ids = np.asarray(batch["input_ids"])
     mask = np.asarray(batch["attention_mask"])
     if not mask[:, -1].all():
         rows = np.flatnonzero(mask[:, -1] == 0).tolist()
         raise ValueError(f"prompts must be left-padded: rows {rows} end in padding")
+    if batch.get("position_ids") is None:  # as the collator and the models' prompt_positions: 0 on pads, then 0, 1, ...
+        batch = batch | {"position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)}
     counts = (ids == latent.latent_token_id).sum(axis=1)
     shift = None
     if counts.max(initial=0) and (counts != counts.max()).any():  # align the first latents (equal counts are)
@@ -140,25 +145,24 @@ def _generate(model, batch, latent, sampling, key, shapes: LatentShapes, suffix_
     if n:
         p = first_latent_index(batch["input_ids"], latent.latent_token_id)
         positions = sequence_positions(model, latent, batch, p)
-        tail_pos = positions[1]
         counts = jnp.sum(batch["input_ids"] == latent.latent_token_id, axis=1)  # [B] c_r
         gap = chain_gap(counts, n, latent.num_selected_patches)  # [B] masked chain slots of rows with fewer latents
 
         def row_pos(slots):  # cache slots [T] after the chain -> [B, T] (or [3, B, T]) positions the rows have alone
-            return tail_pos(slots[None] - gap[:, None])
+            return positions.tail(slots[None] - gap[:, None])
 
-        selected, _, cache, h_last, p = latent_passes(model, latent, embeds, batch, n=n, prefix_len=prefix_len,
-                                                      extra_cache=suffix_len + sampling.max_new_tokens,
-                                                      positions=positions)
+        chain = latent_passes(model, latent, embeds, batch, p, positions, n=n, prefix_len=prefix_len,
+                              extra_cache=suffix_len + sampling.max_new_tokens)
+        selected, cache, h_last = chain.selected, chain.cache, chain.h_last
         if suffix_len:  # the prompt's tokens after the latents continue the sequence
             o = model.decode(embeds[:, embeds.shape[1] - suffix_len:], row_pos(cache.end + jnp.arange(suffix_len)),
                              jnp.ones((b, suffix_len), bool), cache=cache)
             cache, h_last = o.cache, o.hidden[:, -1]
     else:  # no latents: an ordinary prompt
-        p = jnp.int32(prefix_len)
-        prefix_pos, row_pos = sequence_positions(model, latent, batch, p)
+        positions = sequence_positions(model, latent, batch, jnp.int32(prefix_len))
+        row_pos = positions.tail
         cache = model.init_cache(b, prefix_len + sampling.max_new_tokens)
-        out = model.decode(embeds, prefix_pos, batch["attention_mask"], cache=cache)
+        out = model.decode(embeds, positions.own, batch["attention_mask"], cache=cache)
         cache, h_last = out.cache, out.hidden[:, -1]
         selected = jnp.zeros((0, b, latent.num_selected_patches), jnp.int32)
 

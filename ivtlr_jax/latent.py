@@ -1,30 +1,37 @@
-"""The IVT-LR latent reasoning loop (docs/method.md sections 4-9), exact and jitted with static shapes.
+"""The IVT-LR latent reasoning loop, exact and jitted with static shapes.
 
-Read next to docs/method.md sections 7-9. The official code runs n+1 full forwards over a growing sequence with
-eager attention. Because the model is causal and everything before `end` never changes between
-passes, the same result comes from (docs/method.md section 8):
+Read next to docs/method.md sections 4-12; "section N" in this module is docs/method.md's section N.
+The official code runs n+1 full forwards over a growing sequence with eager attention (section 7).
+Because the model is causal and everything before `end` never changes between passes, the same result
+comes from the five steps of section 8, which `ivtlr_loss` runs in order ("step N" in this module is
+step N of that list):
 
-1. **prefill** the question prefix [0, prefix_len) into a KV cache sized for the whole latent chain,
-   keeping the final-norm hidden state at p-1 and the head- and layer-averaged attention row of
-   query p-1 (`row_attention_probs`: one [B, S] row per layer, never the full matrices);
-2. **latent passes** under `lax.scan`, one per latent i = 0..n-1: pick the top-K image patches by the
-   carried score row (docs/method.md section 6), gather their input embeddings, write the carried
-   hidden state as latent i (docs/method.md section 5), and run only the K+1 new positions [V_i, L_i]
-   through the LM against the cache (docs/method.md section 8), carrying L_i's hidden state and attention row onward;
-3. **assemble** the final sequence `question, V_0, L_0, ..., V_{n-1}, L_{n-1}, rest` (length S + n*K)
-   from the recorded indices, gathering the patches again from the differentiable embeddings, and run
-   one ordinary forward over it; the loss is the token-mean cross-entropy of the right-aligned labels
-   (docs/method.md sections 9 and 11), computed in sequence chunks so the [B, T, V] logits never exist at once.
+1. **embeddings**: `embed_inputs` writes the image features into the placeholder slots [B, S, D];
+2. **shared question prefix**: slots [0, c) (c < p, `LatentShapes.shared_prefix`) run once, with
+   gradients, into a KV cache that steps 3-5 continue from;
+3. **prefill** [c, prefix_len) into a KV cache sized for the whole latent chain, keeping the final-norm
+   hidden state at p-1 and the head- and layer-averaged attention row of query p-1
+   (`row_attention_probs`: one [B, S] row per layer, never the full matrices);
+4. **latent passes** under `lax.scan`, one per latent i = 0..n-1: pick the top-K image patches by the
+   carried score row (section 6), gather their input embeddings, write the carried hidden state as
+   latent i (section 5), and run only the K+1 new positions [V_i, L_i] through the LM against the
+   cache, carrying L_i's hidden state and attention row onward;
+5. **final pass**: assemble the final sequence `question, V_0, L_0, ..., V_{n-1}, L_{n-1}, rest` (length
+   S + n*K, section 9) from the recorded indices, gathering the patches again from the differentiable
+   embeddings, and run one ordinary forward over it from the shared cache; the loss is the token-mean
+   cross-entropy of the right-aligned labels (sections 9 and 11), computed in sequence chunks so the
+   [B, T, V] logits never exist at once.
 
-With `latent_grad="stop"` (the official behaviour) steps 1-2 see stop-gradient parameters and
-embeddings, so gradients reach the parameters only through step 3. With `latent_grad="full"` the
-latent chain is differentiated too (Coconut-style).
+With `latent_grad="stop"` (the official behaviour) steps 3-4 see stop-gradient parameters, embeddings
+and shared cache, so gradients reach the parameters only through the final pass (step 5, with the
+shared prefix of step 2; section 12). With `latent_grad="full"` the latent chain is differentiated too
+(Coconut-style).
 
 Batch layout (the official collator's): rows left-padded so that every row's first `<|latent|>` is
 at the same index p, then right-padded to S; `position_ids` 0 on left pads then 0, 1, 2, ...;
 `labels` -100 on pads, question and latents.
 
-**Rows with different latent counts** (docs/method.md sections 10 and 21; `pad_latent_to_max: false`, or mixed
+**Rows with different latent counts** (sections 10 and 21; `pad_latent_to_max: false`, or mixed
 prompts at evaluation): n is the largest count c_r in the batch. The official forward inserts K patches
 before index p+i in every row for every pass i < n, also in rows without an i-th latent (their text
 gets patches in the middle), and right-aligns every row's labels by n*K, so those rows learn from
@@ -47,7 +54,7 @@ equal those of the row alone. With equal counts nothing changes (all rows have e
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,27 +98,22 @@ class LatentAux(NamedTuple):
     num_tokens: jax.Array  # [] supervised tokens in the batch
 
 
-# ---- the entry: the training loss (steps 1-3 of the module docstring) ----------------------------------
-def image_inputs_of(batch: dict) -> dict:
-    """The model's image arguments found in a batch."""
-    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch and batch[k] is not None}
+class LatentChain(NamedTuple):
+    """What `latent_passes` leaves: the chain's patches and latents, and the cache to continue from."""
+    selected: jax.Array  # [n, B, K] patches inserted before latent i, as prompt slots (-1: the row has no latent i)
+    latents: jax.Array  # [n, B, D] latent i's input: the hidden state before it (meaningless where selected is -1)
+    cache: KVCache  # [0, p + n*(K+1)) filled, room for `extra_cache` slots after
+    h_last: jax.Array  # [B, D] each row's state at its own last latent (at p-1 without latents)
 
 
-def concrete_shapes(model, ids: np.ndarray, cfg: LatentConfig, shapes: LatentShapes | None) -> LatentShapes:
-    """The batch's own shapes (n, p and c = p - 1 read off concrete input_ids) where `shapes` is None, or
-    `shapes` validated against the batch."""
-    n, p = latent_layout(ids, cfg.latent_token_id)
-    if shapes is None:
-        shapes = LatentShapes(n, ids.shape[1], max(p - 1, 0) if n else 0)
-    if n > shapes.num_latents or p > shapes.prefix_len:
-        raise ValueError(f"batch has {n} latents from index {p}; static {shapes} is too small")
-    if n and shapes.shared_prefix >= p:
-        raise ValueError(f"shared_prefix={shapes.shared_prefix} must be below the first latent's index {p}")
-    if n:
-        check_eligible_patches(ids, p, model.config.image_token_id, cfg)
-    return shapes
+class Positions(NamedTuple):
+    """Positions of a batch in the latent loop's layout (`sequence_positions`); [B, T] with 1-D RoPE,
+    [3, B, T] with M-RoPE."""
+    own: jax.Array  # [B, S] (or [3, B, S]) of the batch's own slots (a row's question; all of a row without latents)
+    tail: Callable[[jax.Array], jax.Array]  # slots [T] or [B, T] >= p of a row laid out alone -> [B, T] (or [3, B, T])
 
 
+# ---- the entry: the training loss (steps 1-5) --------------------------------------------------------
 def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | None = None, *,
                dropout_key: jax.Array | None = None) -> tuple[jax.Array, LatentAux]:
     """IVT-LR training loss of a batch in the official collator layout -> (loss, aux).
@@ -133,24 +135,25 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
     num_latents, prefix_len = shapes.num_latents, shapes.prefix_len
     n, k, c = num_latents, cfg.num_selected_patches, shapes.shared_prefix if num_latents else 0
     mask = batch["attention_mask"]
-    embeds = model.embed_inputs(ids, **image_inputs_of(batch))
+    embeds = model.embed_inputs(ids, **image_inputs_of(batch))  # step 1: [B, S, D]
     final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
 
-    if n == 0:  # docs/method.md section 7 (n = 0): a plain forward
+    if n == 0:  # section 7 (n = 0): a plain forward
         s = ids.shape[1]
         final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
         selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
-        positions = sequence_positions(model, cfg, batch, jnp.int32(s))[0]
+        positions = sequence_positions(model, cfg, batch, jnp.int32(s)).own
         hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
     else:
         p = first_latent_index(ids, cfg.latent_token_id)
         sequence_pos = sequence_positions(model, cfg, batch, p)  # M-RoPE: the index once
         positions = final_positions(model, cfg, batch, sequence_pos, p, ids.shape[1] + n * k)
         shared = None
-        if c:  # the question slots [0, c), run once with gradients, cached for the chain and the final pass
+        if c:  # step 2: the question slots [0, c), run once with gradients, cached for the chain and the final pass
             pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c], cache=model.init_cache(ids.shape[0], c),
                                dropout_key=final_key)
             shared = pre.cache
+        # steps 3-4: prefill and the latent passes (latent_grad="stop": on stop-gradient copies)
         if cfg.latent_grad == "stop":
             graphdef, state = nnx.split(model)
             chain_model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
@@ -159,10 +162,12 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         else:
             chain_model, chain_embeds, chain_shared = model, embeds, shared
         chain_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-        selected, latents, _, _, p = latent_passes(chain_model, cfg, chain_embeds, batch, n=n, prefix_len=prefix_len,
-                                                   dropout_key=chain_key, shared=chain_shared, positions=sequence_pos)
+        chain = latent_passes(chain_model, cfg, chain_embeds, batch, p, sequence_pos, n=n, prefix_len=prefix_len,
+                              dropout_key=chain_key, shared=chain_shared)
+        selected, latents = chain.selected, chain.latents
         if cfg.latent_grad == "stop":
             latents = jax.lax.stop_gradient(latents)
+        # step 5: the final sequence, run from the shared cache where there is one
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
         final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k)
         if c:  # the rest of the final sequence continues from the shared cache
@@ -179,7 +184,27 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
     return loss, LatentAux(selected, row_nll, row_tokens, final, final_mask, final_labels, positions, count)
 
 
-# ---- host-side checks ------------------------------------------------------------------------------
+# ---- the batch: its image inputs, its shapes, host-side checks ---------------------------------------
+def image_inputs_of(batch: dict) -> dict:
+    """The model's image arguments found in a batch."""
+    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch and batch[k] is not None}
+
+
+def concrete_shapes(model, ids: np.ndarray, cfg: LatentConfig, shapes: LatentShapes | None) -> LatentShapes:
+    """The batch's own shapes (n, p and c = p - 1 read off concrete input_ids) where `shapes` is None, or
+    `shapes` validated against the batch."""
+    n, p = latent_layout(ids, cfg.latent_token_id)
+    if shapes is None:
+        shapes = LatentShapes(n, ids.shape[1], max(p - 1, 0) if n else 0)
+    if n > shapes.num_latents or p > shapes.prefix_len:
+        raise ValueError(f"batch has {n} latents from index {p}; static {shapes} is too small")
+    if n and shapes.shared_prefix >= p:
+        raise ValueError(f"shared_prefix={shapes.shared_prefix} must be below the first latent's index {p}")
+    if n:
+        check_eligible_patches(ids, p, model.config.image_token_id, cfg)
+    return shapes
+
+
 def latent_layout(input_ids: np.ndarray, latent_token_id: int) -> tuple[int, int]:
     """(n, p) of a concrete batch: the largest number of latents in a row and the common index of the
     first latent. Raises with the offending row when the layout is not the collator's."""
@@ -213,7 +238,7 @@ def check_eligible_patches(input_ids: np.ndarray, p: int, image_token_id: int, c
                          f"fewer than num_selected_patches={cfg.num_selected_patches}")
 
 
-# ---- patch selection (docs/method.md section 6) -------------------------------------------------------------------
+# ---- patch selection (section 6) ---------------------------------------------------------------------
 def select_patches(score: jax.Array, image_mask: jax.Array, picked: jax.Array, k: int, order: str) -> jax.Array:
     """Top-k eligible image positions per row: [B, k] indices.
 
@@ -232,13 +257,13 @@ def select_patches(score: jax.Array, image_mask: jax.Array, picked: jax.Array, k
     return jnp.sort(sel, axis=1) if order == "position" else sel
 
 
-# ---- positions ------------------------------------------------------------------------------------
-def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> tuple[Any, Any]:
-    """(positions of the batch's own slots [B, S] (M-RoPE: [3, B, S]), function slots -> positions for
-    slots >= p).
+# ---- positions (section 8, "Positions") --------------------------------------------------------------
+def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> Positions:
+    """The batch's `Positions`: `own`, the positions of its own slots [B, S] (M-RoPE: [3, B, S]), and
+    `tail`, a function slots -> positions for slots >= p.
 
-    The first array is meant where the latent loop leaves a row as it is: below p (the question) in a
-    row with latents, everywhere in a row without. The function takes slots [T] (the same in every row)
+    `own` is meant where the latent loop leaves a row as it is: below p (the question) in a row with
+    latents, everywhere in a row without. `tail` takes slots [T] (the same in every row)
     or [B, T] (per row) of a row laid out as it is alone: a caller whose cache holds masked slots (the
     chain of a row with fewer latents) subtracts them first (`chain_gap`). 1d: the collator's positions
     (slot - left pad); per row a constant away from the official `arange` positions, which RoPE does
@@ -252,7 +277,7 @@ def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> t
         def tail(slots):  # slots [T] or [B, T] -> [B, T]
             return jnp.maximum(jnp.atleast_2d(slots) - left_pad[:, None], 0)
 
-        return batch["position_ids"], tail
+        return Positions(batch["position_ids"], tail)
 
     if not hasattr(model, "rope_index"):
         raise ValueError("latent config: rope='mrope' needs a model with M-RoPE (Qwen2-VL)")
@@ -267,34 +292,35 @@ def sequence_positions(model, cfg: LatentConfig, batch: dict, p: jax.Array) -> t
         t = base[:, None] + jnp.atleast_2d(slots) - p
         return jnp.broadcast_to(t[None], (3, b, t.shape[1]))
 
-    return pos3, tail
+    return Positions(pos3, tail)
 
 
-def final_positions(model, cfg: LatentConfig, batch: dict, positions: tuple[Any, Any], p: jax.Array, length: int):
-    """Positions of the final sequence (length S + n*K), from `sequence_positions`' pair. Every row of it
+def final_positions(model, cfg: LatentConfig, batch: dict, positions: Positions, p: jax.Array, length: int):
+    """Positions of the final sequence (length S + n*K), from the batch's `Positions`. Every row of it
     is compact (its left pad, its own sequence, then right padding: `assemble`), so the positions the
     row has alone are its slots minus its left pad. 1d: exactly that (the official code resets them to
     `arange` over the whole row after the first insertion, a constant per row away). mrope: the
     question's M-RoPE, then text positions; a row without latents is its original row, with its own
     M-RoPE throughout (which differs from continuing text positions where its image reaches past p)."""
-    row_pos, tail_pos = positions
     if cfg.rope == "1d":
-        return tail_pos(jnp.arange(length))
+        return positions.tail(jnp.arange(length))
     has_latent = jnp.any(batch["input_ids"] == cfg.latent_token_id, axis=1)  # [B]
     kept = jnp.where(has_latent, p, length)  # [B] slots below it keep the row's own positions
-    return join_positions(row_pos, tail_pos, kept[:, None], length)
+    return join_positions(positions, kept[:, None], length)
 
 
-def join_positions(row_pos, tail_fn, kept, length: int):
-    """Positions of a sequence of `length` slots: row_pos's below `kept` ([] or [B, 1]), tail_fn's from it on."""
+def join_positions(positions: Positions, kept, length: int):
+    """Positions of a sequence of `length` slots: `positions.own` below `kept` ([] or [B, 1]), `positions.tail`
+    from it on."""
     slots = jnp.arange(length)
-    tail = tail_fn(slots)
-    pad = length - row_pos.shape[-1]
-    head = jnp.pad(row_pos, [(0, 0)] * (row_pos.ndim - 1) + [(0, max(pad, 0))])[..., :length]
+    tail = positions.tail(slots)
+    own = positions.own
+    pad = length - own.shape[-1]
+    head = jnp.pad(own, [(0, 0)] * (own.ndim - 1) + [(0, max(pad, 0))])[..., :length]
     return jnp.where(slots < kept, head, tail)
 
 
-# ---- steps 1-2: prefill and the latent passes -------------------------------------------------------
+# ---- steps 3-4: prefill and the latent passes --------------------------------------------------------
 def first_latent_index(ids: jax.Array, latent_token_id: int) -> jax.Array:
     """p: the common index of the first <|latent|> of the rows that have one (the collator aligns them)."""
     is_latent = ids == latent_token_id
@@ -302,11 +328,13 @@ def first_latent_index(ids: jax.Array, latent_token_id: int) -> jax.Array:
     return jnp.max(jnp.where(has_latent, jnp.argmax(is_latent, axis=1), 0)).astype(jnp.int32)
 
 
-def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len: int, extra_cache: int = 0,
-                  dropout_key: jax.Array | None = None, shared: KVCache | None = None,
-                  positions: tuple[Any, Any] | None = None):
-    """Run prefill + n latent passes. Returns (selected [n, B, K], latent states [n, B, D], cache, h_last
-    [B, D], p).
+def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: jax.Array, positions: Positions, *,
+                  n: int, prefix_len: int, extra_cache: int = 0, dropout_key: jax.Array | None = None,
+                  shared: KVCache | None = None) -> LatentChain:
+    """Run prefill + n latent passes over embeds [B, S, D] -> `LatentChain`.
+
+    p [] is the first latent's index (`first_latent_index`), `positions` the batch's
+    (`sequence_positions(model, cfg, batch, p)`); the caller computes both once.
 
     Pass i writes [V_i, L_i] at slots p + i*(K+1) .. p + (i+1)*(K+1) - 1 of every row; in a row without an
     i-th latent (c_r <= i) that chunk is masked out (attention mask 0), so nothing attends to it, its
@@ -317,17 +345,12 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     `extra_cache` reserves cache slots after the chain (for generation). `dropout_key`: training-mode
     LoRA dropout, a fresh mask per pass (as every forward of the official code in train mode).
     `shared`: a cache already holding slots [0, c) for some c < p (`shared_prefix`); the prefill then
-    runs only [c, prefix_len). `positions`: `sequence_positions(model, cfg, batch, p)` when
-    the caller has it already (computed here otherwise)."""
+    runs only [c, prefix_len)."""
     pass_key = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, s, d = embeds.shape
     k = cfg.num_selected_patches
     is_latent = ids == cfg.latent_token_id
-    p = first_latent_index(ids, cfg.latent_token_id)
-    if positions is None:
-        positions = sequence_positions(model, cfg, batch, p)
-    row_pos, tail_pos = positions
     image_mask = (ids == model.config.image_token_id)[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
     latent_count = is_latent.sum(axis=1)  # [B] c_r, contiguous from p
 
@@ -335,7 +358,7 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     c = 0 if shared is None else shared.max_len  # slots [0, c) are already in the cache
     cache = model.init_cache(b, size) if shared is None else shared.resized(size)
     rows = jnp.full((b,), p - 1 - c, jnp.int32)  # query p-1, counted from the chunk's start c
-    out = model.decode(embeds[:, c:prefix_len], row_pos[..., c:prefix_len], mask[:, c:prefix_len], cache=cache,
+    out = model.decode(embeds[:, c:prefix_len], positions.own[..., c:prefix_len], mask[:, c:prefix_len], cache=cache,
                        prob_rows=rows, dropout_key=pass_key(0))
     h0 = jnp.take_along_axis(out.hidden, rows[:, None, None], axis=1)[:, 0]  # [B, D] state before latent 0
     score0 = out.row_probs.mean(axis=0)[:, :prefix_len]  # [B, P] mean over layers (heads already)
@@ -352,7 +375,7 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
         chunk = jnp.concatenate([patches, h_prev[:, None]], axis=1)  # sections 5, 8: [B, K+1, D] = [V_i, L_i]
         chunk_mask = jnp.broadcast_to(has_i[:, None], (b, k + 1))  # [B, K+1]
         slots = cache.end + jnp.arange(k + 1)
-        o = model.decode(chunk, tail_pos(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32),
+        o = model.decode(chunk, positions.tail(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32),
                          dropout_key=pass_key(i + 1))
         h_next = jnp.where(has_i[:, None], o.hidden[:, k], h_prev)  # [B, D] state at L_i: the next latent
         score_next = o.row_probs.mean(axis=0)[:, :prefix_len]
@@ -362,7 +385,7 @@ def latent_passes(model, cfg: LatentConfig, embeds, batch, *, n: int, prefix_len
     (cache, h_last, _, _), (selected, latents) = jax.lax.scan(
         one_pass, (cache, h0, score0, picked0), jnp.arange(n), unroll=getattr(model, "unroll_scans", False)
     )
-    return selected, latents, cache, h_last, p
+    return LatentChain(selected, latents, cache, h_last)
 
 
 def chain_gap(counts: jax.Array, n: int, k: int) -> jax.Array:
@@ -371,7 +394,7 @@ def chain_gap(counts: jax.Array, n: int, k: int) -> jax.Array:
     return (n - counts) * (k + 1)
 
 
-# ---- step 3: the final sequence -----------------------------------------------------------------------
+# ---- step 5: the final sequence ----------------------------------------------------------------------
 def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
     """The final sequence [B, S + n*K]: each row gets its own patches before its own latents.
 

@@ -5,8 +5,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ivtlr_jax.generate import SamplingConfig, ivtlr_generate
+from ivtlr_jax.latent import LatentConfig
+
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 290, 291, 292, 293
 TEXT_VOCAB = 280  # ordinary text ids are drawn below this
+NO_LATENT = 285  # a latent token id that no prompt built here holds (above the text ids, below the special ones)
+
+
+def greedy_generate(model, ids, mask, *, max_new_tokens: int, **image_inputs) -> np.ndarray:
+    """Greedy decoding of left-padded prompts without latents -> tokens [B, max_new_tokens], to compare
+    with transformers' `generate`: `ivtlr_generate`'s decode loop (no latent passes on such prompts), with
+    the positions transformers gives a prompt (M-RoPE where the model has it)."""
+    rope = "mrope" if hasattr(model, "rope_index") else "1d"
+    latent = LatentConfig(NO_LATENT, num_selected_patches=1, rope=rope)
+    batch = {"input_ids": ids, "attention_mask": mask, **image_inputs}
+    return np.asarray(ivtlr_generate(model, batch, latent, SamplingConfig(max_new_tokens)).tokens)
 
 
 def _qwen_text_config(tie_word_embeddings, num_hidden_layers, text_overrides) -> dict:

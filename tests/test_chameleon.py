@@ -10,7 +10,6 @@ from flax import nnx
 from ivtlr_jax.io import from_pretrained
 from ivtlr_jax.models import ShardingRules, WeightLoadError, make_mesh
 from ivtlr_jax.io.safetensors import SafetensorsFolder, save_file
-from ivtlr_jax.sampling import greedy_generate
 from tests import hf_tiny
 
 TOL = 1e-4
@@ -68,7 +67,7 @@ def test_greedy_generation_matches_transformers_generate(tiny_chameleon, model):
         ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                           pixel_values=torch.tensor(pv), max_new_tokens=20, min_new_tokens=20,
                           do_sample=False)[:, ids.shape[1]:].numpy()
-    ours = np.asarray(greedy_generate(model, ids, mask, pixel_values=pv, max_new_tokens=20))
+    ours = hf_tiny.greedy_generate(model, ids, mask, pixel_values=pv, max_new_tokens=20)
     assert ref.shape == (2, 20)
     np.testing.assert_array_equal(ours, ref)
 

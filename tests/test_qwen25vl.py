@@ -18,7 +18,6 @@ from ivtlr_jax.models import FAMILIES
 from ivtlr_jax.io.safetensors import SafetensorsFolder, save_file
 from ivtlr_jax.models.qwen25vl.config import HUB_CONFIGS, Qwen25VLConfig
 from ivtlr_jax.models.qwen25vl.vision import window_layout
-from ivtlr_jax.sampling import greedy_generate
 from tests import hf_tiny
 
 TOL = 1e-4
@@ -151,7 +150,7 @@ def test_greedy_generation_matches_transformers_generate(tiny):
             mm_token_type_ids=torch.tensor((ids == hf_tiny.IMAGE_TOKEN).astype(np.int64)),
             max_new_tokens=12, min_new_tokens=12, do_sample=False,
         )[:, ids.shape[1]:].numpy()
-    ours = np.asarray(greedy_generate(model, ids, mask, pixel_values=pv, image_grid_thw=grid, max_new_tokens=12))
+    ours = hf_tiny.greedy_generate(model, ids, mask, pixel_values=pv, image_grid_thw=grid, max_new_tokens=12)
     assert ref.shape == (2, 12)
     np.testing.assert_array_equal(ours, ref)
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ivtlr_jax.io import from_pretrained
-from ivtlr_jax.sampling import greedy_generate
 from tests import hf_tiny
 
 TOL = 1e-4
@@ -99,8 +98,7 @@ def test_greedy_generation_matches_transformers_generate(tiny_qwen2vl, flax_mode
             mm_token_type_ids=torch.tensor((ids == hf_tiny.IMAGE_TOKEN).astype(np.int64)),
             max_new_tokens=20, min_new_tokens=20, do_sample=False,
         )[:, ids.shape[1]:].numpy()
-    ours = np.asarray(greedy_generate(flax_model, ids, mask, pixel_values=pv, image_grid_thw=grid,
-                                      max_new_tokens=20))
+    ours = hf_tiny.greedy_generate(flax_model, ids, mask, pixel_values=pv, image_grid_thw=grid, max_new_tokens=20)
     assert ref.shape == (2, 20)
     np.testing.assert_array_equal(ours, ref)
 
@@ -108,7 +106,7 @@ def test_greedy_generation_matches_transformers_generate(tiny_qwen2vl, flax_mode
 def test_greedy_generation_rejects_right_padding(flax_model):
     ids, mask = hf_tiny.text_batch(lengths=(5, 3))
     with pytest.raises(ValueError, match="left-padded"):
-        greedy_generate(flax_model, ids, mask, max_new_tokens=2)
+        hf_tiny.greedy_generate(flax_model, ids, mask, max_new_tokens=2)
 
 
 def test_image_token_count_mismatch_is_rejected(flax_model, qwen2vl_batch):
