@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ivtlr_jax.cli.flax_to_hf import Loaded, without_lora, write_hf
+from ivtlr_jax.export import Loaded, without_lora, write_hf
 from ivtlr_jax.io.peft import default_peft_layout, write_adapter
 from ivtlr_jax.io import FLAX_MARKER, from_pretrained
 from ivtlr_jax.models.common.lora import OFFICIAL_TARGETS, LoRAConfig, add_lora, merge_lora
