@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -16,12 +15,11 @@ from flax import nnx
 from ..distributed import fetch
 from ..models import FAMILIES
 from ..models.common.loading import variables_by_path
-from .model_folder import FLAX_MARKER, WEIGHT_FILES
+from .model_folder import FLAX_MARKER, copy_side_files
 from .safetensors import write_streaming
 
 TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
                      np.dtype(np.float16): "float16"}
-COPY_SKIP_NAMES = ("config.json", "model.safetensors.index.json", FLAX_MARKER)  # never copied from files_from
 
 
 class ExportError(ValueError):
@@ -44,10 +42,8 @@ def write_hf_folder(model: nnx.Module, folder: str | os.PathLike, processor=None
     that are neither weights nor configs (tokenizer, processor, chat template, generation config), then
     `processor`'s files (a processor changed in memory: the latent tokens added)."""
     folder = save_hf(model, folder)
-    if files_from is not None:
-        for f in Path(files_from).iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name not in COPY_SKIP_NAMES:
-                shutil.copy2(f, folder / f.name)
+    if files_from is not None:  # config.json is save_hf's; a Flax folder's marker would mislabel this one
+        copy_side_files(files_from, folder, skip=("config.json", FLAX_MARKER))
     if processor is not None:
         from ..data.tokenizer import save_processor
 
