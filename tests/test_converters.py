@@ -3,7 +3,6 @@ adapter) and convert/ivtlr_pth_to_flax.py (an official IVT-LR .pth -> Flax folde
 with a real tokenizer whose checkpoint has spare vocabulary rows (like Qwen2-VL-7B's)."""
 
 import functools
-import importlib.util
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from ivtlr_jax.build import add_latent_tokens
 from ivtlr_jax.train.loop import write_run_config
 from ivtlr_jax.train.step import split_trainable
 from tests import hf_tiny
+from tests.convert_helpers import convert_script, tensors_of
 from tests.oracle_ivtlr import latent_batch, oracle_ivtlr
 from tests.test_latent import to_jax
 
@@ -42,21 +42,8 @@ PROJ_HF = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj":
            "down_proj": "mlp.down_proj"}
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"convert_{name}", ROOT / "convert" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"convert_{name}"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-flax_to_hf = _script("flax_to_hf")
-pth_to_flax = _script("ivtlr_pth_to_flax")
-
-
-def tensors_of(folder):
-    src = SafetensorsFolder(folder)
-    return {k: np.array(src.get(k)) for k in src.keys()}
+flax_to_hf = convert_script("flax_to_hf")
+pth_to_flax = convert_script("ivtlr_pth_to_flax")
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import torch
 from ivtlr_jax.io.hf_to_flax import convert
 from ivtlr_jax.io import from_pretrained
 from ivtlr_jax.models import WeightLoadError
-from ivtlr_jax.io.safetensors import CorruptCheckpointError, SafetensorsFolder, save_file
+from ivtlr_jax.io.safetensors import CorruptCheckpointError, save_file
 from tests import hf_tiny
+from tests.convert_helpers import tensors_of
 
 
 def copy_without_weights(src, dst):
@@ -20,11 +21,6 @@ def copy_without_weights(src, dst):
     for f in src.iterdir():
         if not f.name.endswith(".safetensors"):
             shutil.copy2(f, dst / f.name)
-
-
-def tensors_of(folder):
-    src = SafetensorsFolder(folder)
-    return {k: np.array(src.get(k)) for k in src.keys()}
 
 
 def logits(model, batch):

@@ -4,10 +4,7 @@ adapter is the merged export for PEFT (tensor names, logits, merge_and_unload we
 
 Kept small (a 2-layer LM, no training run, no jit of our model): the suite's time budget."""
 
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,34 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from ivtlr_jax.cli.flax_to_hf import Loaded, without_lora, write_hf
+from ivtlr_jax.export import Loaded, without_lora, write_hf
 from ivtlr_jax.io.peft import default_peft_layout, write_adapter
 from ivtlr_jax.io import FLAX_MARKER, from_pretrained
 from ivtlr_jax.models.common.lora import OFFICIAL_TARGETS, LoRAConfig, add_lora, merge_lora
-from ivtlr_jax.io.safetensors import SafetensorsFolder
 from tests import hf_tiny
+from tests.convert_helpers import convert_script, tensors_of
 
-ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["a << b << c", "<< hello world >>", "Therefore, the answer is B"] * 20
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.05)
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja")
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"convert_{name}", ROOT / "convert" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"convert_{name}"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hf_to_flax = _script("hf_to_flax")
-flax_to_hf = _script("flax_to_hf")
-
-
-def tensors_of(folder):
-    src = SafetensorsFolder(folder)
-    return {k: np.array(src.get(k)) for k in src.keys()}
+hf_to_flax = convert_script("hf_to_flax")
+flax_to_hf = convert_script("flax_to_hf")
 
 
 @pytest.fixture(scope="module")

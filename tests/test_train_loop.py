@@ -225,7 +225,7 @@ def test_damaged_checkpoints_and_a_crashed_export_recover_exactly(assets, straig
     """Two damaged newest checkpoints fall back to the third; an export torn by old code is rebuilt from
     its stage's end checkpoint; a crash during the last export leaves no folder under the export's name
     and the next start rebuilds it; the run ends equal to the uninterrupted one, its metrics once per step."""
-    from ivtlr_jax.train import loop
+    from ivtlr_jax.io import hf_export  # the stage export writes through hf_export.save_hf
 
     cfg = load_config(write_config(tmp_path, assets, "faulty"))
     run_dir = cfg.run_dir
@@ -244,7 +244,7 @@ def test_damaged_checkpoints_and_a_crashed_export_recover_exactly(assets, straig
     weights.write_bytes(weights.read_bytes()[:1000])
     (run_dir / "stage_0" / "config.json").unlink()
 
-    real_save_hf = loop.save_hf
+    real_save_hf = hf_export.save_hf
 
     def crash_in_last_export(model, folder):
         if "stage_2" in str(folder):
@@ -252,7 +252,7 @@ def test_damaged_checkpoints_and_a_crashed_export_recover_exactly(assets, straig
             raise KeyboardInterrupt("killed while exporting stage 2")
         return real_save_hf(model, folder)
 
-    monkeypatch.setattr(loop, "save_hf", crash_in_last_export)
+    monkeypatch.setattr(hf_export, "save_hf", crash_in_last_export)
     lines = []
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=lines.append)
@@ -264,7 +264,7 @@ def test_damaged_checkpoints_and_a_crashed_export_recover_exactly(assets, straig
     assert damaged == ["10", "12"]  # moved aside, not deleted
     assert not (run_dir / "stage_2").exists()
 
-    monkeypatch.setattr(loop, "save_hf", real_save_hf)
+    monkeypatch.setattr(hf_export, "save_hf", real_save_hf)
     lines = []
     last = train(cfg, log=lines.append)
     assert last.trained_here == 0 and last.complete and last.summary().startswith("already complete")
@@ -410,7 +410,7 @@ def test_exports_of_a_run_are_quiet_and_load_their_processor(straight, tmp_path)
 
     from transformers.utils import logging as hf_logging
 
-    from ivtlr_jax.cli.flax_to_hf import export
+    from ivtlr_jax.export import export
     from ivtlr_jax.data import load_processor
 
     class Collect(logging.Handler):

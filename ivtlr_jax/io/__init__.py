@@ -4,7 +4,8 @@
   model), `resolve_folder`, the converted folder's marker files.
 - `safetensors`: streaming safetensors reading and writing (no torch).
 - `orbax_params`: Flax parameters as an orbax checkpoint (the converted folders, the trainer's checkpoints).
-- `hf_export`: a Flax model -> a Hugging Face folder (`save_hf`).
+- `hf_export`: a Flax model -> a Hugging Face folder (`save_hf`; `write_hf_folder` with the tokenizer and
+  processor files).
 - `hf_to_flax`: a Hugging Face folder -> a converted Flax folder (`convert`).
 - `peft`: LoRA adapters as a PEFT adapter folder.
 - `official`: a checkpoint of the official IVT-LR scripts (.pth) -> a converted Flax folder.

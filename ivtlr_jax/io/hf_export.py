@@ -1,5 +1,6 @@
 """Write a Flax model as a Hugging Face folder (config.json + model.safetensors) that transformers
-loads, tensor by tensor (the inverse of `from_pretrained`'s weight table)."""
+loads, tensor by tensor (the inverse of `from_pretrained`'s weight table); `write_hf_folder` adds the
+tokenizer and processor files."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from flax import nnx
 from ..distributed import fetch
 from ..models import FAMILIES
 from ..models.common.loading import variables_by_path
+from .model_folder import FLAX_MARKER, copy_side_files
 from .safetensors import write_streaming
 
 TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
@@ -31,6 +33,21 @@ def save_hf(model: nnx.Module, folder: str | os.PathLike, family=None) -> Path:
     entries, cfg = hf_entries(model, family)
     write_streaming(folder / "model.safetensors", entries)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def write_hf_folder(model: nnx.Module, folder: str | os.PathLike, processor=None,
+                    files_from: str | os.PathLike | None = None) -> Path:
+    """A complete Hugging Face folder: `save_hf`'s weights and config.json, then the files of `files_from`
+    that are neither weights nor configs (tokenizer, processor, chat template, generation config), then
+    `processor`'s files (a processor changed in memory: the latent tokens added)."""
+    folder = save_hf(model, folder)
+    if files_from is not None:  # config.json is save_hf's; a Flax folder's marker would mislabel this one
+        copy_side_files(files_from, folder, skip=("config.json", FLAX_MARKER))
+    if processor is not None:
+        from ..data.tokenizer import save_processor
+
+        save_processor(processor, folder)
     return folder
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from flax import nnx
 from ..models import read_config
 from ..models.common.layers import DTYPES
 from .atomic import atomic_output_folder, check_output_folder
-from .model_folder import FLAX_MARKER, FLAX_PARAMS_DIR, WEIGHT_FILES, from_pretrained, resolve_folder
+from .model_folder import FLAX_MARKER, FLAX_PARAMS_DIR, copy_side_files, from_pretrained, resolve_folder
 from .orbax_params import save_params
 
 
@@ -28,9 +27,7 @@ def convert(hf: str, out: str | Path, dtype: str = "float32", log=print) -> Path
     log(f"read the weights ({time.perf_counter() - start:.1f} s); writing the orbax parameters to {out}")
     with atomic_output_folder(out) as tmp:
         save_params(nnx.state(model), tmp / FLAX_PARAMS_DIR)
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, tmp / f.name)
+        copy_side_files(src, tmp)
         (tmp / FLAX_MARKER).write_text(json.dumps(
             {"format": "orbax", "source": str(hf), "param_dtype": dtype,
              "converted": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from ..models import abstract_model, read_config
 from ..models.common.layers import DTYPES
 from ..models.common.loading import RenamedSource, load_params, variables_by_path
 from ..models.common.sharding import ShardingRules, state_shardings
-from .safetensors import SafetensorsFolder
+from .safetensors import INDEX_FILE, SafetensorsFolder
 
 FLAX_MARKER = "ivtlr_jax.json"  # written by convert/hf_to_flax.py next to the orbax parameters
 FLAX_PARAMS_DIR = "flax_params"
@@ -34,6 +35,14 @@ def resolve_folder(path: str | os.PathLike, revision: str | None = None) -> Path
 
     return Path(snapshot_download(str(path), revision=revision,
                                   allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+
+
+def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike, skip: tuple[str, ...] = ()) -> None:
+    """Copy the files of the model folder `src` that are not weights (config, tokenizer, processor, chat
+    template, generation config) into `dst`: all but the weight files, their shard index and `skip`'s names."""
+    for f in Path(src).iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != INDEX_FILE and f.name not in skip:
+            shutil.copy2(f, Path(dst) / f.name)
 
 
 def stored_dtype(folder: Path) -> str:

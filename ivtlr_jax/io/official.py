@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 from ..models import abstract_model, read_config
 from ..models.common.loading import WeightLoadError, load_params
 from .atomic import atomic_output_folder, check_output_folder
-from .model_folder import FLAX_MARKER, FLAX_PARAMS_DIR, WEIGHT_FILES, resolve_folder
+from .model_folder import FLAX_MARKER, FLAX_PARAMS_DIR, copy_side_files, resolve_folder
 
 OFFICIAL_LORA_ALPHA = 16.0  # lora_alpha of the official LoraConfig (r=64)
 WRAPPER_PREFIX = "base_causallm."
@@ -267,10 +266,7 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
     with atomic_output_folder(out) as tmp:
         save_params(state, tmp / FLAX_PARAMS_DIR)
         del state
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name not in (
-                    "model.safetensors.index.json", "config.json", FLAX_MARKER):
-                shutil.copy2(f, tmp / f.name)
+        copy_side_files(src, tmp, skip=("config.json", FLAX_MARKER))  # both written below
         save_processor(processor, tmp)
         (tmp / "config.json").write_text(json.dumps(_with_vocab(raw, vocab_size), indent=2))
         (tmp / FLAX_MARKER).write_text(json.dumps(

@@ -29,6 +29,7 @@ DTYPES = {
     "BOOL": np.bool_,
 }
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"  # the shard index of sharded weights
 
 
 class CorruptCheckpointError(ValueError):
@@ -121,7 +122,7 @@ class SafetensorsFolder:
 
     def __init__(self, folder: str | os.PathLike):
         folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
+        index = folder / INDEX_FILE
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))

@@ -25,9 +25,8 @@ from .. import distributed
 from ..build import build_model
 from ..config import ConfigError, RunConfig, differing_keys, to_dict
 from ..data import LatentShapes, epoch_order, load_examples, stage_of_epoch, stage_tokens
-from ..data.tokenizer import save_processor
 from ..io.atomic import atomic_output_folder, write_atomic
-from ..io.hf_export import save_hf
+from ..io.hf_export import write_hf_folder
 from ..io.safetensors import read_header
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
@@ -449,6 +448,5 @@ def export_stage(run_dir: Path, stage: int, graphdef, trainable, frozen, process
         read_hf_tensors(model)
         return out
     with atomic_output_folder(out, replace=True) as tmp:
-        save_hf(model, tmp)
-        save_processor(processor, tmp)
+        write_hf_folder(model, tmp, processor)
     return out
