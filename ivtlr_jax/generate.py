@@ -115,7 +115,7 @@ def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, samplin
     if not mask[:, -1].all():
         rows = np.flatnonzero(mask[:, -1] == 0).tolist()
         raise ValueError(f"prompts must be left-padded: rows {rows} end in padding")
-    if batch.get("position_ids") is None:  # as the collator and the models' prompt_positions: 0 on pads, then 0, 1, ...
+    if batch.get("position_ids") is None:  # as the collator writes them: 0 on pads, then 0, 1, ...
         batch = batch | {"position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)}
     counts = (ids == latent.latent_token_id).sum(axis=1)
     shift = None

@@ -10,13 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import FAST_COMPILE_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(script: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each bench sets its own devices
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS}  # the checks, not the timings, are tested
     out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
-                         cwd=ROOT, env=env | {"JAX_PLATFORMS": "cpu"}, timeout=600)
+                         cwd=ROOT, env=env, timeout=600)
     assert out.returncode == 0, f"{script} failed:\n{out.stdout}\n{out.stderr[-4000:]}"
     return out.stdout
 

@@ -34,6 +34,7 @@ from ivtlr_jax.config import load_config
 from ivtlr_jax.demo import prepare
 from ivtlr_jax.eval.run import EvalConfig, evaluate, setup_path
 from ivtlr_jax.train.loop import train
+from tests.conftest import FAST_COMPILE_FLAGS
 from tests.test_train_loop import assert_metrics_once_per_step, export_tensors, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,6 @@ WORKER = ROOT / "tests" / "multihost_worker.py"
 pytestmark = pytest.mark.xdist_group("multihost")
 quiet = lambda *_: None
 STEPS = 4  # 8 rows / (1 row x 4 devices) = 2 micro-batches per epoch, 2 epochs (stages 0 and 1)
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def free_port() -> int:
@@ -59,7 +59,7 @@ class Launch:
         for i in range(2):
             env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_FLAGS}",
                        JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
                        **(env_extra or {}))

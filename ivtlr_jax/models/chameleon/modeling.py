@@ -43,16 +43,6 @@ class Chameleon(DecoderLM):
             return jnp.asarray(position_ids)
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None], input_ids.shape)
 
-    def prompt_positions(self, input_ids, attention_mask=None, pixel_values=None) -> tuple[jax.Array, jax.Array]:
-        """Positions of a left-padded prompt as transformers' `generate` computes them (cumulative sum of
-        the mask, 0 on pads) and the position [B] of the first generated token."""
-        valid = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-        pos = jnp.cumsum(valid, axis=1) - 1
-        return jnp.where(valid > 0, pos, 0), valid.sum(axis=1)
-
-    def step_positions(self, next_pos: jax.Array, length: int = 1) -> jax.Array:
-        return next_pos[:, None] + jnp.arange(length)[None]
-
     def logits(self, hidden: jax.Array) -> jax.Array:
         """As transformers' ChameleonForConditionalGeneration: image-code tokens get the lowest logit, so
         text generation and the loss's softmax never put mass on them."""

@@ -90,20 +90,6 @@ class Qwen2VL(DecoderLM):
             spatial_merge_size=self.config.vision.spatial_merge_size,
         )
 
-    def prompt_positions(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None
-                         ) -> tuple[jax.Array, jax.Array]:
-        """Positions of a (left-padded) prompt as transformers' `generate` computes them, and the
-        position [B] of the first generated token (max prompt position + 1, i.e. rope delta + length)."""
-        pos, _ = self.rope_index(input_ids, attention_mask, image_grid_thw)
-        valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-        next_pos = jnp.max(jnp.where(valid[None], pos, -1), axis=(0, 2)) + 1
-        return pos, next_pos
-
-    def step_positions(self, next_pos: jax.Array, length: int = 1) -> jax.Array:
-        """[3, B, length] positions of `length` new text tokens starting at next_pos [B]."""
-        pos = next_pos[:, None] + jnp.arange(length)[None]
-        return jnp.broadcast_to(pos[None], (3, *pos.shape))
-
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """cos, sin [B, T, head_dim] of M-RoPE positions [3, B, T] (or [B, T]: 1-D on all rows)."""
         return rope_cos_sin(positions, self.config.text.head_dim, self.config.rope_theta, self.config.mrope_section)
