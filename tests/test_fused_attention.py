@@ -52,6 +52,32 @@ def test_fused_equals_xla_and_a_wrong_mask_does_not(layout):
     assert max_diff(xla, dot_product_attention(q, k, v, wrong, scale, layout, "fused")) > 1e-3
 
 
+def test_gpu_cache_reads_cudnn_does_not_take_stay_on_the_einsums(monkeypatch):
+    """On a GPU backend, a one-token decoding step over the cache layout (odd T: not cuDNN's) is the einsum
+    path bit for bit and never reaches jax.nn (whose XLA attention would first copy the layer's cache into
+    [B, S, K, H]); an even chunk in bf16 goes to cuDNN; the [B, S, K, H] layout still uses jax.nn."""
+    from ivtlr_jax.models.common import attention
+
+    b, s, n, kv, h = 2, 8, 4, 2, 8
+    ks = jax.random.split(jax.random.key(1), 3)
+    q1 = jax.random.normal(ks[0], (b, 1, n, h))
+    k, v = jax.random.normal(ks[1], (b, s, kv, h)), jax.random.normal(ks[2], (b, s, kv, h))
+    kc, vc = to_cache_layout(k, v, k.dtype)
+    mask = causal_mask(jnp.asarray([5]), jnp.ones((b, s), bool))
+    xla = dot_product_attention(q1, kc, vc, mask, h**-0.5, "cache", "xla")
+    calls = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw["implementation"]) or a[0])
+    fused = dot_product_attention(q1, kc, vc, mask, h**-0.5, "cache", "fused")
+    assert calls == [] and np.array_equal(np.asarray(xla), np.asarray(fused))
+    q2 = jax.random.normal(ks[0], (b, 2, n, h), jnp.bfloat16)
+    dot_product_attention(q2, kc.astype(jnp.bfloat16), vc.astype(jnp.bfloat16), mask[:, :1].repeat(2, 1), 1.0,
+                          "cache", "fused")
+    dot_product_attention(q1, k, v, mask, h**-0.5, "bskh", "fused")
+    assert calls == ["cudnn", "xla"]
+    assert attention.cudnn_fits(q2, s) and not attention.cudnn_fits(q1, s)
+
+
 def test_unknown_attention_impl_is_refused(tiny_qwen2vl):
     with pytest.raises(ValueError, match="attention_impl"):
         from_pretrained(tiny_qwen2vl[0], attention_impl="flash")
