@@ -67,6 +67,7 @@ class Plan:
     model_flops: float  # 6 * N * tokens (2 * N * tokens for generation)
     step_s_at_peak: float
     mfu_ceiling: float
+    flops_scanned: float  # per device: XLA's count of the compiled program (each loop body once)
 
     def __str__(self):
         fits = "fits" if self.total_gb <= H100_MEMORY_GB else "DOES NOT FIT"
@@ -201,7 +202,7 @@ def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops
     step_s = flops / (H100_BF16_PEAK_TFLOPS * 1e12) if flops else float("nan")
     return Plan(name, dict(rules.mesh.shape), gb(params), gb(optimizer), gb(args), gb(temps), gb(outs),
                 gb(args + temps + outs - alias), flops, model_flops, step_s,
-                min(model_flops / devices / flops, 1.0) if flops else float("nan"))
+                min(model_flops / devices / flops, 1.0) if flops else float("nan"), _flops(compiled))
 
 
 def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_tokens: int = 512,
