@@ -56,11 +56,11 @@ def cudnn_fits(q: jax.Array, s: int) -> bool:
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, layout: str = "bskh",
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float, layout: str = "bskh",
     impl: str = "xla",
 ) -> jax.Array:
-    """q [B, T, N, H], k/v in `layout` with S slots, mask [B, T, S] (or [1, T, S]) -> [B, T, N, H]. Softmax
-    in fp32. impl: one of ATTENTION_IMPLS (module docstring)."""
+    """q [B, T, N, H], k/v in `layout` with S slots, mask [B, T, S] (or [1, T, S]; None: every query sees
+    every key) -> [B, T, N, H]. Softmax in fp32. impl: one of ATTENTION_IMPLS (module docstring)."""
     if impl == "fused":
         return fused_attention(q, k, v, mask, scale, layout)
     if impl != "xla":
@@ -70,14 +70,15 @@ def dot_product_attention(
     kv_heads = k.shape[k_spec.index("k")]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
     logits = jnp.einsum(f"btkgh,{k_spec}->bkgts", qg, k, preferred_element_type=acc_dtype(q)) * scale
-    logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum(f"bkgts,{v_spec}->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
 
 def fused_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, layout: str = "bskh"
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float, layout: str = "bskh"
 ) -> jax.Array:
     """`dot_product_attention` through `jax.nn.dot_product_attention` (cuDNN where `cudnn_fits`, else
     XLA). Keys/values in the cache layout are transposed to [B, S, K, H] first. On a GPU, a cache read
@@ -91,8 +92,8 @@ def fused_attention(
     k = jnp.einsum(f"{k_spec}->bskh", k).astype(q.dtype)  # [B, S, K, H]
     v = jnp.einsum(f"{v_spec}->bskh", v).astype(q.dtype)
     implementation = "cudnn" if fits else "xla"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,  # mask [B, 1, T, S]
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],  # [B, 1, T, S]
+                                        scale=scale, implementation=implementation)
 
 
 def row_attention_probs(

@@ -110,8 +110,7 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array,
         mask = (segment[:, None] == segment[None, :])[None]  # [1, Np, Np]
         return dot_product_attention(q[None], k[None], v[None], mask, scale, impl=impl)[0]
     frames = lambda t: t.reshape(n // frame_len, frame_len, *t.shape[1:])  # [frames, frame_len, N, H]
-    mask = jnp.ones((n // frame_len, frame_len, frame_len), bool)
-    return dot_product_attention(frames(q), frames(k), frames(v), mask, scale, impl=impl).reshape(q.shape)
+    return dot_product_attention(frames(q), frames(k), frames(v), None, scale, impl=impl).reshape(q.shape)
 
 
 class VisionTower(nnx.Module):
