@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .data.collate import left_padded_positions
 from .latent import (LatentConfig, LatentShapes, chain_gap, first_latent_index, image_inputs_of, latent_layout,
                      latent_passes, sequence_positions)
 
@@ -115,8 +116,8 @@ def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, samplin
     if not mask[:, -1].all():
         rows = np.flatnonzero(mask[:, -1] == 0).tolist()
         raise ValueError(f"prompts must be left-padded: rows {rows} end in padding")
-    if batch.get("position_ids") is None:  # as the collator writes them: 0 on pads, then 0, 1, ...
-        batch = batch | {"position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)}
+    if batch.get("position_ids") is None:
+        batch = batch | {"position_ids": left_padded_positions(mask)}
     counts = (ids == latent.latent_token_id).sum(axis=1)
     shift = None
     if counts.max(initial=0) and (counts != counts.max()).any():  # align the first latents (equal counts are)

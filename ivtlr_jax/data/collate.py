@@ -63,6 +63,11 @@ def shared_prefix_bound(prefix_len: int, prefix_buckets: Sequence[int]) -> int:
     return max(below) if below else 0
 
 
+def left_padded_positions(mask: np.ndarray) -> np.ndarray:
+    """position_ids [B, S] int32 of left-padded rows (mask [B, S]): 0 on the pads, then 0, 1, 2, ..."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+
+
 def stack_images(images: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """One image per row -> the batch's image arrays. Qwen2-VL: pixel_values stacked per image [B, Np, 1176]
     when every image has one frame of the same size (the model reads its per-image attention off that

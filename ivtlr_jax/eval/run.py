@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import distributed
 from ..data import load_examples, load_processor, materialize, special_token_ids
-from ..data.collate import smallest_bucket, stack_images
+from ..data.collate import left_padded_positions, smallest_bucket, stack_images
 from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
 from ..models.common.attention import ATTENTION_IMPLS
@@ -118,7 +118,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, buckets) -> tuple[np.ndarray
     mask = np.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
-    return ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    return ids, mask, left_padded_positions(mask)
 
 
 # ---- the setup an output belongs to --------------------------------------------------------------------

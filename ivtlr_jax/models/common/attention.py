@@ -6,8 +6,9 @@ Two implementations of the full attention, chosen by the model option `attention
   read without a transpose), fp32 softmax;
 - "fused": `jax.nn.dot_product_attention`, with `implementation="cudnn"` (cuDNN's fused flash kernel)
   where `cudnn_fits` says so (GPU, bf16/fp16, a head dim cuDNN takes, even T and S), else JAX's own XLA
-  implementation (CPU, fp32, decoding steps). It takes keys/values [B, S, K, H], so a cache layer is
-  read through a transpose (the cache keeps one layout whichever implementation reads it; kv_cache.py).
+  implementation (CPU, fp32). It takes keys/values [B, S, K, H], so a cache layer is read through a
+  transpose (the cache keeps one layout whichever implementation reads it; kv_cache.py); on a GPU, cache
+  reads cuDNN does not take (one decoding token) stay on the einsums instead.
 The one-row probabilities (`row_attention_probs`) are always the exact einsum path.
 
 Shapes: B batch, T query length, S key length, N query heads, K key/value heads, H head dim.

@@ -6,8 +6,8 @@ stacked arrays put the layer axis L in front), and every write goes through `to_
 per-layer, per-step copy of the whole cache otherwise: ~60% of a batch-32 decoding step): keys
 [L, B, K, S, H] (kv-head major), values [L, B, K, H, S] (slots minor). The layout is the same whichever
 attention implementation the model runs: attention_impl="fused" reads a layer through a transpose to
-[B, S, K, H] (attention.py), so a cache passes between the latent loop, generation and the sampler
-without their knowing the model's option."""
+[B, S, K, H] (attention.py), so a cache passes between the latent loop and generation without their
+knowing the model's option."""
 
 from __future__ import annotations
 
