@@ -31,6 +31,7 @@ from flax import nnx
 from .data.collate import left_padded_positions
 from .latent import (LatentConfig, LatentShapes, chain_gap, first_latent_index, image_inputs_of, latent_layout,
                      latent_passes, sequence_positions)
+from .models.common.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +104,17 @@ def align_first_latents(ids: np.ndarray, mask: np.ndarray, latent_token_id: int)
     return out, (p - questions) - (s - lengths)
 
 
-def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, sampling: SamplingConfig,
-                   *, key: jax.Array | None = None, prefix_len: int | None = None) -> Generation:
-    """Generate for prompts `question + <|latent|> x c_r [+ suffix]`, left-padded to a common length (the
-    suffix, e.g. the official Chameleon evaluation's separator token, has the same length in every row).
-    Rows may have different latent counts: each row generates what it generates alone (module
-    docstring). `batch` holds input_ids, attention_mask, the model's image inputs and optionally
-    position_ids (by default the collator's: 0 on left pads, then 0, 1, 2, ...). `selected` indexes the
-    prompts as given. A prompt without latents is decoded as it is: plain greedy (or sampled) decoding."""
+class Prompts(NamedTuple):
+    """Prompts laid out for `start_decoding` (`prepare_prompts`)."""
+    batch: dict  # device arrays: input_ids, attention_mask, position_ids, image inputs
+    shapes: LatentShapes  # n and the prefix length (static)
+    suffix_len: int  # tokens after the latents (static)
+    shift: np.ndarray | None  # [B] how far each row moved right to align first latents (None: not moved)
+
+
+def prepare_prompts(batch: dict, latent: LatentConfig, prefix_len: int | None = None) -> Prompts:
+    """Check and lay out left-padded prompts on the host: position ids filled in, first latents aligned
+    (rows with different latent counts), the static shapes read off."""
     ids = np.asarray(batch["input_ids"])
     mask = np.asarray(batch["attention_mask"])
     if not mask[:, -1].all():
@@ -130,16 +134,45 @@ def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, samplin
         p = ids.shape[1]
     if prefix_len is not None and prefix_len < p:
         raise ValueError(f"prefix_len={prefix_len} is below the first latent's index {p}")
-    key = jax.random.key(0) if key is None else key
     jbatch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None and k != "labels"}
-    out = _generate(model, jbatch, latent, sampling, key, LatentShapes(n, prefix_len or p), suffix_len)
-    if shift is not None:  # back to the prompts' indices
-        out = out._replace(selected=jnp.where(out.selected >= 0, out.selected - jnp.asarray(shift)[None, :, None], -1))
+    return Prompts(jbatch, LatentShapes(n, prefix_len or p), suffix_len, shift)
+
+
+def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, sampling: SamplingConfig,
+                   *, key: jax.Array | None = None, prefix_len: int | None = None) -> Generation:
+    """Generate for prompts `question + <|latent|> x c_r [+ suffix]`, left-padded to a common length (the
+    suffix, e.g. the official Chameleon evaluation's separator token, has the same length in every row).
+    Rows may have different latent counts: each row generates what it generates alone (module
+    docstring). `batch` holds input_ids, attention_mask, the model's image inputs and optionally
+    position_ids (by default the collator's: 0 on left pads, then 0, 1, 2, ...). `selected` indexes the
+    prompts as given. A prompt without latents is decoded as it is: plain greedy (or sampled) decoding."""
+    prompts = prepare_prompts(batch, latent, prefix_len)
+    key = jax.random.key(0) if key is None else key
+    out = _generate(model, prompts.batch, latent, sampling, key, prompts.shapes, prompts.suffix_len)
+    if prompts.shift is not None:  # back to the prompts' indices
+        shift = jnp.asarray(prompts.shift)[None, :, None]
+        out = out._replace(selected=jnp.where(out.selected >= 0, out.selected - shift, -1))
     return out
 
 
-@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "shapes", "suffix_len"))
-def _generate(model, batch, latent, sampling, key, shapes: LatentShapes, suffix_len=0):
+class DecodeStart(NamedTuple):
+    """What a prompt (prefill, latent passes, suffix) leaves for decoding."""
+    cache: KVCache  # the prompt's keys and values, `end` after its last slot, room for max_new_tokens more
+    first: jax.Array  # [B] the first generated token
+    offset: jax.Array  # [B] (1-D RoPE) or [3, B] (M-RoPE): cache slot s of row b is at position s + offset[..., b]
+    selected: jax.Array  # [n, B, K] (`Generation.selected`)
+
+
+def decode_positions(offset: jax.Array, slots: jax.Array) -> jax.Array:
+    """The positions of decoding slots [] (every row) or [B] (per row) -> [B, 1] (or [3, B, 1])."""
+    return (offset + slots)[..., None]
+
+
+def start_decoding(model, batch: dict, latent: LatentConfig, sampling: SamplingConfig, key: jax.Array,
+                   shapes: LatentShapes, suffix_len: int = 0) -> DecodeStart:
+    """Everything before the first decoding step (traced inside `_generate` and `continuous`): the image
+    features and embeddings, the prefill and n latent passes (or a plain prefill without latents), the
+    prompt's suffix after the latents, and the first token (sampled with `fold_in(key, 0)`)."""
     b = batch["input_ids"].shape[0]
     n, prefix_len = shapes.num_latents, shapes.prefix_len
     embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch))
@@ -166,8 +199,16 @@ def _generate(model, batch, latent, sampling, key, shapes: LatentShapes, suffix_
         out = model.decode(embeds, positions.own, batch["attention_mask"], cache=cache)
         cache, h_last = out.cache, out.hidden[:, -1]
         selected = jnp.zeros((0, b, latent.num_selected_patches), jnp.int32)
-
+    # every later slot s of a row is at position s + offset (RoPE's tail is linear in the slot)
+    offset = row_pos(cache.end[None])[..., 0] - cache.end
     first = next_token(model.logits(h_last), jax.random.fold_in(key, 0), sampling)
+    return DecodeStart(cache, first, offset, selected)
+
+
+@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "shapes", "suffix_len"))
+def _generate(model, batch, latent, sampling, key, shapes: LatentShapes, suffix_len=0):
+    b = batch["input_ids"].shape[0]
+    cache, first, offset, selected = start_decoding(model, batch, latent, sampling, key, shapes, suffix_len)
     tokens = jnp.full((b, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32)
     lengths = jnp.zeros((b,), jnp.int32)
     done = jnp.zeros((b,), bool)
@@ -183,8 +224,7 @@ def _generate(model, batch, latent, sampling, key, shapes: LatentShapes, suffix_
             done = done | (token == sampling.eos_token_id)  # EOS is checked from the first token
         lengths = lengths + (~done).astype(jnp.int32)
         emb = model.embed_tokens(token[:, None])
-        slot = cache.end[None]
-        o = model.decode(emb, row_pos(slot), jnp.ones((b, 1), bool), cache=cache)
+        o = model.decode(emb, decode_positions(offset, cache.end), jnp.ones((b, 1), bool), cache=cache)
         nxt = next_token(model.logits(o.hidden[:, -1]), jax.random.fold_in(key, step + 1), sampling)
         return step + 1, nxt, o.cache, done, tokens, lengths
 

@@ -32,13 +32,21 @@ def to_cache_layout(k: jax.Array, v: jax.Array, dtype) -> tuple[jax.Array, jax.A
 
 def write_chunk(k_cache: jax.Array, v_cache: jax.Array, k_chunk: jax.Array, v_chunk: jax.Array,
                 index: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Write a chunk of T slots, already in the cache layout (`to_cache_layout`), at slot `index` [] int32.
+    """Write a chunk of T slots, already in the cache layout (`to_cache_layout`), at slot `index`: [] int32
+    (every row at the same slot), or [B] (each row at its own: continuous batching, `KVCache.end`).
 
     Works on one layer's arrays (k_cache [B, K, S, H], chunk [B, K, T, H]; values likewise) and on the
     stacked ones (a leading L on both)."""
     def write(cache, chunk, spec):
+        if index.ndim == 1:  # per row: one dynamic_update_slice per row (a scatter, in place)
+            batch_axis = cache.ndim - len(spec) + spec.index("b")
+            row = lambda c, x, i: write_at(c, x, i, _slot_axis(cache, spec) - 1)
+            return jax.vmap(row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(cache, chunk, index)
+        return write_at(cache, chunk, index, _slot_axis(cache, spec))
+
+    def write_at(cache, chunk, index, axis):
         starts = [jnp.zeros((), index.dtype)] * cache.ndim
-        starts[_slot_axis(cache, spec)] = index
+        starts[axis] = index
         return jax.lax.dynamic_update_slice(cache, chunk, starts)
 
     return write(k_cache, k_chunk, K_SPEC), write(v_cache, v_chunk, V_SPEC)
@@ -49,7 +57,7 @@ class KVCache:
     k: jax.Array  # [L, B, K, S, H] (K_SPEC)
     v: jax.Array  # [L, B, K, H, S] (V_SPEC)
     valid: jax.Array  # [B, S] bool: slot written and not padding
-    end: jax.Array  # [] int32: next slot to write; all rows share it
+    end: jax.Array  # [] int32: next slot to write, the same in every row; or [B]: each row's own (`per_row`)
 
     @classmethod
     def init(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
@@ -61,6 +69,11 @@ class KVCache:
             valid=jnp.zeros((batch, max_len), bool),
             end=jnp.zeros((), jnp.int32),
         )
+
+    def per_row(self) -> "KVCache":
+        """The same cache with `end` per row [B] (continuous batching: rows that started at different
+        times, each written at its own next slot)."""
+        return self.replace(end=jnp.broadcast_to(self.end, self.valid.shape[:1]).astype(jnp.int32))
 
     @property
     def max_len(self) -> int:

@@ -90,7 +90,8 @@ class DecoderLM(nnx.Module):
     ) -> DecodeOutput:
         """Run the decoder on embeds [B, T, D] at the family's positions for them.
 
-        With `cache`, the chunk is written at `cache.end` and attends to everything cached before it.
+        With `cache`, the chunk is written at `cache.end` (per row when it is [B]) and attends to everything
+        cached before it.
         `prob_rows` [B]: return, per layer, the head-averaged attention probabilities of that query row.
         `dropout_key`: training-mode LoRA dropout (None: deterministic).
         """
@@ -101,9 +102,15 @@ class DecoderLM(nnx.Module):
             mask = causal_mask(jnp.arange(t), valid)
             cache_kv, write_index = None, None
         else:
-            zero = jnp.zeros((), cache.end.dtype)
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (zero, cache.end))
-            mask = causal_mask(cache.end + jnp.arange(t), key_valid)
+            if cache.end.ndim:  # per row [B]: each row's chunk at its own slots
+                write_row = lambda row, chunk, end: jax.lax.dynamic_update_slice(row, chunk, (end,))
+                key_valid = jax.vmap(write_row)(cache.valid, valid, cache.end)
+                query_slots = cache.end[:, None] + jnp.arange(t)  # [B, T]
+            else:
+                zero = jnp.zeros((), cache.end.dtype)
+                key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (zero, cache.end))
+                query_slots = cache.end + jnp.arange(t)  # [T]
+            mask = causal_mask(query_slots, key_valid)
             cache_kv, write_index = (cache.k, cache.v), cache.end
         out = run_decoder(
             self.layers, self.text_config, embeds.astype(self.dtype), cos, sin, mask,

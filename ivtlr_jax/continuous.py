@@ -1,0 +1,172 @@
+"""Continuous batching of IVT-LR generation: a fixed number of slots decode together, and when a row
+finishes (EOS or `max_new_tokens`) the next prompt takes its slot, so no slot idles while the longest
+answer of a static batch is still being written.
+
+A prompt enters on its own: `start_decoding` (the function a static batch runs: image features,
+prefill, the latent passes, the prompt's suffix, the first token) on a batch of one, so its prompt part
+is exactly the one-at-a-time computation. Its cache row is copied into the free slot (`insert`), and
+decoding goes on with each row at its own next cache slot (`KVCache.end` per row) and its own
+positions (`DecodeStart.offset`). Rows never see each other (attention stays within a row, the cache's
+slots after a row's end are masked), so every prompt generates the tokens it generates alone, with
+`ivtlr_generate` on that prompt (and the same key: each prompt samples with `fold_in(key, index)`).
+
+Compiles: `start_decoding` once per prompt shape (prompts left-padded to length buckets), `insert` once
+per pair of prompt cache size and slots' cache size, the decoding loop once per slots' cache size (which
+grows to the largest prompt's, never shrinks).
+
+    for index, row in generate_continuous(model, prompts, latent, sampling, slots=8):
+        row.tokens, row.length, row.selected  # in the order rows finish
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .generate import (DecodeStart, SamplingConfig, decode_positions, next_token, prepare_prompts,
+                       start_decoding)
+from .latent import LatentConfig
+from .models.common.kv_cache import KVCache
+
+
+class Finished(NamedTuple):
+    """One prompt's generation, as `Generation` holds a row of it."""
+    tokens: np.ndarray  # [max_new_tokens]: up to and including EOS, then pad_token_id
+    length: int  # generated tokens before EOS
+    selected: np.ndarray  # [n, K] patches inserted before each latent, as indices into the prompt as given
+
+
+class Slots(NamedTuple):
+    """The running batch: B slots, each holding one prompt's generation (or nothing)."""
+    cache: KVCache  # end [B]: each row's next slot
+    token: jax.Array  # [B] the next token to record and feed
+    keys: jax.Array  # [B] each row's sampling key
+    offset: jax.Array  # [B] or [3, B]: positions of a row's slots (`DecodeStart.offset`)
+    tokens: jax.Array  # [B, max_new_tokens] recorded so far, pad_token_id after
+    count: jax.Array  # [B] tokens recorded
+    lengths: jax.Array  # [B] recorded tokens before EOS
+    live: jax.Array  # [B] bool: the slot holds a prompt still generating
+
+
+def next_token_per_row(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """`next_token` with a key per row [B]: row b draws what it draws alone with keys[b]."""
+    if cfg.temperature <= 0:
+        return next_token(logits, keys[0], cfg)  # greedy: no randomness
+    return jax.vmap(lambda row, k: next_token(row[None], k, cfg)[0])(logits, keys)
+
+
+@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "shapes", "suffix_len"))
+def _start(model, batch, latent, sampling, key, shapes, suffix_len):
+    return start_decoding(model, batch, latent, sampling, key, shapes, suffix_len)
+
+
+def empty_slots(model, start: DecodeStart, slots: int, cache_len: int, sampling: SamplingConfig) -> Slots:
+    """B idle slots shaped after a prompt's `DecodeStart` (its offset's rank, the cache's dtype)."""
+    cache = model.init_cache(slots, cache_len, start.cache.k.dtype).per_row()
+    return Slots(cache, jnp.zeros((slots,), jnp.int32), jax.random.split(jax.random.key(0), slots),
+                 jnp.zeros((*start.offset.shape[:-1], slots), start.offset.dtype),
+                 jnp.full((slots, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32),
+                 jnp.zeros((slots,), jnp.int32), jnp.zeros((slots,), jnp.int32), jnp.zeros((slots,), bool))
+
+
+@functools.partial(jax.jit, static_argnames=("pad_token_id",), donate_argnums=(0,))
+def insert(state: Slots, start: DecodeStart, key: jax.Array, slot: jax.Array, pad_token_id: int) -> Slots:
+    """Put a prompt's `DecodeStart` (a batch of one) into `slot`: its cache row (grown to the slots'
+    length; slots after its end empty), its first token, key and positions; its count and tokens reset."""
+    cache = start.cache.resized(state.cache.max_len)
+    k = state.cache.k.at[:, slot].set(cache.k[:, 0])
+    v = state.cache.v.at[:, slot].set(cache.v[:, 0])
+    valid = state.cache.valid.at[slot].set(cache.valid[0])
+    end = state.cache.end.at[slot].set(cache.end)
+    return Slots(KVCache(k, v, valid, end), state.token.at[slot].set(start.first[0]), state.keys.at[slot].set(key),
+                 state.offset.at[..., slot].set(start.offset[..., 0]),
+                 state.tokens.at[slot].set(pad_token_id), state.count.at[slot].set(0),
+                 state.lengths.at[slot].set(0), state.live.at[slot].set(True))
+
+
+@functools.partial(nnx.jit, static_argnames=("sampling",), donate_argnums=(1,))
+def decode(model, state: Slots, sampling: SamplingConfig, stop_when_freed: jax.Array) -> Slots:
+    """Decode every live slot, one token per step, until no slot is live or, with `stop_when_freed`, until
+    a slot finishes (so that the next prompt can take it). A step records each live row's token (EOS
+    included, as `_generate`), then feeds it at the row's own next slot and position."""
+    b = state.token.shape[0]
+    rows = jnp.arange(b)
+
+    def cond(carry):
+        state, freed = carry
+        return jnp.any(state.live) & ~(stop_when_freed & freed)
+
+    def body(carry):
+        state, freed = carry
+        live, token, count = state.live, state.token, state.count
+        column = jnp.minimum(count, sampling.max_new_tokens - 1)
+        tokens = state.tokens.at[rows, column].set(jnp.where(live, token, state.tokens[rows, column]))
+        eos = jnp.zeros_like(live) if sampling.eos_token_id is None else token == sampling.eos_token_id
+        lengths = state.lengths + (live & ~eos).astype(jnp.int32)
+        count = count + live.astype(jnp.int32)
+        finished = live & (eos | (count >= sampling.max_new_tokens))
+        cache = state.cache
+        o = model.decode(model.embed_tokens(token[:, None]), decode_positions(state.offset, cache.end),
+                         jnp.ones((b, 1), bool), cache=cache)
+        step_keys = jax.vmap(jax.random.fold_in)(state.keys, count)  # as `_generate`: fold_in(key, step + 1)
+        nxt = next_token_per_row(model.logits(o.hidden[:, -1]), step_keys, sampling)
+        still = live & ~finished
+        new_cache = o.cache.replace(end=jnp.where(still, o.cache.end, cache.end))  # idle rows stay put
+        state = Slots(new_cache, nxt, state.keys, state.offset, tokens, count, lengths, still)
+        return state, freed | jnp.any(finished)
+
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.zeros((), bool)))
+    return state
+
+
+def generate_continuous(model: nnx.Module, prompts: Iterable[dict], latent: LatentConfig, sampling: SamplingConfig,
+                        *, slots: int = 8, key: jax.Array | None = None) -> Iterator[tuple[int, Finished]]:
+    """Generate for each prompt (a left-padded batch of one, as `ivtlr_generate` takes), `slots` at a time
+    -> (the prompt's index, its `Finished`) in the order prompts finish. Prompt i samples with
+    `fold_in(key, i)` (greedy decoding needs no key)."""
+    if slots < 1:
+        raise ValueError(f"continuous batching: slots={slots}; must be >= 1")
+    key = jax.random.key(0) if key is None else key
+    pending = enumerate(prompts)
+    state: Slots | None = None
+    owner: dict[int, tuple[int, np.ndarray]] = {}  # slot -> (prompt index, its selected patches [n, K])
+    exhausted = False
+    while True:
+        free = [s for s in range(slots) if s not in owner]
+        while free and not exhausted:
+            item = next(pending, None)
+            if item is None:
+                exhausted = True
+                break
+            index, prompt = item
+            rows = np.asarray(prompt["input_ids"]).shape[0]
+            if rows != 1:
+                raise ValueError(f"continuous batching: prompt {index} holds {rows} rows; give one prompt (a batch "
+                                 "of one) at a time")
+            laid = prepare_prompts(prompt, latent)
+            row_key = jax.random.fold_in(key, index)
+            start = _start(model, laid.batch, latent, sampling, row_key, laid.shapes, laid.suffix_len)
+            if state is None or state.cache.max_len < start.cache.max_len:  # (re)shape the slots to fit
+                state = grown(model, state, start, slots, sampling)
+            slot = free.pop(0)
+            state = insert(state, start, row_key, jnp.int32(slot), sampling.pad_token_id)
+            owner[slot] = (index, np.asarray(start.selected[:, 0]))
+        if not owner:
+            return
+        state = decode(model, state, sampling, jnp.asarray(not exhausted))
+        live = np.asarray(state.live)
+        for slot in sorted(s for s in owner if not live[s]):
+            index, selected = owner.pop(slot)
+            yield index, Finished(np.asarray(state.tokens[slot]), int(state.lengths[slot]), selected)
+
+
+def grown(model, state: Slots | None, start: DecodeStart, slots: int, sampling: SamplingConfig) -> Slots:
+    """New slots whose cache fits `start`'s (the first prompt), or `state` with its cache grown to it."""
+    if state is None:
+        return empty_slots(model, start, slots, start.cache.max_len, sampling)
+    return state._replace(cache=state.cache.resized(start.cache.max_len))

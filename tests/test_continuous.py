@@ -1,0 +1,105 @@
+"""Continuous batching (ivtlr_jax/continuous.py): every prompt generates what it generates alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ivtlr_jax.continuous import generate_continuous
+from ivtlr_jax.generate import SamplingConfig, ivtlr_generate
+from ivtlr_jax.latent import LatentConfig
+from tests import hf_tiny
+from tests.test_generate import FIXTURES, amplified
+from tests.test_latent import CHAMELEON_LATENT, QWEN_LATENT
+
+N_NEW = 10
+QWEN_SIZES = [(84, 84), (56, 112), (84, 56), (56, 56), (112, 56)]
+
+
+def single_prompts(family, latents, left_pads, seed=0):
+    """One left-padded batch-of-one prompt per entry of `latents` (its latent count), with questions and
+    images of different sizes and `left_pads` padding tokens in front."""
+    rng = np.random.default_rng(seed)
+    text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
+    latent = QWEN_LATENT if family == "qwen2vl" else CHAMELEON_LATENT
+    prompts = []
+    for i, (c, pad) in enumerate(zip(latents, left_pads)):
+        if family == "qwen2vl":
+            pv, grid = hf_tiny.image_inputs([QWEN_SIZES[i % len(QWEN_SIZES)]], seed=seed + i)
+            span = [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * int(grid.prod() // 4) + [hf_tiny.VISION_END]
+            image = {"pixel_values": pv, "image_grid_thw": grid}
+        else:
+            span = [hf_tiny.CHAMELEON_IMAGE] * hf_tiny.CHAMELEON_TOKENS_PER_IMAGE
+            image = {"pixel_values": rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)}
+        row = text(1 + i % 3) + span + text(2 + (2 * i) % 5) + [latent] * c
+        ids = np.asarray([[0] * pad + row])
+        mask = np.asarray([[0] * pad + [1] * len(row)])
+        prompts.append({"input_ids": ids, "attention_mask": mask, **image})
+    return prompts, latent
+
+
+@pytest.mark.parametrize("family,rope,k", [("qwen2vl", "1d", 2), ("qwen2vl", "mrope", 2), ("chameleon", "1d", 6)])
+def test_continuous_batching_generates_each_prompt_as_alone(request, family, rope, k):
+    """Five prompts of different lengths, left pads and latent counts (one without latents) through two
+    slots, with an EOS that ends some answers early: each prompt's tokens, length and selected patches
+    equal `ivtlr_generate` on it alone, and prompts enter slots as others finish. (The model is amplified
+    so that a wrong position, cache slot or state changes the tokens; see test_generate.amplified.)"""
+    model = amplified(request.getfixturevalue(FIXTURES[family])[2])
+    prompts, latent_id = single_prompts(family, latents=(2, 1, 0, 2, 1), left_pads=(0, 3, 1, 0, 2))
+    latent = LatentConfig(latent_id, k, rope=rope)
+    free = SamplingConfig(max_new_tokens=N_NEW)
+    first = np.asarray(ivtlr_generate(model, prompts[0], latent, free).tokens[0])
+    sampling = SamplingConfig(max_new_tokens=N_NEW, eos_token_id=int(first[3]), pad_token_id=-1)
+    alone = [ivtlr_generate(model, p, latent, sampling) for p in prompts]
+    lengths = [int(a.lengths[0]) for a in alone]
+    assert min(lengths) <= 3 and max(lengths) == N_NEW, lengths  # answers of different lengths
+
+    out = list(generate_continuous(model, prompts, latent, sampling, slots=2))
+    assert sorted(i for i, _ in out) == list(range(len(prompts)))
+    assert [i for i, _ in out][:1] == [0] or lengths[0] > min(lengths)  # rows come out as they finish
+    for i, row in out:
+        np.testing.assert_array_equal(row.tokens, np.asarray(alone[i].tokens[0]), err_msg=f"prompt {i}")
+        assert row.length == lengths[i]
+        np.testing.assert_array_equal(row.selected, np.asarray(alone[i].selected[:, 0]), err_msg=f"prompt {i}")
+
+
+def test_continuous_sampling_draws_as_alone(qwen):
+    """Sampled (temperature, top-p): prompt i draws with fold_in(key, i), the tokens it draws alone with
+    that key, whichever slot and neighbours it gets."""
+    model = qwen[2]
+    prompts, latent_id = single_prompts("qwen2vl", latents=(2, 2, 1), left_pads=(0, 1, 0), seed=3)
+    latent = LatentConfig(latent_id, 2)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.3, top_p=0.9)
+    key = jax.random.key(7)
+    out = dict(generate_continuous(model, prompts, latent, sampling, slots=2, key=key))
+    draws = []
+    for i, p in enumerate(prompts):
+        alone = ivtlr_generate(model, p, latent, sampling, key=jax.random.fold_in(key, i))
+        np.testing.assert_array_equal(out[i].tokens, np.asarray(alone.tokens[0]), err_msg=f"prompt {i}")
+        draws.append(tuple(out[i].tokens))
+    assert len(set(draws)) == len(draws)
+
+
+def test_per_row_cache_writes_each_row_at_its_own_slot(qwen):
+    """A decoding step over a cache whose rows end at different slots equals each row's step alone."""
+    model = qwen[2]
+    rng = np.random.default_rng(0)
+    b, s, d = 3, 12, model.config.text.hidden_size
+    ends = [4, 9, 6]
+    cache = model.init_cache(b, s)
+    rows = []
+    for r, end in enumerate(ends):  # fill row r's first `end` slots alone
+        embeds = jnp.asarray(rng.normal(size=(1, end, d)), jnp.float32)
+        out = model.decode(embeds, jnp.arange(end)[None], cache=model.init_cache(1, s))
+        rows.append(out.cache)
+    cache = cache.per_row()
+    join = lambda field, axis: jnp.concatenate([getattr(c, field) for c in rows], axis=axis)
+    cache = cache.replace(k=join("k", 1), v=join("v", 1), valid=join("valid", 0), end=jnp.asarray(ends, jnp.int32))
+    step = jnp.asarray(rng.normal(size=(b, 1, d)), jnp.float32)
+    together = model.decode(step, cache.end[:, None], cache=cache)
+    for r, end in enumerate(ends):
+        alone = model.decode(step[r:r + 1], jnp.asarray([[end]]), cache=rows[r])
+        np.testing.assert_allclose(np.asarray(together.hidden[r]), np.asarray(alone.hidden[0]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(together.cache.valid[r]), np.asarray(alone.cache.valid[0]))
+        np.testing.assert_allclose(np.asarray(together.cache.k[:, r]), np.asarray(alone.cache.k[:, 0]), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(together.cache.end), np.asarray(ends) + 1)
