@@ -53,6 +53,14 @@ def test_generate_bench_checks_pass():
     assert len(checks) == 3 and set(checks) == {"True"}, out
 
 
+def test_continuous_bench_checks_pass():
+    out = run_bench("continuous.py", "--prompts", "5", "--pool", "8", "--slots", "2", "--max-new", "10",
+                    "--min-len", "1", "--repeats", "1", "--latents", "1", "--k", "2")
+    checks = re.findall(r"check: .*?: (True|False)", out)
+    assert len(checks) == 2 and set(checks) == {"True"}, out
+    assert number_after("continuous / static:", out) > 0
+
+
 def test_train_step_bench_losses_agree():
     out = run_bench("train_step.py", "--repeats", "1", "--batch", "4", "--latents", "1", "--k", "2", "--rank", "2",
                     "--threads", "1")

@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -86,6 +87,49 @@ def test_four_devices_write_the_records_of_one_device(assets, one_device, tmp_pa
     assert summary4["dtype"] == "float32" and summary4["setup"]["dtype"] == "float32"
     setup = json.loads(setup_path(out4).read_text())
     assert setup == summary4["setup"] and setup["prompt_format"] == "train" and setup["num_selected_patches"] == 4
+
+
+def test_continuous_batching_writes_the_records_of_one_at_a_time(assets, one_device, tmp_path, monkeypatch):
+    """The one-device default (auto) is continuous batching and writes the records of static batches of
+    one. With an EOS that ends answers at different lengths, two slots refilled as rows finish still do,
+    in the examples' order."""
+    out1, summary1 = one_device
+    assert summary1["batching"] == "continuous"
+    static = lambda **kw: eval_cfg(assets, devices=1, batch_size=1, batching="static", **kw)
+    alone = tmp_path / "alone.jsonl"
+    summary = evaluate(assets / "model", static(), alone, **QUIET)
+    assert summary["batching"] == "static" and alone.read_text() == out1.read_text()
+
+    answers = []  # the generated ids, as evaluation decodes them (numpy rows; prompts are lists)
+    real_processor = eval_run.load_processor
+
+    def spying_processor(folder):
+        processor = real_processor(folder)
+        decode = processor.tokenizer.decode
+        processor.tokenizer.decode = lambda ids, **kw: (
+            answers.append(ids.tolist()) if isinstance(ids, np.ndarray) else None, decode(ids, **kw))[1]
+        return processor
+
+    monkeypatch.setattr(eval_run, "load_processor", spying_processor)
+    evaluate(assets / "model", static(max_new_tokens=12), tmp_path / "free.jsonl", **QUIET)
+    eos = next(a[2] for a in answers if a[2] not in a[:2])  # an EOS that ends one answer after 2 tokens
+    real = eval_run.special_token_ids
+    monkeypatch.setattr(eval_run, "special_token_ids", lambda processor: real(processor) | {"eos_token_id": eos})
+    alone_eos, continuous = tmp_path / "alone_eos.jsonl", tmp_path / "continuous.jsonl"
+    evaluate(assets / "model", static(max_new_tokens=12), alone_eos, **QUIET)
+    cfg = eval_cfg(assets, devices=1, batch_size=2, batching="continuous", max_new_tokens=12)
+    evaluate(assets / "model", cfg, continuous, **QUIET)
+    lengths = [r["generated_tokens"] for r in lines(alone_eos)]
+    assert min(lengths) < 12 and len(set(lengths)) > 1, lengths  # rows finish at different steps
+    assert continuous.read_text() == alone_eos.read_text()
+
+
+def test_continuous_batching_on_several_devices_is_refused_before_loading(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_run, "load_examples", lambda *a, **k: pytest.fail("data read before the refusal"))
+    with pytest.raises(ValueError, match=r"batching='continuous' runs on one device in one process; this run has 4"):
+        evaluate(assets / "model", eval_cfg(assets, batching="continuous"), tmp_path / "e.jsonl", **QUIET)
+    with pytest.raises(ValueError, match=r"batching='dynamic' is not supported"):
+        eval_cfg(assets, batching="dynamic")
 
 
 def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_device, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import distributed
 from ..compilation_cache import enable_compilation_cache
 from ..config import ConfigError, load_config
-from ..eval.run import EvalSetupError, eval_config_from_run, evaluate, setup_path, summary_path
+from ..eval.run import BATCHINGS, EvalSetupError, eval_config_from_run, evaluate, setup_path, summary_path
 from ..models.common.layers import DTYPES
 from ..train.events import check_backends
 from . import make_parser
@@ -53,6 +53,10 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help="rows per batch over all devices (default: %(default)s)")
+    p.add_argument("--batching", choices=BATCHINGS, default="auto",
+                   help="continuous: a finished row's slot takes the next example (one device, one process); "
+                        "static: batches decode until their longest answer ends; auto (default): continuous on one "
+                        "device in one process, else static")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N local devices (default: all)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
@@ -94,7 +98,8 @@ def run(p: argparse.ArgumentParser, args, prog: str) -> None:
     dtypes = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
     eval_cfg = eval_config_from_run(cfg, split=split, num_latents=args.latents, batch_size=args.batch_size,
                                     max_new_tokens=args.max_new_tokens, limit=args.limit,
-                                    prompt_format=args.prompt_format, devices=args.devices, **dtypes)
+                                    prompt_format=args.prompt_format, devices=args.devices, batching=args.batching,
+                                    **dtypes)
     try:
         summary = evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention, events=cfg.log)
     except EvalSetupError as err:  # an output of another setup, or a damaged one: one clear line

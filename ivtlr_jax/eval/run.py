@@ -4,6 +4,12 @@
 Prompts are `question + <|latent|> x num_latents` in the training format (the default; docs/method.md section 17),
 left-padded to a length bucket so that batches compile once per bucket.
 
+- Batching (`EvalConfig.batching`): "continuous" keeps `batch_size` rows decoding and gives a finished
+  row's slot to the next example (ivtlr_jax/continuous.py), each prompt padded to its own bucket, so
+  every record is the one a batch of one writes; "static" runs batches of `batch_size` prompts padded
+  to the batch's bucket, each until its longest answer ends, and splits them over devices and
+  processes. "auto" (the default): continuous on one device in one process, else static. Records
+  are written in the examples' order either way.
 - Precision: the model runs in `EvalConfig.dtype` (the run config's `model.dtype`; the official
   evaluation uses bfloat16) with its weights stored in `param_dtype` (default: the same).
 - Devices: each batch's rows are split over the local devices (a 1-D `data` mesh, parameters
@@ -39,6 +45,7 @@ import numpy as np
 from .. import distributed
 from ..data import load_examples, load_processor, materialize, special_token_ids
 from ..data.collate import left_padded_positions, smallest_bucket, stack_images
+from ..continuous import generate_continuous
 from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
 from ..models.common.attention import ATTENTION_IMPLS
@@ -55,6 +62,7 @@ SETUP_VERSION = 1
 # setup keys that describe but do not decide: the weights' fingerprint identifies the model, so a
 # moved or copied folder still resumes
 INFORMATIVE_KEYS = ("model",)
+BATCHINGS = ("auto", "static", "continuous")
 
 
 class EvalSetupError(ValueError):
@@ -80,6 +88,7 @@ class EvalConfig:
     dtype: str = "bfloat16"  # compute dtype (docs/method.md section 16: the official evaluation runs in bfloat16)
     param_dtype: str | None = None  # storage dtype of the weights (None: dtype)
     devices: int | None = None  # local devices to split each batch's rows over (None: all)
+    batching: str = "auto"  # one of BATCHINGS (module docstring)
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
@@ -93,6 +102,8 @@ class EvalConfig:
             raise ValueError(f"eval config: devices={self.devices}; must be >= 1 (or None for all local devices)")
         if self.batch_size < 1:
             raise ValueError(f"eval config: batch_size={self.batch_size}; must be >= 1")
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"eval config: batching={self.batching!r} is not supported; choose from {list(BATCHINGS)}")
 
     @property
     def storage_dtype(self) -> str:
@@ -298,6 +309,10 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     mesh = eval_mesh(cfg.devices)
     rules = ShardingRules(mesh)
     n_dev = mesh.devices.size
+    continuous = cfg.batching == "continuous" or (cfg.batching == "auto" and n_dev * procs == 1)
+    if continuous and n_dev * procs > 1:
+        raise ValueError(f"eval config: batching='continuous' runs on one device in one process; this run has "
+                         f"{n_dev} device(s) in {procs} process(es): set devices=1 or batching='static'")
     rows = -(-cfg.batch_size // (n_dev * procs)) * n_dev * procs  # a multiple of every process's devices
     share = rows // procs
     mine = slice(distributed.process_index() * share, (distributed.process_index() + 1) * share)  # this process's
@@ -325,20 +340,58 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
                             rules=rules, scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl)
     log(f"evaluating {model_dir} on {cfg.dataset}/{cfg.split} ({cfg.prompt_format} prompts, {cfg.dtype}): "
         f"{len(examples)} examples ({report}); {len(done)} already in {out_file}, {len(todo)} to do; "
-        f"{rows} rows per batch over {n_dev * procs} device(s)" + (f" of {procs} processes" if procs > 1 else "")
+        + (f"continuous batching, {rows} slots" if continuous else
+           f"{rows} rows per batch over {n_dev * procs} device(s)" + (f" of {procs} processes" if procs > 1 else ""))
         + (f" (batch_size {cfg.batch_size} rounded up to a multiple of the devices)" if rows != cfg.batch_size else ""))
     if save_attention:  # each process draws its own rows
         Path(save_attention).mkdir(parents=True, exist_ok=True)
 
     from tqdm import tqdm
 
+    def record_line(ex, tokens: np.ndarray, length: int, selected: np.ndarray, image: dict) -> str:
+        """The JSON line of an example; selected [n, K] indexes its unpadded prompt."""
+        generated = tok.decode(tokens[:length], skip_special_tokens=True)
+        prompt_text = tok.decode(ex.question_ids + ex.prompt_suffix, skip_special_tokens=True)
+        record = score(cfg.dataset, ex, prompt_text, generated)
+        image_positions = [j for j, t in enumerate(ex.question_ids) if t == model.config.image_token_id]
+        steps = [[image_positions.index(int(s)) for s in step] for step in selected]
+        record.update(selected_patches=steps, generated_tokens=int(length))
+        if save_attention:
+            save_picture(ex, image, steps, family, Path(save_attention) / f"{ex.id}.png", record=record,
+                         ranked=cfg.patch_order == "score", dataset=cfg.dataset, split=cfg.split)
+        return json.dumps(record) + "\n"
+
+    def prompt_of(ex) -> list[int]:
+        return ex.question_ids + [latent.latent_token_id] * cfg.num_latents + ex.prompt_suffix
+
     start = time.perf_counter()
     gen_tokens = 0
-    with open(out_file if writer else os.devnull, "a") as f:
-        for i in tqdm(range(0, len(todo), rows), desc="eval", disable=None if writer else True):
+    with open(out_file if writer else os.devnull, "a") as f, \
+            tqdm(total=len(todo), desc="eval", disable=None if writer else True) as progress:
+        if continuous:  # one process, one device
+            pending_images, pads = {}, {}
+
+            def prompts():
+                for index, ex in enumerate(todo):
+                    input_ids, mask, pos = left_pad([prompt_of(ex)], ids["eos_token_id"], cfg.length_buckets)
+                    image = materialize(ex.image)
+                    pending_images[index], pads[index] = image, input_ids.shape[1] - len(prompt_of(ex))
+                    yield {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **stack_images([image])}
+
+            done_lines, next_index = {}, 0
+            for index, row in generate_continuous(model, prompts(), latent, sampling, slots=rows):
+                done_lines[index] = record_line(todo[index], row.tokens, row.length, row.selected - pads.pop(index),
+                                                pending_images.pop(index))
+                gen_tokens += row.length
+                progress.update(1)
+                while next_index in done_lines:  # in the examples' order
+                    f.write(done_lines.pop(next_index))
+                    next_index += 1
+                f.flush()
+        for i in range(0, 0 if continuous else len(todo), rows):
             chunk = todo[i : i + rows]
             padded = chunk + [chunk[-1]] * (rows - len(chunk))  # dummy rows: copies, outputs dropped
-            prompts = [ex.question_ids + [latent.latent_token_id] * cfg.num_latents + ex.prompt_suffix for ex in padded]
+            prompts = [prompt_of(ex) for ex in padded]
             input_ids, mask, pos = left_pad(prompts, ids["eos_token_id"], cfg.length_buckets)  # the whole batch's
             lines = []
             first = mine.start  # the global index of this process's first row
@@ -351,20 +404,11 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
                 tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
                 selected = np.asarray(out.selected)
             for row, ex in enumerate(chunk[mine]):
-                generated = tok.decode(tokens[row, : lengths[row]], skip_special_tokens=True)
-                prompt_text = tok.decode(ex.question_ids + ex.prompt_suffix, skip_special_tokens=True)
-                record = score(cfg.dataset, ex, prompt_text, generated)
-                offset = input_ids.shape[1] - len(prompts[first + row])
-                image_positions = [j for j, t in enumerate(ex.question_ids) if t == model.config.image_token_id]
-                steps = [[image_positions.index(int(s) - offset) for s in selected[step, row]]
-                         for step in range(selected.shape[0])]
-                record.update(selected_patches=steps, generated_tokens=int(lengths[row]))
-                lines.append(json.dumps(record) + "\n")
-                if save_attention:
-                    save_picture(ex, images[row], steps, family, Path(save_attention) / f"{ex.id}.png", record=record,
-                                 ranked=cfg.patch_order == "score", dataset=cfg.dataset, split=cfg.split)
+                pad = input_ids.shape[1] - len(prompts[first + row])
+                lines.append(record_line(ex, tokens[row], int(lengths[row]), selected[:, row] - pad, images[row]))
             lines = [line for part in distributed.allgather_objects(lines, "eval_records") for line in part]
             gen_tokens += sum(json.loads(line)["generated_tokens"] for line in lines)
+            progress.update(len(chunk))
             f.write("".join(lines))
             f.flush()
     elapsed = time.perf_counter() - start
@@ -376,6 +420,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     summary.update(time_per_example_s=elapsed / max(len(todo), 1),
                    generated_tokens_per_s=gen_tokens / max(elapsed, 1e-9), prompt_format=cfg.prompt_format,
                    dtype=cfg.dtype, param_dtype=cfg.storage_dtype, devices=n_dev * procs, rows_per_batch=rows,
+                   batching="continuous" if continuous else "static",
                    rows_read=report.rows, examples_in_set=len(examples), evaluated_now=len(todo),
                    skipped=skipped, setup=setup, **({"processes": procs} if procs > 1 else {}))
     summary_path(out_file).write_text(json.dumps(summary, indent=2))

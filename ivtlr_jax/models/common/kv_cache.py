@@ -38,15 +38,22 @@ def write_chunk(k_cache: jax.Array, v_cache: jax.Array, k_chunk: jax.Array, v_ch
     Works on one layer's arrays (k_cache [B, K, S, H], chunk [B, K, T, H]; values likewise) and on the
     stacked ones (a leading L on both)."""
     def write(cache, chunk, spec):
-        if index.ndim == 1:  # per row: one dynamic_update_slice per row (a scatter, in place)
-            batch_axis = cache.ndim - len(spec) + spec.index("b")
-            row = lambda c, x, i: write_at(c, x, i, _slot_axis(cache, spec) - 1)
-            return jax.vmap(row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(cache, chunk, index)
-        return write_at(cache, chunk, index, _slot_axis(cache, spec))
+        slot_axis = _slot_axis(cache, spec)
+        if index.ndim == 0:
+            return write_at(cache, chunk, {slot_axis: index})
+        # per row: one in-place dynamic_update_slice per row (a vmapped one is a scatter that copies the cache)
+        batch_axis = cache.ndim - len(spec) + spec.index("b")
 
-    def write_at(cache, chunk, index, axis):
-        starts = [jnp.zeros((), index.dtype)] * cache.ndim
-        starts[axis] = index
+        def row(b, cache):
+            piece = jax.lax.dynamic_slice_in_dim(chunk, b, 1, axis=batch_axis)
+            return write_at(cache, piece, {batch_axis: b, slot_axis: index[b]})
+
+        return jax.lax.fori_loop(0, index.shape[0], row, cache)
+
+    def write_at(cache, chunk, starts_at):
+        starts = [jnp.zeros((), jnp.int32)] * cache.ndim
+        for axis, start in starts_at.items():
+            starts[axis] = jnp.asarray(start, jnp.int32)
         return jax.lax.dynamic_update_slice(cache, chunk, starts)
 
     return write(k_cache, k_chunk, K_SPEC), write(v_cache, v_chunk, V_SPEC)
