@@ -9,7 +9,8 @@ latents, K = `--k`) is generated once without EOS for `--max-new` tokens; the EO
 first occurrences in [`--min-len`, `--max-new`) take the most distinct values over the pool, and
 `--prompts` prompts are picked whose answers (up to that EOS, or `--max-new` tokens when it never comes)
 lie nearest to lengths evenly spaced on a log scale from `--min-len` to `--max-new` (real rationale
-lengths are right-skewed: many short, a long tail), then shuffled (seed 0) as a data set has them. Every prompt
+lengths are right-skewed: many short, a long tail; a prompt is taken twice where the pool has no other
+answer of about a target's length), then shuffled (seed 0) as a data set has them. Every prompt
 is left-padded to the longest (one length bucket, as evaluation pads them), so both sides compile once.
 
 - static: `ivtlr_generate` on consecutive batches of `--slots` prompts (the last one short), the way
@@ -23,7 +24,7 @@ answer lengths (min, max, ratio), examples/s of each side and continuous / stati
 slots on a workload whose lengths vary >= 5x). Compare ratios measured in one run, not examples/s,
 across machines.
 
-    python bench/continuous.py [--prompts 32] [--slots 8] [--max-new 160] [--min-len 16] [--pool 128]
+    python bench/continuous.py [--prompts 96] [--slots 8] [--max-new 160] [--min-len 16] [--pool 128]
                                [--repeats 3] [--latents 3] [--k 8]
 """
 
@@ -96,17 +97,21 @@ def workload(model, latent, args) -> tuple[list[dict], int, np.ndarray]:
 
 
 def pick(lengths: np.ndarray, targets: np.ndarray, min_len: int) -> tuple[list[int] | None, float]:
-    """Per target length, the unused prompt whose answer is nearest to it on a log scale (answers of at
-    least min_len tokens) -> (the prompts, the summed log distance); (None, inf) when too few qualify."""
-    eligible = list(np.flatnonzero(lengths >= min_len))
+    """Per target length, the prompt whose answer is nearest to it on a log scale (answers of at least
+    min_len tokens; within 5% of each other, the least used one) -> (the prompts, the summed log distance);
+    (None, inf) when fewer prompts qualify than there are targets. A prompt may be picked twice where the
+    pool has no other answer of about that length."""
+    eligible = np.flatnonzero(lengths >= min_len)
     if len(eligible) < len(targets):
         return None, float("inf")
+    used = dict.fromkeys(eligible.tolist(), 0)
     chosen, error = [], 0.0
     for target in targets:
-        best = min(eligible, key=lambda i: abs(np.log(lengths[i] / target)))
-        error += abs(np.log(lengths[best] / target))
+        distance = lambda i: abs(np.log(lengths[i] / target))
+        best = min(used, key=lambda i: (round(distance(i) / 0.05), used[i], distance(i)))
+        error += distance(best)
+        used[best] += 1
         chosen.append(best)
-        eligible.remove(best)
     return chosen, error
 
 
@@ -147,7 +152,8 @@ def bench(args) -> list[str]:
     lines = [
         f"workload: {n} prompts of {prompts[0]['input_ids'].shape[1]} tokens ({args.latents} latents, K={args.k}), "
         f"EOS token {eos}, answers {lengths.min()}-{lengths.max()} tokens (x{ratio:.1f}, median "
-        f"{np.median(lengths):.0f}, mean {lengths.mean():.1f}); {args.slots} rows per batch / slots",
+        f"{np.median(lengths):.0f}, mean {lengths.mean():.1f}; {len({id(p) for p in prompts})} distinct prompts); "
+        f"{args.slots} rows per batch / slots",
         f"decoding steps: static {static_steps}, continuous {busy_steps} if prompts entered slots without delay "
         f"(x{static_steps / busy_steps:.2f}: what continuous batching can gain on decoding alone)",
         f"check: every prompt's tokens equal between static and continuous: "
@@ -167,7 +173,7 @@ def bench(args) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=96)
     parser.add_argument("--slots", type=int, default=8, help="rows per static batch = continuous slots")
     parser.add_argument("--max-new", type=int, default=160, help="max_new_tokens")
     parser.add_argument("--min-len", type=int, default=16, help="shortest answer in the workload")
