@@ -136,19 +136,24 @@ def test_layers_are_scanned_so_compiled_size_does_not_grow_with_depth(tmp_path):
 
 
 MIXED_SIZES = [(112, 140), (84, 84), (140, 112), (56, 56)]  # 8x10, 6x6, 10x8, 4x4 patches
+SMALL_TILE = 16
 
 
-def test_mixed_sizes_with_a_traced_grid_match_transformers(tiny_qwen2vl, flax_model, monkeypatch):
+@pytest.mark.parametrize("tile", [None, SMALL_TILE])
+def test_mixed_sizes_with_a_traced_grid_match_transformers(tiny_qwen2vl, flax_model, monkeypatch, tile):
     """Four images of mixed sizes in one jitted call, image_grid_thw an argument (traced): the tower runs
-    `frame_attention` (frames spanning and straddling its tiles), and its features equal transformers'."""
+    `frame_attention`, with its default tile and with tiles small enough that frames span and straddle
+    several, and its features equal transformers'."""
     from ivtlr_jax.models.common import frame_attention as fa
     from ivtlr_jax.models.qwen2vl import vision
 
     pv, grid = hf_tiny.image_inputs(MIXED_SIZES, seed=4)
     frames = grid.prod(-1)
-    assert len(set(frames.tolist())) == 3 and frames.sum() > 3 * fa.TILE and frames.max() > fa.TILE
+    assert len(set(frames.tolist())) == 3 and frames.max() > 4 * SMALL_TILE  # frames span and straddle tiles
     with torch.no_grad():
         ref = tiny_qwen2vl[1].model.visual(torch.tensor(pv), grid_thw=torch.tensor(grid)).pooler_output.numpy()
+    if tile is not None:
+        monkeypatch.setattr(fa, "TILE", tile)  # read when traced
     calls = []
     monkeypatch.setattr(vision, "frame_attention", lambda *a, **k: calls.append(1) or fa.frame_attention(*a, **k))
     ours = jax.jit(lambda p, g: flax_model.image_features(p, g))(jnp.asarray(pv), jnp.asarray(grid))

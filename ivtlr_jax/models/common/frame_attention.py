@@ -22,10 +22,12 @@ Forward-mode (jvp) is not defined. Every real row sees at least itself, so no ro
 masked logits are NEG_INF (finite) and masked probabilities are zeroed explicitly, so rows of a pair
 without matching keys contribute nothing and never NaN.
 
-Tile and group sizes (bench/vision.py, 2-core CPU, Qwen2-VL "mid" vision widths, frames of 256-1024
-patches): TILE 64, GROUP 4; see docs/benchmarks.md section 12. A smaller tile wastes less on frames
-that do not start or end on a tile boundary (and on tiles shared by two frames); a larger one has
-fewer, larger matmuls.
+Tile and group sizes: TILE 128, GROUP 4, from `bench/vision.py --tiles 64,128,256 --groups 1,2,4,8`
+(2-core CPU, Qwen2-VL "mid" vision widths, frames of 256-1024 patches; docs/benchmarks.md section 12).
+Every setting was within the machine's noise of the best (about 10-20%): tiles of 64 did best on
+mixed sizes (less work wasted on tiles that two frames share or that a frame only partly fills), of
+256 on frames a multiple of the tile; 128 is the middle and needs a quarter of the pairs, so of the
+loop's steps, that 64 does (each step has a fixed cost, larger on a GPU: not measured there).
 
 `attention_impl` "fused" does not apply here: a fused kernel takes one block size, so frames of mixed
 (or traced) sizes go through this path with either setting.
@@ -41,7 +43,7 @@ import jax.numpy as jnp
 from .attention import NEG_INF
 from .layers import acc_dtype
 
-TILE = 64
+TILE = 128
 GROUP = 4
 
 
@@ -87,6 +89,12 @@ def _group_pairs(i, pairs, g: int, nt: int):
     return qi, kj, valid, base, qi - base
 
 
+def _window_sum(loc, values, g: int):
+    """Sum of the pairs' values [g, ...] into the window's g query tiles (loc: each pair's tile in it)."""
+    onehot = (loc[:, None] == jnp.arange(g)[None]).astype(values.dtype)  # [pairs, window tiles]
+    return jnp.einsum("gt,g...->t...", onehot, values)
+
+
 def _tiles(t, nt: int, tile: int):
     pad = nt * tile - t.shape[0]
     return jnp.pad(t, [(0, pad)] + [(0, 0)] * (t.ndim - 1)).reshape(nt, tile, *t.shape[1:])
@@ -100,13 +108,12 @@ def _logits(qt, kt, rq, rk, valid, scale):
 
 
 def _forward(q, k, v, segment, scale, tile, group):
-    """(output [Np, N, H], log-sum-exp [nt, N, c] fp32, layout)."""
+    """(output [Np, N, H], log-sum-exp [nt, N, c] fp32)."""
     n, heads, h = q.shape
     runs, pairs, num_groups, g = _layout(segment, tile, group)
     nt = runs.shape[0]
     qt, kt, vt = (_tiles(t, nt, tile) for t in (q, k, v))
     f32 = acc_dtype(q)
-    onehot = lambda loc: (loc[:, None] == jnp.arange(g)[None]).astype(f32)  # [pairs, window tiles]
 
     def body(i, carry):
         m_acc, l_acc, o_acc = carry  # [nt, N, c], [nt, N, c], [nt, c, N, H]
@@ -118,10 +125,9 @@ def _forward(q, k, v, segment, scale, tile, group):
         alpha = jnp.exp(m_old - m_new)  # [g, N, c]
         p = jnp.where(mask, jnp.exp(s - m_new[loc][..., None]), 0.0)
         pv = jnp.einsum("gnqk,gknh->gqnh", p.astype(v.dtype), vt[kj], preferred_element_type=f32)
-        sel = onehot(loc)
-        l_new = jax.lax.dynamic_slice_in_dim(l_acc, base, g) * alpha + jnp.einsum("gt,gnq->tnq", sel, p.sum(-1))
+        l_new = jax.lax.dynamic_slice_in_dim(l_acc, base, g) * alpha + _window_sum(loc, p.sum(-1), g)
         o_new = (jax.lax.dynamic_slice_in_dim(o_acc, base, g) * alpha.transpose(0, 2, 1)[..., None]
-                 + jnp.einsum("gt,gqnh->tqnh", sel, pv))
+                 + _window_sum(loc, pv, g))
         update = lambda acc, new: jax.lax.dynamic_update_slice_in_dim(acc, new, base, 0)
         return update(m_acc, m_new), update(l_acc, l_new), update(o_acc, o_new)
 
@@ -164,8 +170,7 @@ def _bwd(scale, tile, group, residuals, d_out):
         ds = (p * (dp - delta[qi][..., None]) * scale).astype(q.dtype)
         dq_pair = jnp.einsum("gnqk,gknh->gqnh", ds, k_g, preferred_element_type=f32)
         dk_pair = jnp.einsum("gnqk,gqnh->gknh", ds, q_g, preferred_element_type=f32)
-        sel = (loc[:, None] == jnp.arange(g)[None]).astype(f32)
-        dq_win = jax.lax.dynamic_slice_in_dim(dq, base, g) + jnp.einsum("gt,gqnh->tqnh", sel, dq_pair)
+        dq_win = jax.lax.dynamic_slice_in_dim(dq, base, g) + _window_sum(loc, dq_pair, g)
         dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_win, base, 0)
         return dq, dk.at[kj].add(dk_pair), dv.at[kj].add(dv_pair)
 
