@@ -107,3 +107,13 @@ def test_gpu_check_smoke(tmp_path):
     batch = result["setup"]["batch"]
     assert batch["assembled_length"] == batch["collated_length"] + batch["latents"] * batch["k"]
     assert 0 < batch["shared_prefix"] < batch["first_latent"] <= batch["prefix_len"], batch
+
+
+def test_vision_bench_paths_agree():
+    """4 images in one jitted call (grid traced: frame_attention), the old dense mask and one image at a time
+    compute the same features and parameter gradients."""
+    out = run_bench("vision.py", "--small", "--repeats", "1", "--grad")
+    assert "ratios c=" in out and "fwd+bwd:" in out, out
+    assert number_after("max|diff| new vs one at a time", out) < 1e-5
+    assert number_after("old vs one at a time", out) < 1e-5
+    assert number_after("max rel|dgrad| vs one at a time", out) < 1e-5

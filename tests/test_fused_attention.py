@@ -98,7 +98,7 @@ def qwen_pair(tiny_qwen2vl) -> tuple[DecoderLM, DecoderLM]:
 
 
 def test_qwen2vl_decoder_and_vision_fused_equal_xla(qwen_pair):
-    """Left-padded prompts: the full forward (vision tower under its block-diagonal mask), then the prompt
+    """Left-padded prompts: the full forward (vision tower on mixed sizes: `frame_attention`), then the prompt
     through the KV cache in two chunks and one decoding step; and the tower on same-size images (per frame)."""
     xla, fused = qwen_pair
     _, both = prompts("qwen2vl")

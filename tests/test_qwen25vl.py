@@ -94,6 +94,31 @@ def test_vision_tower_matches(tiny, jitted, images):
     assert max_diff(ours, ref) <= TOL
 
 
+SMALL_TILE = 16
+
+
+@pytest.mark.parametrize("tile", [None, SMALL_TILE])
+def test_mixed_sizes_with_a_traced_grid_match_transformers(tiny, monkeypatch, tile):
+    """Four images of mixed sizes in one jitted call (grid traced): the full block runs `frame_attention`,
+    with its default tile and with tiles small enough that frames span and straddle several, and the
+    features equal transformers'."""
+    from ivtlr_jax.models.common import frame_attention as fa
+    from ivtlr_jax.models.qwen25vl import vision
+
+    pv, grid = hf_tiny.image_inputs([(112, 140), (84, 84), (140, 112), (56, 56)], seed=4)
+    frames = grid.prod(-1)
+    assert len(set(frames.tolist())) == 3 and frames.max() > 4 * SMALL_TILE  # frames span and straddle tiles
+    with torch.no_grad():
+        ref = tiny[1].model.visual(torch.tensor(pv), grid_thw=torch.tensor(grid)).pooler_output.numpy()
+    if tile is not None:
+        monkeypatch.setattr(fa, "TILE", tile)  # read when traced
+    calls = []
+    monkeypatch.setattr(vision, "frame_attention", lambda *a, **k: calls.append(1) or fa.frame_attention(*a, **k))
+    ours = jax.jit(lambda p, g: tiny[2].image_features(p, g))(jnp.asarray(pv), jnp.asarray(grid))
+    assert calls, "the traced grid goes through frame_attention"
+    assert max_diff(ours, ref) <= TOL
+
+
 def test_stacked_same_size_images_match_transformers(tiny):
     """[images, patches, dim] pixel values (one size, static frame length under jit) give transformers'
     features."""

@@ -135,13 +135,40 @@ def test_layers_are_scanned_so_compiled_size_does_not_grow_with_depth(tmp_path):
     assert abs(sizes[0] - sizes[1]) <= 0.02 * sizes[0], sizes
 
 
+MIXED_SIZES = [(112, 140), (84, 84), (140, 112), (56, 56)]  # 8x10, 6x6, 10x8, 4x4 patches
+SMALL_TILE = 16
+
+
+@pytest.mark.parametrize("tile", [None, SMALL_TILE])
+def test_mixed_sizes_with_a_traced_grid_match_transformers(tiny_qwen2vl, flax_model, monkeypatch, tile):
+    """Four images of mixed sizes in one jitted call, image_grid_thw an argument (traced): the tower runs
+    `frame_attention`, with its default tile and with tiles small enough that frames span and straddle
+    several, and its features equal transformers'."""
+    from ivtlr_jax.models.common import frame_attention as fa
+    from ivtlr_jax.models.qwen2vl import vision
+
+    pv, grid = hf_tiny.image_inputs(MIXED_SIZES, seed=4)
+    frames = grid.prod(-1)
+    assert len(set(frames.tolist())) == 3 and frames.max() > 4 * SMALL_TILE  # frames span and straddle tiles
+    with torch.no_grad():
+        ref = tiny_qwen2vl[1].model.visual(torch.tensor(pv), grid_thw=torch.tensor(grid)).pooler_output.numpy()
+    if tile is not None:
+        monkeypatch.setattr(fa, "TILE", tile)  # read when traced
+    calls = []
+    monkeypatch.setattr(vision, "frame_attention", lambda *a, **k: calls.append(1) or fa.frame_attention(*a, **k))
+    ours = jax.jit(lambda p, g: flax_model.image_features(p, g))(jnp.asarray(pv), jnp.asarray(grid))
+    assert calls, "the traced grid goes through frame_attention"
+    assert ours.shape == ref.shape
+    assert np.abs(np.asarray(ours) - ref).max() <= TOL
+
+
 def test_per_frame_vision_attention_equals_the_masked_one(flax_model):
     """Same-size images stacked per image ([images, patches, dim], static under jit): attention per frame
-    equals the [Np, Np] block-diagonal mask of the flat layout with a traced grid."""
+    equals the flat layout's with a traced grid (`frame_attention`)."""
     pv, grid = hf_tiny.image_inputs([(56, 84), (56, 84), (56, 84)], seed=9)
     args = (jnp.asarray(pv), jnp.asarray(grid))
     features = jax.jit(lambda p, g: flax_model.image_features(p, g))
-    masked = features(*args)  # traced grid, flat patches: mask path
+    masked = features(*args)  # traced grid, flat patches: frame_attention
     per_frame = features(args[0].reshape(3, -1, pv.shape[-1]), args[1])
     np.testing.assert_allclose(np.asarray(per_frame), np.asarray(masked), atol=1e-5)
     with pytest.raises(ValueError, match="holds 1 images but"):

@@ -14,8 +14,9 @@ Everything is computed with jnp from image_grid_thw, so a traced grid works unde
 - windowed blocks: the sorted sequence is cut into chunks of `window_patches` (64) rows; a window is
   at most one chunk long, so chunk i only needs keys from chunks i-1, i, i+1, masked to its window
   ([Np / 64, 64, 192] logits instead of [Np, Np]);
-- full blocks: attention within each frame (never across images), a [Np, Np] block-diagonal mask,
-  or per frame ([frames, L, L]) when all frames are known to have L patches (see `Qwen25VL.image_features`).
+- full blocks: attention within each frame (never across images): per frame ([frames, L, L]) when all
+  frames are known to have L patches (see `Qwen25VL.image_features`), else `common.frame_attention`
+  (tiles of the frames' own blocks, frame sizes traced; frames stay contiguous in window order).
 
 Blocks are stacked and run under `lax.scan`; a per-block flag picks window or full attention
 (`lax.cond`, so each block runs only its own kind).
@@ -30,6 +31,7 @@ from flax import nnx
 
 from ..common.attention import dot_product_attention
 from ..common.decoder import REMAT_POLICIES
+from ..common.frame_attention import frame_attention
 from ..common.layers import activation, param, rms_norm
 from ..common.rope import apply_vision_rope, vision_rope_cos_sin
 from ..common.sharding import ShardingRules, constrain
@@ -104,11 +106,10 @@ def chunked_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: j
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array, frame_len: int | None,
                    scale: float, impl: str = "xla") -> jax.Array:
     """Attention within each frame: q, k, v [Np, N, H] (frames contiguous) -> [Np, N, H]. With
-    `frame_len` (every frame that long) per frame, else under a [Np, Np] block-diagonal mask."""
+    `frame_len` (every frame that long) per frame with `impl`, else `frame_attention` (either impl)."""
     n = q.shape[0]
     if frame_len is None:
-        mask = (segment[:, None] == segment[None, :])[None]  # [1, Np, Np]
-        return dot_product_attention(q[None], k[None], v[None], mask, scale, impl=impl)[0]
+        return frame_attention(q, k, v, segment, scale)
     frames = lambda t: t.reshape(n // frame_len, frame_len, *t.shape[1:])  # [frames, frame_len, N, H]
     return dot_product_attention(frames(q), frames(k), frames(v), None, scale, impl=impl).reshape(q.shape)
 

@@ -3,7 +3,9 @@
 
 Input is the processor's layout: `pixel_values` [Np, C * 2 * 14 * 14] with all images' patches
 concatenated (each image's patches ordered by 2x2 merge blocks), `image_grid_thw` [n_images, 3].
-Images of different sizes share one call; attention is block-diagonal per image frame.
+Images of different sizes share one call; attention is block-diagonal per image frame: per frame when
+the frames have one static length (`frame_len`), else through `common.frame_attention` (tiled, the
+grid may be traced).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from flax import nnx
 
 from ..common.attention import dot_product_attention
 from ..common.decoder import REMAT_POLICIES
+from ..common.frame_attention import frame_attention
 from ..common.layers import activation, layer_norm, param
 from ..common.rope import apply_vision_rope, vision_rope_cos_sin
 from ..common.sharding import ShardingRules, constrain
@@ -93,21 +96,18 @@ class VisionTower(nnx.Module):
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D].
 
         frame_len: a static promise that every image frame has this many patches (e.g. all images
-        resized to 280x280). Attention then runs per frame ([Np / frame_len] blocks of frame_len^2)
-        instead of over one [Np, Np] block-diagonal mask; the result is the same. attention_impl: see
-        common/attention.py."""
+        resized to 280x280). Attention then runs per frame ([Np / frame_len] blocks of frame_len^2);
+        without it (mixed sizes, or a traced grid) through `frame_attention`, tiles of the frames' own
+        blocks; the result is the same. attention_impl: see common/attention.py (it applies to the
+        per-frame path; `frame_attention` is one implementation for both)."""
         num_patches = pixel_values.shape[0]
         if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
             raise ValueError(f"pixel_values must be [num_patches, {cfg.patch_dim}], got {pixel_values.shape}")
         w = lambda v: v[...].astype(dtype)
         hw, segment = patch_layout(image_grid_thw, num_patches, cfg.spatial_merge_size)
         cos, sin = vision_rope_cos_sin(hw, cfg.head_dim, cfg.rope_theta)
-        if frame_len is None:
-            mask = (segment[:, None] == segment[None, :])[None]  # [1, Np, Np] block-diagonal per frame
-        else:
-            if num_patches % frame_len:
-                raise ValueError(f"frame_len {frame_len} does not divide the {num_patches} patches")
-            mask = None  # each frame attends to itself only: no mask (so no bias for a fused kernel)
+        if frame_len is not None and num_patches % frame_len:
+            raise ValueError(f"frame_len {frame_len} does not divide the {num_patches} patches")
         act = activation(cfg.hidden_act)
 
         x = pixel_values.astype(dtype) @ w(self.patch_weight_pe)  # [Np, E]
@@ -120,11 +120,10 @@ class VisionTower(nnx.Module):
             q = apply_vision_rope(qkv[:, 0], cos, sin)
             k = apply_vision_rope(qkv[:, 1], cos, sin)
             if frame_len is None:
-                attn = dot_product_attention(q[None], k[None], qkv[None, :, 2], mask, cfg.head_dim**-0.5,
-                                             impl=attention_impl)[0]
-            else:
+                attn = frame_attention(q, k, qkv[:, 2], segment, cfg.head_dim**-0.5)
+            else:  # each frame attends to itself only: no mask (so no bias for a fused kernel)
                 frames = lambda t: t.reshape(-1, frame_len, *t.shape[1:])  # [frames, frame_len, heads, H]
-                attn = dot_product_attention(frames(q), frames(k), frames(qkv[:, 2]), mask, cfg.head_dim**-0.5,
+                attn = dot_product_attention(frames(q), frames(k), frames(qkv[:, 2]), None, cfg.head_dim**-0.5,
                                              impl=attention_impl)
                 attn = attn.reshape(num_patches, *attn.shape[2:])
             x = x + jnp.einsum("pnh,nhe->pe", attn, w(b.proj_weight_nhe)) + w(b.proj_bias_e)
