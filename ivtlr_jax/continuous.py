@@ -2,17 +2,18 @@
 finishes (EOS or `max_new_tokens`) the next prompt takes its slot, so no slot idles while the longest
 answer of a static batch is still being written.
 
-A prompt enters on its own: `start_decoding` (the function a static batch runs: image features,
-prefill, the latent passes, the prompt's suffix, the first token) on a batch of one, so its prompt part
-is exactly the one-at-a-time computation. Its cache row is copied into the free slot (`insert`), and
-decoding goes on with each row at its own next cache slot (`KVCache.end` per row) and its own
-positions (`DecodeStart.offset`). Rows never see each other (attention stays within a row, the cache's
-slots after a row's end are masked), so every prompt generates the tokens it generates alone, with
-`ivtlr_generate` on that prompt (and the same key: each prompt samples with `fold_in(key, index)`).
+Prompts start in groups of `admit` (default: as many as there are slots) when a slot frees and no
+started prompt waits: `start_decoding` (the function a static batch runs: image features, prefill, the
+latent passes, the prompt's suffix, the first token) on the group as one batch. Each started row waits
+for a free slot, into which its cache row is copied (`insert`); decoding goes on with each row at its
+own next cache slot (`KVCache.end` per row) and its own positions (`DecodeStart.offset`). Rows never
+see each other (attention stays within a row, a row's cache slots after its end are masked), so every
+prompt generates the tokens it generates alone with `ivtlr_generate` (up to rounding, as in any batch;
+the same sampling key too: prompt i samples with `fold_in(key, i)`).
 
-Compiles: `start_decoding` once per prompt shape (prompts left-padded to length buckets), `insert` once
-per pair of prompt cache size and slots' cache size, the decoding loop once per slots' cache size (which
-grows to the largest prompt's, never shrinks).
+Compiles: `start_decoding` once per prompt shape (prompts left-padded to length buckets; a group is
+padded to `admit` rows), `insert` once per pair of group cache size and slots' cache size, the decoding
+loop once per slots' cache size (which grows to the largest prompt's, never shrinks).
 
     for index, row in generate_continuous(model, prompts, latent, sampling, slots=8):
         row.tokens, row.length, row.selected  # in the order rows finish
@@ -20,6 +21,7 @@ grows to the largest prompt's, never shrinks).
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Iterable, Iterator, NamedTuple
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .generate import (DecodeStart, SamplingConfig, decode_positions, next_token, prepare_prompts,
+from .generate import (DecodeStart, SamplingConfig, decode_positions, next_token_per_row, prepare_prompts,
                        start_decoding)
 from .latent import LatentConfig
 from .models.common.kv_cache import KVCache
@@ -38,7 +40,7 @@ class Finished(NamedTuple):
     """One prompt's generation, as `Generation` holds a row of it."""
     tokens: np.ndarray  # [max_new_tokens]: up to and including EOS, then pad_token_id
     length: int  # generated tokens before EOS
-    selected: np.ndarray  # [n, K] patches inserted before each latent, as indices into the prompt as given
+    selected: np.ndarray  # [c, K] patches inserted before each of the prompt's c latents, as indices into it
 
 
 class Slots(NamedTuple):
@@ -51,13 +53,6 @@ class Slots(NamedTuple):
     count: jax.Array  # [B] tokens recorded
     lengths: jax.Array  # [B] recorded tokens before EOS
     live: jax.Array  # [B] bool: the slot holds a prompt still generating
-
-
-def next_token_per_row(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """`next_token` with a key per row [B]: row b draws what it draws alone with keys[b]."""
-    if cfg.temperature <= 0:
-        return next_token(logits, keys[0], cfg)  # greedy: no randomness
-    return jax.vmap(lambda row, k: next_token(row[None], k, cfg)[0])(logits, keys)
 
 
 # The model goes in split (`nnx.split` once per run: graphdef static, parameters a pytree), so that each of
@@ -77,16 +72,17 @@ def empty_slots(model, start: DecodeStart, slots: int, cache_len: int, sampling:
 
 
 @functools.partial(jax.jit, static_argnames=("pad_token_id",), donate_argnums=(0,))
-def insert(state: Slots, start: DecodeStart, key: jax.Array, slot: jax.Array, pad_token_id: int) -> Slots:
-    """Put a prompt's `DecodeStart` (a batch of one) into `slot`: its cache row (grown to the slots'
-    length; slots after its end empty), its first token, key and positions; its count and tokens reset."""
+def insert(state: Slots, start: DecodeStart, row: jax.Array, key: jax.Array, slot: jax.Array,
+           pad_token_id: int) -> Slots:
+    """Put row `row` of a `DecodeStart` into `slot`: its cache row (grown to the slots' length; slots
+    after its end empty), its first token, key and positions; the slot's count and tokens reset."""
     cache = start.cache.resized(state.cache.max_len)
-    k = state.cache.k.at[:, slot].set(cache.k[:, 0])
-    v = state.cache.v.at[:, slot].set(cache.v[:, 0])
-    valid = state.cache.valid.at[slot].set(cache.valid[0])
+    k = state.cache.k.at[:, slot].set(cache.k[:, row])
+    v = state.cache.v.at[:, slot].set(cache.v[:, row])
+    valid = state.cache.valid.at[slot].set(cache.valid[row])
     end = state.cache.end.at[slot].set(cache.end)
-    return Slots(KVCache(k, v, valid, end), state.token.at[slot].set(start.first[0]), state.keys.at[slot].set(key),
-                 state.offset.at[..., slot].set(start.offset[..., 0]),
+    return Slots(KVCache(k, v, valid, end), state.token.at[slot].set(start.first[row]), state.keys.at[slot].set(key),
+                 state.offset.at[..., slot].set(start.offset[..., row]),
                  state.tokens.at[slot].set(pad_token_id), state.count.at[slot].set(0),
                  state.lengths.at[slot].set(0), state.live.at[slot].set(True))
 
@@ -127,46 +123,102 @@ def decode(graphdef, params, state: Slots, sampling: SamplingConfig, stop_when_f
     return state
 
 
+class Ready(NamedTuple):
+    """A started prompt waiting for a slot: row `row` of a group's `DecodeStart`."""
+    index: int
+    start: DecodeStart
+    row: int
+    key: jax.Array
+    selected: np.ndarray  # [c, K] in the prompt's indices (`Finished.selected`)
+
+
 def generate_continuous(model: nnx.Module, prompts: Iterable[dict], latent: LatentConfig, sampling: SamplingConfig,
-                        *, slots: int = 8, key: jax.Array | None = None) -> Iterator[tuple[int, Finished]]:
+                        *, slots: int = 8, admit: int | None = None,
+                        key: jax.Array | None = None) -> Iterator[tuple[int, Finished]]:
     """Generate for each prompt (a left-padded batch of one, as `ivtlr_generate` takes), `slots` at a time
     -> (the prompt's index, its `Finished`) in the order prompts finish. Prompt i samples with
-    `fold_in(key, i)` (greedy decoding needs no key)."""
+    `fold_in(key, i)` (greedy decoding needs no key).
+
+    admit (default: slots): when a slot frees and no started prompt waits, the next `admit` prompts
+    start together, as one batch (padded with copies of the last to `admit` rows, so it compiles once),
+    and wait for the next free slots. Prompts whose arrays do not stack (other widths or image shapes)
+    start alone. A batch of one (`admit=1`) is the cheapest start per prompt on a device a small batch
+    fills, more amortise the start where it does not (a CPU); either way a prompt's tokens are those it
+    generates alone (up to rounding, as in any batch)."""
     if slots < 1:
         raise ValueError(f"continuous batching: slots={slots}; must be >= 1")
+    admit = slots if admit is None else admit
+    if admit < 1:
+        raise ValueError(f"continuous batching: admit={admit}; must be >= 1")
     key = jax.random.key(0) if key is None else key
     graphdef, params = nnx.split(model)
     pending = enumerate(prompts)
+    ready: collections.deque[Ready] = collections.deque()
     state: Slots | None = None
     owner: dict[int, tuple[int, np.ndarray]] = {}  # slot -> (prompt index, its selected patches [n, K])
     exhausted = False
-    while True:
-        free = [s for s in range(slots) if s not in owner]
-        while free and not exhausted:
-            item = next(pending, None)
-            if item is None:
-                exhausted = True
-                break
-            index, prompt = item
+
+    def start_next() -> None:  # start the next `admit` prompts (or fewer, at the end), appending to `ready`
+        nonlocal exhausted
+        group = []
+        for index, prompt in pending:
             rows = np.asarray(prompt["input_ids"]).shape[0]
             if rows != 1:
                 raise ValueError(f"continuous batching: prompt {index} holds {rows} rows; give one prompt (a batch "
                                  "of one) at a time")
-            laid = prepare_prompts(prompt, latent)
-            row_key = jax.random.fold_in(key, index)
-            start = _start(graphdef, params, laid.batch, latent, sampling, row_key, laid.shapes, laid.suffix_len)
-            if state is None or state.cache.max_len < start.cache.max_len:  # (re)shape the slots to fit
-                state = grown(model, state, start, slots, sampling)
+            group.append((index, prompt))
+            if len(group) == admit:
+                break
+        else:
+            exhausted = True
+        batches = [group] if len(group) > 1 and stackable([p for _, p in group]) else [[item] for item in group]
+        for batch in batches:
+            keys = [jax.random.fold_in(key, index) for index, _ in batch]
+            rows = [p for _, p in batch]
+            if len(batch) > 1:  # padded to `admit` rows with copies of the last (their outputs unused)
+                rows += [rows[-1]] * (admit - len(batch))
+                keys += [keys[-1]] * (admit - len(batch))
+                laid = prepare_prompts({k: np.concatenate([np.asarray(r[k]) for r in rows]) for k in rows[0]}, latent)
+            else:
+                laid = prepare_prompts(rows[0], latent)
+            start = _start(graphdef, params, laid.batch, latent, sampling, jnp.stack(keys), laid.shapes,
+                           laid.suffix_len)
+            selected = np.asarray(start.selected)  # [n, G, K] in the laid-out prompts' indices
+            if laid.shift is not None:
+                selected = np.where(selected >= 0, selected - laid.shift[None, :, None], -1)
+            counts = [int((np.asarray(p["input_ids"]) == latent.latent_token_id).sum()) for _, p in batch]
+            ready.extend(Ready(index, start, row, keys[row], selected[:counts[row], row])  # its own latents
+                         for row, (index, _) in enumerate(batch))
+
+    while True:
+        free = [s for s in range(slots) if s not in owner]
+        while free:
+            if not ready and not exhausted:
+                start_next()
+            if not ready:
+                break
+            item = ready.popleft()
+            if state is None or state.cache.max_len < item.start.cache.max_len:  # (re)shape the slots to fit
+                state = grown(model, state, item.start, slots, sampling)
             slot = free.pop(0)
-            state = insert(state, start, row_key, jnp.int32(slot), sampling.pad_token_id)
-            owner[slot] = (index, np.asarray(start.selected[:, 0]))
+            state = insert(state, item.start, jnp.int32(item.row), item.key, jnp.int32(slot), sampling.pad_token_id)
+            owner[slot] = (item.index, item.selected)
         if not owner:
             return
-        state = decode(graphdef, params, state, sampling, jnp.asarray(not exhausted))
+        more = bool(ready) or not exhausted
+        state = decode(graphdef, params, state, sampling, jnp.asarray(more))
         live = np.asarray(state.live)
         for slot in sorted(s for s in owner if not live[s]):
             index, selected = owner.pop(slot)
             yield index, Finished(np.asarray(state.tokens[slot]), int(state.lengths[slot]), selected)
+
+
+def stackable(prompts: list[dict]) -> bool:
+    """Whether batches of one concatenate into one batch: the same keys, arrays alike but for the rows."""
+    keys = {frozenset(k for k, v in p.items() if v is not None) for p in prompts}
+    if len(keys) != 1:
+        return False
+    return all(len({np.shape(p[k])[1:] for p in prompts}) == 1 for k in keys.pop())
 
 
 def grown(model, state: Slots | None, start: DecodeStart, slots: int, sampling: SamplingConfig) -> Slots:

@@ -65,6 +65,13 @@ def next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Ar
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def next_token_per_row(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """`next_token` with a key per row [B]: row b draws what it draws alone (a batch of one) with keys[b]."""
+    if cfg.temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)  # greedy: no randomness
+    return jax.vmap(lambda row, k: next_token(row[None], k, cfg)[0])(logits, keys)
+
+
 def align_first_latents(ids: np.ndarray, mask: np.ndarray, latent_token_id: int) -> tuple[dict, np.ndarray]:
     """Left-padded prompts `question + <|latent|> x c_r + suffix` with different counts c_r (n the largest)
     -> the layout the latent loop reads, each row `pad, question, <|latent|> x c_r, pad x (n - c_r),
@@ -172,7 +179,8 @@ def start_decoding(model, batch: dict, latent: LatentConfig, sampling: SamplingC
                    shapes: LatentShapes, suffix_len: int = 0) -> DecodeStart:
     """Everything before the first decoding step (traced inside `_generate` and `continuous`): the image
     features and embeddings, the prefill and n latent passes (or a plain prefill without latents), the
-    prompt's suffix after the latents, and the first token (sampled with `fold_in(key, 0)`)."""
+    prompt's suffix after the latents, and the first token, sampled with `fold_in(key, 0)` (`key` [B]:
+    each row with its own, as alone)."""
     b = batch["input_ids"].shape[0]
     n, prefix_len = shapes.num_latents, shapes.prefix_len
     embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch))
@@ -201,7 +209,10 @@ def start_decoding(model, batch: dict, latent: LatentConfig, sampling: SamplingC
         selected = jnp.zeros((0, b, latent.num_selected_patches), jnp.int32)
     # every later slot s of a row is at position s + offset (RoPE's tail is linear in the slot)
     offset = row_pos(cache.end[None])[..., 0] - cache.end
-    first = next_token(model.logits(h_last), jax.random.fold_in(key, 0), sampling)
+    if key.ndim:  # a key per row
+        first = next_token_per_row(model.logits(h_last), jax.vmap(jax.random.fold_in, (0, None))(key, 0), sampling)
+    else:
+        first = next_token(model.logits(h_last), jax.random.fold_in(key, 0), sampling)
     return DecodeStart(cache, first, offset, selected)
 
 

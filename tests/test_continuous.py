@@ -16,9 +16,9 @@ N_NEW = 10
 QWEN_SIZES = [(84, 84), (56, 112), (84, 56), (56, 56), (112, 56)]
 
 
-def single_prompts(family, latents, left_pads, seed=0):
+def single_prompts(family, latents, left_pads, seed=0, width=None):
     """One left-padded batch-of-one prompt per entry of `latents` (its latent count), with questions and
-    images of different sizes and `left_pads` padding tokens in front."""
+    images of different sizes and `left_pads` padding tokens in front (with `width`: padded to that)."""
     rng = np.random.default_rng(seed)
     text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
     latent = QWEN_LATENT if family == "qwen2vl" else CHAMELEON_LATENT
@@ -32,20 +32,27 @@ def single_prompts(family, latents, left_pads, seed=0):
             span = [hf_tiny.CHAMELEON_IMAGE] * hf_tiny.CHAMELEON_TOKENS_PER_IMAGE
             image = {"pixel_values": rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)}
         row = text(1 + i % 3) + span + text(2 + (2 * i) % 5) + [latent] * c
+        pad = pad if width is None else width - len(row)
         ids = np.asarray([[0] * pad + row])
         mask = np.asarray([[0] * pad + [1] * len(row)])
         prompts.append({"input_ids": ids, "attention_mask": mask, **image})
     return prompts, latent
 
 
-@pytest.mark.parametrize("family,rope,k", [("qwen2vl", "1d", 2), ("qwen2vl", "mrope", 2), ("chameleon", "1d", 6)])
-def test_continuous_batching_generates_each_prompt_as_alone(request, family, rope, k):
+@pytest.mark.parametrize("family,rope,k,admit,width", [
+    ("qwen2vl", "1d", 2, 1, None),  # prompts of different widths start alone
+    ("qwen2vl", "1d", 2, None, 24),  # one width: they start two at a time (admit = slots)
+    ("qwen2vl", "mrope", 2, 3, 24),  # three at a time, the last group padded
+    ("chameleon", "1d", 6, None, None),
+])
+def test_continuous_batching_generates_each_prompt_as_alone(request, family, rope, k, admit, width):
     """Five prompts of different lengths, left pads and latent counts (one without latents) through two
     slots, with an EOS that ends some answers early: each prompt's tokens, length and selected patches
-    equal `ivtlr_generate` on it alone, and prompts enter slots as others finish. (The model is amplified
-    so that a wrong position, cache slot or state changes the tokens; see test_generate.amplified.)"""
+    equal `ivtlr_generate` on it alone, and prompts enter slots as others finish. Prompts of one width
+    start in groups (`admit`). (The model is amplified so that a wrong position, cache slot or state
+    changes the tokens; see test_generate.amplified.)"""
     model = amplified(request.getfixturevalue(FIXTURES[family])[2])
-    prompts, latent_id = single_prompts(family, latents=(2, 1, 0, 2, 1), left_pads=(0, 3, 1, 0, 2))
+    prompts, latent_id = single_prompts(family, latents=(2, 1, 0, 2, 1), left_pads=(0, 3, 1, 0, 2), width=width)
     latent = LatentConfig(latent_id, k, rope=rope)
     free = SamplingConfig(max_new_tokens=N_NEW)
     first = np.asarray(ivtlr_generate(model, prompts[0], latent, free).tokens[0])
@@ -54,7 +61,7 @@ def test_continuous_batching_generates_each_prompt_as_alone(request, family, rop
     lengths = [int(a.lengths[0]) for a in alone]
     assert min(lengths) <= 3 and max(lengths) == N_NEW, lengths  # answers of different lengths
 
-    out = list(generate_continuous(model, prompts, latent, sampling, slots=2))
+    out = list(generate_continuous(model, prompts, latent, sampling, slots=2, admit=admit))
     assert sorted(i for i, _ in out) == list(range(len(prompts)))
     assert [i for i, _ in out][:1] == [0] or lengths[0] > min(lengths)  # rows come out as they finish
     for i, row in out:
@@ -65,9 +72,9 @@ def test_continuous_batching_generates_each_prompt_as_alone(request, family, rop
 
 def test_continuous_sampling_draws_as_alone(qwen):
     """Sampled (temperature, top-p): prompt i draws with fold_in(key, i), the tokens it draws alone with
-    that key, whichever slot and neighbours it gets."""
+    that key, whichever slot, group and neighbours it gets."""
     model = qwen[2]
-    prompts, latent_id = single_prompts("qwen2vl", latents=(2, 2, 1), left_pads=(0, 1, 0), seed=3)
+    prompts, latent_id = single_prompts("qwen2vl", latents=(2, 2, 1), left_pads=(0, 1, 0), seed=3, width=24)
     latent = LatentConfig(latent_id, 2)
     sampling = SamplingConfig(max_new_tokens=6, temperature=1.3, top_p=0.9)
     key = jax.random.key(7)
