@@ -15,8 +15,9 @@ is left-padded to the longest (one length bucket, as evaluation pads them), so b
 
 - static: `ivtlr_generate` on consecutive batches of `--slots` prompts (the last one short), the way
   evaluation ran before: each batch prefills together, then decodes until its longest answer ends.
-- continuous: `generate_continuous` with `--slots` slots over all prompts: each prompt's prefill and
-  latent passes run alone, then it decodes in a free slot; a finished row's slot takes the next prompt.
+- continuous: `generate_continuous` with `--slots` slots over all prompts: prompts start (prefill and
+  latent passes) `--admit` at a time (default: as many as the slots), then each decodes in a free slot;
+  a finished row's slot takes the next started prompt.
 
 Checked in the run: both give every prompt the same tokens. Timed: the whole workload, the sides
 alternating for `--repeats` rounds (median), after one untimed round that compiles. Reported: the
@@ -25,7 +26,7 @@ slots on a workload whose lengths vary >= 5x). Compare ratios measured in one ru
 across machines.
 
     python bench/continuous.py [--prompts 96] [--slots 8] [--max-new 160] [--min-len 16] [--pool 128]
-                               [--repeats 3] [--latents 3] [--k 8]
+                               [--admit N] [--repeats 3] [--latents 3] [--k 8]
 """
 
 from __future__ import annotations
@@ -49,15 +50,15 @@ from bench.timing import cpu_seconds, interleaved_median_ms, other_load_note, ti
 
 
 def padded(singles: list[dict], width: int) -> list[dict]:
-    """Each prompt left-padded to `width` (one bucket for all)."""
+    """Each prompt left-padded to `width` (one bucket for all), its image stacked per image."""
     out = []
     for s in singles:
         pad = width - s["input_ids"].shape[1]
         ids = np.concatenate([np.zeros((1, pad), np.int64), s["input_ids"]], axis=1)
         mask = np.concatenate([np.zeros((1, pad), np.int64), s["attention_mask"]], axis=1)
         positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-        out.append(s | {"input_ids": ids, "attention_mask": mask, "position_ids": positions})
-    return out
+        out.append(stacked_images(s | {"input_ids": ids, "attention_mask": mask, "position_ids": positions}))
+    return out  # pixel_values [1, Np, 1176]: as evaluation's prompts (`stack_images` of one image)
 
 
 def batched(prompts: list[dict]) -> dict:
@@ -135,7 +136,7 @@ def bench(args) -> list[str]:
         return np.concatenate([np.asarray(ivtlr_generate(model, b, latent, sampling).tokens) for b in batches])
 
     def continuous():
-        rows = dict(generate_continuous(model, prompts, latent, sampling, slots=args.slots))
+        rows = dict(generate_continuous(model, prompts, latent, sampling, slots=args.slots, admit=args.admit))
         return np.stack([rows[i].tokens for i in range(len(prompts))])
 
     compile_s = {}
@@ -178,6 +179,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new", type=int, default=160, help="max_new_tokens")
     parser.add_argument("--min-len", type=int, default=16, help="shortest answer in the workload")
     parser.add_argument("--pool", type=int, default=128, help="prompts generated to choose the workload from")
+    parser.add_argument("--admit", type=int, default=None,
+                        help="prompts started together (generate_continuous's admit; default: the slots)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latents", type=int, default=3)
     parser.add_argument("--k", type=int, default=8)
