@@ -8,8 +8,9 @@ latent passes, the prompt's suffix, the first token) on the group as one batch. 
 for a free slot, into which its cache row is copied (`insert`); decoding goes on with each row at its
 own next cache slot (`KVCache.end` per row) and its own positions (`DecodeStart.offset`). Rows never
 see each other (attention stays within a row, a row's cache slots after its end are masked), so every
-prompt generates the tokens it generates alone with `ivtlr_generate` (up to rounding, as in any batch;
-the same sampling key too: prompt i samples with `fold_in(key, i)`).
+prompt generates the tokens `ivtlr_generate` gives it in the batch it starts in, and so, up to rounding
+as in any batch, the tokens it generates alone (with the same sampling key: prompt i samples with
+`fold_in(key, i)`).
 
 Compiles: `start_decoding` once per prompt shape (prompts left-padded to length buckets; a group is
 padded to `admit` rows), `insert` once per pair of group cache size and slots' cache size, the decoding
@@ -144,7 +145,7 @@ def generate_continuous(model: nnx.Module, prompts: Iterable[dict], latent: Late
     and wait for the next free slots. Prompts whose arrays do not stack (other widths or image shapes)
     start alone. A batch of one (`admit=1`) is the cheapest start per prompt on a device a small batch
     fills, more amortise the start where it does not (a CPU); either way a prompt's tokens are those it
-    generates alone (up to rounding, as in any batch)."""
+    generates in that batch, and so alone up to rounding, as in any batch."""
     if slots < 1:
         raise ValueError(f"continuous batching: slots={slots}; must be >= 1")
     admit = slots if admit is None else admit

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ivtlr_jax.continuous import generate_continuous
+from ivtlr_jax.continuous import generate_continuous, stackable
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate
 from ivtlr_jax.latent import LatentConfig
 from tests import hf_tiny
@@ -39,35 +39,53 @@ def single_prompts(family, latents, left_pads, seed=0, width=None):
     return prompts, latent
 
 
+def started_as(model, prompts, latent, sampling, admit):
+    """Per prompt (tokens [N], length, selected [c, K]) of `ivtlr_generate` on the batch it starts in:
+    alone (admit 1), or its group of `admit` consecutive prompts padded with copies of the last."""
+    out = []
+    for g in range(0, len(prompts), admit):
+        group = prompts[g:g + admit]
+        rows = group + [group[-1]] * (admit - len(group))
+        batch = {key: np.concatenate([p[key] for p in rows]) for key in rows[0]}
+        gen = ivtlr_generate(model, batch, latent, sampling)
+        for r, p in enumerate(group):
+            c = int((p["input_ids"] == latent.latent_token_id).sum())
+            out.append((np.asarray(gen.tokens[r]), int(gen.lengths[r]), np.asarray(gen.selected[:c, r])))
+    return out
+
+
 @pytest.mark.parametrize("family,rope,k,admit,width", [
-    ("qwen2vl", "1d", 2, 1, None),  # prompts of different widths start alone
-    ("qwen2vl", "1d", 2, None, 24),  # one width: they start two at a time (admit = slots)
+    ("qwen2vl", "1d", 2, 1, 24),  # each prompt starts alone
     ("qwen2vl", "mrope", 2, 3, 24),  # three at a time, the last group padded
-    ("chameleon", "1d", 6, None, None),
+    ("chameleon", "1d", 6, 2, 76),  # two at a time (admit = slots, the default)
 ])
-def test_continuous_batching_generates_each_prompt_as_alone(request, family, rope, k, admit, width):
+def test_continuous_batching_generates_what_each_prompt_starts_as(request, family, rope, k, admit, width):
     """Five prompts of different lengths, left pads and latent counts (one without latents) through two
     slots, with an EOS that ends some answers early: each prompt's tokens, length and selected patches
-    equal `ivtlr_generate` on it alone, and prompts enter slots as others finish. Prompts of one width
-    start in groups (`admit`). (The model is amplified so that a wrong position, cache slot or state
-    changes the tokens; see test_generate.amplified.)"""
+    equal `ivtlr_generate` on the batch it starts in (alone with admit=1, else its group), and prompts
+    enter slots as others finish. (Rows of a batch equal the rows alone up to rounding, which can flip a
+    near-tie: in the Chameleon case, patches 3 and 4 of a row's ranking swap between its group and alone.
+    The model is amplified so that a wrong position, cache slot or state changes the tokens; see
+    test_generate.amplified.)"""
     model = amplified(request.getfixturevalue(FIXTURES[family])[2])
     prompts, latent_id = single_prompts(family, latents=(2, 1, 0, 2, 1), left_pads=(0, 3, 1, 0, 2), width=width)
     latent = LatentConfig(latent_id, k, rope=rope)
     free = SamplingConfig(max_new_tokens=N_NEW)
     first = np.asarray(ivtlr_generate(model, prompts[0], latent, free).tokens[0])
     sampling = SamplingConfig(max_new_tokens=N_NEW, eos_token_id=int(first[3]), pad_token_id=-1)
-    alone = [ivtlr_generate(model, p, latent, sampling) for p in prompts]
-    lengths = [int(a.lengths[0]) for a in alone]
+    reference = started_as(model, prompts, latent, sampling, admit)
+    lengths = [length for _, length, _ in reference]
     assert min(lengths) <= 3 and max(lengths) == N_NEW, lengths  # answers of different lengths
 
-    out = list(generate_continuous(model, prompts, latent, sampling, slots=2, admit=admit))
+    out = list(generate_continuous(model, prompts, latent, sampling, slots=2,
+                                   admit=None if family == "chameleon" else admit))
     assert sorted(i for i, _ in out) == list(range(len(prompts)))
     assert [i for i, _ in out][:1] == [0] or lengths[0] > min(lengths)  # rows come out as they finish
     for i, row in out:
-        np.testing.assert_array_equal(row.tokens, np.asarray(alone[i].tokens[0]), err_msg=f"prompt {i}")
-        assert row.length == lengths[i]
-        np.testing.assert_array_equal(row.selected, np.asarray(alone[i].selected[:, 0]), err_msg=f"prompt {i}")
+        tokens, length, selected = reference[i]
+        np.testing.assert_array_equal(row.tokens, tokens, err_msg=f"prompt {i}")
+        assert row.length == length
+        np.testing.assert_array_equal(row.selected, selected, err_msg=f"prompt {i}")
 
 
 def test_continuous_sampling_draws_as_alone(qwen):
@@ -110,3 +128,16 @@ def test_per_row_cache_writes_each_row_at_its_own_slot(qwen):
         np.testing.assert_array_equal(np.asarray(together.cache.valid[r]), np.asarray(alone.cache.valid[0]))
         np.testing.assert_allclose(np.asarray(together.cache.k[:, r]), np.asarray(alone.cache.k[:, 0]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(together.cache.end), np.asarray(ends) + 1)
+
+
+def test_only_prompts_alike_but_for_their_rows_start_together():
+    """Prompts start as one batch only when their arrays concatenate: the same keys, the same width, the
+    same image shapes (Qwen2-VL's flat patches may differ in number)."""
+    ids = lambda width: {"input_ids": np.zeros((1, width), np.int32), "attention_mask": np.ones((1, width), np.int32)}
+    stacked = lambda patches: {"pixel_values": np.zeros((1, patches, 1176)), "image_grid_thw": np.ones((1, 3))}
+    flat = lambda patches: {"pixel_values": np.zeros((patches, 1176)), "image_grid_thw": np.ones((1, 3))}
+    assert stackable([ids(20) | stacked(16), ids(20) | stacked(16)])
+    assert stackable([ids(20) | flat(16), ids(20) | flat(36)])
+    assert not stackable([ids(20) | stacked(16), ids(20) | stacked(36)])
+    assert not stackable([ids(20) | flat(16), ids(24) | flat(16)])
+    assert not stackable([ids(20) | flat(16), ids(20)])

@@ -5,11 +5,12 @@ Prompts are `question + <|latent|> x num_latents` in the training format (the de
 left-padded to a length bucket so that batches compile once per bucket.
 
 - Batching (`EvalConfig.batching`): "continuous" keeps `batch_size` rows decoding and gives a finished
-  row's slot to the next example (ivtlr_jax/continuous.py), each prompt padded to its own bucket, so
-  every record is the one a batch of one writes; "static" runs batches of `batch_size` prompts padded
-  to the batch's bucket, each until its longest answer ends, and splits them over devices and
-  processes. "auto" (the default): continuous on one device in one process, else static. Records
-  are written in the examples' order either way.
+  row's slot to the next example (ivtlr_jax/continuous.py; each prompt padded to its own bucket, the
+  prompts of a bucket started `batch_size` at a time); "static" runs batches of `batch_size` prompts
+  padded to the batch's bucket, each until its longest answer ends, and splits them over devices and
+  processes. "auto" (the default): continuous on one device in one process, else static. Either way a
+  record is the one a batch of one writes, up to rounding (as with any batch size; in float32 the
+  tests find them equal), and records are written in the examples' order.
 - Precision: the model runs in `EvalConfig.dtype` (the run config's `model.dtype`; the official
   evaluation uses bfloat16) with its weights stored in `param_dtype` (default: the same).
 - Devices: each batch's rows are split over the local devices (a 1-D `data` mesh, parameters
