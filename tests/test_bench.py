@@ -54,7 +54,7 @@ def test_generate_bench_checks_pass():
 
 
 def test_continuous_bench_checks_pass():
-    out = run_bench("continuous.py", "--prompts", "5", "--pool", "8", "--slots", "2", "--max-new", "10",
+    out = run_bench("continuous.py", "--prompts", "4", "--pool", "6", "--slots", "2", "--max-new", "8",
                     "--min-len", "1", "--repeats", "1", "--latents", "1", "--k", "2")
     checks = re.findall(r"check: .*?: (True|False)", out)
     assert len(checks) == 2 and set(checks) == {"True"}, out

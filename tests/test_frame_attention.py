@@ -6,9 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ivtlr_jax.models.common import frame_attention as fa
 from ivtlr_jax.models.common.frame_attention import frame_attention
 
 TILE = 16  # small tiles, so that a few dozen rows cover every case below
+
+
+@pytest.fixture(autouse=True)
+def tiled_at_any_length(monkeypatch):
+    """Every length through the tiles (short sequences otherwise take one masked softmax)."""
+    monkeypatch.setattr(fa, "DENSE_TILES", 0)  # read when traced
 
 # frame sizes; all with tiles of 16 rows
 LAYOUTS = {
@@ -87,3 +94,15 @@ def test_shapes_are_checked():
     q, k, v, _, segment = inputs([4, 4])
     with pytest.raises(ValueError, match="alike"):
         frame_attention(q, k[:, :1], v, segment, 1.0)
+
+
+def test_short_sequences_take_one_masked_softmax(monkeypatch):
+    """Up to DENSE_TILES tiles: no loop (one softmax under the block-diagonal mask), the same values."""
+    monkeypatch.setattr(fa, "DENSE_TILES", 2)
+    q, k, v, _, segment = inputs([10, 7, 15])  # 32 rows: two tiles of 16
+    f = jax.jit(lambda q, k, v, s: frame_attention(q, k, v, s, 0.5, tile=TILE))
+    assert "while" not in f.lower(q, k, v, segment).as_text()
+    np.testing.assert_allclose(f(q, k, v, segment), reference(q, k, v, segment, 0.5), atol=1e-5, rtol=1e-5)
+    longer = inputs([10, 7, 16])[0]
+    assert "while" in jax.jit(lambda q: frame_attention(q, q, q, jnp.zeros(33, jnp.int32), 0.5, tile=TILE)).lower(
+        longer).as_text()

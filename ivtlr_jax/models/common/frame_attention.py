@@ -29,6 +29,9 @@ mixed sizes (less work wasted on tiles that two frames share or that a frame onl
 256 on frames a multiple of the tile; 128 is the middle and needs a quarter of the pairs, so of the
 loop's steps, that 64 does (each step has a fixed cost, larger on a GPU: not measured there).
 
+Sequences of at most DENSE_TILES tiles (small images) take one softmax under the [Np, Np] mask instead:
+as cheap there, and without the loops to compile.
+
 `attention_impl` "fused" does not apply here: a fused kernel takes one block size, so frames of mixed
 (or traced) sizes go through this path with either setting.
 """
@@ -40,11 +43,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .attention import NEG_INF
+from .attention import NEG_INF, dot_product_attention
 from .layers import acc_dtype
 
 TILE = 128
 GROUP = 4
+DENSE_TILES = 2  # sequences of up to this many tiles run one masked softmax (cheap, and no loop to compile)
 
 
 def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array, scale: float,
@@ -55,7 +59,11 @@ def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array
     if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape or segment.shape != q.shape[:1]:
         raise ValueError(f"q, k, v must be [Np, N, H] alike and segment [Np]: {q.shape}, {k.shape}, "
                          f"{v.shape}, {segment.shape}")
-    return _frame_attention(q, k, v, segment.astype(jnp.int32), float(scale), tile or TILE, group or GROUP)
+    tile = tile or TILE
+    if q.shape[0] <= DENSE_TILES * tile:  # a few tiles: the dense block costs about as much, without the loops
+        mask = (segment[:, None] == segment[None, :])[None]  # [1, Np, Np]
+        return dot_product_attention(q[None], k[None], v[None], mask, scale)[0]
+    return _frame_attention(q, k, v, segment.astype(jnp.int32), float(scale), tile, group or GROUP)
 
 
 def _layout(segment: jax.Array, tile: int, group: int):
