@@ -42,6 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ivtlr_jax.continuous import generate_continuous  # noqa: E402
+from ivtlr_jax.data.collate import left_padded_positions  # noqa: E402
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate  # noqa: E402
 from ivtlr_jax.latent import LatentConfig  # noqa: E402
 from bench.generate import make_prompts  # noqa: E402
@@ -56,7 +57,7 @@ def padded(singles: list[dict], width: int) -> list[dict]:
         pad = width - s["input_ids"].shape[1]
         ids = np.concatenate([np.zeros((1, pad), np.int64), s["input_ids"]], axis=1)
         mask = np.concatenate([np.zeros((1, pad), np.int64), s["attention_mask"]], axis=1)
-        positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        positions = left_padded_positions(mask)
         out.append(stacked_images(s | {"input_ids": ids, "attention_mask": mask, "position_ids": positions}))
     return out  # pixel_values [1, Np, 1176]: as evaluation's prompts (`stack_images` of one image)
 

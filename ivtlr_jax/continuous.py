@@ -77,10 +77,12 @@ def insert(state: Slots, start: DecodeStart, row: jax.Array, key: jax.Array, slo
            pad_token_id: int) -> Slots:
     """Put row `row` of a `DecodeStart` into `slot`: its cache row (grown to the slots' length; slots
     after its end empty), its first token, key and positions; the slot's count and tokens reset."""
-    cache = start.cache.resized(state.cache.max_len)
-    k = state.cache.k.at[:, slot].set(cache.k[:, row])
-    v = state.cache.v.at[:, slot].set(cache.v[:, row])
-    valid = state.cache.valid.at[slot].set(cache.valid[row])
+    take = lambda x, axis: jax.lax.dynamic_index_in_dim(x, row, axis, keepdims=True)  # only this row grows
+    one = KVCache(take(start.cache.k, 1), take(start.cache.v, 1), take(start.cache.valid, 0), start.cache.end)
+    cache = one.resized(state.cache.max_len)
+    k = state.cache.k.at[:, slot].set(cache.k[:, 0])
+    v = state.cache.v.at[:, slot].set(cache.v[:, 0])
+    valid = state.cache.valid.at[slot].set(cache.valid[0])
     end = state.cache.end.at[slot].set(cache.end)
     return Slots(KVCache(k, v, valid, end), state.token.at[slot].set(start.first[row]), state.keys.at[slot].set(key),
                  state.offset.at[..., slot].set(start.offset[..., row]),

@@ -4,9 +4,11 @@
 
 The official code generates one example at a time and runs a final full forward before decoding; the
 last latent pass already leaves the cache and the last hidden state that forward would produce, so
-decoding starts right after it. Greedy by default; temperature and top-p sampling as options. This is
-the package's one decode loop: prompts without latents skip the chain (plain decoding, which the parity
-tests compare with transformers' `generate`).
+decoding starts right after it. Greedy by default; temperature and top-p sampling as options. Prompts
+without latents skip the chain (plain decoding, which the parity tests compare with transformers'
+`generate`). Everything before the first decoding step (`start_decoding`) is shared with continuous
+batching (continuous.py), whose decode loop differs in keeping a row's cache end, count and sampling
+key per row.
 
 Prompts may have different latent counts c_r (mixed prompts in one batch; docs/method.md section 10, where the
 official forward, batch-1 at evaluation, would insert every pass's patches into every row): every row

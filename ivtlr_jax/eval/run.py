@@ -374,9 +374,10 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
 
             def prompts():
                 for index, ex in enumerate(todo):
-                    input_ids, mask, pos = left_pad([prompt_of(ex)], ids["eos_token_id"], cfg.length_buckets)
+                    prompt = prompt_of(ex)
+                    input_ids, mask, pos = left_pad([prompt], ids["eos_token_id"], cfg.length_buckets)
                     image = materialize(ex.image)
-                    pending_images[index], pads[index] = image, input_ids.shape[1] - len(prompt_of(ex))
+                    pending_images[index], pads[index] = image, input_ids.shape[1] - len(prompt)
                     yield {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **stack_images([image])}
 
             done_lines, next_index = {}, 0
