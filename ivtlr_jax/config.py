@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES, LatentConfig
+from .data import PROMPT_FORMATS
 from .data.curriculum import CurriculumConfig
 from .models.common.attention import ATTENTION_IMPLS
 from .models.common.decoder import REMAT_POLICIES
@@ -86,6 +87,43 @@ class LatentSection:
     def latent_config(self, latent_token_id: int) -> LatentConfig:
         """The loop's LatentConfig: these settings and the model's `<|latent|>` id."""
         return LatentConfig(latent_token_id, **dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    """How a model folder is asked about one image and question (`predict.Predictor`, `ivtlr-ask`,
+    `ivtlr-serve`): the prompt (the dataset whose text format it follows, train or official), the latents,
+    K, patch order, RoPE and the compute dtype. Every stage export and official import holds its own
+    (`io/settings_file.py`: written from the run config or the import's options)."""
+    dataset: str = "m3cot"  # the prompt text's format: m3cot | scienceqa
+    prompt_format: str = "train"  # train | official (the official evaluation scripts' prompts)
+    num_latents: int = 3  # <|latent|> tokens after the question (the official evaluation: 3)
+    num_selected_patches: int = 32  # K (Qwen2-VL 32, Chameleon 64)
+    patch_order: str = "score"
+    rope: str = "1d"
+    dtype: str = "bfloat16"  # compute dtype (the official evaluation: bfloat16)
+    max_new_tokens: int = 512
+
+    def __post_init__(self):
+        _one_of(self.dataset, DATASETS, "dataset")
+        _one_of(self.prompt_format, PROMPT_FORMATS, "prompt_format")
+        _at_least(self.num_latents, 0, "num_latents")
+        _at_least(self.num_selected_patches, 1, "num_selected_patches")
+        _one_of(self.patch_order, PATCH_ORDERS, "patch_order")
+        _one_of(self.rope, ROPES, "rope")
+        _one_of(self.dtype, DTYPES, "dtype")
+        _at_least(self.max_new_tokens, 1, "max_new_tokens")
+
+    @classmethod
+    def from_run(cls, cfg: "RunConfig") -> "InferenceSettings":
+        """A training run's settings: its dataset, K, patch order, RoPE and compute dtype."""
+        return cls(dataset=cfg.data.dataset, num_selected_patches=cfg.latent.num_selected_patches,
+                   patch_order=cfg.latent.patch_order, rope=cfg.latent.rope, dtype=cfg.model.dtype)
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str) -> "InferenceSettings":
+        """Settings from a mapping (a settings file), unknown keys and bad values refused naming `where`."""
+        return _build(cls, raw, where)
 
 
 @dataclasses.dataclass(frozen=True)

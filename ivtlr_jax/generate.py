@@ -1,14 +1,14 @@
-"""Batched IVT-LR generation (docs/method.md section 17): prefill the question, run the latent passes under
-`lax.scan` (the same `latent_passes` as training), then decode from the same KV cache under
-`lax.while_loop` until every row has produced EOS or `max_new_tokens`.
+"""Batched IVT-LR generation (docs/method.md section 17), static batches: a batch of prompts starts together
+(`decoding.start_decoding`: prefill the question, run the latent passes under `lax.scan`, the same
+`latent_passes` as training) and decodes from the same KV cache (`decoding.decode_loop`, the one decoding step
+continuous batching and the server also run) until every row has produced EOS or `max_new_tokens`.
 
 The official code generates one example at a time and runs a final full forward before decoding; the
 last latent pass already leaves the cache and the last hidden state that forward would produce, so
-decoding starts right after it. Greedy by default; temperature and top-p sampling as options. Prompts
-without latents skip the chain (plain decoding, which the parity tests compare with transformers'
-`generate`). Everything before the first decoding step (`start_decoding`) is shared with continuous
-batching (continuous.py), whose decode loop differs in keeping a row's cache end, count and sampling
-key per row.
+decoding starts right after it. Greedy by default; temperature and top-p sampling as options, each row with its
+own key (`fold_in(key, r)` for row r, or the keys given), so a row draws what it draws alone with that key.
+Prompts without latents skip the chain (plain decoding, which the parity tests compare with transformers'
+`generate`).
 
 Prompts may have different latent counts c_r (mixed prompts in one batch; docs/method.md section 10, where the
 official forward, batch-1 at evaluation, would insert every pass's patches into every row): every row
@@ -21,7 +21,6 @@ continues from the state at its own last latent.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -31,47 +30,15 @@ import numpy as np
 from flax import nnx
 
 from .data.collate import left_padded_positions
-from .latent import (LatentConfig, LatentShapes, chain_gap, first_latent_index, image_inputs_of, latent_layout,
-                     latent_passes, sequence_positions)
-from .models.common.kv_cache import KVCache
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 512
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    eos_token_id: int | None = None
-    pad_token_id: int = 0
+from .decoding import (DecodeStart, RowSampling, SamplingConfig, decode_loop, decoding_state, next_token,  # noqa: F401
+                       row_keys, start_decoding)
+from .latent import LatentConfig, LatentShapes, latent_layout
 
 
 class Generation(NamedTuple):
     tokens: jax.Array  # [B, max_new_tokens]: a row's tokens up to and including its EOS, then pad_token_id
     lengths: jax.Array  # [B] generated tokens before EOS (EOS not counted)
     selected: jax.Array  # [n, B, K] patches inserted before each latent, as prompt indices (-1: no such latent)
-
-
-def next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """logits [B, V] -> token [B]: argmax, or a temperature / nucleus (top-p) sample."""
-    if cfg.temperature <= 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / cfg.temperature
-    if cfg.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        cumulative = jnp.cumsum(probs, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        cutoff_index = jnp.sum(cumulative - probs < cfg.top_p, axis=-1) - 1
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[:, None], axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def next_token_per_row(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """`next_token` with a key per row [B]: row b draws what it draws alone (a batch of one) with keys[b]."""
-    if cfg.temperature <= 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)  # greedy: no randomness
-    return jax.vmap(lambda row, k: next_token(row[None], k, cfg)[0])(logits, keys)
 
 
 def align_first_latents(ids: np.ndarray, mask: np.ndarray, latent_token_id: int) -> tuple[dict, np.ndarray]:
@@ -154,93 +121,25 @@ def ivtlr_generate(model: nnx.Module, batch: dict, latent: LatentConfig, samplin
     Rows may have different latent counts: each row generates what it generates alone (module
     docstring). `batch` holds input_ids, attention_mask, the model's image inputs and optionally
     position_ids (by default the collator's: 0 on left pads, then 0, 1, 2, ...). `selected` indexes the
-    prompts as given. A prompt without latents is decoded as it is: plain greedy (or sampled) decoding."""
+    prompts as given. A prompt without latents is decoded as it is: plain greedy (or sampled) decoding.
+    `key`: one key (row r samples with fold_in(key, r)) or a key per row [B]."""
     prompts = prepare_prompts(batch, latent, prefix_len)
-    key = jax.random.key(0) if key is None else key
-    out = _generate(model, prompts.batch, latent, sampling, key, prompts.shapes, prompts.suffix_len)
+    b = prompts.batch["input_ids"].shape[0]
+    keys = row_keys(jax.random.key(0) if key is None else key, b)
+    graphdef, params = nnx.split(model)
+    out = _generate(graphdef, params, prompts.batch, latent, sampling, RowSampling.of(keys, sampling), prompts.shapes,
+                    prompts.suffix_len)
     if prompts.shift is not None:  # back to the prompts' indices
         shift = jnp.asarray(prompts.shift)[None, :, None]
         out = out._replace(selected=jnp.where(out.selected >= 0, out.selected - shift, -1))
     return out
 
 
-class DecodeStart(NamedTuple):
-    """What a prompt (prefill, latent passes, suffix) leaves for decoding."""
-    cache: KVCache  # the prompt's keys and values, `end` after its last slot, room for max_new_tokens more
-    first: jax.Array  # [B] the first generated token
-    offset: jax.Array  # [B] (1-D RoPE) or [3, B] (M-RoPE): cache slot s of row b is at position s + offset[..., b]
-    selected: jax.Array  # [n, B, K] (`Generation.selected`)
-
-
-def decode_positions(offset: jax.Array, slots: jax.Array) -> jax.Array:
-    """The positions of decoding slots [] (every row) or [B] (per row) -> [B, 1] (or [3, B, 1])."""
-    return (offset + slots)[..., None]
-
-
-def start_decoding(model, batch: dict, latent: LatentConfig, sampling: SamplingConfig, key: jax.Array,
-                   shapes: LatentShapes, suffix_len: int = 0) -> DecodeStart:
-    """Everything before the first decoding step (traced inside `_generate` and `continuous`): the image
-    features and embeddings, the prefill and n latent passes (or a plain prefill without latents), the
-    prompt's suffix after the latents, and the first token, sampled with `fold_in(key, 0)` (`key` [B]:
-    each row with its own, as alone)."""
-    b = batch["input_ids"].shape[0]
-    n, prefix_len = shapes.num_latents, shapes.prefix_len
-    embeds = model.embed_inputs(batch["input_ids"], **image_inputs_of(batch))
-    if n:
-        p = first_latent_index(batch["input_ids"], latent.latent_token_id)
-        positions = sequence_positions(model, latent, batch, p)
-        counts = jnp.sum(batch["input_ids"] == latent.latent_token_id, axis=1)  # [B] c_r
-        gap = chain_gap(counts, n, latent.num_selected_patches)  # [B] masked chain slots of rows with fewer latents
-
-        def row_pos(slots):  # cache slots [T] after the chain -> [B, T] (or [3, B, T]) positions the rows have alone
-            return positions.tail(slots[None] - gap[:, None])
-
-        chain = latent_passes(model, latent, embeds, batch, p, positions, n=n, prefix_len=prefix_len,
-                              extra_cache=suffix_len + sampling.max_new_tokens)
-        selected, cache, h_last = chain.selected, chain.cache, chain.h_last
-        if suffix_len:  # the prompt's tokens after the latents continue the sequence
-            o = model.decode(embeds[:, embeds.shape[1] - suffix_len:], row_pos(cache.end + jnp.arange(suffix_len)),
-                             jnp.ones((b, suffix_len), bool), cache=cache)
-            cache, h_last = o.cache, o.hidden[:, -1]
-    else:  # no latents: an ordinary prompt
-        positions = sequence_positions(model, latent, batch, jnp.int32(prefix_len))
-        row_pos = positions.tail
-        cache = model.init_cache(b, prefix_len + sampling.max_new_tokens)
-        out = model.decode(embeds, positions.own, batch["attention_mask"], cache=cache)
-        cache, h_last = out.cache, out.hidden[:, -1]
-        selected = jnp.zeros((0, b, latent.num_selected_patches), jnp.int32)
-    # every later slot s of a row is at position s + offset (RoPE's tail is linear in the slot)
-    offset = row_pos(cache.end[None])[..., 0] - cache.end
-    if key.ndim:  # a key per row
-        first = next_token_per_row(model.logits(h_last), jax.vmap(jax.random.fold_in, (0, None))(key, 0), sampling)
-    else:
-        first = next_token(model.logits(h_last), jax.random.fold_in(key, 0), sampling)
-    return DecodeStart(cache, first, offset, selected)
-
-
-@functools.partial(nnx.jit, static_argnames=("latent", "sampling", "shapes", "suffix_len"))
-def _generate(model, batch, latent, sampling, key, shapes: LatentShapes, suffix_len=0):
-    b = batch["input_ids"].shape[0]
-    cache, first, offset, selected = start_decoding(model, batch, latent, sampling, key, shapes, suffix_len)
-    tokens = jnp.full((b, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32)
-    lengths = jnp.zeros((b,), jnp.int32)
-    done = jnp.zeros((b,), bool)
-
-    def cond(state):
-        step, _, _, done, _, _ = state
-        return (step < sampling.max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, token, cache, done, tokens, lengths = state
-        tokens = tokens.at[:, step].set(jnp.where(done, sampling.pad_token_id, token))  # EOS itself is kept
-        if sampling.eos_token_id is not None:
-            done = done | (token == sampling.eos_token_id)  # EOS is checked from the first token
-        lengths = lengths + (~done).astype(jnp.int32)
-        emb = model.embed_tokens(token[:, None])
-        o = model.decode(emb, decode_positions(offset, cache.end), jnp.ones((b, 1), bool), cache=cache)
-        nxt = next_token(model.logits(o.hidden[:, -1]), jax.random.fold_in(key, step + 1), sampling)
-        return step + 1, nxt, o.cache, done, tokens, lengths
-
-    state = (jnp.zeros((), jnp.int32), first, cache, done, tokens, lengths)
-    _, _, _, _, tokens, lengths = jax.lax.while_loop(cond, body, state)
-    return Generation(tokens, lengths, selected)
+# The model goes in split (graphdef static, parameters a pytree), as in every decoding driver: a plain jax.jit
+# dispatch (nnx.jit re-splits the module on every call).
+@functools.partial(jax.jit, static_argnames=("graphdef", "latent", "sampling", "shapes", "suffix_len"))
+def _generate(graphdef, params, batch, latent, sampling, rows: RowSampling, shapes: LatentShapes, suffix_len=0):
+    model = nnx.merge(graphdef, params)
+    start = start_decoding(model, batch, latent, sampling, rows, shapes, suffix_len)
+    state = decode_loop(model, decoding_state(start, rows, sampling), sampling, max_steps=sampling.max_new_tokens)
+    return Generation(state.tokens, state.lengths, start.selected)

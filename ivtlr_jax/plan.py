@@ -209,6 +209,7 @@ def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_toke
                   num_latents: int = 3, count_flops: bool = True) -> Plan:
     """Batched IVT-LR generation (prefill, latent passes, decoding) at `batch`, bf16 parameters.
     `count_flops=False`: as in `plan_train`."""
+    from .decoding import RowSampling
     from .generate import SamplingConfig, _generate
 
     raw = architecture(cfg)
@@ -225,16 +226,17 @@ def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_toke
     batch_abs.pop("labels")
     latent = LatentConfig(0, cfg.latent.num_selected_patches)
     sampling = SamplingConfig(max_new_tokens=new_tokens, eos_token_id=None)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    rows = RowSampling(jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype),
+                       jax.ShapeDtypeStruct((batch,), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.float32))
 
     def compile_run(model):
         graphdef, state = nnx.split(model)
 
-        def run(state, batch, key):
-            return _generate(nnx.merge(graphdef, state), batch, latent, sampling, key,
+        def run(state, batch, rows):
+            return _generate(graphdef, state, batch, latent, sampling, rows,
                              LatentShapes(num_latents, shapes["prefix"])).tokens
 
-        lowered = jax.jit(run).lower(with_shardings(state, state_shardings(state, rules)), batch_abs, key)
+        lowered = jax.jit(run).lower(with_shardings(state, state_shardings(state, rules)), batch_abs, rows)
         return lowered.compile(ANALYSIS_COMPILER_OPTIONS)
 
     state = nnx.state(build(False))

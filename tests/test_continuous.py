@@ -99,10 +99,28 @@ def test_continuous_sampling_draws_as_alone(qwen):
     out = dict(generate_continuous(model, prompts, latent, sampling, slots=2, key=key))
     draws = []
     for i, p in enumerate(prompts):
-        alone = ivtlr_generate(model, p, latent, sampling, key=jax.random.fold_in(key, i))
+        alone = ivtlr_generate(model, p, latent, sampling, key=jax.random.fold_in(key, i)[None])  # its own key
         np.testing.assert_array_equal(out[i].tokens, np.asarray(alone.tokens[0]), err_msg=f"prompt {i}")
         draws.append(tuple(out[i].tokens))
     assert len(set(draws)) == len(draws)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.3])
+def test_static_and_continuous_decode_the_same_tokens(qwen, temperature):
+    """One decoding step serves both drivers: a static batch and continuous batching started as that batch
+    give identical tokens, greedy and sampled with the same key (row i and prompt i both draw with
+    fold_in(key, i)), though the continuous slots (2) take the third prompt only when one frees."""
+    model = qwen[2]
+    prompts, latent_id = single_prompts("qwen2vl", latents=(2, 1, 2), left_pads=(0, 2, 1), seed=5, width=24)
+    latent = LatentConfig(latent_id, 2)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=temperature, top_p=0.9)
+    key = jax.random.key(11)
+    batch = {k: np.concatenate([p[k] for p in prompts]) for k in prompts[0]}
+    static = ivtlr_generate(model, batch, latent, sampling, key=key)
+    out = dict(generate_continuous(model, prompts, latent, sampling, slots=2, admit=3, key=key))
+    for i in range(len(prompts)):
+        np.testing.assert_array_equal(out[i].tokens, np.asarray(static.tokens[i]), err_msg=f"prompt {i}")
+        assert out[i].length == int(static.lengths[i])
 
 
 def test_per_row_cache_writes_each_row_at_its_own_slot(qwen):

@@ -18,15 +18,18 @@ META_COLUMNS = ("id", "category", "image_id", "domain", "topic", "context", "spl
 
 
 def prompt_text(question: str, choices: list[str], image_placeholder: str = "") -> str:
+    """The training prompt; a question without choices (asked by a user, never a dataset row) has no
+    [Options] block."""
     body = f"{{{(image_placeholder + question).strip()}}}"
-    return f"[Question]:{body}\n[Options]:\n{option_lines(choices)}\nAnswer:\n"
+    options = f"[Options]:\n{option_lines(choices)}\n" if choices else ""
+    return f"[Question]:{body}\n{options}Answer:\n"
 
 
 def official_eval_text(question: str, choices: list[str]) -> str:
     """The official evaluation prompt (docs/method.md section 21): `A.{choice}` options and no newline after
     `Answer:`; the image stays outside the text."""
-    options = "\n".join(f"{chr(65 + i)}.{{{c.strip()}}}" for i, c in enumerate(choices))
-    return f"[Question]:{{{question.strip()}}}\n[Options]:\n{options}\nAnswer:"
+    options = "".join(f"{chr(65 + i)}.{{{c.strip()}}}\n" for i, c in enumerate(choices))
+    return f"[Question]:{{{question.strip()}}}\n" + (f"[Options]:\n{options}" if choices else "") + "Answer:"
 
 
 def parse_row(row: dict, index: int, split: str) -> RowText:

@@ -19,14 +19,17 @@ META_COLUMNS = ("hint", "task", "grade", "subject", "topic", "category", "skill"
 
 
 def prompt_text(question: str, choices: list[str], image_placeholder: str = "") -> str:
+    """The training prompt; a question without choices (asked by a user, never a dataset row) has no
+    [Options] block."""
     body = f"{{{(image_placeholder + question).strip()}}}"
-    return f"[Question]:{body}\n[Options]:\n{option_lines(choices)}"
+    return f"[Question]:{body}" + (f"\n[Options]:\n{option_lines(choices)}" if choices else "")
 
 
 def official_eval_text(question: str, choices: list[str]) -> str:
     """The official evaluation prompt (docs/method.md section 21): the training options plus a `\nAnswer:` line; the
     image stays outside the text (Chameleon puts it before `[Question]:`)."""
-    return f"[Question]:{{{question.strip()}}}\n[Options]:\n{option_lines(choices)}\nAnswer:"
+    options = f"[Options]:\n{option_lines(choices)}\n" if choices else ""
+    return f"[Question]:{{{question.strip()}}}\n{options}Answer:"
 
 
 def rationale_of(row: dict, answer: str) -> str:

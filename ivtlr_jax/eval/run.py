@@ -64,6 +64,8 @@ SETUP_VERSION = 1
 # moved or copied folder still resumes
 INFORMATIVE_KEYS = ("model",)
 BATCHINGS = ("auto", "static", "continuous")
+# prompt lengths evaluation pads to (left), so that batches compile once per bucket; also the Predictor's
+EVAL_LENGTH_BUCKETS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
 class EvalSetupError(ValueError):
@@ -82,7 +84,7 @@ class EvalConfig:
     batch_size: int = 8  # rows per batch over all devices (rounded up to a multiple of the device count)
     max_new_tokens: int = 512
     limit: int | None = None
-    length_buckets: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+    length_buckets: tuple[int, ...] = EVAL_LENGTH_BUCKETS
     scan_layers: bool = True  # see DecoderLM
     attention_impl: str = "xla"  # see DecoderLM: xla | fused
     prompt_format: str = "train"  # or "official": the official evaluation scripts' prompts (data.load_examples)
@@ -354,8 +356,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
         generated = tok.decode(tokens[:length], skip_special_tokens=True)
         prompt_text = tok.decode(ex.question_ids + ex.prompt_suffix, skip_special_tokens=True)
         record = score(cfg.dataset, ex, prompt_text, generated)
-        image_positions = [j for j, t in enumerate(ex.question_ids) if t == model.config.image_token_id]
-        steps = [[image_positions.index(int(s)) for s in step] for step in selected]
+        steps = image_patches(ex.question_ids, model.config.image_token_id, selected)
         record.update(selected_patches=steps, generated_tokens=int(length))
         if save_attention:
             save_picture(ex, image, steps, family, Path(save_attention) / f"{ex.id}.png", record=record,
@@ -429,6 +430,13 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
     log_evaluation(events, summary, model_dir, out_file, split=cfg.split, prompt_format=cfg.prompt_format,
                    pictures_dir=save_attention)  # train/events.py
     return distributed.broadcast_object(summary, "eval_summary")
+
+
+def image_patches(question_ids: list[int], image_token_id: int, selected: np.ndarray) -> list[list[int]]:
+    """Selected prompt positions [n, K] (of the unpadded prompt) -> per latent step, the indices of the
+    patches within the image (row-major over its token grid), in insertion order."""
+    patch_of = {j: i for i, j in enumerate(j for j, t in enumerate(question_ids) if t == image_token_id)}
+    return [[patch_of[int(s)] for s in step] for step in selected]
 
 
 def score(dataset: str, ex, prompt_text: str, generated: str) -> dict:
