@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo lint test bench clean
+.PHONY: install demo lint browser test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,13 @@ lint: install
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 
-test: lint
+# the page's test (tests/test_serve.py) drives Debian's chromium through chromedriver (selenium): installed where missing
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+
+test: lint browser
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q --durations=15 tests
 
 bench: install

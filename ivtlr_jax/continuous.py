@@ -119,15 +119,17 @@ class SlotEngine:
         self.state: DecodeState | None = None
         self.owner: dict[int, Any] = {}  # slot -> tag
 
-    def start(self, tags: list, prompts: list[dict], rows: RowSampling) -> list[Ready]:
+    def start(self, tags: list, prompts: list[dict], rows: RowSampling,
+              sampling: SamplingConfig | None = None) -> list[Ready]:
         """Start prompts (batches of one that stack, or a group of rows) as one batch: prefill, latent passes,
-        suffix, first token. -> one `Ready` per tag (the first len(tags) rows; later rows are padding)."""
+        suffix, first token. -> one `Ready` per tag (the first len(tags) rows; later rows are padding).
+        `sampling`: another config of the same max_new_tokens, EOS and pad (e.g. with sampling compiled in)."""
         counts = [int((np.asarray(p["input_ids"]) == self.latent.latent_token_id).sum()) for p in prompts[:len(tags)]]
         batch = prompts[0] if len(prompts) == 1 else \
             {k: np.concatenate([np.asarray(p[k]) for p in prompts]) for k in prompts[0]}
         laid = prepare_prompts(batch, self.latent)
-        start = _start(self.graphdef, self.params, laid.batch, self.latent, self.sampling, rows, laid.shapes,
-                       laid.suffix_len)
+        start = _start(self.graphdef, self.params, laid.batch, self.latent, sampling or self.sampling, rows,
+                       laid.shapes, laid.suffix_len)
         selected = np.asarray(start.selected)  # [n, G, K] in the laid-out prompts' indices
         if laid.shift is not None:
             selected = np.where(selected >= 0, selected - laid.shift[None, :, None], -1)
@@ -146,11 +148,13 @@ class SlotEngine:
         self.owner[slot] = ready.tag
         return slot
 
-    def run(self, *, max_steps: int | None = None, stop_when_freed: bool = True) -> list[tuple[int, Any]]:
+    def run(self, *, max_steps: int | None = None, stop_when_freed: bool = True,
+            sampling: SamplingConfig | None = None) -> list[tuple[int, Any]]:
         """Decode the live slots for up to `max_steps` steps (None: until none is live), stopping early when
-        one finishes (`stop_when_freed`) -> the (slot, tag) of every prompt that finished; their slots are free."""
+        one finishes (`stop_when_freed`) -> the (slot, tag) of every prompt that finished; their slots are free.
+        `sampling`: as for `start`."""
         steps = self.sampling.max_new_tokens if max_steps is None else max_steps
-        self.state = _decode(self.graphdef, self.params, self.state, self.sampling, jnp.int32(steps),
+        self.state = _decode(self.graphdef, self.params, self.state, sampling or self.sampling, jnp.int32(steps),
                              jnp.asarray(stop_when_freed))
         live = np.asarray(self.state.live)
         return [(slot, self.owner.pop(slot)) for slot in sorted(self.owner) if not live[slot]]

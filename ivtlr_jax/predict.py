@@ -85,6 +85,10 @@ class Encoded:
     data: bytes  # the encoded image
     question: Question
 
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.prompt["attention_mask"].sum())
+
 
 class Predictor:
     """A model folder ready to answer questions about images (`from_folder`)."""
@@ -161,11 +165,16 @@ class Predictor:
         positions [c, K] of its padded prompt."""
         tokens = [int(t) for t in np.asarray(tokens)[:min(length + 1, sampling.max_new_tokens)]]
         text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
+        steps, grid = self.patches(enc, selected)
+        return Answer(text, parse_answer(text, enc.question.choices, self.settings.dataset), steps, grid,
+                      enc.prompt_tokens, int(length), "stop" if length < sampling.max_new_tokens else "length", tokens)
+
+    def patches(self, enc: Encoded, selected: np.ndarray) -> tuple[list[list[int]], tuple[int, int]]:
+        """Selected positions [c, K] of a question's padded prompt -> (per latent step the image patches
+        inserted, the image's patch grid (rows, columns))."""
         steps = image_patches(enc.question_ids, self.model.config.image_token_id, np.asarray(selected) - enc.pad)
         grid, _ = family_named(self.family).picture_geometry(enc.image)
-        return Answer(text, parse_answer(text, enc.question.choices, self.settings.dataset), steps, tuple(grid),
-                      int(enc.prompt["attention_mask"].sum()), int(length),
-                      "stop" if length < sampling.max_new_tokens else "length", tokens)
+        return steps, tuple(grid)
 
     def picture(self, enc: Encoded, answer: Answer, path: str | os.PathLike) -> Path:
         """Draw the patches chosen at each latent step on the image as the model saw it (a PNG at `path`)."""
@@ -225,16 +234,16 @@ def checked_image(image, max_pixels: int) -> bytes:
     try:
         with Image.open(io.BytesIO(data)) as opened:
             width, height = opened.size
-            if width * height > max_pixels:
-                raise RequestError(f"the image is {width}x{height} = {width * height:,} pixels; at most "
-                                   f"{max_pixels:,}")
-            opened.load()
+            if width * height <= max_pixels:
+                opened.load()  # a truncated or corrupt file fails here
+    except Image.UnidentifiedImageError:
+        raise RequestError("not an image (no image format recognised)") from None
     except Image.DecompressionBombError as err:
         raise RequestError(f"the image is too large: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, RequestError):
-            raise
-        raise RequestError(f"not a readable image ({' '.join(str(err).split())[:200]})") from None
+        raise RequestError(f"the image cannot be read ({' '.join(str(err).split())[:200]})") from None
+    if width * height > max_pixels:
+        raise RequestError(f"the image is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,}")
     return data
 
 

@@ -28,7 +28,7 @@ def entry_points() -> dict[str, str]:
 def test_every_command_of_the_brief_is_an_entry_point():
     assert set(entry_points()) == {"ivtlr-train", "ivtlr-infer", "ivtlr-convert-hf-to-flax",
                                    "ivtlr-convert-flax-to-hf", "ivtlr-convert-official", "ivtlr-plan",
-                                   "ivtlr-report"}
+                                   "ivtlr-report", "ivtlr-ask", "ivtlr-serve"}
 
 
 def help_text(main, capsys, **kwargs) -> str:
@@ -52,6 +52,7 @@ def test_entry_point_imports_and_its_help_names_the_command(name, capsys):
 
 
 @pytest.mark.parametrize("script, prog", [("train.py", "train.py"), ("infer.py", "infer.py"),
+                                          ("ask.py", "ask.py"), ("serve.py", "serve.py"),
                                           ("convert/hf_to_flax.py", "hf_to_flax.py"),
                                           ("convert/flax_to_hf.py", "flax_to_hf.py"),
                                           ("convert/ivtlr_pth_to_flax.py", "ivtlr_pth_to_flax.py")])
@@ -63,7 +64,9 @@ def test_wrappers_keep_their_name_and_flags(script, prog, capsys):
     assert text.startswith(f"usage: {prog} --")
     flags = {"train.py": ["--config", "--max-steps"], "infer.py": ["--checkpoint", "--save-attention", "--dtype"],
              "hf_to_flax.py": ["--hf", "--out", "--dtype"], "flax_to_hf.py": ["--peft", "--step", "--peft-layout"],
-             "ivtlr_pth_to_flax.py": ["--pth", "--base", "--lora-alpha", "--lora-rank"]}[prog]
+             "ivtlr_pth_to_flax.py": ["--pth", "--base", "--lora-alpha", "--lora-rank"],
+             "ask.py": ["--checkpoint", "--image", "--choice", "--save-attention", "--json"],
+             "serve.py": ["--checkpoint", "--host", "--port", "--slots", "--max-waiting"]}[prog]
     assert all(flag in text for flag in flags)
     if prog in ("train.py", "infer.py"):
         assert f"python {prog} --config configs/" in text  # examples as the user types them
