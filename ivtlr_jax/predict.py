@@ -45,7 +45,6 @@ from .models import family_named, read_config
 
 DEFAULT_MAX_PIXELS = 50_000_000  # images over this many pixels are refused (PIL refuses ~179M as a bomb)
 MAX_CHOICES = 26  # letters A-Z
-FAMILY_PATCHES = {"chameleon": 64}  # K where a folder says nothing (the official values; 32 otherwise)
 FREE_ANSWER = re.compile(r"the\s+answer\s+is\s*:?\s*(.+?)\s*(?:\.\s|\.$|\n|$)", re.IGNORECASE)
 
 
@@ -199,7 +198,7 @@ def folder_settings(folder: Path, family: str) -> InferenceSettings:
     run_config = folder.resolve().parent / "config.yaml"
     if folder.name.startswith("stage_") and run_config.is_file():
         return InferenceSettings.from_run(load_config(run_config))
-    return InferenceSettings(num_selected_patches=FAMILY_PATCHES.get(family, 32))
+    return InferenceSettings(num_selected_patches=family_named(family).official_shapes["patches"])
 
 
 def check_choices(choices) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from flax import nnx
 
-from ivtlr_jax.config import LoRASection, ModelSection, RunConfig
+from ivtlr_jax.config import InferenceSettings, LoRASection, ModelSection, RunConfig
 from ivtlr_jax.data import build_tiny_qwen2vl_processor, load_processor, special_token_ids
 from ivtlr_jax.latent import LatentConfig, LatentShapes, ivtlr_loss, latent_layout
 from ivtlr_jax.io import from_pretrained
@@ -23,6 +23,7 @@ from ivtlr_jax.models import WeightLoadError
 from ivtlr_jax.io.safetensors import SafetensorsFolder
 from ivtlr_jax.io.hf_to_flax import convert
 from ivtlr_jax.io.official import OfficialCheckpointError, import_official
+from ivtlr_jax.io.settings_file import read_settings
 from ivtlr_jax.train.checkpoint import TrainCheckpointer
 from ivtlr_jax.models.common.lora import OFFICIAL_TARGETS, LoRAConfig, add_lora, trainable_filter
 from ivtlr_jax.build import add_latent_tokens
@@ -307,6 +308,8 @@ def test_official_pth_import_matches_the_oracle(base, official, tmp_path):
     pth_to_flax.main(args)
     model = from_pretrained(out)
     assert model.config.vocab_size == ids["vocab_size"]
+    # asked as the official evaluation asks it (ivtlr-ask, ivtlr-serve, the Predictor)
+    assert read_settings(out) == InferenceSettings(dataset="m3cot", prompt_format="official", num_selected_patches=32)
     processor = load_processor(out)
     assert len(processor.tokenizer) == ids["vocab_size"]
     assert special_token_ids(processor)["latent_id"] == ids["latent_id"]
@@ -325,6 +328,23 @@ def test_official_pth_import_matches_the_oracle(base, official, tmp_path):
     q = q.reshape(q.shape[0], -1).T
     np.testing.assert_array_equal(q, merged.model.language_model.layers[1].self_attn.q_proj.weight.detach().numpy())
     assert np.abs(q - tensors_of(folder)["model.layers.1.self_attn.q_proj.weight"]).max() > 1e-2  # the merge matters
+
+
+def test_official_import_without_torch_is_one_line_before_any_download(tmp_path, monkeypatch, capsys):
+    """On an install without PyTorch (e.g. `pip install -e '.[cuda]'`) the import says what to install, before
+    the base model (a hub id: a 7B download) is resolved."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    resolved = []
+    monkeypatch.setattr("ivtlr_jax.io.official.resolve_folder", lambda *a, **k: resolved.append(a))
+    with pytest.raises(SystemExit) as exit_:
+        pth_to_flax.main(["--pth", str(tmp_path / "model.pth"), "--base", "Qwen/Qwen2-VL-7B-Instruct",
+                          "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and not resolved
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "needs PyTorch" in line and "pip install torch" in line
 
 
 def test_official_pth_errors_name_the_file_and_the_keys(base, official, tmp_path):

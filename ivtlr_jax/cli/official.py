@@ -14,6 +14,10 @@ DeepSpeed's `module.` prefix. LoRA scaling is alpha / r: r is read from the lora
 (--lora-rank only checks it), alpha is 16 as in the official LoraConfig unless --lora-alpha says
 otherwise.
 
+Reading the .pth needs PyTorch (the CPU build is enough; checked first, with a one-line error). The
+output also holds ivtlr_settings.json: ivtlr-ask and ivtlr-serve ask the model with --dataset's official
+evaluation prompt, 3 latents and the official K (32 for Qwen2-VL).
+
 The output folder must not exist or be empty; it is written under a temporary name and renamed when
 complete. Export it to Hugging Face format with ivtlr-convert-flax-to-hf if needed.
 """
@@ -41,10 +45,13 @@ def main(argv=None, prog: str = "ivtlr-convert-official") -> None:
                    help="LoRA alpha (default 16, the official value)")
     p.add_argument("--lora-rank", type=int, default=None, metavar="R",
                    help="LoRA rank; read from the lora_A shapes, this only checks it (official: 64)")
+    p.add_argument("--dataset", default="m3cot", choices=("m3cot", "scienceqa"),
+                   help="the dataset it was trained on: ivtlr-ask and ivtlr-serve then ask it with that dataset's "
+                        "official evaluation prompt (default: %(default)s; scienceqa for IVTLR_QWEN_SQA)")
     args = p.parse_args(argv)
     try:
         out = import_official(args.pth, args.base, args.out, dtype=args.dtype, lora_alpha=args.lora_alpha,
-                              lora_rank=args.lora_rank)
+                              lora_rank=args.lora_rank, dataset=args.dataset)
     except (FileExistsError, FileNotFoundError, OfficialCheckpointError, WeightLoadError) as e:
         p.exit(2, f"{prog}: error: {e}\n")
     print(f"wrote {out}")

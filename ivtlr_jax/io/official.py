@@ -34,8 +34,10 @@ import numpy as np
 
 from ..models import abstract_model, read_config
 from ..models.common.loading import WeightLoadError, load_params
+from ..config import InferenceSettings
 from .atomic import atomic_output_folder, check_output_folder
 from .model_folder import FLAX_MARKER, FLAX_PARAMS_DIR, copy_side_files, resolve_folder
+from .settings_file import write_settings
 
 OFFICIAL_LORA_ALPHA = 16.0  # lora_alpha of the official LoraConfig (r=64)
 WRAPPER_PREFIX = "base_causallm."
@@ -50,6 +52,16 @@ _UNSUPPORTED = re.compile(r"\.(lora_embedding_[AB]|lora_magnitude_vector|lora_bi
 
 class OfficialCheckpointError(ValueError):
     """An unreadable .pth or one that is not an official IVT-LR state dict; the message names the file."""
+
+
+def require_torch() -> None:
+    """Reading a .pth needs torch (a test and conversion dependency, not a runtime one): say so at once."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise OfficialCheckpointError("reading an official .pth needs PyTorch, which is not installed: "
+                                      "pip install torch (the CPU build is enough: pip install torch --index-url "
+                                      "https://download.pytorch.org/whl/cpu), then run this command again")
 
 
 def load_state_dict(path: str | Path) -> dict:
@@ -210,10 +222,13 @@ def _with_vocab(raw: dict, vocab_size: int) -> dict:
 
 
 def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype: str = "float32",
-                    lora_alpha: float | None = None, lora_rank: int | None = None, log=print) -> Path:
+                    lora_alpha: float | None = None, lora_rank: int | None = None, dataset: str = "m3cot",
+                    log=print) -> Path:
     """Convert an official IVT-LR .pth (LoRA merged) into a Flax folder that `from_pretrained` loads:
-    orbax parameters, config.json with the .pth's vocabulary and the base's processor files with the
-    latent tokens added. `out` must not exist or be empty; it appears only when complete."""
+    orbax parameters, config.json with the .pth's vocabulary, the base's processor files with the
+    latent tokens added, and the settings it is asked with (`ivtlr_settings.json`: `dataset`'s prompt in the
+    official evaluation format, 3 latents, the official K, bfloat16). `out` must not exist or be empty; it
+    appears only when complete."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -226,6 +241,7 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
         raise ValueError(f"dtype {dtype!r}: choose from {DTYPE_NAMES}")
     pth, out = Path(pth), Path(out)
     check_output_folder(out)  # before the (long) load
+    require_torch()  # before the base model is resolved (possibly a 7B download)
     src = resolve_folder(base)
     family, config, raw = read_config(src)
     origin = str(pth)
@@ -266,6 +282,8 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
     with atomic_output_folder(out) as tmp:
         save_params(state, tmp / FLAX_PARAMS_DIR)
         del state
+        write_settings(tmp, InferenceSettings(dataset=dataset, prompt_format="official",
+                                              num_selected_patches=family.official_shapes["patches"]))
         copy_side_files(src, tmp, skip=("config.json", FLAX_MARKER))  # both written below
         save_processor(processor, tmp)
         (tmp / "config.json").write_text(json.dumps(_with_vocab(raw, vocab_size), indent=2))

@@ -38,7 +38,8 @@ class Family:
     weight_specs, hf_renamer, stacked: the Hugging Face weight tables (see `common.loading`).
     encoder: `encoder(processor, num_image_tokens)`, the prompt and image encoder of the official scripts.
     max_length: the official training script's total length cap (the data default).
-    official_shapes: the planner's official batch (image_tokens, prefix, seq_len, image_side).
+    official_shapes: the official setup: K (patches) and the planner's batch (image_tokens, prefix, seq_len,
+      image_side).
     picture_geometry: processed image -> ((rows, columns) of image tokens, (width, height) in pixels).
     image_shapes: (rows, image_tokens, image_side) -> {key: (shape, dtype)} of a batch's image arrays.
     hub_configs: hub id -> config.json (architecture fields) of the official models, for the planner.

@@ -8,7 +8,8 @@ from ..common.images import blend_rgba, decode_image, tokenizer_of
 
 MAX_LENGTH = 1400  # docs/method.md section 14: the official training script's total length cap
 # the planner's official training batch: 1024 image tokens of a 512x512 image, p bound, collated length
-OFFICIAL_SHAPES = dict(image_tokens=1024, prefix=1152, seq_len=1408, image_side=512)
+# the official setup: its batch shapes (the planner) and K, the patches selected per latent step
+OFFICIAL_SHAPES = dict(patches=64, image_tokens=1024, prefix=1152, seq_len=1408, image_side=512)
 
 
 class ChameleonEncoder:

@@ -12,7 +12,8 @@ from ..common.images import decode_image, to_rgb
 IMAGE_TOKENS = 100
 MAX_LENGTH = 3400  # docs/method.md section 14: the official training script's total length cap
 # the planner's official training batch: image tokens, p bound, collated length, image side in pixels
-OFFICIAL_SHAPES = dict(image_tokens=IMAGE_TOKENS, prefix=512, seq_len=1216, image_side=280)
+# the official setup: its batch shapes (the planner) and K, the patches selected per latent step
+OFFICIAL_SHAPES = dict(patches=32, image_tokens=IMAGE_TOKENS, prefix=512, seq_len=1216, image_side=280)
 PATCH_DIM = 1176  # 3 channels x 2 frames x 14 x 14 pixels per patch
 
 
