@@ -117,3 +117,10 @@ def test_vision_bench_paths_agree():
     assert number_after("max|diff| new vs one at a time", out) < 1e-5
     assert number_after("old vs one at a time", out) < 1e-5
     assert number_after("max rel|dgrad| vs one at a time", out) < 1e-5
+
+
+def test_serve_bench_answers_every_request_once():
+    out = run_bench("serve.py", "--requests", "4", "--clients", "2", "--slots", "2", "--tokens", "4")
+    assert re.search(r"check: every request answered True, none twice True, concurrent answers equal the "
+                     r"sequential ones True", out), out
+    assert number_after("concurrent / one after another:", out) > 0

@@ -39,6 +39,8 @@ def main(argv=None, prog: str = "ivtlr-serve") -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="refuse images of more pixels (default: 50,000,000)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (info: one line per request)")
     args = p.parse_args(argv)
     if args.slots < 1 or args.max_waiting < 0:
         p.exit(2, f"{prog}: error: --slots must be >= 1 and --max-waiting >= 0\n")
@@ -54,7 +56,8 @@ def main(argv=None, prog: str = "ivtlr-serve") -> None:
     print(f"serving {predictor.folder} on http://{args.host}:{args.port}/ ({args.slots} slots, "
           f"{args.max_waiting} may wait)", flush=True)
     serve(predictor, host=args.host, port=args.port, slots=args.slots, max_waiting=args.max_waiting,
-          max_new_tokens=args.max_new_tokens, graceful_s=args.graceful, model_name=args.name)
+          max_new_tokens=args.max_new_tokens, graceful_s=args.graceful, model_name=args.name,
+          log_level=args.log_level)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def make_app(engine: ServingEngine, model_name: str) -> Starlette:
         try:
             body = await read_json(request)
             chat_request = api.parse_chat_request(body, engine.max_new_tokens)
-            encoded = engine.predictor.encode(chat_request.question)
+            # image decoding and the processor in a worker thread: the event loop keeps serving meanwhile
+            encoded = await asyncio.to_thread(engine.predictor.encode, chat_request.question)
         except api.BadRequest as err:
             return error(400, str(err), param=err.param)
         except RequestError as err:
@@ -56,7 +57,7 @@ def make_app(engine: ServingEngine, model_name: str) -> Starlette:
             return error(413, str(err))
         seed = chat_request.seed if chat_request.seed is not None else engine.next_seed()
         ticket = Ticket(encoded, chat_request.max_tokens, chat_request.temperature, chat_request.top_p, seed,
-                        asyncio.Queue(), asyncio.get_running_loop())
+                        asyncio.Queue(), asyncio.get_running_loop(), stream=chat_request.stream)
         try:
             engine.submit(ticket)
         except Busy as err:

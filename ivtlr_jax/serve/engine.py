@@ -45,6 +45,7 @@ class Ticket:
     seed: int
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    stream: bool = True  # wants its tokens after every turn (else only the answer)
     cancelled: bool = False
     selected: Any = None  # [c, K] selected positions of its prompt, once started
 
@@ -174,7 +175,8 @@ class ServingEngine:
         for slot, ticket in list(self.running.items()):
             count = int(counts[slot])
             if slot not in finished and count < ticket.max_tokens:
-                ticket.send("tokens", [int(t) for t in tokens[slot][:count]])
+                if ticket.stream:
+                    ticket.send("tokens", [int(t) for t in tokens[slot][:count]])
                 continue
             del self.running[slot]
             if slot not in finished:  # reached the request's own max_tokens: free the slot now
