@@ -112,7 +112,8 @@ def describe(name: str, seconds: float, results: list[tuple]) -> float:
     tokens = sum(r[4] for r in results)
     rate = len(results) / seconds
     print(f"{name:>22}: {rate:6.2f} requests/s  p50 {1e3 * np.percentile(latencies, 50):7.1f} ms  "
-          f"p99 {1e3 * np.percentile(latencies, 99):7.1f} ms  ({len(results)} requests, {tokens} tokens, {seconds:.1f} s)")
+          f"p99 {1e3 * np.percentile(latencies, 99):7.1f} ms  "
+          f"({len(results)} requests, {tokens} tokens, {seconds:.1f} s)")
     return rate
 
 
@@ -121,7 +122,8 @@ def main(argv=None) -> None:
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--slots", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=128, help="max_tokens of every request (an IVT-LR answer is a rationale)")
+    p.add_argument("--tokens", type=int, default=128,
+                   help="max_tokens of every request (an IVT-LR answer is a rationale, then the answer)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request at most")
     p.add_argument("--checkpoint", default=None, help="a model folder (default: the demo's tiny model, untrained)")
     args = p.parse_args(argv)
