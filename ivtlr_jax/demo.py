@@ -55,8 +55,18 @@ def prepare(root: Path = ROOT, seed: int = 0, num_train: int = NUM_TRAIN, num_te
         "vision_config": {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 128},
     })
     save_hf(Qwen2VL(config, rngs=nnx.Rngs(seed)), model_dir)
+    example = write_example(data, root)
     print(f"prepared {data} ({num_train} train / {num_test} test rows) and {model_dir} "
-          f"(vocabulary {ids['vocab_size']})")
+          f"(vocabulary {ids['vocab_size']}); an image to ask about: {example}")
+
+
+def write_example(data: Path, root: Path) -> Path:
+    """The first test row's image as `example.png`, for README's quick start (`ivtlr-ask`, `ivtlr-serve`)."""
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(data / "test.parquet").slice(0, 1).to_pylist()[0]
+    (root / "example.png").write_bytes(row["image"]["bytes"])
+    return root / "example.png"
 
 
 def main(argv=None) -> None:
@@ -88,6 +98,9 @@ def main(argv=None) -> None:
     from .report import main as report
 
     report([str(cfg.run_dir)])  # the per-stage table, and <run>/report.png (loss, gradient norm, tokens/s)
+    print(f"ask it about an image: .venv/bin/ivtlr-ask --checkpoint {final} --image {ROOT / 'example.png'} "
+          f"\"What colour is the large circle?\" --choice red --choice green --choice blue --choice yellow "
+          f"(README: Ask and serve)")
 
 
 if __name__ == "__main__":
