@@ -15,10 +15,41 @@ estimates for this program, not a GPU profile.
 from __future__ import annotations
 
 import os
+import sys
 
-if ("jax" not in __import__("sys").modules
-        and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+def parse_mesh(text: str) -> dict:
+    out = {"data": 1, "fsdp": 4, "tensor": 1}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise ValueError(f"--mesh: unknown axis {key!r} (data, fsdp, tensor)")
+        out[key] = int(value)
+    return out
+
+
+def mesh_devices(argv: list[str]) -> int:
+    """How many host devices the command line's --mesh spans (4 by default); read before JAX loads."""
+    text = "data=1,fsdp=4,tensor=1"
+    for i, word in enumerate(argv):
+        if word.startswith("--mesh="):
+            text = word.partition("=")[2]
+        elif word == "--mesh" and i + 1 < len(argv):
+            text = argv[i + 1]
+    try:
+        axes = parse_mesh(text)
+    except ValueError:  # the parser says so later
+        return 4
+    return max(1, axes["data"] * axes["fsdp"] * axes["tensor"])
+
+
+# Host devices stand in for the GPUs, as many as the mesh spans, whatever accelerator JAX would otherwise pick
+# (a CUDA install plans on the CPU too); only where JAX is not loaded yet (the command, python -m).
+if "jax" not in sys.modules:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={mesh_devices(sys.argv)}").strip()
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -251,16 +282,6 @@ def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_toke
                  model_flops=2.0 * n_params * batch * (prompt + 1), flops=flops)
 
 
-def parse_mesh(text: str) -> dict:
-    out = {"data": 1, "fsdp": 4, "tensor": 1}
-    for part in filter(None, text.split(",")):
-        key, _, value = part.partition("=")
-        if key not in out:
-            raise ValueError(f"--mesh: unknown axis {key!r} (data, fsdp, tensor)")
-        out[key] = int(value)
-    return out
-
-
 USAGE = "%(prog)s --config YAML [--mesh AXES] [--full-finetune] [--generate] [options]"
 
 
@@ -280,7 +301,13 @@ def main(argv=None, prog: str = "ivtlr-plan") -> None:
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     mesh = parse_mesh(args.mesh)
-    print(f"{len(jax.devices())} host devices stand in for 4 x H100 ({H100_MEMORY_GB:.0f} GB, "
+    need, have = int(np.prod(list(mesh.values()))), jax.devices()
+    if have[0].platform != "cpu" or len(have) < need:
+        p.exit(2, f"{prog}: error: the mesh {args.mesh} needs {need} host (CPU) devices; this process has "
+                  f"{len(have)} {have[0].platform} device(s). Run it as its own command (ivtlr-plan or python -m "
+                  f"ivtlr_jax.plan), which sets them, or set JAX_PLATFORMS=cpu and "
+                  f"XLA_FLAGS=--xla_force_host_platform_device_count={need}\n")
+    print(f"{len(have)} host devices stand in for {need} x H100 ({H100_MEMORY_GB:.0f} GB, "
           f"{H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s dense bf16 each)")
     phases = [("the training step" + ("" if not cfg.lora.enabled else f" (LoRA r={cfg.lora.rank})"),
                lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len))]

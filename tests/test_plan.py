@@ -31,3 +31,31 @@ def test_plan_numbers_grow_with_batch_and_length(tiny_qwen2vl, tmp_path):
     gen = plan_generate(cfg, {"data": 1, "fsdp": 4, "tensor": 1}, batch=4, new_tokens=8, count_flops=False)
     assert gen.flops_per_device > 0 and gen.optimizer_gb == 0
     assert "fits" in str(small)
+
+
+def test_the_command_plans_on_as_many_host_devices_as_its_mesh(tmp_path):
+    """`ivtlr-plan` starts JAX on the CPU with the devices its --mesh spans (not the 4 of the default mesh,
+    not a GPU a CUDA install would pick); a process that cannot (JAX already up) gets one line."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys; sys.argv = ['ivtlr-plan', '--config', 'c.yaml', '--mesh', 'data=2,fsdp=4']\n"
+             "import ivtlr_jax.plan, jax, os\nprint(jax.device_count(), jax.devices()[0].platform, "
+             "os.environ['JAX_PLATFORMS'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["8", "cpu", "cpu"], out.stderr[-2000:]
+
+
+def test_a_mesh_larger_than_the_devices_is_one_line(tmp_path, capsys):
+    import pytest
+
+    from ivtlr_jax.plan import main
+
+    (tmp_path / "c.yaml").write_text("latent: {num_selected_patches: 8}\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(tmp_path / "c.yaml"), "--mesh", "data=2,fsdp=4"])  # this process has 4
+    assert exit_.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "needs 8 host (CPU) devices" in line and "--xla_force_host_platform_device_count=8" in line
