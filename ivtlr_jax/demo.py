@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -92,7 +91,8 @@ def main(argv=None) -> None:
     # the run config's data, latent settings and dtype (configs/tiny.yaml: float32)
     summary = evaluate(final, eval_config_from_run(cfg, num_latents=3, batch_size=16, max_new_tokens=48), out,
                        save_attention=cfg.run_dir / "attention", events=cfg.log)
-    print(json.dumps(summary, indent=2))
+    print(f"evaluation records in {out}, summary in {out.with_suffix('.summary.json')}, patch pictures in "
+          f"{cfg.run_dir / 'attention'}, TensorBoard files in {cfg.run_dir / 'tensorboard'}")
     print(f"accuracy after the last stage: {summary['accuracy_strict']:.3f} (strict), "
           f"{summary['accuracy_official']:.3f} (official scoring); chance {1 / NUM_CHOICES:.3f}")
     from .report import main as report

@@ -253,6 +253,15 @@ def test_infer_takes_overrides_dtype_and_devices(assets, tmp_path, monkeypatch, 
     assert (cfg.dtype, cfg.storage_dtype, cfg.devices) == ("bfloat16", "bfloat16", None)  # the run config's
     assert (cfg.num_selected_patches, cfg.patch_order, cfg.scan_layers) == (4, "position", False)
     assert out == assets / "model" / "eval_test.jsonl"
+    # a stage export's output goes beside it (a re-export replaces the folder); a hub id's cannot shadow it
+    monkeypatch.chdir(tmp_path)
+    stage = tmp_path / "runs" / "r" / "stage_2"
+    stage.mkdir(parents=True)
+    (stage.parent / "config.yaml").write_text("name: r\n")
+    infer.main(["--config", str(config), "--checkpoint", str(stage)])
+    assert calls[-1][1] == tmp_path / "runs" / "r" / "eval" / "stage_2" / "eval_test.jsonl"
+    infer.main(["--config", str(config), "--checkpoint", "Qwen/Qwen2-VL-7B-Instruct"])
+    assert calls[-1][1] == Path("evals/Qwen--Qwen2-VL-7B-Instruct/eval_test.jsonl") and not Path("Qwen").exists()
     infer.main([*base, "model.dtype=float16", "latent.num_selected_patches=2", "--devices", "1"])
     cfg, _ = calls[-1]
     assert (cfg.dtype, cfg.storage_dtype, cfg.num_selected_patches, cfg.devices) == ("float16", "bfloat16", 2, 1)
@@ -277,3 +286,14 @@ def test_infer_help_reads_cleanly(capsys):
     assert not re.search(r"\S {4,}\[", text)  # no usage text run together with the next line's options
     assert text.startswith("usage: infer.py") and "section.key=value" in text and "--dtype" in text
     assert all(line == line.rstrip() for line in text.splitlines())
+
+
+def test_no_accuracy_over_no_examples(assets, tmp_path):
+    """`--limit 0` (or a split whose every row is skipped): the summary has no accuracy (null, not 0.0) and the
+    run says why in one line."""
+    lines_logged = []
+    summary = evaluate(assets / "model", eval_cfg(assets, devices=1, limit=0), tmp_path / "none.jsonl",
+                       log=lines_logged.append)
+    assert summary["examples"] == 0 and summary["accuracy_strict"] is None and summary["accuracy_official"] is None
+    assert json.loads((tmp_path / "none.summary.json").read_text())["accuracy_strict"] is None
+    assert any(line.startswith("no accuracy: 0 examples evaluated") and "limit 0" in line for line in lines_logged)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from .. import distributed
 from ..compilation_cache import enable_compilation_cache
 from ..config import ConfigError, load_config
-from ..eval.run import BATCHINGS, EvalSetupError, eval_config_from_run, evaluate, setup_path, summary_path
+from ..eval.run import (BATCHINGS, EvalSetupError, default_output, eval_config_from_run, evaluate, setup_path,
+                        summary_path)
 from ..models.common.layers import DTYPES
 from ..train.events import check_backends
 from . import make_parser
@@ -27,8 +27,10 @@ The config supplies the dataset (data.dataset, data.source, data.eval_split), th
 (model.dtype for compute, model.param_dtype for storing the weights); section.key=value overrides
 change any of them, as for training.
 
-Writes one JSON line per example to --out (default: <checkpoint>/eval_<split>.jsonl), its setup to
-<out stem>.setup.json before the first line and a summary to <out stem>.summary.json. Re-running
+Writes one JSON line per example to --out (default: <run>/eval/stage_<s>/eval_<split>.jsonl for a stage
+export <run>/stage_<s>, outside the folder a re-export replaces; <checkpoint>/eval_<split>.jsonl for
+another folder; evals/<owner>--<name>/eval_<split>.jsonl for a hub id), its setup to <out
+stem>.setup.json before the first line and a summary to <out stem>.summary.json. Re-running
 with the same --out skips the examples already written if the setup (model weights, data, prompt
 format, latents, dtype, sampling, limit) is the same, and refuses otherwise.
 
@@ -65,7 +67,8 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
                    help="<|latent|> tokens after the question (default: %(default)s, as the official evaluation)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="default: %(default)s")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="JSONL output (default: <checkpoint>/eval_<split>.jsonl)")
+                   help="JSONL output (default: beside a stage export in <run>/eval/stage_<s>/, else in the "
+                        "checkpoint folder, or evals/<owner>--<name>/ for a hub id)")
     p.add_argument("--save-attention", default=None, metavar="DIR",
                    help="write one PNG per example: the patches selected at each latent step")
     p.add_argument("--prompt-format", choices=("train", "official"), default="train",
@@ -94,19 +97,21 @@ def run(p: argparse.ArgumentParser, args, prog: str) -> None:
         fail(p, f"{prog}: error: {err}\n")
     enable_compilation_cache(log=print)
     split = args.split or cfg.data.eval_split
-    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{split}.jsonl"
+    out = Path(args.out) if args.out else default_output(args.checkpoint, split)
     dtypes = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
     eval_cfg = eval_config_from_run(cfg, split=split, num_latents=args.latents, batch_size=args.batch_size,
                                     max_new_tokens=args.max_new_tokens, limit=args.limit,
                                     prompt_format=args.prompt_format, devices=args.devices, batching=args.batching,
                                     **dtypes)
     try:
-        summary = evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention, events=cfg.log)
+        evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention, events=cfg.log)
     except EvalSetupError as err:  # an output of another setup, or a damaged one: one clear line
         fail(p, f"{prog}: error: {err}\n")
-    if distributed.is_writer():
-        print(json.dumps({k: v for k, v in summary.items() if k != "setup"}, indent=2))
-        print(f"wrote {out}, {summary_path(out).name} and {setup_path(out).name}")
+    if distributed.is_writer():  # evaluate() printed the result line
+        where = f"records in {out}, summary in {summary_path(out).name}, setup in {setup_path(out).name}"
+        pictures = f"; patch pictures in {args.save_attention}" if args.save_attention else ""
+        print(f"wrote {where}{pictures}")
+
 
 if __name__ == "__main__":
     main()

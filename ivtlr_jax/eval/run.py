@@ -54,7 +54,7 @@ from ..models.common.layers import DTYPES
 from ..io import from_pretrained, resolve_folder
 from ..io.atomic import write_atomic
 from ..models import ShardingRules, family_named, make_mesh, read_config
-from ..train.events import log_evaluation
+from ..train.events import STAGE_FOLDER, log_evaluation
 from ..train.step import batch_shardings
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
@@ -215,6 +215,19 @@ def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> di
         # so the outputs of earlier setups (all "xla") still resume
         **({"attention_impl": cfg.attention_impl} if cfg.attention_impl != "xla" else {}),
     }
+
+
+def default_output(checkpoint: str | Path, split: str) -> Path:
+    """Where an evaluation writes unless told: beside a stage export `<run>/stage_<s>`, in `<run>/eval/stage_<s>/`
+    (not inside the folder a re-export replaces); inside any other local folder; for a hub id under
+    `evals/<owner>--<name>/` (a local folder `./<owner>/<name>` would shadow the hub id)."""
+    path = Path(checkpoint)
+    name = f"eval_{split}.jsonl"
+    if path.is_dir():
+        if STAGE_FOLDER.match(path.name) and (path.parent / "config.yaml").is_file():
+            return path.parent / "eval" / path.name / name
+        return path / name
+    return Path("evals") / str(checkpoint).strip("/").replace("/", "--") / name
 
 
 def setup_path(out_file: Path) -> Path:
@@ -427,6 +440,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
                    rows_read=report.rows, examples_in_set=len(examples), evaluated_now=len(todo),
                    skipped=skipped, setup=setup, **({"processes": procs} if procs > 1 else {}))
     summary_path(out_file).write_text(json.dumps(summary, indent=2))
+    log(result_line(summary))
     log_evaluation(events, summary, model_dir, out_file, split=cfg.split, prompt_format=cfg.prompt_format,
                    pictures_dir=save_attention)  # train/events.py
     return distributed.broadcast_object(summary, "eval_summary")
@@ -460,15 +474,26 @@ def summarize(out_file: Path, dataset: str) -> dict:
     by_domain = defaultdict(list)
     for r in records:
         by_domain[str(r.get("domain"))].append(r["correct"])
-    n = max(len(records), 1)
+    n = len(records)
+    mean = lambda values: sum(values) / n if n else None  # no figure over no examples
     return {
         "dataset": dataset,
-        "examples": len(records),
-        "accuracy_strict": sum(r["correct"] for r in records) / n,
-        "accuracy_official": sum(r["correct_official"] for r in records) / n,
+        "examples": n,
+        "accuracy_strict": mean([r["correct"] for r in records]),
+        "accuracy_official": mean([r["correct_official"] for r in records]),
         "accuracy_by_domain": {d: sum(v) / len(v) for d, v in sorted(by_domain.items())},
-        "avg_generated_tokens": sum(r["generated_tokens"] for r in records) / n,
+        "avg_generated_tokens": mean([r["generated_tokens"] for r in records]),
     }
+
+
+def result_line(summary: dict) -> str:
+    """One line: the accuracy over the examples, or why there is none."""
+    if not summary["examples"]:
+        skipped = ", ".join(f"{k}: {v}" for k, v in summary.get("skipped", {}).items() if v) or "none"
+        return (f"no accuracy: 0 examples evaluated ({summary.get('rows_read', 0)} rows read; skipped: {skipped}; "
+                f"limit {summary.get('setup', {}).get('limit')})")
+    return (f"accuracy {summary['accuracy_strict']:.3f} (strict), {summary['accuracy_official']:.3f} (official "
+            f"scoring) on {summary['examples']} examples")
 
 
 def save_picture(ex, image: dict, steps: list[list[int]], family: str, path: Path, *, record: dict | None = None,
