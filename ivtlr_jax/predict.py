@@ -150,6 +150,11 @@ class Predictor:
         else:
             text = text_of.prompt_text(question, choices, self.encoder.image_placeholder)
             (question_ids, image), suffix = self.encoder.prompt(text, data), []
+        image_tokens = sum(1 for t in question_ids if t == self.model.config.image_token_id)
+        if self.settings.num_latents and image_tokens < self.latent.num_selected_patches:
+            raise RequestError(f"the image gives {image_tokens} image tokens, fewer than the "
+                               f"{self.latent.num_selected_patches} patches each latent step inserts (K); ask with a "
+                               f"smaller num_selected_patches or a larger image")
         prompt = question_ids + [self.latent.latent_token_id] * self.settings.num_latents + suffix
         if len(prompt) > self.max_length:
             raise RequestError(f"the prompt is {len(prompt)} tokens (image, question, choices and latents); this "

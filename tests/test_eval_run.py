@@ -297,3 +297,18 @@ def test_no_accuracy_over_no_examples(assets, tmp_path):
     assert summary["examples"] == 0 and summary["accuracy_strict"] is None and summary["accuracy_official"] is None
     assert json.loads((tmp_path / "none.summary.json").read_text())["accuracy_strict"] is None
     assert any(line.startswith("no accuracy: 0 examples evaluated") and "limit 0" in line for line in lines_logged)
+
+
+def test_k_above_the_image_tokens_is_one_line_before_any_generation(assets, tmp_path, capsys):
+    """`infer.py ... latent.num_selected_patches=150` with 100-token images: refused at the start, naming the
+    row and its image tokens (it ended in `ValueError: -91 is not in list` after generating)."""
+    import infer
+
+    config = write_run_config(tmp_path, assets)
+    with pytest.raises(SystemExit) as exit_:
+        infer.main(["--config", str(config), "--checkpoint", str(assets / "model"), "--out", str(tmp_path / "o.jsonl"),
+                    "latent.num_selected_patches=150"])
+    assert exit_.value.code == 2
+    [line] = [x for x in capsys.readouterr().err.strip().splitlines() if x]
+    assert "num_selected_patches=150 is larger than the 100 image tokens of row" in line, line
+    assert not (tmp_path / "o.jsonl").exists()

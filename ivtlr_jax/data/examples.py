@@ -133,6 +133,12 @@ def cap_steps(num_question: int, step_lens: list[int], num_answer: int, max_leng
     return len(step_lens)
 
 
+def fewest_image_tokens(examples: list[Example], image_token_id: int) -> tuple[int, str]:
+    """(the fewest image tokens of a row's prompt, that row's id): each latent pass inserts K of them, so K above
+    it is refused before any work."""
+    return min((sum(1 for t in ex.question_ids if t == image_token_id), ex.id) for ex in examples)
+
+
 def checked_choices(row: dict) -> list[str]:
     """The row's choices as strings; rows without an image or without choices are skipped."""
     if row.get("image") is None:

@@ -45,6 +45,7 @@ import numpy as np
 
 from .. import distributed
 from ..data import load_examples, load_processor, materialize, special_token_ids
+from ..data.examples import fewest_image_tokens
 from ..data.collate import left_padded_positions, smallest_bucket, stack_images
 from ..continuous import generate_continuous
 from ..generate import SamplingConfig, ivtlr_generate
@@ -343,6 +344,12 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
 
     examples, report = load_examples(cfg.dataset, cfg.source, cfg.split, processor, family, limit=cfg.limit,
                                      max_length=10**9, prompt_format=cfg.prompt_format)
+    if examples and cfg.num_latents:
+        fewest, row = fewest_image_tokens(examples, ids["image_token_id"])
+        if fewest < cfg.num_selected_patches:
+            raise EvalSetupError(f"latent.num_selected_patches={cfg.num_selected_patches} is larger than the {fewest} "
+                                 f"image tokens of row {row!r} of {cfg.source} ({cfg.split}): each latent step "
+                                 f"inserts K patches of the row's image; choose K <= {fewest}")
     out_file = Path(out_file)
 
     def open_output() -> tuple[dict, list[str]]:  # process 0's output decides (setup check, examples done)
