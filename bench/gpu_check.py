@@ -96,7 +96,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.timing import interleaved_median_ms, timed  # noqa: E402
-from ivtlr_jax.build import abstract_model, model_dtypes  # noqa: E402
+from ivtlr_jax.build import abstract_run_model, model_dtypes  # noqa: E402
 from ivtlr_jax.config import load_config  # noqa: E402
 from ivtlr_jax.data.collate import IGNORE, LatentShapes, collate  # noqa: E402
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate  # noqa: E402
@@ -386,7 +386,7 @@ class TrainStep:
         except RuntimeError:
             devices, where = [ctx["device"]], jax.default_backend()
         rules = ShardingRules(make_mesh(1, 1, 1, devices=devices))
-        model = abstract_model(ctx["cfg"], FAMILIES["qwen2_vl"], ctx["config"], rules=rules, unroll_scans=True)
+        model = abstract_run_model(ctx["cfg"], FAMILIES["qwen2_vl"], ctx["config"], rules=rules, unroll_scans=True)
         graphdef, trainable, frozen = split_trainable(model, trainable_filter(ctx["cfg"].lora))
         opt_state = jax.eval_shape(ctx["tx"].init, trainable)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.batch.items()}
@@ -422,7 +422,7 @@ def setup(check: Check) -> dict:
     check.log(f"setup: building the random model ({config.text.num_layers} layers, hidden {config.text.hidden_size}, "
               f"vocabulary {config.vocab_size}, vision depth {config.vision.depth}) on {device}")
 
-    # as ivtlr_jax.build.abstract_model, with values: random weights drawn eagerly one parameter at a time (one
+    # as ivtlr_jax.build.abstract_run_model, with values: random weights drawn eagerly one parameter at a time (one
     # jitted program for all of them holds every draw's temporaries at once: >20 GB for 4 layers on XLA:CPU),
     # then placed by their logical axes as from_pretrained places loaded ones (an unplaced model's first
     # nnx.jit call writes placed arrays back, and its second call compiles again)

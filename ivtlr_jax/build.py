@@ -55,7 +55,7 @@ def build_model(cfg: RunConfig, *, rules: ShardingRules | None = None, dtype=Non
     return BuiltModel(model, processor, folder, family, ids)
 
 
-def abstract_model(cfg: RunConfig, family: Family, config, *, rules: ShardingRules | None = None,
+def abstract_run_model(cfg: RunConfig, family: Family, config, *, rules: ShardingRules | None = None,
                    unroll_scans: bool = False) -> nnx.Module:
     """The run's model with shape-only parameters from a family's config object (the planner: nothing is
     read or allocated; the vocabulary is the config's)."""

@@ -67,7 +67,7 @@ from .config import RunConfig, load_config  # noqa: E402
 from .latent import LatentConfig, LatentShapes  # noqa: E402
 from .models import FAMILIES, Family  # noqa: E402
 from .models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
-from .build import abstract_model  # noqa: E402
+from .build import abstract_run_model  # noqa: E402
 from .models.common.lora import trainable_filter  # noqa: E402
 from .train.optim import make_optimizer  # noqa: E402
 from .train.step import StepConfig, batch_shardings, make_train_step, opt_state_shardings  # noqa: E402
@@ -161,7 +161,7 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
     s = (seq_len or shapes["seq_len"]) - num_latents * k  # the collated length; the chain adds n*K
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=not full_finetune))
     lora = cfg.lora
-    build = lambda unroll, config=config: abstract_model(cfg, family, config, rules=rules, unroll_scans=unroll)
+    build = lambda unroll, config=config: abstract_run_model(cfg, family, config, rules=rules, unroll_scans=unroll)
 
     tx = make_optimizer(cfg.optim, 1000, 250)
     batch_abs = abstract_batch(family, b, s, shapes["image_tokens"], shapes["image_side"])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ivtlr_jax.build import abstract_model
+from ivtlr_jax.build import abstract_run_model
 from ivtlr_jax.config import ConfigError, RunConfig, load_config
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.io import from_pretrained
@@ -89,7 +89,7 @@ def test_run_config_sets_the_models_attention_impl(tiny_qwen2vl):
     cfg = load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml", ["model.attention_impl=fused"])
     family, config, _ = read_config(tiny_qwen2vl[0])
     assert RunConfig().model.attention_impl == "xla"
-    assert abstract_model(cfg, family, config).attention_impl == "fused"
+    assert abstract_run_model(cfg, family, config).attention_impl == "fused"
 
 
 @pytest.fixture(scope="module")

@@ -357,7 +357,8 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
         return setup, sorted(prepare_output(out_file, setup, [ex.id for ex in examples], log))
 
     setup, done = distributed.on_writer(open_output, "eval_output", errors=(EvalSetupError,))
-    todo = [ex for ex in examples if ex.id not in set(done)]
+    finished = set(done)
+    todo = [ex for ex in examples if ex.id not in finished]
 
     model = from_pretrained(model_dir, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.storage_dtype),
                             rules=rules, scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl)

@@ -1,1 +1,1 @@
-"""Building blocks both model families share."""
+"""Building blocks the model families share."""

@@ -14,8 +14,6 @@ from ..qwen2vl.modeling import Qwen2VL
 from .config import Qwen25VLConfig
 from .vision import VisionTower
 
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-
 
 def refuse_video(input_ids=None, config: Qwen25VLConfig | None = None, **video) -> None:
     """Raise ValueError when video inputs are given (or, for concrete ids, video placeholder tokens)."""

@@ -1,6 +1,6 @@
 """Qwen2-VL in Flax NNX: vision tower + Qwen2 decoder with M-RoPE.
 
-The forward pass is split into the pieces the IVT-LR loop and the sampler compose:
+The forward pass is split into the pieces the IVT-LR loop and decoding compose:
 `embed_inputs` (token embeddings with image features scattered in) -> `positions` (3-D M-RoPE ids)
 -> `decode` (the decoder stack on a chunk, with or without KV cache, optionally returning one
 attention-probability row per layer) -> `logits`. `__call__` chains them like transformers' forward.
