@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from .. import distributed
@@ -13,7 +12,7 @@ from ..config import ConfigError, load_config
 from ..eval.run import BATCHINGS, EvalSetupError, eval_config_from_run, evaluate, setup_path, summary_path
 from ..models.common.layers import DTYPES
 from ..train.events import check_backends
-from . import make_parser
+from . import fail, make_parser
 
 USAGE = "%(prog)s --config YAML --checkpoint DIR [options] [section.key=value ...]"
 EPILOG = """\
@@ -77,13 +76,6 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
         p.exit(2, f"{prog}: error: {err}\n")
     with distributed.fail_together():  # an error in any process stops all; process 0 prints it once
         run(p, args, prog)
-
-
-def fail(p: argparse.ArgumentParser, message: str) -> None:
-    """One message and exit status 2 (several processes: printed once, by process 0)."""
-    if distributed.process_count() > 1:
-        sys.exit(message.rstrip())
-    p.exit(2, message)
 
 
 def run(p: argparse.ArgumentParser, args, prog: str) -> None:

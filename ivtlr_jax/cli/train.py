@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from . import make_parser
+from . import fail, make_parser
 
 USAGE = "%(prog)s --config YAML [--max-steps N] [section.key=value ...]"
 EPILOG = """\
@@ -43,6 +43,7 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     from .. import distributed
     from ..compilation_cache import enable_compilation_cache
     from ..config import ConfigError, load_config
+    from ..io.lock import OutputInUseError, output_lock
     from ..train.loop import NonFiniteError, RunFolderError, train
 
     try:
@@ -53,7 +54,10 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     with distributed.fail_together():  # an error in any process stops all; process 0 prints it once
         try:
             cfg = load_config(args.config, args.overrides)
-            result = train(cfg, max_steps=args.max_steps)
+            with output_lock(cfg.run_dir):  # <save_path>/<name>.lock: one trainer per run folder
+                result = train(cfg, max_steps=args.max_steps)
+        except OutputInUseError as e:  # refused before anything is loaded
+            fail(p, f"error: {e}\n")
         except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
             sys.exit(f"error: {e}")
         if distributed.is_writer():
