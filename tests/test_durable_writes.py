@@ -16,21 +16,6 @@ from ivtlr_jax.io.model_folder import resolve_folder
 from ivtlr_jax.train.cleanup import close_all
 
 
-def fd_path(fd: int) -> Path:
-    return Path(os.readlink(f"/proc/self/fd/{fd}"))
-
-
-@pytest.fixture
-def disk_calls(monkeypatch):
-    """[("fsync", path) | ("rename", src, dst)] in the order they reach the OS."""
-    calls = []
-    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", fd_path(fd))), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("rename", Path(a), Path(b))), real_replace(a, b))[1])
-    monkeypatch.setattr(os, "rename", lambda a, b: (calls.append(("rename", Path(a), Path(b))), real_rename(a, b))[1])
-    return calls
-
-
 def test_write_atomic_makes_the_new_content_durable_before_it_is_visible(tmp_path, disk_calls):
     path = tmp_path / "config.yaml"
     write_atomic(path, "new\n")

@@ -3,8 +3,13 @@ its setup (resumed only with the same one, a torn last line redone); the dtype i
 infer.py takes config overrides and --dtype / --devices, and its help reads cleanly."""
 
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +137,7 @@ def test_continuous_batching_on_several_devices_is_refused_before_loading(assets
         eval_cfg(assets, batching="dynamic")
 
 
-def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_device, tmp_path):
+def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_device, tmp_path, disk_calls):
     out1, _ = one_device
     out = tmp_path / "eval.jsonl"
     shutil.copy(setup_path(out1), setup_path(out))
@@ -140,6 +145,9 @@ def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_
     out.write_bytes(complete[:-20])  # a run stopped while writing the last record
     logged = []
     summary = evaluate(assets / "model", eval_cfg(assets, devices=1), out, log=logged.append)
+    summary_file = eval_run.summary_path(out)  # written atomically, after the records are on disk
+    written = disk_calls.index(("rename", summary_file.with_name(summary_file.name + ".tmp"), summary_file))
+    assert ("fsync", out) in disk_calls[:written] and json.loads(summary_file.read_text()) == summary
     assert any("torn last line (line 6" in m for m in logged), logged
     assert out.read_bytes() == complete
     assert summary["skipped"]["already_done"] == 5 and summary["evaluated_now"] == 1 and summary["examples"] == 6
@@ -228,6 +236,32 @@ def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="devices=8 but only 4 local devices"):
         evaluate(assets / "model", eval_cfg(assets, devices=8), tmp_path / "e8.jsonl", **QUIET)
     assert not (tmp_path / "e8.jsonl").exists()
+
+
+def test_two_evaluations_at_once_into_one_output_one_is_refused_at_once(assets, tmp_path):
+    """Two infer.py into one --out, started together: one evaluates, the other is refused before it loads
+    anything (it ends while the first still runs) with one line naming the first's pid and host, status 2;
+    the output holds each example once."""
+    out = tmp_path / "eval.jsonl"
+    command = [sys.executable, str(ROOT / "infer.py"), "--config", str(write_run_config(tmp_path, assets, "float32")),
+               "--checkpoint", str(assets / "model"), "--out", str(out), "--max-new-tokens", "4"]
+    procs = [subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    deadline = time.time() + 300
+    while all(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.1)
+    refused = next(p for p in procs if p.poll() is not None)
+    evaluator = next(p for p in procs if p is not refused)
+    assert evaluator.poll() is None  # refused while the other holds the output
+    _, err = refused.communicate()
+    assert refused.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"infer.py: error: {out} is in use by process {evaluator.pid} on "
+                                                   f"host {socket.gethostname()} (since ")
+    _, err = evaluator.communicate(timeout=300)
+    assert evaluator.returncode == 0, err[-3000:]
+    ids = [r["id"] for r in lines(out)]
+    assert len(ids) == len(set(ids)) == 6 and json.loads(eval_run.summary_path(out).read_text())["examples"] == 6
+    assert not (tmp_path / "eval.jsonl.lock").exists()
 
 
 def write_run_config(tmp_path: Path, assets: Path, dtype: str = "bfloat16") -> Path:

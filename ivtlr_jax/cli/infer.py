@@ -10,6 +10,7 @@ from .. import distributed
 from ..compilation_cache import enable_compilation_cache
 from ..config import ConfigError, load_config
 from ..eval.run import BATCHINGS, EvalSetupError, eval_config_from_run, evaluate, setup_path, summary_path
+from ..io.lock import OutputInUseError
 from ..models.common.layers import DTYPES
 from ..train.events import check_backends
 from . import fail, make_parser
@@ -94,7 +95,7 @@ def run(p: argparse.ArgumentParser, args, prog: str) -> None:
                                     **dtypes)
     try:
         summary = evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention, events=cfg.log)
-    except EvalSetupError as err:  # an output of another setup, or a damaged one: one clear line
+    except (EvalSetupError, OutputInUseError) as err:  # another setup's output, a damaged one, one in use: one line
         fail(p, f"{prog}: error: {err}\n")
     if distributed.is_writer():
         print(json.dumps({k: v for k, v in summary.items() if k != "setup"}, indent=2))
