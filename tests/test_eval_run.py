@@ -3,13 +3,10 @@ its setup (resumed only with the same one, a torn last line redone); the dtype i
 infer.py takes config overrides and --dtype / --devices, and its help reads cleanly."""
 
 import json
-import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from ivtlr_jax.demo import prepare
 from ivtlr_jax.eval import run as eval_run
 from ivtlr_jax.eval.run import EvalConfig, EvalSetupError, evaluate, setup_path
 from ivtlr_jax.generate import SamplingConfig
+from tests.twice import start_twice
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -245,16 +243,8 @@ def test_two_evaluations_at_once_into_one_output_one_is_refused_at_once(assets, 
     out = tmp_path / "eval.jsonl"
     command = [sys.executable, str(ROOT / "infer.py"), "--config", str(write_run_config(tmp_path, assets, "float32")),
                "--checkpoint", str(assets / "model"), "--out", str(out), "--max-new-tokens", "4"]
-    procs = [subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    deadline = time.time() + 300
-    while all(p.poll() is None for p in procs) and time.time() < deadline:
-        time.sleep(0.1)
-    refused = next(p for p in procs if p.poll() is not None)
-    evaluator = next(p for p in procs if p is not refused)
-    assert evaluator.poll() is None  # refused while the other holds the output
-    _, err = refused.communicate()
-    assert refused.returncode == 2 and "Traceback" not in err, err
+    refused, err, evaluator = start_twice(command)
+    assert refused.returncode == 2 and len(err.strip().splitlines()) == 1, err  # one line, no traceback
     assert err.strip().splitlines()[-1].startswith(f"infer.py: error: {out} is in use by process {evaluator.pid} on "
                                                    f"host {socket.gethostname()} (since ")
     _, err = evaluator.communicate(timeout=300)

@@ -23,6 +23,7 @@ from ivtlr_jax.demo import prepare
 from ivtlr_jax.io.lock import lock_path, output_lock, read_holder
 from ivtlr_jax.train.loop import RunFolderError, train
 from tests.event_files import read_event_scalars
+from tests.twice import start_twice
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("train_loop")
@@ -398,16 +399,8 @@ def test_two_trainers_at_once_on_one_folder_one_is_refused_at_once(assets, tmp_p
     cfg_path = write_config(tmp_path, assets, "twice")
     run_dir = tmp_path / "runs" / "twice"
     command = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path), "--max-steps", "2"]
-    procs = [subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    deadline = time.time() + 300
-    while all(p.poll() is None for p in procs) and time.time() < deadline:
-        time.sleep(0.1)
-    refused = next(p for p in procs if p.poll() is not None)
-    trainer = next(p for p in procs if p is not refused)
-    assert trainer.poll() is None  # refused while the other holds the folder
-    out, err = refused.communicate()
-    assert refused.returncode == 2 and "Traceback" not in err, err
+    refused, err, trainer = start_twice(command)
+    assert refused.returncode == 2 and len(err.strip().splitlines()) == 1, err  # one line, no traceback
     assert err.strip().splitlines()[-1].startswith(f"error: {run_dir} is in use by process {trainer.pid} on host "
                                                    f"{socket.gethostname()} (since ")
     out, err = trainer.communicate(timeout=300)
