@@ -3,6 +3,7 @@ several contenders for a stale lock, a live lock never removed by a late contend
 commands' refusals and the take-over of a lock left by a SIGKILLed trainer: test_train_loop.py and
 test_eval_run.py."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -74,7 +75,8 @@ def test_the_heartbeat_keeps_a_lock_fresh_and_says_when_it_was_lost(tmp_path):
     assert read_holder(path)[0].host == "host-b"  # the new holder's lock is left alone
 
 
-def test_one_of_many_contenders_takes_a_stale_lock(tmp_path):
+@pytest.mark.parametrize("round", range(8))  # a race: several rounds to catch a rare interleaving
+def test_one_of_many_contenders_takes_a_stale_lock(tmp_path, round):
     """Eight contenders (as many hosts) at once on the lock of a host gone silent: one takes it, the others
     are refused naming that one, and no file but the winner's lock is left."""
     path = tmp_path / "run.lock"
@@ -105,19 +107,37 @@ def test_one_of_many_contenders_takes_a_stale_lock(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_late_contender_puts_a_live_lock_back(tmp_path):
-    """A contender that judged the gone holder's lock stale, but renames it away only after another
-    contender has taken the lock: it finds a token other than the stale one, links the live lock back
-    and is refused."""
+def test_a_late_contender_leaves_a_live_lock_alone(tmp_path, monkeypatch):
+    """A contender that judged the gone holder's lock stale but acts only after another contender has taken
+    the lock over: it must not move the live lock away, not even for a moment in which a third contender
+    could link its own (here: one tries right after any rename of the lock file)."""
     path = tmp_path / "run.lock"
-    gone = holder("gone-host", 1)
-    write_lock(path, gone, age_s=3600)
+    write_lock(path, holder("gone-host", 1), age_s=3600)
     late = FileLock(path, log=quiet, holder=holder("host-late"))
     seen = read_holder(path)
     fast = FileLock(path, log=quiet, holder=holder("host-fast"))
     fast.acquire()  # took it over meanwhile
-    late._take_over(*seen)  # the late contender acts on what it saw
-    assert fast.holds() and sorted(os.listdir(tmp_path)) == ["run.lock"]
+    third, real_rename = FileLock(path, log=quiet, holder=holder("host-third")), os.rename
+
+    def rename_then_a_third_contender(src, dst):
+        real_rename(src, dst)
+        if str(src) == str(path):
+            with contextlib.suppress(OutputInUseError):
+                third.acquire()
+
+    monkeypatch.setattr(os, "rename", rename_then_a_third_contender)
+    late._take_over(*seen, now=time.time())  # the late contender acts on what it saw
+    assert fast.holds() and not third.holds() and sorted(os.listdir(tmp_path)) == ["run.lock"]
     with pytest.raises(OutputInUseError, match="on host host-fast"):
         late.acquire()
     fast.release()
+
+
+def test_a_take_over_guard_left_by_a_dead_contender_expires(tmp_path):
+    path = tmp_path / "run.lock"
+    write_lock(path, holder("gone-host", 1), age_s=3600)
+    guard = tmp_path / "run.lock.break"
+    guard.write_text("")
+    os.utime(guard, (time.time() - 3600,) * 2)  # a contender died during its take-over, long ago
+    with FileLock(path, log=quiet, holder=holder("host-a")) as lock:
+        assert lock.holds() and sorted(os.listdir(tmp_path)) == ["run.lock"]

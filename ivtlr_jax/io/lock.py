@@ -5,19 +5,21 @@ where fcntl / flock locks are unreliable).
 - The lock file is a JSON record of its holder: host, boot id, pid and the pid's start time, when it
   was taken, a random token. It appears with its content in one step: written under a unique name
   (`<lock>.<token>`), then hard-linked to the lock's name; `link` fails when the name exists, also on
-  NFS (where `O_EXCL` is the fallback for filesystems without hard links).
+  NFS (a link that NFS retried after it succeeded is told by the file's link count); `O_EXCL` is the
+  fallback for filesystems without hard links.
 - While held, a heartbeat thread touches the file's mtime every `heartbeat_s` seconds (and notices, and
   says, if the file stopped being its own).
 - A holder is gone (its lock stale) when, on the same host and boot, its pid is not running (or is a
   zombie, or a later process under the same pid); on the same host after a reboot, always; on another
   host, when the heartbeat is older than `stale_s`, measured on the filesystem's clock (the mtime of a
   file this process has just written), not on this host's.
-- Take-over of a stale lock: the file is renamed to a name of this contender's own (of several contenders
-  one rename wins, the others find no file) and its token compared with the one judged stale; if it is
-  not that one (another contender took the lock between the look and the rename), it is linked back.
-  Then the lock's name is contested again by link, as at first. The one window left: a third contender
-  linking in during the microseconds between such a rename and its link-back; the holder's heartbeat then
-  says that it lost the lock.
+- Take-over of a stale lock happens under a guard, `<lock>.break`, created exclusively (one contender at
+  a time; the others wait a moment and look again): the guard's holder reads the lock again, and only if
+  it still holds the token judged stale renames it to a name of its own, checks the token once more and
+  removes it (or links it back, should that holder have been alive and let go meanwhile), then drops the
+  guard. Then the lock's name is contested by link, as at first. Nothing but a guard holder ever removes
+  another process's lock, so a late contender can never move a live lock aside. A guard left by a
+  contender that died during its take-over (milliseconds) expires after `stale_s`.
 
 `FileLock` is the lock of one process; `output_lock` the one of a (multi-process) command: process 0
 takes it and every process learns the outcome (`distributed.on_writer`).
@@ -42,9 +44,11 @@ from typing import Callable
 from .. import distributed
 
 LOCK_SUFFIX = ".lock"
+BREAK_SUFFIX = ".break"  # the take-over guard beside the lock file
 HEARTBEAT_S = 5.0  # the holder touches the lock file this often
 STALE_S = 60.0  # a lock of another host whose heartbeat is older is taken over
-ATTEMPTS = 8  # rounds of take-over and link before giving up (contenders keep taking it from each other)
+CONTEST_S = 5.0  # how long a contender keeps at a stale lock that other contenders are taking over
+RETRY_S = 0.02  # (about) the wait before looking again while another contender takes a stale lock over
 NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
@@ -127,6 +131,10 @@ def read_holder(path: Path) -> tuple[Holder | None, float] | None:
         return None, mtime
 
 
+def _token(holder: Holder | None) -> str | None:
+    return holder.token if holder else None
+
+
 class FileLock:
     """The lock `path` of one process (`acquire` / `release`, or `with`). `log` says when a stale lock is
     taken over or the lock is lost."""
@@ -160,8 +168,8 @@ class FileLock:
 
     def _contest(self, mine: Path) -> tuple[bool, Holder | None]:
         """Link `mine` to the lock's name, taking over stale locks on the way. -> (won, the live holder)."""
-        seen = None
-        for _ in range(ATTEMPTS):
+        seen, deadline = None, time.monotonic() + CONTEST_S
+        while time.monotonic() < deadline:
             if self._link(mine):
                 return True, None
             seen = read_holder(self.path)
@@ -169,7 +177,8 @@ class FileLock:
                 continue
             if not self.is_stale(*seen, now=os.stat(mine).st_mtime):
                 break
-            self._take_over(*seen)
+            if not self._take_over(*seen, now=os.stat(mine).st_mtime):
+                time.sleep(RETRY_S * (0.5 + secrets.randbelow(1000) / 1000))  # another contender is at it
         return False, seen[0] if seen else None
 
     def _made_folders(self) -> None:
@@ -182,8 +191,8 @@ class FileLock:
         try:
             os.link(mine, self.path)
             return True
-        except FileExistsError:
-            return False
+        except FileExistsError:  # or NFS retried a link that had succeeded: then `mine` has two names
+            return os.stat(mine).st_nlink == 2
         except OSError as e:
             if e.errno not in NO_HARD_LINKS:
                 raise
@@ -204,22 +213,44 @@ class FileLock:
             return True
         return not pid_running(holder.pid, holder.pid_start)
 
-    def _take_over(self, stale: Holder | None, mtime: float) -> None:
-        """Remove the stale lock of `stale`, and only that one (see the module docstring)."""
-        moved = self.path.with_name(f"{self.path.name}.{self.me.token}.stale")
+    def _take_over(self, stale: Holder | None, mtime: float, *, now: float) -> bool:
+        """Remove the stale lock of `stale`, and only that one, under the take-over guard (module docstring).
+        -> False when another contender holds the guard."""
+        guard = self.path.with_name(self.path.name + BREAK_SUFFIX)
+        if not self._take_guard(guard, now):
+            return False
         try:
-            os.rename(self.path, moved)
-        except FileNotFoundError:  # another contender removed it first
-            return
-        seen = read_holder(moved)
-        taken = seen[0] if seen else None
-        if (taken.token if taken else None) != (stale.token if stale else None):  # a live lock: put it back
-            with contextlib.suppress(FileExistsError):
-                os.link(moved, self.path)
-        else:
-            self.log(f"{self.path}: took over the lock of {stale.describe() if stale else 'an unknown process'}, "
-                     "which is gone")
-        moved.unlink()
+            seen = read_holder(self.path)
+            if seen is None or _token(seen[0]) != _token(stale):  # changed since we looked: contest again
+                return True
+            moved = self.path.with_name(f"{self.path.name}.{self.me.token}.stale")
+            try:
+                os.rename(self.path, moved)
+            except FileNotFoundError:  # its holder was alive and let go
+                return True
+            seen = read_holder(moved)
+            if _token(seen[0] if seen else None) != _token(stale):  # its holder was alive and let go: put back
+                with contextlib.suppress(FileExistsError):
+                    os.link(moved, self.path)
+            else:
+                self.log(f"{self.path}: took over the lock of {stale.describe() if stale else 'an unknown process'}, "
+                         "which is gone")
+            moved.unlink()
+            return True
+        finally:
+            guard.unlink()
+
+    def _take_guard(self, guard: Path, now: float) -> bool:
+        """The take-over guard `<lock>.break`, created exclusively; one left by a contender that died
+        during its take-over (older than `stale_s`) is removed for the next look."""
+        try:
+            os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return True
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if now - os.stat(guard).st_mtime > self.stale_s:
+                    guard.unlink()
+            return False
 
     def busy_message(self, holder: Holder | None) -> str:
         who = holder.describe() if holder else "another process (its lock file is unreadable)"
