@@ -30,7 +30,9 @@ change any of them, as for training.
 Writes one JSON line per example to --out (default: <checkpoint>/eval_<split>.jsonl), its setup to
 <out stem>.setup.json before the first line and a summary to <out stem>.summary.json. Re-running
 with the same --out skips the examples already written if the setup (model weights, data, prompt
-format, latents, dtype, sampling, limit) is the same, and refuses otherwise.
+format, latents, dtype, sampling, limit) is the same, and refuses otherwise. While one evaluation
+writes an output, a second one into it is refused at once (status 2, naming the first's pid and host;
+the lock file <out>.lock is taken over when its process is gone).
 
 Several processes (hosts; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID or a SLURM job):
 each evaluates its share of every batch, process 0 writes the output, the setup and the summary.

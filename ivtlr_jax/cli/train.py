@@ -3,7 +3,9 @@
 Runs (or resumes from its latest checkpoint) the run folder save_path/name of the configuration:
 config.yaml, metrics.jsonl (one JSON line per micro-step), checkpoints/, one merged Hugging Face export
 per stage (stage_<s>/) and TensorBoard event files (tensorboard/train/). Re-run the same command to
-resume after an interruption.
+resume after an interruption. One trainer per run folder: while it runs, a second one is refused at once
+(status 2, naming the first's pid and host; the lock file save_path/name.lock is taken over when its
+process is gone).
 
 Several processes (hosts): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a SLURM
 job (README); each process runs the same command, process 0 writes the run folder.

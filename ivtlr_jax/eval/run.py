@@ -26,6 +26,8 @@ left-padded to a length bucket so that batches compile once per bucket.
   output skips the examples already written when the setup is the same, and refuses (naming the
   differing keys) when it is not. A torn last line (a crash mid-write) is cut off and its example
   redone. The summary counts skipped rows by reason (no image, ..., already done).
+- One evaluation per output: `<out>.lock` is held while it runs (io/lock.py); the records are fsynced
+  after each static batch and before the summary, which is written atomically.
 """
 
 from __future__ import annotations
