@@ -5,7 +5,6 @@ infer.py takes config overrides and --dtype / --devices, and its help reads clea
 import json
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -243,10 +242,7 @@ def test_two_evaluations_at_once_into_one_output_one_is_refused_at_once(assets, 
     out = tmp_path / "eval.jsonl"
     command = [sys.executable, str(ROOT / "infer.py"), "--config", str(write_run_config(tmp_path, assets, "float32")),
                "--checkpoint", str(assets / "model"), "--out", str(out), "--max-new-tokens", "4"]
-    refused, err, evaluator = start_twice(command)
-    assert refused.returncode == 2 and len(err.strip().splitlines()) == 1, err  # one line, no traceback
-    assert err.strip().splitlines()[-1].startswith(f"infer.py: error: {out} is in use by process {evaluator.pid} on "
-                                                   f"host {socket.gethostname()} (since ")
+    evaluator = start_twice(command, f"infer.py: error: {out}")
     _, err = evaluator.communicate(timeout=300)
     assert evaluator.returncode == 0, err[-3000:]
     ids = [r["id"] for r in lines(out)]
