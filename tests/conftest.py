@@ -102,3 +102,18 @@ def pytest_collection_modifyitems(config, items):
                         for m in item.iter_markers("xdist_group")})
         if names and hasattr(item, "_id") and "@" not in item.nodeid.rpartition("]")[2]:
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
+@pytest.fixture
+def disk_calls(monkeypatch):
+    """[("fsync", path) | ("rename", src, dst)] in the order they reach the OS (os.fsync, os.replace,
+    os.rename recorded; the writes of ivtlr_jax/io/atomic.py and io/durable.py go through them)."""
+    from pathlib import Path
+
+    calls = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+    path_of = lambda fd: Path(os.readlink(f"/proc/self/fd/{fd}"))
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", path_of(fd))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("rename", Path(a), Path(b))), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (calls.append(("rename", Path(a), Path(b))), real_rename(a, b))[1])
+    return calls

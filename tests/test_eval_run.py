@@ -5,6 +5,7 @@ infer.py takes config overrides and --dtype / --devices, and its help reads clea
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from ivtlr_jax.demo import prepare
 from ivtlr_jax.eval import run as eval_run
 from ivtlr_jax.eval.run import EvalConfig, EvalSetupError, evaluate, setup_path
 from ivtlr_jax.generate import SamplingConfig
+from tests.twice import start_twice
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -132,7 +134,7 @@ def test_continuous_batching_on_several_devices_is_refused_before_loading(assets
         eval_cfg(assets, batching="dynamic")
 
 
-def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_device, tmp_path):
+def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_device, tmp_path, disk_calls):
     out1, _ = one_device
     out = tmp_path / "eval.jsonl"
     shutil.copy(setup_path(out1), setup_path(out))
@@ -140,6 +142,9 @@ def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_
     out.write_bytes(complete[:-20])  # a run stopped while writing the last record
     logged = []
     summary = evaluate(assets / "model", eval_cfg(assets, devices=1), out, log=logged.append)
+    summary_file = eval_run.summary_path(out)  # written atomically, after the records are on disk
+    written = disk_calls.index(("rename", summary_file.with_name(summary_file.name + ".tmp"), summary_file))
+    assert ("fsync", out) in disk_calls[:written] and json.loads(summary_file.read_text()) == summary
     assert any("torn last line (line 6" in m for m in logged), logged
     assert out.read_bytes() == complete
     assert summary["skipped"]["already_done"] == 5 and summary["evaluated_now"] == 1 and summary["examples"] == 6
@@ -228,6 +233,21 @@ def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="devices=8 but only 4 local devices"):
         evaluate(assets / "model", eval_cfg(assets, devices=8), tmp_path / "e8.jsonl", **QUIET)
     assert not (tmp_path / "e8.jsonl").exists()
+
+
+def test_two_evaluations_at_once_into_one_output_one_is_refused_at_once(assets, tmp_path):
+    """Two infer.py into one --out, started together: one evaluates, the other is refused before it loads
+    anything (it ends while the first still runs) with one line naming the first's pid and host, status 2;
+    the output holds each example once."""
+    out = tmp_path / "eval.jsonl"
+    command = [sys.executable, str(ROOT / "infer.py"), "--config", str(write_run_config(tmp_path, assets, "float32")),
+               "--checkpoint", str(assets / "model"), "--out", str(out), "--max-new-tokens", "4"]
+    evaluator = start_twice(command, f"infer.py: error: {out}")
+    _, err = evaluator.communicate(timeout=300)
+    assert evaluator.returncode == 0, err[-3000:]
+    ids = [r["id"] for r in lines(out)]
+    assert len(ids) == len(set(ids)) == 6 and json.loads(eval_run.summary_path(out).read_text())["examples"] == 6
+    assert not (tmp_path / "eval.jsonl.lock").exists()
 
 
 def write_run_config(tmp_path: Path, assets: Path, dtype: str = "bfloat16") -> Path:

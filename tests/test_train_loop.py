@@ -19,8 +19,10 @@ import yaml
 
 from ivtlr_jax.config import load_config
 from ivtlr_jax.demo import prepare
+from ivtlr_jax.io.lock import lock_path, output_lock, read_holder
 from ivtlr_jax.train.loop import RunFolderError, train
 from tests.event_files import read_event_scalars
+from tests.twice import start_twice
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("train_loop")
@@ -99,7 +101,12 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(assets, straight, tmp_p
     steps_before = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps_before and max(steps_before) < 18, steps_before  # really interrupted mid-run
 
-    resumed = train(load_config(cfg_path), log=lambda *_: None)
+    assert read_holder(lock_path(run_dir))[0].pid == proc.pid  # the killed trainer's lock is left behind
+    said = []
+    with output_lock(run_dir, log=said.append):  # and taken over, as train.py does
+        resumed = train(load_config(cfg_path), log=lambda *_: None)
+    assert any(f"took over the lock of process {proc.pid} on host" in line for line in said), said
+    assert not lock_path(run_dir).exists()
     assert resumed.steps == straight.steps
     step_a, a = final_params(straight.run_dir)
     step_b, b = final_params(resumed.run_dir)
@@ -265,10 +272,12 @@ def test_damaged_checkpoints_and_a_crashed_export_recover_exactly(assets, straig
     assert not (run_dir / "stage_2").exists()
 
     monkeypatch.setattr(hf_export, "save_hf", real_save_hf)
+    (run_dir / "stage_1").rename(run_dir / "stage_1.replaced")  # a crash between the two renames of a swap
     lines = []
     last = train(cfg, log=lines.append)
     assert last.trained_here == 0 and last.complete and last.summary().startswith("already complete")
     assert "export of stage 2" in "\n".join(lines) and last.exports == [run_dir / "stage_2"]
+    assert "export of stage 1" not in "\n".join(lines) and not (run_dir / "stage_1.replaced").exists()  # put back
 
     step_a, a = final_params(straight.run_dir)
     step_b, b = final_params(run_dir)
@@ -280,12 +289,31 @@ def test_damaged_checkpoints_and_a_crashed_export_recover_exactly(assets, straig
     assert_metrics_once_per_step(run_dir / "metrics.jsonl", 18)
 
 
-def test_non_finite_loss_stops_the_run_without_saving_it(assets, tmp_path):
+def test_non_finite_loss_stops_the_run_without_saving_it(assets, tmp_path, monkeypatch):
     from ivtlr_jax.train.loop import NonFiniteError
 
     cfg = load_config(write_config(tmp_path, assets, "diverges", optim={"lr": 1e30}))  # finite, so accepted
+    metrics, synced, real_fsync = cfg.run_dir / "metrics.jsonl", [], os.fsync
+
+    def fsync(fd):  # the lines of metrics.jsonl at each of its fsyncs
+        if os.readlink(f"/proc/self/fd/{fd}") == str(metrics):
+            synced.append(len(metrics.read_text().splitlines()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    from ivtlr_jax.train.events import EventLog
+
+    real_close = EventLog.close
+
+    def failing_close(self):
+        real_close(self)
+        raise OSError("the event log could not be closed")
+
+    monkeypatch.setattr(EventLog, "close", failing_close)  # the checkpointer is still closed after it
     with pytest.raises(NonFiniteError) as err:
         train(cfg, log=quiet)
+    assert synced == [2, 3]  # on disk before the checkpoint of step 2 is saved, and when closed
+    assert err.value.__notes__ == ["also, while closing: OSError: the event log could not be closed"]
     message = str(err.value)
     # lr 1e30 steps the parameters to ~1e30 (still finite) at micro-step 2; the loss at 3 overflows
     assert "stage 0, epoch 0, micro-step 3" in message and "rows [" in message and "nothing of this step" in message
@@ -371,6 +399,20 @@ def test_collator_refuses_rows_with_fewer_image_tokens_than_k():
     assert shapes.num_latents == 2
     with pytest.raises(ValueError, match=r"row 1 has 2 image tokens before its first latent, fewer than .*=3"):
         collate(rows, latent_id=latent, pad_id=0, image_token_id=image, num_selected_patches=3)
+
+
+def test_two_trainers_at_once_on_one_folder_one_is_refused_at_once(assets, tmp_path):
+    """Two train.py on one run folder, started together: one trains, the other is refused before it loads
+    anything (it ends while the first still runs) with one line naming the first's pid and host, status 2;
+    the first's metrics have each micro-step once."""
+    cfg_path = write_config(tmp_path, assets, "twice")
+    run_dir = tmp_path / "runs" / "twice"
+    command = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path), "--max-steps", "2"]
+    trainer = start_twice(command, f"error: {run_dir}")
+    out, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0, err[-3000:]
+    assert "trained 2 micro-batches" in out and not lock_path(run_dir).exists()
+    assert_metrics_once_per_step(run_dir / "metrics.jsonl", 2)
 
 
 def test_train_command_prints_one_line_for_a_bad_setting(assets, tmp_path):

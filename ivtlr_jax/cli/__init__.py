@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 
 HELP_WIDTH = 100  # columns of --help at most (wider terminals get the same layout)
 
@@ -43,3 +44,13 @@ def make_parser(prog: str, usage: str, description: str, epilog: str | None = No
 def command_line(prog: str) -> str:
     """How the command is typed: `python train.py` for a script, `ivtlr-train` for an entry point."""
     return f"python {prog}" if prog.endswith(".py") else prog
+
+
+def fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """One message and exit status 2 (several processes: printed once, by process 0, with status 1 as
+    every error of `distributed.fail_together`)."""
+    from .. import distributed
+
+    if distributed.process_count() > 1:
+        sys.exit(message.rstrip())
+    parser.exit(2, message)

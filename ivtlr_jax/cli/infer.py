@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from .. import distributed
@@ -11,9 +10,10 @@ from ..compilation_cache import enable_compilation_cache
 from ..config import ConfigError, load_config
 from ..eval.run import (BATCHINGS, EvalSetupError, default_output, eval_config_from_run, evaluate, setup_path,
                         summary_path)
+from ..io.lock import OutputInUseError
 from ..models.common.layers import DTYPES
 from ..train.events import check_backends
-from . import make_parser
+from . import fail, make_parser
 
 USAGE = "%(prog)s --config YAML --checkpoint DIR [options] [section.key=value ...]"
 EPILOG = """\
@@ -32,7 +32,9 @@ export <run>/stage_<s>, outside the folder a re-export replaces; <checkpoint>/ev
 another folder; evals/<owner>--<name>/eval_<split>.jsonl for a hub id), its setup to <out
 stem>.setup.json before the first line and a summary to <out stem>.summary.json. Re-running
 with the same --out skips the examples already written if the setup (model weights, data, prompt
-format, latents, dtype, sampling, limit) is the same, and refuses otherwise.
+format, latents, dtype, sampling, limit) is the same, and refuses otherwise. While one evaluation
+writes an output, a second one into it is refused at once (status 2, naming the first's pid and host;
+the lock file <out>.lock is taken over when its process is gone).
 
 Several processes (hosts; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID or a SLURM job):
 each evaluates its share of every batch, process 0 writes the output, the setup and the summary.
@@ -82,13 +84,6 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
         run(p, args, prog)
 
 
-def fail(p: argparse.ArgumentParser, message: str) -> None:
-    """One message and exit status 2 (several processes: printed once, by process 0)."""
-    if distributed.process_count() > 1:
-        sys.exit(message.rstrip())
-    p.exit(2, message)
-
-
 def run(p: argparse.ArgumentParser, args, prog: str) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
@@ -105,7 +100,7 @@ def run(p: argparse.ArgumentParser, args, prog: str) -> None:
                                     **dtypes)
     try:
         evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention, events=cfg.log)
-    except EvalSetupError as err:  # an output of another setup, or a damaged one: one clear line
+    except (EvalSetupError, OutputInUseError) as err:  # another setup's output, a damaged one, one in use: one line
         fail(p, f"{prog}: error: {err}\n")
     if distributed.is_writer():  # evaluate() printed the result line
         where = f"records in {out}, summary in {summary_path(out).name}, setup in {setup_path(out).name}"

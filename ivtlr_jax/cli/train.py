@@ -3,7 +3,9 @@
 Runs (or resumes from its latest checkpoint) the run folder save_path/name of the configuration:
 config.yaml, metrics.jsonl (one JSON line per micro-step), checkpoints/, one merged Hugging Face export
 per stage (stage_<s>/) and TensorBoard event files (tensorboard/train/). Re-run the same command to
-resume after an interruption.
+resume after an interruption. One trainer per run folder: while it runs, a second one is refused at once
+(status 2, naming the first's pid and host; the lock file save_path/name.lock is taken over when its
+process is gone).
 
 Several processes (hosts): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a SLURM
 job (README); each process runs the same command, process 0 writes the run folder.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from . import make_parser
+from . import fail, make_parser
 
 USAGE = "%(prog)s --config YAML [--max-steps N] [section.key=value ...]"
 EPILOG = """\
@@ -43,6 +45,7 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     from .. import distributed
     from ..compilation_cache import enable_compilation_cache
     from ..config import ConfigError, load_config
+    from ..io.lock import OutputInUseError, output_lock
     from ..train.loop import NonFiniteError, RunFolderError, train
 
     try:
@@ -53,7 +56,10 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     with distributed.fail_together():  # an error in any process stops all; process 0 prints it once
         try:
             cfg = load_config(args.config, args.overrides)
-            result = train(cfg, max_steps=args.max_steps)
+            with output_lock(cfg.run_dir):  # <save_path>/<name>.lock: one trainer per run folder
+                result = train(cfg, max_steps=args.max_steps)
+        except OutputInUseError as e:  # refused before anything is loaded
+            fail(p, f"error: {e}\n")
         except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
             sys.exit(f"error: {e}")
         if distributed.is_writer():

@@ -26,6 +26,8 @@ left-padded to a length bucket so that batches compile once per bucket.
   output skips the examples already written when the setup is the same, and refuses (naming the
   differing keys) when it is not. A torn last line (a crash mid-write) is cut off and its example
   redone. The summary counts skipped rows by reason (no image, ..., already done).
+- One evaluation per output: `<out>.lock` is held while it runs (io/lock.py); the records are fsynced
+  after each static batch and before the summary, which is written atomically.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ from ..models.common.attention import ATTENTION_IMPLS
 from ..models.common.layers import DTYPES
 from ..io import from_pretrained, resolve_folder
 from ..io.atomic import write_atomic
+from ..io.durable import LineLog
+from ..io.lock import output_lock
 from ..models import ShardingRules, family_named, make_mesh, read_config
 from ..train.events import STAGE_FOLDER, log_evaluation
 from ..train.step import batch_shardings
@@ -318,9 +322,19 @@ def eval_mesh(devices: int | None):
 
 def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, save_attention: str | Path | None = None,
              log=print, events=None) -> dict:
-    """`events`: a run config's `log` section; the summary (and a few pictures) also go to TensorBoard / W&B
-    (by process 0, which writes the output, the setup and the summary when several processes evaluate)."""
+    """Evaluate `model_dir` into `out_file` (and its setup and summary beside it) -> the summary. `events`: a
+    run config's `log` section; the summary (and a few pictures) also go to TensorBoard / W&B (by process
+    0, which writes the output, the setup and the summary when several processes evaluate). The output is
+    locked (`<out_file>.lock`, io/lock.py) before anything is loaded: a second evaluation into the same
+    output is refused with OutputInUseError."""
     distributed.initialize()
+    with output_lock(out_file, log=log if distributed.is_writer() else (lambda *_: None)):
+        return evaluate_output(model_dir, cfg, Path(out_file), save_attention=save_attention, log=log, events=events)
+
+
+def evaluate_output(model_dir: str | Path, cfg: EvalConfig, out_file: Path, *, save_attention: str | Path | None,
+                    log, events) -> dict:
+    """`evaluate` once the output is this process's."""
     writer, procs = distributed.is_writer(), distributed.process_count()
     log = log if writer else (lambda *_: None)
     mesh = eval_mesh(cfg.devices)
@@ -350,7 +364,6 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
             raise EvalSetupError(f"latent.num_selected_patches={cfg.num_selected_patches} is larger than the {fewest} "
                                  f"image tokens of row {row!r} of {cfg.source} ({cfg.split}): each latent step "
                                  f"inserts K patches of the row's image; choose K <= {fewest}")
-    out_file = Path(out_file)
 
     def open_output() -> tuple[dict, list[str]]:  # process 0's output decides (setup check, examples done)
         setup = eval_setup(model_dir, cfg, sampling)
@@ -389,7 +402,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
 
     start = time.perf_counter()
     gen_tokens = 0
-    with open(out_file if writer else os.devnull, "a") as f, \
+    with LineLog(out_file if writer else os.devnull) as f, \
             tqdm(total=len(todo), desc="eval", disable=None if writer else True) as progress:
         if continuous:  # one process, one device
             pending_images, pads = {}, {}
@@ -411,7 +424,6 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
                 while next_index in done_lines:  # in the examples' order
                     f.write(done_lines.pop(next_index))
                     next_index += 1
-                f.flush()
         for i in range(0, 0 if continuous else len(todo), rows):
             chunk = todo[i : i + rows]
             padded = chunk + [chunk[-1]] * (rows - len(chunk))  # dummy rows: copies, outputs dropped
@@ -434,7 +446,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
             gen_tokens += sum(json.loads(line)["generated_tokens"] for line in lines)
             progress.update(len(chunk))
             f.write("".join(lines))
-            f.flush()
+            f.sync()  # a batch's records survive a power cut (seconds of generation each)
     elapsed = time.perf_counter() - start
     if not writer:  # process 0 writes the summary and hands it over
         return distributed.broadcast_object(None, "eval_summary")
@@ -447,7 +459,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, sa
                    batching="continuous" if continuous else "static",
                    rows_read=report.rows, examples_in_set=len(examples), evaluated_now=len(todo),
                    skipped=skipped, setup=setup, **({"processes": procs} if procs > 1 else {}))
-    summary_path(out_file).write_text(json.dumps(summary, indent=2))
+    write_atomic(summary_path(out_file), json.dumps(summary, indent=2))
     log(result_line(summary))
     log_evaluation(events, summary, model_dir, out_file, split=cfg.split, prompt_format=cfg.prompt_format,
                    pictures_dir=save_attention)  # train/events.py

@@ -15,6 +15,7 @@ from flax import nnx
 from ..distributed import fetch
 from ..models import FAMILIES
 from ..models.common.loading import variables_by_path
+from .atomic import write_atomic
 from .model_folder import FLAX_MARKER, copy_side_files
 from .safetensors import write_streaming
 
@@ -32,7 +33,7 @@ def save_hf(model: nnx.Module, folder: str | os.PathLike, family=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     entries, cfg = hf_entries(model, family)
     write_streaming(folder / "model.safetensors", entries)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_atomic(folder / "config.json", json.dumps(cfg, indent=2))
     return folder
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from ..models import read_config
 from ..models.common.layers import DTYPES
-from .atomic import atomic_output_folder, check_output_folder
+from .atomic import atomic_output_folder, check_output_folder, write_atomic
 from .model_folder import FLAX_MARKER, FLAX_PARAMS_DIR, copy_side_files, from_pretrained, resolve_folder
 from .orbax_params import save_params
 
@@ -28,7 +28,7 @@ def convert(hf: str, out: str | Path, dtype: str = "float32", log=print) -> Path
     with atomic_output_folder(out) as tmp:
         save_params(nnx.state(model), tmp / FLAX_PARAMS_DIR)
         copy_side_files(src, tmp)
-        (tmp / FLAX_MARKER).write_text(json.dumps(
+        write_atomic(tmp / FLAX_MARKER, json.dumps(
             {"format": "orbax", "source": str(hf), "param_dtype": dtype,
              "converted": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
     return out

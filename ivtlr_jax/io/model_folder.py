@@ -16,6 +16,7 @@ from ..models import abstract_model, read_config
 from ..models.common.layers import DTYPES
 from ..models.common.loading import RenamedSource, load_params, variables_by_path
 from ..models.common.sharding import ShardingRules, state_shardings
+from .atomic import recover_swap
 from .safetensors import INDEX_FILE, SafetensorsFolder
 
 FLAX_MARKER = "ivtlr_jax.json"  # written by convert/hf_to_flax.py next to the orbax parameters
@@ -25,8 +26,9 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt")  # files of weights (not 
 
 def resolve_folder(path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local folder as is; anything else is taken as a hub id and downloaded (weights, configs,
-    tokenizer and processor files only)."""
-    p = Path(path)
+    tokenizer and processor files only). A local folder that a crash left under `<folder>.replaced` in the
+    middle of replacing it is renamed back first (`atomic.recover_swap`)."""
+    p = recover_swap(path)
     if p.is_dir():
         return p
     if p.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:

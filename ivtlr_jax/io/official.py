@@ -35,7 +35,7 @@ import numpy as np
 from ..models import abstract_model, read_config
 from ..models.common.loading import WeightLoadError, load_params
 from ..config import InferenceSettings
-from .atomic import atomic_output_folder, check_output_folder
+from .atomic import atomic_output_folder, check_output_folder, write_atomic
 from .model_folder import FLAX_MARKER, FLAX_PARAMS_DIR, copy_side_files, resolve_folder
 from .settings_file import write_settings
 
@@ -286,8 +286,8 @@ def import_official(pth: str | Path, base: str | Path, out: str | Path, *, dtype
                                               num_selected_patches=family.official_shapes["patches"]))
         copy_side_files(src, tmp, skip=("config.json", FLAX_MARKER))  # both written below
         save_processor(processor, tmp)
-        (tmp / "config.json").write_text(json.dumps(_with_vocab(raw, vocab_size), indent=2))
-        (tmp / FLAX_MARKER).write_text(json.dumps(
+        write_atomic(tmp / "config.json", json.dumps(_with_vocab(raw, vocab_size), indent=2))
+        write_atomic(tmp / FLAX_MARKER, json.dumps(
             {"format": "orbax", "source": str(pth), "base": str(base), "param_dtype": dtype,
              "official_import": {"layout": parsed.layout, "lora_modules_merged": len(parsed.lora), "lora_rank": rank,
                                  "lora_alpha": alpha if parsed.lora else None},

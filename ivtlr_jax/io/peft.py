@@ -14,6 +14,7 @@ from flax import nnx
 
 from ..models import FAMILIES
 from ..models.common.lora import PROJECTIONS
+from .atomic import write_atomic
 from .hf_export import ExportError
 from .safetensors import NAMES, save_file
 
@@ -97,4 +98,4 @@ def write_adapter(model: nnx.Module, lora, folder: Path, base_path: Path, dropou
         "use_rslora": False,
         "use_dora": False,
     }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_atomic(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
+from ..io.atomic import write_atomic
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
@@ -91,7 +92,7 @@ def _wandb_run(run_dir: Path, log_cfg, config: dict | None, name: str | None):
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / WANDB_ID_FILE
     if not id_file.exists():
-        id_file.write_text(secrets.token_hex(8) + "\n")
+        write_atomic(id_file, secrets.token_hex(8) + "\n")
     run = wandb.init(project=log_cfg.wandb_project, entity=log_cfg.wandb_entity or None, id=id_file.read_text().strip(),
                      resume="allow", name=name or run_dir.name, dir=str(run_dir), config=config)
     run.define_metric("micro_step")

@@ -25,13 +25,15 @@ from .. import distributed
 from ..build import build_model
 from ..config import ConfigError, RunConfig, differing_keys, to_dict
 from ..data import LatentShapes, epoch_order, load_examples, stage_of_epoch, stage_tokens
-from ..io.atomic import atomic_output_folder, write_atomic
+from ..io.atomic import atomic_output_folder, recover_swap, write_atomic
+from ..io.durable import LineLog
 from ..io.hf_export import write_hf_folder
 from ..io.safetensors import read_header
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
 from .checkpoint import TrainCheckpointer
+from .cleanup import close_all
 from .events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import learning_rate, make_optimizer
@@ -218,7 +220,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     steps_cache: dict = {}
     compiled: set = set()
     base_key = jax.random.key(cfg.seed)
-    metrics_file = open(metrics_path if distributed.is_writer() else os.devnull, "a", buffering=1)  # line-buffered
+    metrics_file = LineLog(metrics_path if distributed.is_writer() else os.devnull)  # synced at each save
     events = train_events(cfg, micro_step, metrics_path)  # TensorBoard / W&B copies (train/events.py; process 0)
     losses = []
     done_here = 0
@@ -301,20 +303,20 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
                 opt_step_done = micro_step % accum == 0
                 every = cfg.train.save_every_steps
                 if opt_step_done and every and (micro_step // accum) % every == 0:
+                    metrics_file.sync()  # on disk before the checkpoint that a resume trims them to
                     ckpt.save(micro_step, trainable, opt_state,
                               {"epoch": epoch, "batch_index": index + 1, "micro_step": micro_step})
             if micro_step == stage_ends[stage]:
                 if ckpt.latest_step() != micro_step:
+                    metrics_file.sync()
                     ckpt.save(micro_step, trainable, opt_state,
                               {"epoch": epoch + 1, "batch_index": 0, "micro_step": micro_step}, force=True)
                 exports.append(export_stage(run_dir, stage, graphdef, trainable, frozen, processor))
                 log(f"stage {stage} done at epoch {epoch}: loss {np.mean(losses[-micro_per_epoch:] or [np.nan]):.4f}, "
                     f"exported {exports[-1]}, {len(compiled)} compilation(s) so far")
         bar.close()
-    finally:
-        metrics_file.close()
-        events.close()
-        ckpt.close()
+    finally:  # every close runs (the checkpointer's awaits the save in flight); the first error is raised
+        close_all(metrics_file.close, events.close, ckpt.close)
     return result()
 
 
@@ -421,7 +423,7 @@ def ensure_stage_export(run_dir: Path, stage: int, end_step: int, ckpt: TrainChe
     """A finished stage's export, rebuilt from the stage's end checkpoint when missing or incomplete (a crash
     during the export). Returns the rebuilt folder, or None when it was complete or cannot be rebuilt."""
     out = run_dir / f"stage_{stage}"
-    problem = distributed.broadcast_object(export_problem(out))  # process 0's folder decides
+    problem = distributed.on_writer(lambda: export_problem(recover_swap(out)), "export_check")  # process 0's folder
     if problem is None:
         return None
     if end_step not in ckpt.all_steps():
