@@ -34,7 +34,7 @@ from .config import InferenceSettings, load_config
 from .continuous import generate_continuous
 from .data import DATASETS, load_processor, make_encoder, special_token_ids, tokenizer_of
 from .data.collate import stack_images
-from .data.examples import image_bytes
+from .data.examples import MAX_IMAGE_PIXELS, image_bytes
 from .decoding import SamplingConfig
 from .eval.run import EVAL_LENGTH_BUCKETS, image_patches, left_pad
 from .eval.scoring import m3cot_strict_prediction, scienceqa_prediction
@@ -43,7 +43,7 @@ from .io.settings_file import read_settings
 from .latent import LatentConfig
 from .models import family_named, read_config
 
-DEFAULT_MAX_PIXELS = 50_000_000  # images over this many pixels are refused (PIL refuses ~179M as a bomb)
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # images over this many pixels are refused, as datasets' rows are skipped
 MAX_CHOICES = 26  # letters A-Z
 FREE_ANSWER = re.compile(r"the\s+answer\s+is\s*:?\s*(.+?)\s*(?:\.\s|\.$|\n|$)", re.IGNORECASE)
 

@@ -333,6 +333,33 @@ def test_bad_rows_are_counted(tmp_path, qwen_proc):
     assert "8 rows read, 2 kept, 6 skipped" in text and "unreadable_image: 2" in text
 
 
+def test_image_paths_stay_in_the_dataset_folder_and_name_regular_files(tmp_path, qwen_proc, monkeypatch):
+    """Path cells are taken from the dataset's folder, not the working directory; a path outside it, a FIFO
+    (which would block the load forever) and an image over the pixel cap are skipped with their reason."""
+    import os
+
+    from ivtlr_jax.data import examples as data_examples
+
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(png())
+    (tmp_path / "secret.png").write_bytes(png())
+    os.mkfifo(folder / "images" / "pipe.png")
+    (folder / "images" / "huge.png").write_bytes(png(size=(400, 300)))
+    monkeypatch.setattr(data_examples, "MAX_IMAGE_PIXELS", 100_000)  # 400 x 300 = 120,000 pixels
+    rows = [dict(id="relative", image={"bytes": None, "path": "images/a.png"}),
+            dict(id="absolute-inside", image={"bytes": None, "path": str(folder / "images" / "a.png")}),
+            dict(id="outside", image={"bytes": None, "path": "../secret.png"}),
+            dict(id="outside-absolute", image=str(tmp_path / "secret.png")),
+            dict(id="fifo", image={"bytes": None, "path": "images/pipe.png"}),
+            dict(id="huge", image={"bytes": None, "path": "images/huge.png"})]
+    src = write_m3cot(folder / "train.parquet", rows)
+    monkeypatch.chdir(tmp_path / "images" if (tmp_path / "images").exists() else tmp_path)  # not the data folder
+    exs, report = load_examples("m3cot", str(src), "train", qwen_proc, "qwen2vl")
+    assert [e.id for e in exs] == ["relative", "absolute-inside"]
+    assert report.counts == {"image_outside_dataset": 2, "unreadable_image": 1, "too_many_pixels": 1}
+
+
 def test_length_cap_drops_trailing_steps(tmp_path, qwen_proc):
     src = write_m3cot(tmp_path / "cap.parquet", [dict(rationale="Alpha beta gamma. Delta epsilon. Zeta.",
                                                       image=img(png()))])

@@ -23,6 +23,7 @@ from .collate import DEFAULT_LENGTH_BUCKETS, DEFAULT_PREFIX_BUCKETS, LatentShape
 from .curriculum import CurriculumConfig, epoch_order, num_latents, stage_of_epoch, stage_tokens
 from .examples import (
     Example,
+    check_pixels,
     LazyImage,
     SkipReport,
     SkipRow,
@@ -151,7 +152,8 @@ def _batch_rows(batch: dict) -> Iterator[dict]:
 # ---- rows -> examples ---------------------------------------------------------------------------------
 def load_examples(dataset: str, source: str, split: str, processor, family: str, *, max_length: int | None = None,
                   limit: int | None = None, num_image_tokens=None, lazy_images: bool = True,
-                  prompt_format: str = "train") -> tuple[list[Example], SkipReport]:
+                  prompt_format: str = "train",
+                  image_root: str | Path | None = None) -> tuple[list[Example], SkipReport]:
     """Load a split of M3CoT or ScienceQA as tokenized examples for a model family.
 
     processor: the model folder's processor (Qwen2VLProcessor / ChameleonProcessor; see
@@ -165,7 +167,9 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     (docs/method.md section 14, the default for training and evaluation) or "official" (the official evaluation
     scripts' prompts, docs/method.md section 21: M3CoT `A.{...}` options and `Answer:` without a newline; ScienceQA a
     `\nAnswer:` line; Chameleon BOS, image markers before `[Question]:` and the separator after the
-    latents in `Example.prompt_suffix`), for evaluation only.
+    latents in `Example.prompt_suffix`), for evaluation only. image_root: where image path cells may point
+    (relative ones are taken from it); default: the source's folder when it is local. Rows whose image is
+    outside it, not a regular file, or over MAX_IMAGE_PIXELS are skipped with their reason.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
@@ -177,13 +181,14 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     cap = family_named(family).max_length if max_length is None else int(max_length)
     report = SkipReport()
     examples: list[Example] = []
+    root = Path(image_root) if image_root is not None else source_folder(source)
     for index, row in enumerate(read_rows(source, split, module.REQUIRED_COLUMNS)):
         if limit is not None and len(examples) >= limit:
             break
         report.rows += 1
         try:
             example, truncated = _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images,
-                                              prompt_format)
+                                              prompt_format, root)
         except SkipRow as skip:
             report.add(skip.reason)
             continue
@@ -193,13 +198,20 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     return examples, report
 
 
+def source_folder(source: str) -> Path | None:
+    """The folder of a local source (image paths are confined to it), None for a hub id."""
+    path = Path(source).expanduser()
+    return path if path.is_dir() else path.parent if path.is_file() else None
+
+
 def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images,
-                 prompt_format: str = "train") -> tuple[Example, bool]:
+                 prompt_format: str = "train", root: Path | None = None) -> tuple[Example, bool]:
     text = module.parse_row(row, index, split)
     try:
-        data = image_bytes(text.image)
+        data = image_bytes(text.image, root)
         if data is None:
             raise SkipRow("no_image")
+        check_pixels(data)
         decode_image(data)  # fails early on bytes that are not an image
     except SkipRow:
         raise

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import stat
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +56,7 @@ class Example:
 @dataclasses.dataclass
 class SkipReport:
     """reason -> number of rows skipped ("no_image", "empty_choices", "bad_answer", "unreadable_image",
+    "image_outside_dataset", "image_too_large", "too_many_pixels",
     "too_long"), plus the number of rows read and examples kept."""
 
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -163,9 +167,15 @@ def choice_letter(answer: Any, num_choices: int) -> str:
 
 
 # ---- images ----------------------------------------------------------------------------------------
-def image_bytes(cell: Any) -> bytes | None:
+MAX_IMAGE_PIXELS = 50_000_000  # larger images are skipped ("too_many_pixels"); PIL itself refuses ~179M as a bomb
+MAX_IMAGE_BYTES = 256 << 20  # larger files are skipped ("image_too_large") before they are read
+
+
+def image_bytes(cell: Any, root: Path | None = None) -> bytes | None:
     """Encoded bytes of an image cell: the datasets Image struct {"bytes", "path"}, raw bytes, a file
-    path, or a PIL image (re-encoded losslessly as PNG). None when the row has no image."""
+    path, or a PIL image (re-encoded losslessly as PNG). None when the row has no image. A path is read
+    only when it names a regular file, within `root` (the dataset's folder: relative paths are taken from
+    it, not from the working directory) when there is one (`read_image_file`)."""
     if cell is None:
         return None
     if isinstance(cell, (bytes, bytearray, memoryview)):
@@ -174,12 +184,10 @@ def image_bytes(cell: Any) -> bytes | None:
         if cell.get("bytes") is not None:
             return bytes(cell["bytes"])
         if cell.get("path"):
-            with open(cell["path"], "rb") as f:
-                return f.read()
+            return read_image_file(cell["path"], root)
         return None
     if isinstance(cell, str):
-        with open(cell, "rb") as f:
-            return f.read()
+        return read_image_file(cell, root)
     from PIL import Image
 
     if isinstance(cell, Image.Image):
@@ -187,6 +195,37 @@ def image_bytes(cell: Any) -> bytes | None:
         cell.save(buf, format="PNG")
         return buf.getvalue()
     raise TypeError(f"unsupported image cell of type {type(cell).__name__}")
+
+
+def read_image_file(path: str, root: Path | None) -> bytes:
+    """The bytes of an image file named by a dataset cell; SkipRow when it lies outside `root`, is not a
+    regular file (a FIFO or a device would hang or never end), or is over MAX_IMAGE_BYTES."""
+    file = Path(path).expanduser()
+    if root is not None:
+        root = Path(root).resolve()
+        file = (file if file.is_absolute() else root / file).resolve()
+        if file != root and root not in file.parents:
+            raise SkipRow("image_outside_dataset", f"{path} is outside the dataset folder {root}")
+    try:
+        info = os.stat(file)
+    except OSError as err:
+        raise SkipRow("unreadable_image", f"{path}: {err.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SkipRow("unreadable_image", f"{path}: not a regular file")
+    if info.st_size > MAX_IMAGE_BYTES:
+        raise SkipRow("image_too_large", f"{path}: {info.st_size:,} bytes > {MAX_IMAGE_BYTES:,}")
+    with open(file, "rb") as f:
+        return f.read()
+
+
+def check_pixels(data: bytes) -> None:
+    """SkipRow("too_many_pixels") for an image over MAX_IMAGE_PIXELS, read from its header (nothing decoded)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise SkipRow("too_many_pixels", f"{width}x{height} > {MAX_IMAGE_PIXELS:,} pixels")
 
 
 class LazyImage(Mapping):
