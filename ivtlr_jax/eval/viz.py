@@ -156,50 +156,14 @@ def draw_selection(image: np.ndarray, grid_hw: tuple[int, int], selections: list
     n = max(len(steps), 1)
     width = max(2 * MARGIN + n * pw + (n - 1) * GAP, MIN_WIDTH)
     inner = width - 2 * MARGIN
-
-    big, body, small = font(18), font(14), font(13)
-    cell = min(ph / gh, pw / gw)
-    label_font = font(max(9, min(16, int(cell * 0.5))))
-
-    # ---- the text band
-    band: list[tuple[str, object, tuple[int, int, int]]] = []  # (line, font, colour)
-    if title:
-        band.append((title, big, TEXT))
-    if question is not None:
-        band += [(line, body, TEXT) for line in wrap(f"Question: {question}", body, inner, 6)]
-    if choices:
-        options = "   ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
-        band += [(line, body, TEXT) for line in wrap(f"Choices: {options}", body, inner, 4)]
-    if generated is not None:
-        band += [(line, small, MUTED) for line in wrap(f"Generated: {generated}", small, inner, 3)]
-    if gold is not None or prediction is not None:
-        verdict = "" if correct is None else ("CORRECT" if correct else "INCORRECT")
-        line = f"Prediction: {answer_label(prediction, choices)}    Gold: {answer_label(gold, choices)}"
-        band.append((f"{line}    {verdict}".rstrip(), big, TEXT if correct is None else (GOOD if correct else BAD)))
-        if correct_official is not None:
-            band.append((f"(verdict of the strict scoring; the official scoring says "
-                         f"{'correct' if correct_official else 'incorrect'})", small, MUTED))
+    small = font(13)
+    band = text_band(inner, title=title, question=question, choices=choices, generated=generated,
+                     prediction=prediction, gold=gold, correct=correct, correct_official=correct_official)
     text_h = sum(line_height(f) for _, f, _ in band)
-
-    # ---- panel titles
-    titles = []
-    for i, chosen in enumerate(steps):
-        what = f"{len(chosen)} patches attended from the position before latent {i + 1}"
-        titles.append(wrap(f"latent step {i + 1}: {what}", small, pw))
+    titles = [wrap(f"latent step {i + 1}: {len(chosen)} patches attended from the position before latent {i + 1}",
+                   small, pw) for i, chosen in enumerate(steps)]
     title_h = max((len(t) for t in titles), default=0) * line_height(small)
-
-    # ---- legend
-    any_filler = any(set(chosen) & {p for earlier in steps[:i] for p in earlier} for i, chosen in enumerate(steps))
-    legend_lines = ["outlined square (black-white-black): an image patch selected at that step and inserted "
-                    "before the latent"]
-    if ranked:
-        legend_lines.append("number on a black box: the patch's rank within the step (1 = highest attention score)")
-    else:
-        legend_lines.append("patch_order=position: patches were inserted in raster order; score ranks not shown")
-    if any_filler:
-        legend_lines.append("grey box: a patch already selected at an earlier step (filler: fewer than K "
-                            "unselected patches were left)")
-    legend_text = [line for item in legend_lines for line in wrap(item, small, inner - 40)]
+    legend_text = [line for item in legend_lines(steps, ranked) for line in wrap(item, small, inner - 40)]
     legend_h = max(len(legend_text) * line_height(small), 32)
 
     height = MARGIN + text_h + (MARGIN if band else 0) + title_h + ph + MARGIN + legend_h + MARGIN
@@ -223,7 +187,53 @@ def draw_selection(image: np.ndarray, grid_hw: tuple[int, int], selections: list
         canvas.paste(tile, (x, top))
         panels.append((x, top, x + pw, top + ph))
     picture = SelectionPicture(canvas, panels, (gh, gw), text_box, (0, 0, 0, 0))
+    mark_selections(draw, picture, steps, ranked, font(max(9, min(16, int(min(ph / gh, pw / gw) * 0.5)))))
+    picture.legend_box = draw_legend(draw, panels[0][3] + MARGIN, width, legend_text, legend_h, ranked)
+    return picture
 
+
+def text_band(inner: int, *, title, question, choices, generated, prediction, gold, correct,
+              correct_official) -> list[tuple[str, object, tuple[int, int, int]]]:
+    """The lines (text, font, colour) above the panels: title, question, choices, generated text, verdict."""
+    big, body, small = font(18), font(14), font(13)
+    band: list[tuple[str, object, tuple[int, int, int]]] = []
+    if title:
+        band.append((title, big, TEXT))
+    if question is not None:
+        band += [(line, body, TEXT) for line in wrap(f"Question: {question}", body, inner, 6)]
+    if choices:
+        options = "   ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
+        band += [(line, body, TEXT) for line in wrap(f"Choices: {options}", body, inner, 4)]
+    if generated is not None:
+        band += [(line, small, MUTED) for line in wrap(f"Generated: {generated}", small, inner, 3)]
+    if gold is not None or prediction is not None:
+        verdict = "" if correct is None else ("CORRECT" if correct else "INCORRECT")
+        line = f"Prediction: {answer_label(prediction, choices)}    Gold: {answer_label(gold, choices)}"
+        band.append((f"{line}    {verdict}".rstrip(), big, TEXT if correct is None else (GOOD if correct else BAD)))
+        if correct_official is not None:
+            band.append((f"(verdict of the strict scoring; the official scoring says "
+                         f"{'correct' if correct_official else 'incorrect'})", small, MUTED))
+    return band
+
+
+def legend_lines(steps: list[list[int]], ranked: bool) -> list[str]:
+    """What the marks mean: outlines, rank numbers (or raster order), filler boxes where there are any."""
+    any_filler = any(set(chosen) & {p for earlier in steps[:i] for p in earlier} for i, chosen in enumerate(steps))
+    lines = ["outlined square (black-white-black): an image patch selected at that step and inserted before the latent"]
+    if ranked:
+        lines.append("number on a black box: the patch's rank within the step (1 = highest attention score)")
+    else:
+        lines.append("patch_order=position: patches were inserted in raster order; score ranks not shown")
+    if any_filler:
+        lines.append("grey box: a patch already selected at an earlier step (filler: fewer than K "
+                     "unselected patches were left)")
+    return lines
+
+
+def mark_selections(draw: ImageDraw.ImageDraw, picture: SelectionPicture, steps: list[list[int]], ranked: bool,
+                    label_font) -> None:
+    """Outline each step's patches in its panel, then label them: rank numbers, and fillers (patches chosen at
+    an earlier step) in grey."""
     for i, chosen in enumerate(steps):
         earlier = {int(p) for s in steps[:i] for p in s}
         boxes = [picture.cell_box(i, index) for index in chosen]
@@ -236,15 +246,16 @@ def draw_selection(image: np.ndarray, grid_hw: tuple[int, int], selections: list
                     rank_label(draw, box, str(rank + 1) if ranked else "f", label_font,
                                FILLER_BOX if filler else LABEL_BOX)
 
-    # ---- legend: a sample outlined cell with a label, then the explanations
-    ly = panels[0][3] + MARGIN
-    side = 30
-    sample = (MARGIN, ly, MARGIN + side, ly + side)
+
+def draw_legend(draw: ImageDraw.ImageDraw, top: int, width: int, lines: list[str], height: int,
+                ranked: bool) -> tuple[int, int, int, int]:
+    """A sample outlined cell with a label, then the explanations -> the legend's box."""
+    side, small = 30, font(13)
+    sample = (MARGIN, top, MARGIN + side, top + side)
     draw.rectangle(sample, fill=(170, 190, 210))
     outline_cell(draw, sample)
     if ranked:
         rank_label(draw, sample, "1", font(13), LABEL_BOX)
-    for j, line in enumerate(legend_text):
-        draw.text((MARGIN + side + 10, ly + j * line_height(small)), line, font=small, fill=TEXT)
-    picture.legend_box = (0, ly, width, ly + legend_h)
-    return picture
+    for j, line in enumerate(lines):
+        draw.text((MARGIN + side + 10, top + j * line_height(small)), line, font=small, fill=TEXT)
+    return (0, top, width, top + height)
