@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     def compiled(attention=None, frame_len=None, grad=False):
         """A fresh jitted tower call (traced with `attention` in place when given): (state, pv, grid) -> out."""
         def call(state, pv, grid):
-            return nnx.merge(graphdef, state)(cfg, pv, grid, frame_len=frame_len)
+            return nnx.merge(graphdef, state)(pv, grid, frame_len=frame_len)
         if grad:
             call = jax.grad(lambda state, pv, grid, f=call: jnp.sum(f(state, pv, grid)))
         jitted = jax.jit(call)

@@ -1,6 +1,8 @@
-"""The decoder stack both models share: pre-norm GQA attention + gated MLP, layers stacked on a
+"""The decoder stack the model families share: pre-norm GQA attention + gated MLP, layers stacked on a
 leading axis and run under `jax.lax.scan` (compile time does not grow with depth), with an optional
-remat policy, a KV cache, and the per-layer one-row attention probabilities used by the latent loop.
+remat policy, a KV cache, and the per-layer one-row attention probabilities used by the latent loop. The
+stack holds its config and run options (`RunOptions`); a call passes only what changes between calls
+(`Attend`: positions, mask, cache slot, rows to report).
 
 Model families differ only by options of `DecoderConfig` (Qwen2: q/k/v biases; Chameleon: per-head
 q/k LayerNorm and, for the 30B model, swin-norm ordering), not by copies.
@@ -20,16 +22,10 @@ from .kv_cache import to_cache_layout, write_chunk
 from .layers import activation, layer_norm, param, rms_norm
 from .lora import PROJECTIONS, token_einsum
 from .rope import apply_rope
-from .sharding import ShardingRules, constrain
+from .run_options import REMAT_POLICIES, RunOptions, scan_stacked  # noqa: F401 (REMAT_POLICIES re-exported)
+from .sharding import constrain
 
 QK_NORM_EPS = 1e-5  # Chameleon's q/k LayerNorm epsilon (fixed in transformers)
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +62,15 @@ class DecoderOutput(NamedTuple):
     all_hidden: jax.Array | None  # [L, B, T, D] output of every layer
 
 
+class Attend(NamedTuple):
+    """What every layer of one decoder call attends with."""
+    cos: jax.Array  # [B, T, head_dim] RoPE of the chunk's positions
+    sin: jax.Array
+    mask: jax.Array  # [B, T, T] without a cache, [B, T, S] with one
+    write_index: jax.Array | None  # [] or [B]: the cache slot the chunk goes to (None: no cache)
+    prob_rows: jax.Array | None  # [B]: the query row whose attention probabilities each layer reports
+
+
 class DecoderLayers(nnx.Module):
     """`num_layers` decoder layers; every parameter has a leading `layers` axis.
 
@@ -73,7 +78,9 @@ class DecoderLayers(nnx.Module):
     heads, h head dim, f MLP width.
     """
 
-    def __init__(self, cfg: DecoderConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, options: RunOptions = RunOptions(), *, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg, self.options = cfg, options
         L, D, N, K, H, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                             cfg.head_dim, cfg.intermediate_size)
         p = lambda shape, axes, init="normal": param(rngs, (L, *shape), ("layers", *axes), param_dtype, init)
@@ -97,23 +104,11 @@ class DecoderLayers(nnx.Module):
         self.down_weight_fd = p((F, D), ("mlp", "embed"))
 
 
-def _layer(
-    lp: DecoderLayers,
-    cfg: DecoderConfig,
-    h: jax.Array,
-    cos: jax.Array,
-    sin: jax.Array,
-    mask: jax.Array,
-    k_cache: jax.Array | None,
-    v_cache: jax.Array | None,
-    write_index: jax.Array | None,
-    prob_rows: jax.Array | None,
-    dtype,
-    rules: ShardingRules | None,
-    dropout_key: jax.Array | None = None,
-    attention_impl: str = "xla",
-):
-    """One layer on h [B, T, D]; `lp` holds one layer's parameters (the scanned slice)."""
+def _layer(lp: DecoderLayers, h: jax.Array, attend: Attend, k_cache: jax.Array | None, v_cache: jax.Array | None,
+           dropout_key: jax.Array | None = None):
+    """One layer on h [B, T, D]; `lp` holds one layer's parameters (the scanned slice), its config and options;
+    k_cache / v_cache: its slice of the cache (None: no cache)."""
+    cfg, dtype, rules = lp.cfg, lp.options.dtype, lp.options.rules
     w = lambda v: v[...].astype(dtype)
     eps = cfg.rms_norm_eps
     act = activation(cfg.hidden_act)
@@ -133,19 +128,20 @@ def _layer(
     if cfg.qk_layernorm:
         q = layer_norm(q, lp.q_norm_scale_nh[...], lp.q_norm_bias_nh[...], QK_NORM_EPS)
         k = layer_norm(k, lp.k_norm_scale_kh[...], lp.k_norm_bias_kh[...], QK_NORM_EPS)
-    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), rules)
-    k = apply_rope(k, cos, sin)
+    q = constrain(apply_rope(q, attend.cos, attend.sin), ("batch", "length", "heads", "head_dim"), rules)
+    k = apply_rope(k, attend.cos, attend.sin)
 
     if k_cache is not None:  # this layer's cache slice (kv_cache.py layout); the chunk goes in at write_index
         new_kv = to_cache_layout(k, v, k_cache.dtype)
-        k_att, v_att = (x.astype(dtype) for x in write_chunk(k_cache, v_cache, *new_kv, write_index))
+        k_att, v_att = (x.astype(dtype) for x in write_chunk(k_cache, v_cache, *new_kv, attend.write_index))
         layout = "cache"
     else:
         new_kv = None
         k_att, v_att, layout = k, v, "bskh"
     scale = cfg.head_dim**-0.5
-    attn = dot_product_attention(q, k_att, v_att, mask, scale, layout, attention_impl)
-    rows = None if prob_rows is None else row_attention_probs(q, k_att, mask, prob_rows, scale, layout)
+    attn = dot_product_attention(q, k_att, v_att, attend.mask, scale, layout, lp.options.attention_impl)
+    rows = None if attend.prob_rows is None else \
+        row_attention_probs(q, k_att, attend.mask, attend.prob_rows, scale, layout)
     attn_out = proj("o_proj", attn)
     if cfg.swin_norm:
         attn_out = rms_norm(attn_out, lp.attn_norm_d[...], eps)
@@ -160,58 +156,33 @@ def _layer(
     return h, new_kv, rows
 
 
-def run_decoder(
-    layers: DecoderLayers,
-    cfg: DecoderConfig,
-    h: jax.Array,
-    cos: jax.Array,
-    sin: jax.Array,
-    mask: jax.Array,
-    *,
-    cache_kv: tuple[jax.Array, jax.Array] | None = None,
-    write_index: jax.Array | int | None = None,
-    prob_rows: jax.Array | None = None,
-    collect_hidden: bool = False,
-    remat: str = "none",
-    dtype=jnp.float32,
-    rules: ShardingRules | None = None,
-    dropout_key: jax.Array | None = None,
-    unroll: bool = False,
-    attention_impl: str = "xla",
-) -> DecoderOutput:
-    """Scan the stacked layers over h [B, T, D].
+def run_decoder(layers: DecoderLayers, h: jax.Array, attend: Attend, *,
+                cache_kv: tuple[jax.Array, jax.Array] | None = None, collect_hidden: bool = False,
+                dropout_key: jax.Array | None = None) -> DecoderOutput:
+    """Scan the stacked layers over h [B, T, D] (in the layers' options: dtype, remat, unrolling, sharding
+    rules, attention implementation).
 
-    Without a cache, keys are the T inputs themselves and mask is [B, T, T]. With `cache_kv` (k [L, B, K,
-    S, H], v [L, B, K, H, S], see kv_cache.py) the T new keys/values are written at slot `write_index` and
-    queries attend over all S slots under mask [B, T, S]. `prob_rows` [B] picks, per example, the query
-    whose head-averaged attention probabilities are returned per layer. `dropout_key`: LoRA dropout
-    (training), folded with the layer index. `unroll`: unroll the layer loop (`scan_layers=False`: faster
-    for shallow models; and for cost analysis, since XLA counts a loop body once, whatever its trip count).
-    `attention_impl`: see attention.py (the one-row probabilities are exact either way).
+    Without a cache, keys are the T inputs themselves and `attend.mask` is [B, T, T]. With `cache_kv` (k [L, B,
+    K, S, H], v [L, B, K, H, S], see kv_cache.py) the T new keys/values are written at slot `attend.write_index`
+    and queries attend over all S slots under a mask [B, T, S]. `attend.prob_rows` [B] picks, per example, the
+    query whose head-averaged attention probabilities are returned per layer. `dropout_key`: LoRA dropout
+    (training), folded with the layer index. `collect_hidden`: also return every layer's output.
     """
-    graphdef, state = nnx.split(layers)
-    if write_index is not None:
-        write_index = jnp.asarray(write_index, jnp.int32)
+    if attend.write_index is not None:
+        attend = attend._replace(write_index=jnp.asarray(attend.write_index, jnp.int32))
 
-    def body(h, xs):
+    def body(lp, h, xs):
         # the cache is read-only here: each layer attends over its slice with the chunk written into a
         # local copy, and hands the chunk's keys/values out; they go into the stacked cache once, after
         # the scan, in place (updating the cache inside the scan made XLA copy all of it per layer)
-        layer_state, index, k_layer, v_layer = xs
-        lp = nnx.merge(graphdef, layer_state)
+        index, k_layer, v_layer = xs
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-        h, new_kv, rows = _layer(lp, cfg, h, cos, sin, mask, k_layer, v_layer, write_index, prob_rows, dtype, rules,
-                                 key, attention_impl)
+        h, new_kv, rows = _layer(lp, h, attend, k_layer, v_layer, key)
         return h, (rows, h if collect_hidden else None, new_kv)
 
-    if REMAT_POLICIES.get(remat, "?") == "?":
-        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
-    if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-
     k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
-    h, (rows, all_hidden, new_kv) = jax.lax.scan(
-        body, h, (state, jnp.arange(cfg.num_layers), k_cache, v_cache), unroll=unroll)
+    h, (rows, all_hidden, new_kv) = scan_stacked(layers, body, h, (jnp.arange(layers.cfg.num_layers), k_cache,
+                                                                   v_cache), layers.options)
     if cache_kv is not None:  # new_kv: [L, B, K, T, H] and [L, B, K, H, T], written at slot write_index
-        k_cache, v_cache = write_chunk(k_cache, v_cache, *new_kv, write_index)
+        k_cache, v_cache = write_chunk(k_cache, v_cache, *new_kv, attend.write_index)
     return DecoderOutput(h, None if cache_kv is None else (k_cache, v_cache), rows, all_hidden)

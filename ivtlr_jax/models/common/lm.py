@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import ATTENTION_IMPLS, causal_mask
-from .decoder import DecoderConfig, DecoderLayers, run_decoder
+from .attention import causal_mask
+from .decoder import Attend, DecoderConfig, DecoderLayers, run_decoder
 from .kv_cache import KVCache
 from .layers import acc_dtype, param, rms_norm
+from .run_options import RunOptions
 from .sharding import ShardingRules, constrain
 
 
@@ -45,30 +46,28 @@ class DecoderLM(nnx.Module):
         over latent passes and loss chunks, so that XLA's cost analysis counts each iteration (the
         planner's FLOP count). attention_impl: "xla" (explicit einsums) or "fused"
         (`jax.nn.dot_product_attention`, cuDNN on GPU where it fits) for the decoder's and the vision
-        tower's attentions; see common/attention.py."""
-        if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention_impl {attention_impl!r}; choose from {ATTENTION_IMPLS}")
+        tower's attentions; see common/attention.py. All but scan_layers and unroll_scans are the modules'
+        `RunOptions`, held by the decoder stack and the input side (`options`)."""
         text: DecoderConfig = config.text
         D, V = text.hidden_size, config.vocab_size
         self.config = config
         self.text_config = text
-        self.dtype = dtype
-        self.remat = remat
         self.scan_layers = scan_layers
         self.unroll_scans = unroll_scans
-        self.attention_impl = attention_impl
-        self.rules = rules
+        self.options = RunOptions(dtype, remat, rules, unroll_scans or not scan_layers, attention_impl)
         self.embed_vd = param(rngs, (V, D), ("vocab", "embed"), param_dtype)
-        self.layers = DecoderLayers(text, param_dtype=param_dtype, rngs=rngs)
+        self.layers = DecoderLayers(text, self.options, param_dtype=param_dtype, rngs=rngs)
         self.final_norm_d = param(rngs, (D,), ("norm",), param_dtype, "ones")
         self.lm_head_dv = None if config.tie_word_embeddings else param(rngs, (D, V), ("embed", "vocab"), param_dtype)
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError
 
-    @property
-    def unroll_layers(self) -> bool:
-        return self.unroll_scans or not self.scan_layers
+    # the run options, read where the LM computes itself (embeddings, logits) and by its callers
+    dtype = property(lambda self: self.options.dtype)
+    remat = property(lambda self: self.options.remat)
+    rules = property(lambda self: self.options.rules)
+    attention_impl = property(lambda self: self.options.attention_impl)
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         return constrain(self.embed_vd[...].astype(self.dtype)[input_ids], ("batch", "length", "embed"), self.rules)
@@ -112,12 +111,8 @@ class DecoderLM(nnx.Module):
                 query_slots = cache.end + jnp.arange(t)  # [T]
             mask = causal_mask(query_slots, key_valid)
             cache_kv, write_index = (cache.k, cache.v), cache.end
-        out = run_decoder(
-            self.layers, self.text_config, embeds.astype(self.dtype), cos, sin, mask,
-            cache_kv=cache_kv, write_index=write_index, prob_rows=prob_rows, collect_hidden=collect_hidden,
-            remat=self.remat, dtype=self.dtype, rules=self.rules, dropout_key=dropout_key,
-            unroll=self.unroll_layers, attention_impl=self.attention_impl,
-        )
+        out = run_decoder(self.layers, embeds.astype(self.dtype), Attend(cos, sin, mask, write_index, prob_rows),
+                          cache_kv=cache_kv, collect_hidden=collect_hidden, dropout_key=dropout_key)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=out.cache_kv[0], v=out.cache_kv[1], valid=key_valid, end=cache.end + t)

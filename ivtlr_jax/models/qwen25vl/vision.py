@@ -30,11 +30,11 @@ import numpy as np
 from flax import nnx
 
 from ..common.attention import dot_product_attention
-from ..common.decoder import REMAT_POLICIES
 from ..common.frame_attention import frame_attention
 from ..common.layers import activation, param, rms_norm
 from ..common.rope import apply_vision_rope, vision_rope_cos_sin
-from ..common.sharding import ShardingRules, constrain
+from ..common.run_options import RunOptions, scan_stacked
+from ..common.sharding import constrain
 from ..qwen2vl.vision import patch_layout
 from .config import Qwen25VisionConfig
 
@@ -115,7 +115,11 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array,
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: Qwen25VisionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """The tower, holding its config and run options (dtype, remat, rules, unrolling, attention_impl)."""
+
+    def __init__(self, cfg: Qwen25VisionConfig, options: RunOptions = RunOptions(), *, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg, self.options = cfg, options
         E, M = cfg.embed_dim, cfg.embed_dim * cfg.spatial_merge_size**2
         self.patch_weight_pe = param(rngs, (cfg.patch_dim, E), (None, "vision_embed"), param_dtype)
         self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
@@ -125,23 +129,11 @@ class VisionTower(nnx.Module):
         self.merger_fc2_weight_md = param(rngs, (M, cfg.out_hidden_size), ("mlp", "embed"), param_dtype)
         self.merger_fc2_bias_d = param(rngs, (cfg.out_hidden_size,), ("norm",), param_dtype, "zeros")
 
-    def __call__(
-        self,
-        cfg: Qwen25VisionConfig,
-        pixel_values: jax.Array,
-        image_grid_thw: jax.Array,
-        *,
-        dtype=jnp.float32,
-        remat: str = "none",
-        rules: ShardingRules | None = None,
-        frame_len: int | None = None,
-        unroll: bool = False,
-        attention_impl: str = "xla",
-    ) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array, frame_len: int | None = None) -> jax.Array:
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D],
         in the processor's order. frame_len: static, every frame has this many patches (the full blocks
-        then attend per frame instead of under a [Np, Np] mask); the model finds it, not its callers.
-        attention_impl: see common/attention.py."""
+        then attend per frame instead of under a [Np, Np] mask); the model finds it, not its callers."""
+        cfg, dtype, impl = self.cfg, self.options.dtype, self.options.attention_impl
         num_patches = pixel_values.shape[0]
         unit = cfg.spatial_merge_size**2
         if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
@@ -158,18 +150,13 @@ class VisionTower(nnx.Module):
         order = jnp.argsort(window, stable=True)  # [Np]
         segment, window = segment[order], window[order]
         cos, sin = vision_rope_cos_sin(hw[order], cfg.head_dim, cfg.rope_theta)
-        x = pixel_values.astype(dtype)[order] @ w(self.patch_weight_pe)  # [Np, E]
         act = activation(cfg.hidden_act)
 
         full_flags = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)  # static, per block
-        attend_window = lambda q, k, v: chunked_window_attention(q, k, v, window, cfg.window_patches, scale,
-                                                                 attention_impl)
-        attend_full = lambda q, k, v: full_attention(q, k, v, segment, frame_len, scale, attention_impl)
-        graphdef, state = nnx.split(self.blocks)
+        attend_window = lambda q, k, v: chunked_window_attention(q, k, v, window, cfg.window_patches, scale, impl)
+        attend_full = lambda q, k, v: full_attention(q, k, v, segment, frame_len, scale, impl)
 
-        def block(x, xs):
-            layer_state, is_full = xs
-            b = nnx.merge(graphdef, layer_state)
+        def block(b, x, is_full):
             y = rms_norm(x, b.norm1_scale_e[...], RMS_EPS)
             qkv = jnp.einsum("pe,eknh->pknh", y, w(b.qkv_weight_e3nh)) + w(b.qkv_bias_3nh)  # [Np, 3, N, H]
             q, k = apply_vision_rope(qkv[:, 0], cos, sin), apply_vision_rope(qkv[:, 1], cos, sin)
@@ -183,12 +170,10 @@ class VisionTower(nnx.Module):
             y = rms_norm(x, b.norm2_scale_e[...], RMS_EPS)
             gated = act(y @ w(b.gate_weight_ef) + w(b.gate_bias_f)) * (y @ w(b.up_weight_ef) + w(b.up_bias_f))
             x = x + gated @ w(b.down_weight_fe) + w(b.down_bias_e)
-            return constrain(x, ("length", "vision_embed"), rules), None
+            return constrain(x, ("length", "vision_embed"), self.options.rules), None
 
-        if remat != "none":
-            block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        x, _ = jax.lax.scan(block, x, (state, jnp.asarray(full_flags)), unroll=unroll)
-
+        x = pixel_values.astype(dtype)[order] @ w(self.patch_weight_pe)  # [Np, E]
+        x, _ = scan_stacked(self.blocks, block, x, jnp.asarray(full_flags), self.options)
         # merger (`Qwen2_5_VLPatchMerger`), then back to the processor's order (`reverse_indices`)
         x = rms_norm(x, self.merger_norm_scale_e[...], RMS_EPS)
         x = x.reshape(num_patches // unit, -1)  # [Np / 4, 4E]

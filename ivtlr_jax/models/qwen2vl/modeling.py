@@ -21,10 +21,12 @@ from .vision import VisionTower
 
 
 class Qwen2VL(DecoderLM):
+    tower_cls = VisionTower  # the vision tower (Qwen2.5-VL swaps in its own)
+
     def __init__(self, config: Qwen2VLConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs, **options):
         """options: dtype (compute), remat, rules, scan_layers, attention_impl (see DecoderLM)."""
         super().__init__(config, param_dtype=param_dtype, rngs=rngs, **options)
-        self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
+        self.visual = self.tower_cls(config.vision, self.options, param_dtype=param_dtype, rngs=rngs)
 
     # ---- inputs -------------------------------------------------------------------------------
     def image_features(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
@@ -41,15 +43,16 @@ class Qwen2VL(DecoderLM):
             pixel_values = pixel_values.reshape(-1, pixel_values.shape[-1])
         if is_concrete(image_grid_thw):
             frame_len = uniform_frame_len(np.asarray(image_grid_thw))
-        return self.visual(self.config.vision, pixel_values, image_grid_thw, dtype=self.dtype, remat=self.remat,
-                           rules=self.rules, frame_len=frame_len, unroll=self.unroll_layers,
-                           attention_impl=self.attention_impl)
+        return self.visual(pixel_values, image_grid_thw, frame_len)
 
     def embed_inputs(
         self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None,
+        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
     ) -> jax.Array:
         """Token embeddings [B, T, D] with the image placeholder positions overwritten, in order, by the
-        image features (transformers' `masked_scatter`)."""
+        image features (transformers' `masked_scatter`). Video inputs are refused."""
+        refuse_video(input_ids, self.config, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                     second_per_grid_ts=second_per_grid_ts)
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
@@ -80,8 +83,10 @@ class Qwen2VL(DecoderLM):
             return jnp.broadcast_to(jnp.arange(t)[None, None], (3, b, t))
         return self.rope_index(input_ids, attention_mask, image_grid_thw)[0]
 
-    def rope_index(self, input_ids, attention_mask, image_grid_thw):
-        """(positions [3, B, T], deltas [B, 1]) as transformers' `get_rope_index`."""
+    def rope_index(self, input_ids, attention_mask, image_grid_thw, video_grid_thw=None):
+        """(positions [3, B, T], deltas [B, 1]) as transformers' `get_rope_index` (and Qwen2.5-VL's, which is
+        the same for images); video grids are refused."""
+        refuse_video(input_ids, self.config, video_grid_thw=video_grid_thw)
         return get_rope_index(
             input_ids,
             image_grid_thw,
@@ -104,12 +109,30 @@ class Qwen2VL(DecoderLM):
         position_ids: jax.Array | None = None,
         *,
         output_hidden_states: bool = False,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
     ) -> ModelOutput:
+        """transformers' forward, images only (video inputs are refused)."""
+        refuse_video(input_ids, self.config, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                     second_per_grid_ts=second_per_grid_ts)
         if pixel_values is not None and is_concrete(input_ids) and is_concrete(image_grid_thw):
             check_image_tokens(np.asarray(input_ids), np.asarray(image_grid_thw), self.config)
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
         pos = self.positions(input_ids, attention_mask, image_grid_thw, position_ids)
         return self.forward_embeds(embeds, pos, attention_mask, output_hidden_states)
+
+
+def refuse_video(input_ids=None, config: Qwen2VLConfig | None = None, **video) -> None:
+    """Raise ValueError when video inputs are given (or, for concrete ids, video placeholder tokens)."""
+    given = sorted(k for k, v in video.items() if v is not None)
+    family = getattr(config, "model_type", "qwen2_vl")
+    if given:
+        raise ValueError(f"{family}: video inputs are not supported (got {', '.join(given)}); images only")
+    if input_ids is not None and config is not None and is_concrete(input_ids):
+        if np.any(np.asarray(input_ids) == config.video_token_id):
+            raise ValueError(f"{family}: video inputs are not supported (input_ids hold <|video_pad|> tokens, "
+                             f"id {config.video_token_id}); images only")
 
 
 def check_image_tokens(input_ids: np.ndarray, image_grid_thw: np.ndarray, config: Qwen2VLConfig) -> None:

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..common.attention import dot_product_attention
-from ..common.decoder import REMAT_POLICIES
 from ..common.frame_attention import frame_attention
 from ..common.layers import activation, layer_norm, param
 from ..common.rope import apply_vision_rope, vision_rope_cos_sin
-from ..common.sharding import ShardingRules, constrain
+from ..common.run_options import RunOptions, scan_stacked
+from ..common.sharding import constrain
 from .config import VisionConfig
 
 LN_EPS = 1e-6
@@ -69,7 +69,11 @@ def patch_layout(image_grid_thw: jax.Array, num_patches: int, merge: int) -> tup
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """The tower, holding its config and run options (dtype, remat, rules, unrolling, attention_impl)."""
+
+    def __init__(self, cfg: VisionConfig, options: RunOptions = RunOptions(), *, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg, self.options = cfg, options
         E, M = cfg.embed_dim, cfg.embed_dim * cfg.spatial_merge_size**2
         self.patch_weight_pe = param(rngs, (cfg.patch_dim, E), (None, "vision_embed"), param_dtype)
         self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
@@ -80,26 +84,15 @@ class VisionTower(nnx.Module):
         self.merger_fc2_weight_md = param(rngs, (M, cfg.out_hidden_size), ("mlp", "embed"), param_dtype)
         self.merger_fc2_bias_d = param(rngs, (cfg.out_hidden_size,), ("norm",), param_dtype, "zeros")
 
-    def __call__(
-        self,
-        cfg: VisionConfig,
-        pixel_values: jax.Array,
-        image_grid_thw: jax.Array,
-        *,
-        dtype=jnp.float32,
-        remat: str = "none",
-        rules: ShardingRules | None = None,
-        frame_len: int | None = None,
-        unroll: bool = False,
-        attention_impl: str = "xla",
-    ) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array, frame_len: int | None = None) -> jax.Array:
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D].
 
         frame_len: a static promise that every image frame has this many patches (e.g. all images
         resized to 280x280). Attention then runs per frame ([Np / frame_len] blocks of frame_len^2);
         without it (mixed sizes, or a traced grid) through `frame_attention`, tiles of the frames' own
-        blocks; the result is the same. attention_impl: see common/attention.py (it applies to the
-        per-frame path; `frame_attention` is one implementation for both)."""
+        blocks; the result is the same. The options' attention_impl applies to the per-frame path
+        (`frame_attention` is one implementation for both)."""
+        cfg, dtype = self.cfg, self.options.dtype
         num_patches = pixel_values.shape[0]
         if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
             raise ValueError(f"pixel_values must be [num_patches, {cfg.patch_dim}], got {pixel_values.shape}")
@@ -110,11 +103,7 @@ class VisionTower(nnx.Module):
             raise ValueError(f"frame_len {frame_len} does not divide the {num_patches} patches")
         act = activation(cfg.hidden_act)
 
-        x = pixel_values.astype(dtype) @ w(self.patch_weight_pe)  # [Np, E]
-        graphdef, state = nnx.split(self.blocks)
-
-        def block(x, layer_state):
-            b = nnx.merge(graphdef, layer_state)
+        def block(b, x, _):
             y = layer_norm(x, b.norm1_scale_e[...], b.norm1_bias_e[...], LN_EPS)
             qkv = jnp.einsum("pe,eknh->pknh", y, w(b.qkv_weight_e3nh)) + w(b.qkv_bias_3nh)
             q = apply_vision_rope(qkv[:, 0], cos, sin)
@@ -124,18 +113,16 @@ class VisionTower(nnx.Module):
             else:  # each frame attends to itself only: no mask (so no bias for a fused kernel)
                 frames = lambda t: t.reshape(-1, frame_len, *t.shape[1:])  # [frames, frame_len, heads, H]
                 attn = dot_product_attention(frames(q), frames(k), frames(qkv[:, 2]), None, cfg.head_dim**-0.5,
-                                             impl=attention_impl)
+                                             impl=self.options.attention_impl)
                 attn = attn.reshape(num_patches, *attn.shape[2:])
             x = x + jnp.einsum("pnh,nhe->pe", attn, w(b.proj_weight_nhe)) + w(b.proj_bias_e)
             y = layer_norm(x, b.norm2_scale_e[...], b.norm2_bias_e[...], LN_EPS)
             y = act(y @ w(b.fc1_weight_ef) + w(b.fc1_bias_f))
             x = x + y @ w(b.fc2_weight_fe) + w(b.fc2_bias_e)
-            return constrain(x, ("length", "vision_embed"), rules), None
+            return constrain(x, ("length", "vision_embed"), self.options.rules), None
 
-        if remat != "none":
-            block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        x, _ = jax.lax.scan(block, x, state, unroll=unroll)
-
+        x = pixel_values.astype(dtype) @ w(self.patch_weight_pe)  # [Np, E]
+        x, _ = scan_stacked(self.blocks, block, x, None, self.options)
         x = layer_norm(x, self.merger_norm_scale_e[...], self.merger_norm_bias_e[...], LN_EPS)
         x = x.reshape(num_patches // cfg.spatial_merge_size**2, -1)  # [Np / 4, 4E]
         x = jax.nn.gelu(x @ w(self.merger_fc1_weight_mm) + w(self.merger_fc1_bias_m), approximate=False)
