@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..qwen2vl.config import Qwen2VLConfig, VisionConfig, VisionGeometry
+from ..qwen2vl.config import Qwen2VLConfig, VisionConfig, VisionGeometry, geometry_fields
 
 
 def _released_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int,
@@ -38,21 +38,12 @@ HUB_CONFIGS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Qwen25VisionConfig(VisionGeometry):
-    depth: int
-    embed_dim: int  # transformers' vision `hidden_size`
-    num_heads: int
     intermediate_size: int
-    out_hidden_size: int  # the LM's hidden size, output of the patch merger
     hidden_act: str = "silu"
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    in_channels: int = 3
     window_size: int = 112  # window side in pixels (112 = 8x8 patches = 4x4 merged tokens)
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    rope_theta: float = 10000.0
 
     @property
     def mlp_dim(self) -> int:
@@ -83,25 +74,15 @@ class Qwen25VLConfig(Qwen2VLConfig):
         # the text side as Qwen2-VL reads it (the vision fields it wants are placeholders, replaced below)
         base = super().from_hf({**d, "vision_config": {"depth": v["depth"], "embed_dim": v["hidden_size"],
                                                        "num_heads": v["num_heads"]}})
-        vis_rope = v.get("rope_parameters") or {}
         head_dim = v.get("head_dim")
         if head_dim is not None and head_dim != v["hidden_size"] // v["num_heads"]:
             raise ValueError(f"config.json: vision head_dim {head_dim} != hidden_size / num_heads is not supported")
         vision = Qwen25VisionConfig(
-            depth=v["depth"],
-            embed_dim=v["hidden_size"],
-            num_heads=v["num_heads"],
-            intermediate_size=v["intermediate_size"],
-            out_hidden_size=v.get("out_hidden_size", lm_hidden),
-            hidden_act=v.get("hidden_act", "silu"),
-            patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
-            temporal_patch_size=v.get("temporal_patch_size", 2),
-            spatial_merge_size=v.get("spatial_merge_size", 2),
-            in_channels=v.get("in_channels", v.get("in_chans", 3)),
-            window_size=v.get("window_size", 112),
+            depth=v["depth"], embed_dim=v["hidden_size"], num_heads=v["num_heads"],
+            intermediate_size=v["intermediate_size"], out_hidden_size=v.get("out_hidden_size", lm_hidden),
+            hidden_act=v.get("hidden_act", "silu"), window_size=v.get("window_size", 112),
             fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", (7, 15, 23, 31))),
-            rope_theta=vis_rope.get("rope_theta", 10000.0),
-        )
+            **geometry_fields(v))
         if vision.window_merged < 1:
             raise ValueError(f"config.json: window_size {vision.window_size} is smaller than one merged token "
                              f"({vision.patch_size * vision.spatial_merge_size} pixels)")
@@ -126,11 +107,7 @@ class Qwen25VLConfig(Qwen2VLConfig):
                 "intermediate_size": v.intermediate_size,
                 "out_hidden_size": v.out_hidden_size,
                 "hidden_act": v.hidden_act,
-                "patch_size": v.patch_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "in_channels": v.in_channels,
-                "in_chans": v.in_channels,
+                **v.hf_geometry(),
                 "window_size": v.window_size,
                 "fullatt_block_indexes": list(v.fullatt_block_indexes),
             },

@@ -23,37 +23,49 @@ HUB_CONFIGS = {
 }
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class VisionGeometry:
-    """What the Qwen vision configs (Qwen2-VL's, Qwen2.5-VL's) derive from their fields."""
+    """The fields the Qwen vision configs (Qwen2-VL's, Qwen2.5-VL's) share, and what they derive from them."""
 
-    embed_dim: int
+    depth: int
+    embed_dim: int  # transformers' vision `embed_dim` (Qwen2-VL) or `hidden_size` (Qwen2.5-VL)
     num_heads: int
-    in_channels: int
-    temporal_patch_size: int
-    patch_size: int
+    out_hidden_size: int  # the LM's hidden size, output of the patch merger
+    hidden_act: str
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    rope_theta: float = 10000.0
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    def hf_geometry(self) -> dict:
+        """The patch geometry as a `vision_config` writes it (`geometry_fields` reads it back)."""
+        return {"patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+                "spatial_merge_size": self.spatial_merge_size, "in_channels": self.in_channels,
+                "in_chans": self.in_channels}
 
     @property
     def patch_dim(self) -> int:
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
 
-@dataclasses.dataclass(frozen=True)
+def geometry_fields(v: dict) -> dict:
+    """The shared patch geometry and RoPE base of a `vision_config` (either family's names)."""
+    return dict(patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
+                temporal_patch_size=v.get("temporal_patch_size", 2),
+                spatial_merge_size=v.get("spatial_merge_size", 2),
+                in_channels=v.get("in_channels", v.get("in_chans", 3)),
+                rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class VisionConfig(VisionGeometry):
-    depth: int
-    embed_dim: int
-    num_heads: int
     mlp_ratio: float
-    out_hidden_size: int  # the LM's hidden size, output of the patch merger
     hidden_act: str = "quick_gelu"
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    in_channels: int = 3
-    rope_theta: float = 10000.0
 
     @property
     def mlp_dim(self) -> int:
@@ -103,20 +115,9 @@ class Qwen2VLConfig:
             qkv_bias=True,
         )
         v = d["vision_config"]
-        vis_rope = v.get("rope_parameters") or {}
-        vision = VisionConfig(
-            depth=v["depth"],
-            embed_dim=v["embed_dim"],
-            num_heads=v["num_heads"],
-            mlp_ratio=v.get("mlp_ratio", 4),
-            out_hidden_size=v.get("hidden_size", hidden),
-            hidden_act=v.get("hidden_act", "quick_gelu"),
-            patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
-            temporal_patch_size=v.get("temporal_patch_size", 2),
-            spatial_merge_size=v.get("spatial_merge_size", 2),
-            in_channels=v.get("in_channels", v.get("in_chans", 3)),
-            rope_theta=vis_rope.get("rope_theta", 10000.0),
-        )
+        vision = VisionConfig(depth=v["depth"], embed_dim=v["embed_dim"], num_heads=v["num_heads"],
+                              mlp_ratio=v.get("mlp_ratio", 4), out_hidden_size=v.get("hidden_size", hidden),
+                              hidden_act=v.get("hidden_act", "quick_gelu"), **geometry_fields(v))
         eos = text.get("eos_token_id")
         return cls(
             text=dec,
@@ -161,10 +162,6 @@ class Qwen2VLConfig:
                 "mlp_ratio": v.mlp_ratio,
                 "hidden_size": v.out_hidden_size,
                 "hidden_act": v.hidden_act,
-                "patch_size": v.patch_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "in_channels": v.in_channels,
-                "in_chans": v.in_channels,
+                **v.hf_geometry(),
             },
         }
