@@ -35,7 +35,7 @@ from ..common.layers import activation, param, rms_norm
 from ..common.rope import apply_vision_rope, vision_rope_cos_sin
 from ..common.run_options import RunOptions, scan_stacked
 from ..common.sharding import constrain
-from ..qwen2vl.vision import patch_layout
+from ..qwen2vl.vision import add_attention_params, add_merger_mlp, patch_layout
 from .config import Qwen25VisionConfig
 
 RMS_EPS = 1e-6
@@ -48,10 +48,7 @@ class VisionBlocks(nnx.Module):
         L, E, N, H, F = cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
         p = lambda shape, axes, init="normal": param(rngs, (L, *shape), ("layers", *axes), param_dtype, init)
         self.norm1_scale_e = p((E,), ("norm",), "ones")
-        self.qkv_weight_e3nh = p((E, 3, N, H), ("vision_embed", None, "heads", "head_dim"))
-        self.qkv_bias_3nh = p((3, N, H), (None, "heads", "head_dim"), "zeros")
-        self.proj_weight_nhe = p((N, H, E), ("heads", "head_dim", "vision_embed"))
-        self.proj_bias_e = p((E,), ("norm",), "zeros")
+        add_attention_params(self, p, E, N, H)
         self.norm2_scale_e = p((E,), ("norm",), "ones")
         self.gate_weight_ef = p((E, F), ("vision_embed", "mlp"))
         self.gate_bias_f = p((F,), ("mlp",), "zeros")
@@ -120,14 +117,10 @@ class VisionTower(nnx.Module):
     def __init__(self, cfg: Qwen25VisionConfig, options: RunOptions = RunOptions(), *, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.cfg, self.options = cfg, options
-        E, M = cfg.embed_dim, cfg.embed_dim * cfg.spatial_merge_size**2
-        self.patch_weight_pe = param(rngs, (cfg.patch_dim, E), (None, "vision_embed"), param_dtype)
+        self.patch_weight_pe = param(rngs, (cfg.patch_dim, cfg.embed_dim), (None, "vision_embed"), param_dtype)
         self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.merger_norm_scale_e = param(rngs, (E,), ("norm",), param_dtype, "ones")
-        self.merger_fc1_weight_mm = param(rngs, (M, M), (None, "mlp"), param_dtype)
-        self.merger_fc1_bias_m = param(rngs, (M,), ("mlp",), param_dtype, "zeros")
-        self.merger_fc2_weight_md = param(rngs, (M, cfg.out_hidden_size), ("mlp", "embed"), param_dtype)
-        self.merger_fc2_bias_d = param(rngs, (cfg.out_hidden_size,), ("norm",), param_dtype, "zeros")
+        self.merger_norm_scale_e = param(rngs, (cfg.embed_dim,), ("norm",), param_dtype, "ones")
+        add_merger_mlp(self, cfg, param_dtype, rngs)
 
     def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array, frame_len: int | None = None) -> jax.Array:
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D],

@@ -33,16 +33,31 @@ class VisionBlocks(nnx.Module):
         p = lambda shape, axes, init="normal": param(rngs, (L, *shape), ("layers", *axes), param_dtype, init)
         self.norm1_scale_e = p((E,), ("norm",), "ones")
         self.norm1_bias_e = p((E,), ("norm",), "zeros")
-        self.qkv_weight_e3nh = p((E, 3, N, H), ("vision_embed", None, "heads", "head_dim"))
-        self.qkv_bias_3nh = p((3, N, H), (None, "heads", "head_dim"), "zeros")
-        self.proj_weight_nhe = p((N, H, E), ("heads", "head_dim", "vision_embed"))
-        self.proj_bias_e = p((E,), ("norm",), "zeros")
+        add_attention_params(self, p, E, N, H)
         self.norm2_scale_e = p((E,), ("norm",), "ones")
         self.norm2_bias_e = p((E,), ("norm",), "zeros")
         self.fc1_weight_ef = p((E, F), ("vision_embed", "mlp"))
         self.fc1_bias_f = p((F,), ("mlp",), "zeros")
         self.fc2_weight_fe = p((F, E), ("mlp", "vision_embed"))
         self.fc2_bias_e = p((E,), ("norm",), "zeros")
+
+
+def add_attention_params(block: nnx.Module, p, E: int, N: int, H: int) -> None:
+    """The attention parameters of both Qwen towers' blocks (fused q/k/v with bias, the output projection),
+    made with `p(shape, axes, init)` in this order (the order random initialisation draws them)."""
+    block.qkv_weight_e3nh = p((E, 3, N, H), ("vision_embed", None, "heads", "head_dim"))
+    block.qkv_bias_3nh = p((3, N, H), (None, "heads", "head_dim"), "zeros")
+    block.proj_weight_nhe = p((N, H, E), ("heads", "head_dim", "vision_embed"))
+    block.proj_bias_e = p((E,), ("norm",), "zeros")
+
+
+def add_merger_mlp(tower: nnx.Module, cfg, param_dtype, rngs: nnx.Rngs) -> None:
+    """The patch merger's MLP of both Qwen towers (after its norm): [4E] -> [4E] -> [D]."""
+    M = cfg.embed_dim * cfg.spatial_merge_size**2
+    tower.merger_fc1_weight_mm = param(rngs, (M, M), (None, "mlp"), param_dtype)
+    tower.merger_fc1_bias_m = param(rngs, (M,), ("mlp",), param_dtype, "zeros")
+    tower.merger_fc2_weight_md = param(rngs, (M, cfg.out_hidden_size), ("mlp", "embed"), param_dtype)
+    tower.merger_fc2_bias_d = param(rngs, (cfg.out_hidden_size,), ("norm",), param_dtype, "zeros")
 
 
 def patch_layout(image_grid_thw: jax.Array, num_patches: int, merge: int) -> tuple[jax.Array, jax.Array]:
@@ -74,15 +89,12 @@ class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, options: RunOptions = RunOptions(), *, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.cfg, self.options = cfg, options
-        E, M = cfg.embed_dim, cfg.embed_dim * cfg.spatial_merge_size**2
+        E = cfg.embed_dim
         self.patch_weight_pe = param(rngs, (cfg.patch_dim, E), (None, "vision_embed"), param_dtype)
         self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
         self.merger_norm_scale_e = param(rngs, (E,), ("norm",), param_dtype, "ones")
         self.merger_norm_bias_e = param(rngs, (E,), ("norm",), param_dtype, "zeros")
-        self.merger_fc1_weight_mm = param(rngs, (M, M), (None, "mlp"), param_dtype)
-        self.merger_fc1_bias_m = param(rngs, (M,), ("mlp",), param_dtype, "zeros")
-        self.merger_fc2_weight_md = param(rngs, (M, cfg.out_hidden_size), ("mlp", "embed"), param_dtype)
-        self.merger_fc2_bias_d = param(rngs, (cfg.out_hidden_size,), ("norm",), param_dtype, "zeros")
+        add_merger_mlp(self, cfg, param_dtype, rngs)
 
     def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array, frame_len: int | None = None) -> jax.Array:
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D].
