@@ -95,6 +95,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench import latent_step as latent_step_bench  # noqa: E402
 from bench.timing import interleaved_median_ms, timed  # noqa: E402
 from ivtlr_jax.build import abstract_run_model, model_dtypes  # noqa: E402
 from ivtlr_jax.config import load_config  # noqa: E402
@@ -240,21 +241,10 @@ def training_batch(tok: Tokens, shapes: Shapes, prefix_buckets, seed: int = 0) -
 
 
 def assembled_length_batch(batch: dict, tok: Tokens, n: int, k: int, seed: int = 1) -> dict:
-    """As bench/latent_step.py's: the same rows with their n latents (at [p, p + n)) replaced by n*(K+1)
-    ordinary text tokens labelled -100: no latents, and the length S + n*K of the assembled sequence."""
-    rng = np.random.default_rng(seed)
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    b = ids.shape[0]
-    _, p = latent_layout(ids, tok.latent)
-    filler = np.asarray([tok.text(rng, n * (k + 1)) for _ in range(b)])
-    insert = lambda a, middle: np.concatenate([a[:, :p], middle.astype(a.dtype), a[:, p + n:]], axis=1)
-    new_mask = insert(mask, np.ones((b, n * (k + 1))))
-    return batch | {
-        "input_ids": insert(ids, filler),
-        "attention_mask": new_mask,
-        "labels": insert(labels, np.full((b, n * (k + 1)), IGNORE)),
-        "position_ids": ((np.cumsum(new_mask, axis=1) - 1) * new_mask).astype(batch["position_ids"].dtype),
-    }
+    """bench/latent_step.py's, with this file's tokens: the rows with their latents replaced by n*(K+1) text
+    tokens labelled -100."""
+    text = lambda rng, shape: np.asarray([tok.text(rng, shape[1]) for _ in range(shape[0])])
+    return latent_step_bench.assembled_length_batch(batch, n, k, seed, tok.latent, text)
 
 
 def generation_batch(tok: Tokens, shapes: Shapes, seed: int = 2) -> dict:

@@ -125,21 +125,23 @@ def latent_training_batch(batch_size: int, latents: int, seed: int = 0) -> dict:
     return batch | {"pixel_values": pixel_values, "image_grid_thw": grid}
 
 
-def assembled_length_batch(batch: dict, n: int, k: int, seed: int = 1) -> dict:
+def assembled_length_batch(batch: dict, n: int, k: int, seed: int = 1, latent_id: int = LATENT_ID,
+                           text=lambda rng, shape: rng.integers(3, hf_tiny.TEXT_VOCAB, shape)) -> dict:
     """The same rows with their n latents (at [p, p + n)) replaced by n*(K+1) ordinary text tokens
-    labelled -100: no latents, and the length S + n*K of the assembled sequence."""
+    (`text(rng, shape)`) labelled -100: no latents, and the length S + n*K of the assembled sequence."""
     rng = np.random.default_rng(seed)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     b = ids.shape[0]
-    _, p = latent_layout(ids, LATENT_ID)
-    filler = rng.integers(3, hf_tiny.TEXT_VOCAB, (b, n * (k + 1)))
+    _, p = latent_layout(ids, latent_id)
+    filler = text(rng, (b, n * (k + 1)))
     insert = lambda a, middle: np.concatenate([a[:, :p], middle.astype(a.dtype), a[:, p + n:]], axis=1)
     new_mask = insert(mask, np.ones((b, n * (k + 1))))
     return batch | {
         "input_ids": insert(ids, filler),
         "attention_mask": new_mask,
         "labels": insert(labels, np.full((b, n * (k + 1)), IGNORE)),
-        "position_ids": (np.cumsum(new_mask, axis=1) - 1) * new_mask,  # 0 on pads, 0, 1, 2... on the row
+        # 0 on pads, 0, 1, 2... on the row
+        "position_ids": ((np.cumsum(new_mask, axis=1) - 1) * new_mask).astype(batch["position_ids"].dtype),
     }
 
 
