@@ -79,21 +79,40 @@ def straight(assets, tmp_path_factory):
     return result
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(assets, straight, tmp_path):
+def start_train_command(cfg_path: Path) -> subprocess.Popen:
+    """`python train.py --config cfg_path`, the command a user types (stderr piped)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
+
+def wait_until(condition, proc: subprocess.Popen, what: str, timeout_s: float = 240) -> None:
+    """Poll `condition()` until it holds; fail when the training process exits first or time runs out."""
+    deadline = time.time() + timeout_s
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"training exited before {what}: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def assert_same_final_params(run_a: Path, run_b: Path) -> None:
+    step_a, a = final_params(run_a)
+    step_b, b = final_params(run_b)
+    assert step_a == step_b and a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(assets, straight, tmp_path):
     cfg_path = write_config(tmp_path, assets, "killed")
     run_dir = tmp_path / "runs" / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill as soon as a checkpoint (of 2 micro-batches) has landed
-        ckpts = run_dir / "checkpoints"
-        if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()):
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"training exited before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
+    proc = start_train_command(cfg_path)
+    ckpts = run_dir / "checkpoints"  # kill as soon as a checkpoint (of 2 micro-batches) has landed
+    wait_until(lambda: ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()),
+               proc, "it could be killed")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps_before = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
@@ -101,13 +120,52 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(assets, straight, tmp_p
 
     resumed = train(load_config(cfg_path), log=lambda *_: None)
     assert resumed.steps == straight.steps
-    step_a, a = final_params(straight.run_dir)
-    step_b, b = final_params(resumed.run_dir)
-    assert step_a == step_b and a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+    assert_same_final_params(straight.run_dir, resumed.run_dir)
     assert_metrics_once_per_step(run_dir / "metrics.jsonl", 18)
     assert_events_match_metrics(run_dir)  # the killed writer's file, then the resumed run's rebuilt copy
+
+
+def test_preempted_run_saves_exits_75_and_resumes_exactly(assets, straight, tmp_path):
+    """SIGTERM to `train.py`, then a second signal (SIGINT) while it stops: exit status 75, one line, a
+    checkpoint of the micro-step it stopped at (no periodic saves here: only the stop saved it). The
+    re-run removes an orbax temporary folder, gives the caller's signal handlers back and ends equal to
+    `straight` (save_every_steps changes where checkpoints are, not what is trained)."""
+    from ivtlr_jax.train.preemption import PREEMPTED_EXIT_STATUS
+
+    cfg_path = write_config(tmp_path, assets, "preempted", train={"save_every_steps": 0})  # stage ends only
+    run_dir = tmp_path / "runs" / "preempted"
+    ckpts, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    proc = start_train_command(cfg_path)
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc, "micro-step 2")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)  # a second signal while stopping: must not interrupt the save
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT_STATUS, stderr[-2000:]
+    stopped = len(metrics.read_text().splitlines())
+    assert 2 <= stopped < 6 and "Traceback" not in stderr  # within stage 0, before its end checkpoint
+    assert stderr.strip().splitlines()[-1] == (f"preempted at micro-step {stopped}; saved checkpoint step {stopped} "
+                                               f"in {ckpts}; re-run the same command to resume")
+    assert sorted(p.name for p in ckpts.iterdir()) == [str(stopped)]
+
+    (ckpts / "99.orbax-checkpoint-tmp-1234").mkdir()  # a save that never finished
+    own_handler = lambda *_: None
+    previous = signal.signal(signal.SIGTERM, own_handler)
+    lines = []
+    try:
+        resumed = train(load_config(cfg_path), log=lines.append)
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert f"removed 1 unfinished checkpoint save(s) in {ckpts}: 99.orbax-checkpoint-tmp-1234" in lines
+    assert f"resumed from {ckpts} step {stopped}: epoch 0, batch {stopped}" in lines
+    assert resumed.complete and resumed.trained_here == 18 - stopped
+    assert_same_final_params(straight.run_dir, run_dir)
+    records = assert_metrics_once_per_step(metrics, 18)
+    uninterrupted = assert_metrics_once_per_step(straight.run_dir / "metrics.jsonl", 18)
+    changing = ("tokens_per_s", "compilations")  # timing; compilations are counted per call
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in changing} for r in rs]
+    assert strip(records) == strip(uninterrupted)  # losses bitwise (JSON floats round-trip exactly)
 
 
 def test_run_folder_with_other_content_or_config_is_refused(assets, tmp_path):

@@ -3,7 +3,8 @@
 Runs (or resumes from its latest checkpoint) the run folder save_path/name of the configuration:
 config.yaml, metrics.jsonl (one JSON line per micro-step), checkpoints/, one merged Hugging Face export
 per stage (stage_<s>/) and TensorBoard event files (tensorboard/train/). Re-run the same command to
-resume after an interruption.
+resume after an interruption. SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint at
+the next micro-step, prints `preempted at micro-step N; ...` and exits with status 75 (EX_TEMPFAIL).
 
 Several processes (hosts): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a SLURM
 job (README); each process runs the same command, process 0 writes the run folder.
@@ -44,20 +45,26 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     from ..compilation_cache import enable_compilation_cache
     from ..config import ConfigError, load_config
     from ..train.loop import NonFiniteError, RunFolderError, train
+    from ..train.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
     try:
         distributed.initialize()  # first: every process then checks the configuration and the run folder
     except distributed.DistributedSetupError as e:
         sys.exit(f"error: {e}")
     enable_compilation_cache(log=print)
+    preempted = None
     with distributed.fail_together():  # an error in any process stops all; process 0 prints it once
         try:
             cfg = load_config(args.config, args.overrides)
             result = train(cfg, max_steps=args.max_steps)
         except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
             sys.exit(f"error: {e}")
+        except Preempted as e:  # every process saved the same step: they leave fail_together together
+            preempted = e
         if distributed.is_writer():
-            print(result.summary())
+            print(preempted or result.summary(), file=sys.stderr if preempted else sys.stdout, flush=True)
+    if preempted:
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

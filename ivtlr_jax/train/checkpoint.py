@@ -10,6 +10,8 @@ A checkpoint that fails to restore (a truncated file, a missing `_METADATA`, ...
 
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +25,20 @@ from ..io.orbax_params import flatten_tree, nest_paths
 from ..models.common.loading import with_values, variables_by_path
 
 DAMAGED_DIR = "damaged"
+UNFINISHED_SAVE = re.compile(r"\d+\.orbax-checkpoint-tmp")  # orbax's folder of a step being saved
+
+
+def remove_unfinished_saves(directory: Path, log: Callable[[str], None]) -> None:
+    """Delete the temporary folders of saves that never finished (`<step>.orbax-checkpoint-tmp-*`: a
+    process stopped mid-save), with one log line; by process 0, the others wait."""
+    if distributed.is_writer() and directory.is_dir():
+        unfinished = sorted(p for p in directory.iterdir() if p.is_dir() and UNFINISHED_SAVE.match(p.name))
+        for folder in unfinished:
+            shutil.rmtree(folder)
+        if unfinished:
+            log(f"removed {len(unfinished)} unfinished checkpoint save(s) in {directory}: "
+                f"{', '.join(p.name for p in unfinished)}")
+    distributed.barrier("unfinished_saves")
 
 
 def _pure(state) -> dict:

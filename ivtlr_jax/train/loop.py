@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 from pathlib import Path
 
 import jax
@@ -32,10 +32,11 @@ from ..io.safetensors import read_header
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
-from .checkpoint import TrainCheckpointer
+from .checkpoint import TrainCheckpointer, remove_unfinished_saves
 from .events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import learning_rate, make_optimizer
+from .preemption import Preempted, PreemptionWatch
 from .step import StepConfig, init_optimizer, make_train_step, split_trainable, step_shardings
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
@@ -187,29 +188,31 @@ class RunState:
 
 def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainResult:
     """Run (or resume) training. `max_steps`: stop after this many micro-batches in this call (used to
-    simulate an interrupted run)."""
+    simulate an interrupted run). SIGTERM / SIGINT save a checkpoint at the next micro-step boundary and
+    raise `Preempted` (train/preemption.py; the previous handlers are back when this returns)."""
     maybe_init_distributed()
     log = log if distributed.is_writer() else (lambda *_: None)  # process 0 speaks for the run
-    run, state = set_up_run(cfg, log)
-    resume_from_checkpoint(run, state, log)
-    if distributed.is_writer():
-        trim_metrics(run.metrics_path, state.micro_step)
-    rebuild_finished_exports(run, state, log)
-    log_run_start(run, state, log)
-    recorder = StepRecorder(run, state.micro_step, log)
-    result = lambda: TrainResult(run.run_dir, state.micro_step, state.exports, state.losses, state.done_here,
-                                 run.total_micro)
-    try:
-        for epoch in range(state.start_epoch, cfg.train.num_epochs):
-            if not train_epoch(run, state, EpochPlan(run, epoch), recorder, max_steps):
-                return result()
-            if state.micro_step == run.stage_ends[stage_of_epoch(epoch, cfg.curriculum)]:
-                finish_stage(run, state, epoch, log)
-        recorder.bar.close()
-    finally:
-        recorder.close()
-        run.ckpt.close()
-    return result()
+    with PreemptionWatch(distributed.process_count() > 1) as preemption:
+        run, state = set_up_run(cfg, log)
+        resume_from_checkpoint(run, state, log)
+        if distributed.is_writer():
+            trim_metrics(run.metrics_path, state.micro_step)
+        rebuild_finished_exports(run, state, log)
+        log_run_start(run, state, log)
+        recorder = StepRecorder(run, state.micro_step, log)
+        result = lambda: TrainResult(run.run_dir, state.micro_step, state.exports, state.losses, state.done_here,
+                                     run.total_micro)
+        try:
+            for epoch in range(state.start_epoch, cfg.train.num_epochs):
+                if not train_epoch(run, state, EpochPlan(run, epoch), recorder, StopCheck(max_steps, preemption)):
+                    return result()
+                if state.micro_step == run.stage_ends[stage_of_epoch(epoch, cfg.curriculum)]:
+                    finish_stage(run, state, epoch, log)
+            recorder.bar.close()
+        finally:
+            recorder.close()
+            run.ckpt.close()
+        return result()
 
 
 def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
@@ -236,6 +239,7 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     graphdef, trainable, frozen = split_trainable(built.model, trainable_filter(cfg.lora))
     trainable = jax.device_put(trainable, state_shardings(trainable, rules))
     stage_ends = stage_end_steps(cfg.train.num_epochs, micro_per_epoch, cfg.curriculum)
+    remove_unfinished_saves(run_dir / "checkpoints", log)
     ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                              preserve=tuple(stage_ends.values()))
     run = Run(cfg, run_dir, mesh, rules, built.processor, graphdef, frozen, examples, report, latent_cfg,
@@ -342,16 +346,30 @@ class EpochPlan:
         return float(self.run.lr_at((micro_step - 1 - self.reset_at) // self.run.accum))
 
 
-def train_epoch(run: Run, state: RunState, plan: EpochPlan, recorder: StepRecorder, max_steps: int | None) -> bool:
+@dataclasses.dataclass
+class StopCheck:
+    """Asked before each micro-step: has this call done `max_steps` (-> stop quietly), or was a stop
+    requested by a signal (-> checkpoint, then `Preempted`)?"""
+    max_steps: int | None
+    preemption: PreemptionWatch
+
+    def reached_max_steps(self, done_here: int) -> bool:
+        return self.max_steps is not None and done_here >= self.max_steps
+
+
+def train_epoch(run: Run, state: RunState, plan: EpochPlan, recorder: StepRecorder, stop: StopCheck) -> bool:
     """The epoch's micro-batches from the state's position (each prepared while the previous step runs),
-    each recorded and checkpointed as configured. -> False when `max_steps` stopped this call."""
+    each recorded and checkpointed as configured. -> False when `max_steps` stopped this call; a signal
+    stops it with a checkpoint of the boundary it stopped at (`stop_preempted`)."""
     maybe_reset_optimizer(run, state, plan.epoch)
     first = state.start_index if plan.epoch == state.start_epoch else 0
     upcoming = Lookahead(plan.prepare, first) if first < run.micro_per_epoch else None
     recorder.restart_clock()
     for index in range(first, run.micro_per_epoch):
-        if max_steps is not None and state.done_here >= max_steps:
+        if stop.reached_max_steps(state.done_here):
             return False
+        if stop.preemption.requested(state.micro_step):
+            stop_preempted(run, state, plan.epoch, index)
         current = upcoming.result()  # raises here what preparing this micro-batch raised
         metrics = run_step(run, state, current, plan.denominator(index))
         if index + 1 < run.micro_per_epoch:  # the step runs asynchronously: prepare the next one meanwhile
@@ -421,6 +439,16 @@ def save_periodic_checkpoint(run: Run, state: RunState, epoch: int, index: int) 
     if state.micro_step % run.accum == 0 and every and (state.micro_step // run.accum) % every == 0:
         run.ckpt.save(state.micro_step, state.trainable, state.opt_state,
                       {"epoch": epoch, "batch_index": index + 1, "micro_step": state.micro_step})
+
+
+def stop_preempted(run: Run, state: RunState, epoch: int, index: int) -> NoReturn:
+    """A signal asked to stop before batch `index` of `epoch`: save this micro-step (unless saved
+    already: a periodic or stage-end save), wait until it is on disk, raise `Preempted`."""
+    if run.ckpt.latest_step() != state.micro_step:
+        run.ckpt.save(state.micro_step, state.trainable, state.opt_state,
+                      {"epoch": epoch, "batch_index": index, "micro_step": state.micro_step}, force=True)
+    run.ckpt.wait()
+    raise Preempted(state.micro_step, run.run_dir / "checkpoints")
 
 
 def finish_stage(run: Run, state: RunState, epoch: int, log) -> None:
