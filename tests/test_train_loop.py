@@ -338,6 +338,91 @@ def test_damaged_checkpoints_and_a_crashed_export_recover_exactly(assets, straig
     assert_metrics_once_per_step(run_dir / "metrics.jsonl", 18)
 
 
+def copy_of_straight(straight, assets, tmp_path: Path) -> tuple[Path, Path]:
+    """The finished `straight` run folder copied under tmp_path (a resume-neutral save_path): (config, run_dir)."""
+    import shutil
+
+    cfg_path = write_config(tmp_path, assets, "straight")
+    shutil.copytree(straight.run_dir, tmp_path / "runs" / "straight")
+    return cfg_path, tmp_path / "runs" / "straight"
+
+
+def folder_state(run_dir: Path) -> tuple[list[str], bytes]:
+    """Everything a failed start must leave as it was: the run folder's files (names), metrics.jsonl."""
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")), (run_dir / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), MemoryError("out of host memory"),
+                                   ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")])
+def test_restore_error_that_is_not_damage_stops_the_run_unchanged(assets, straight, tmp_path, monkeypatch, error):
+    """An error of the machine (permission, memory; XLA's RESOURCE_EXHAUSTED) while restoring each
+    checkpoint moves none of them to damaged/: the run stops naming the newest one and the error."""
+    from ivtlr_jax.train.checkpoint import CheckpointReadError
+
+    cfg_path, run_dir = copy_of_straight(straight, assets, tmp_path)
+    before = folder_state(run_dir)
+
+    def fail(self, step, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
+    with pytest.raises(CheckpointReadError) as err:
+        train(load_config(cfg_path), log=quiet)
+    message = str(err.value)
+    assert f"checkpoint step 18 in {run_dir / 'checkpoints'} could not be read ({type(error).__name__}: " in message
+    assert "nothing was moved or changed" in message and "\n" not in message
+    assert folder_state(run_dir) == before  # no damaged/, every checkpoint in place, metrics.jsonl as it was
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_checkpoint_files_stop_the_run_unchanged(assets, straight, tmp_path):
+    from ivtlr_jax.train.checkpoint import CheckpointReadError
+
+    cfg_path, run_dir = copy_of_straight(straight, assets, tmp_path)
+    files = [f for item in ("trainable", "opt_state", "meta") for f in (run_dir / "checkpoints").glob(f"*/{item}/**/*")
+             if f.is_file()]  # the items' files (what a restore reads), not the manager's step metadata
+    for f in files:
+        f.chmod(0)
+    before = folder_state(run_dir)
+    try:
+        with pytest.raises(CheckpointReadError, match="checkpoint step 18 .* could not be read"):
+            train(load_config(cfg_path), log=quiet)
+        assert folder_state(run_dir) == before
+    finally:
+        for f in files:
+            f.chmod(0o644)
+
+
+def test_run_with_progress_but_no_checkpoint_is_refused(assets, straight, tmp_path):
+    """metrics.jsonl records 18 micro-steps but checkpoints/ is gone (an unmounted file system): `train.py`
+    refuses in one line naming the folder and how to start over, and changes nothing; likewise an empty
+    checkpoints/, and checkpoints that are all damaged (moved aside, then refused)."""
+    cfg_path, run_dir = copy_of_straight(straight, assets, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    ckpts.rename(tmp_path / "checkpoints.elsewhere")
+    before = folder_state(run_dir)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: run folder {run_dir} records 18 micro-steps (metrics.jsonl) but {ckpts} is "
+                           "missing, so it cannot resume; nothing was changed")
+    assert f"mv {run_dir / 'metrics.jsonl'} {run_dir / 'metrics.jsonl.old'}" in line
+    assert folder_state(run_dir) == before
+
+    ckpts.mkdir()
+    with pytest.raises(RunFolderError, match=f"but {ckpts} holds no checkpoint"):
+        train(load_config(cfg_path), log=quiet)
+    ckpts.rmdir()
+    (tmp_path / "checkpoints.elsewhere").rename(ckpts)
+    for meta in ckpts.glob("*/meta/metadata"):
+        meta.write_text("{}")  # no position: every checkpoint is damaged
+    with pytest.raises(RunFolderError, match=r"but none of its checkpoints could be restored \(moved to "):
+        train(load_config(cfg_path), log=quiet)
+    assert len(list((run_dir / "damaged").iterdir())) == 5 and not any(ckpts.iterdir())
+    assert (run_dir / "metrics.jsonl").read_bytes() == before[1]
+
+
 def test_non_finite_loss_stops_the_run_without_saving_it(assets, tmp_path):
     from ivtlr_jax.train.loop import NonFiniteError
 

@@ -44,6 +44,7 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     from .. import distributed
     from ..compilation_cache import enable_compilation_cache
     from ..config import ConfigError, load_config
+    from ..train.checkpoint import CheckpointReadError
     from ..train.loop import NonFiniteError, RunFolderError, train
     from ..train.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
@@ -57,7 +58,8 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
         try:
             cfg = load_config(args.config, args.overrides)
             result = train(cfg, max_steps=args.max_steps)
-        except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
+        except (ConfigError, RunFolderError, NonFiniteError, CheckpointReadError,
+                FileNotFoundError) as e:  # one message, no traceback
             sys.exit(f"error: {e}")
         except Preempted as e:  # every process saved the same step: they leave fail_together together
             preempted = e

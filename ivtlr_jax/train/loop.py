@@ -32,7 +32,7 @@ from ..io.safetensors import read_header
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
-from .checkpoint import TrainCheckpointer, remove_unfinished_saves
+from .checkpoint import DAMAGED_DIR, TrainCheckpointer, remove_unfinished_saves
 from .events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import learning_rate, make_optimizer
@@ -108,6 +108,42 @@ def check_run_folder(cfg: RunConfig) -> Path:
         raise RunFolderError(f"output folder {run_dir} holds a run with a different configuration ({keys}); "
                              f"choose another name or restore those values (see {saved})")
     return run_dir
+
+
+def recorded_micro_steps(metrics_path: Path) -> int:
+    """The last micro-step that metrics.jsonl records (0 when none, or no file; a torn line skipped)."""
+    if not metrics_path.exists():
+        return 0
+    steps = [0]
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("micro_step"), int):
+            steps.append(record["micro_step"])
+    return max(steps)
+
+
+def refuse_lost_progress(run_dir: Path, missing: str) -> None:
+    """A run folder whose metrics.jsonl records progress but which has no checkpoint to resume from
+    (`missing` says why) is refused: starting at step 0 would cut that record to nothing. Changes nothing."""
+    done = recorded_micro_steps(run_dir / "metrics.jsonl")
+    if done:
+        raise RunFolderError(
+            f"run folder {run_dir} records {done} micro-steps (metrics.jsonl) but {missing}, so it cannot resume; "
+            f"nothing was changed. If its checkpoints are elsewhere (an unmounted file system, a moved folder), put "
+            f"them back in {run_dir / 'checkpoints'} and re-run; to start the run over from step 0, move its record "
+            f"aside first: mv {run_dir / 'metrics.jsonl'} {run_dir / 'metrics.jsonl.old'}")
+
+
+def check_checkpoints_present(run_dir: Path) -> None:
+    """Before the checkpointer creates checkpoints/: a run with progress has a checkpoint folder with a step."""
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        refuse_lost_progress(run_dir, f"{ckpt_dir} is missing")
+    elif not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        refuse_lost_progress(run_dir, f"{ckpt_dir} holds no checkpoint")
 
 
 def write_run_config(cfg: RunConfig) -> None:
@@ -239,6 +275,7 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     graphdef, trainable, frozen = split_trainable(built.model, trainable_filter(cfg.lora))
     trainable = jax.device_put(trainable, state_shardings(trainable, rules))
     stage_ends = stage_end_steps(cfg.train.num_epochs, micro_per_epoch, cfg.curriculum)
+    distributed.on_writer(lambda: check_checkpoints_present(run_dir), "checkpoints", errors=(RunFolderError,))
     remove_unfinished_saves(run_dir / "checkpoints", log)
     ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                              preserve=tuple(stage_ends.values()))
@@ -276,7 +313,10 @@ def resume_from_checkpoint(run: Run, state: RunState, log) -> None:
     """The latest checkpoint that restores, if any, into `state`: parameters, optimizer state, position."""
     restored = run.ckpt.restore_latest(state.trainable, state.opt_state, log=log,
                                        required_meta=("epoch", "batch_index", "micro_step"))
-    if restored is None:
+    if restored is None:  # none there (a new run), or every one damaged and moved aside
+        distributed.on_writer(lambda: refuse_lost_progress(
+            run.run_dir, f"none of its checkpoints could be restored (moved to {run.run_dir / DAMAGED_DIR})"),
+            "progress", errors=(RunFolderError,))
         return
     latest, state.trainable, state.opt_state, meta = restored
     state.start_epoch, state.start_index, state.micro_step = meta["epoch"], meta["batch_index"], meta["micro_step"]
