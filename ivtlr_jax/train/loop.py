@@ -224,31 +224,36 @@ class RunState:
 
 def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainResult:
     """Run (or resume) training. `max_steps`: stop after this many micro-batches in this call (used to
-    simulate an interrupted run). SIGTERM / SIGINT save a checkpoint at the next micro-step boundary and
-    raise `Preempted` (train/preemption.py; the previous handlers are back when this returns)."""
+    simulate an interrupted run). Once training steps, SIGTERM / SIGINT save a checkpoint at the next
+    micro-step boundary and raise `Preempted` (train/preemption.py; the previous handlers are back after)."""
     maybe_init_distributed()
     log = log if distributed.is_writer() else (lambda *_: None)  # process 0 speaks for the run
-    with PreemptionWatch(distributed.process_count() > 1) as preemption:
-        run, state = set_up_run(cfg, log)
-        resume_from_checkpoint(run, state, log)
-        if distributed.is_writer():
-            trim_metrics(run.metrics_path, state.micro_step)
-        rebuild_finished_exports(run, state, log)
-        log_run_start(run, state, log)
-        recorder = StepRecorder(run, state.micro_step, log)
-        result = lambda: TrainResult(run.run_dir, state.micro_step, state.exports, state.losses, state.done_here,
-                                     run.total_micro)
-        try:
-            for epoch in range(state.start_epoch, cfg.train.num_epochs):
-                if not train_epoch(run, state, EpochPlan(run, epoch), recorder, StopCheck(max_steps, preemption)):
-                    return result()
-                if state.micro_step == run.stage_ends[stage_of_epoch(epoch, cfg.curriculum)]:
-                    finish_stage(run, state, epoch, log)
-            recorder.bar.close()
-        finally:
-            recorder.close()
-            run.ckpt.close()
-        return result()
+    run, state = set_up_run(cfg, log)
+    resume_from_checkpoint(run, state, log)
+    if distributed.is_writer():
+        trim_metrics(run.metrics_path, state.micro_step)
+    rebuild_finished_exports(run, state, log)
+    log_run_start(run, state, log)
+    recorder = StepRecorder(run, state.micro_step, log)
+    try:
+        with PreemptionWatch(distributed.process_count() > 1) as preemption:  # before it, nothing new to save
+            if train_epochs(run, state, recorder, StopCheck(max_steps, preemption), log):
+                recorder.bar.close()
+    finally:
+        recorder.close()
+        run.ckpt.close()
+    return TrainResult(run.run_dir, state.micro_step, state.exports, state.losses, state.done_here, run.total_micro)
+
+
+def train_epochs(run: Run, state: RunState, recorder: StepRecorder, stop: StopCheck, log) -> bool:
+    """The epochs from the state's position, each stage finished (checkpoint, export) at its end.
+    -> False when `max_steps` stopped this call."""
+    for epoch in range(state.start_epoch, run.cfg.train.num_epochs):
+        if not train_epoch(run, state, EpochPlan(run, epoch), recorder, stop):
+            return False
+        if state.micro_step == run.stage_ends[stage_of_epoch(epoch, run.cfg.curriculum)]:
+            finish_stage(run, state, epoch, log)
+    return True
 
 
 def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:

@@ -8,7 +8,8 @@ Several processes: the processes must stop at the same step, so the decision is 
 point (`jax.experimental.multihost_utils.reached_preemption_sync_point`, asked at every micro-step):
 JAX's own SIGTERM notifier (installed by `jax.distributed.initialize`) tells the coordination service,
 which picks the step at which every process stops; SIGINT is forwarded to it as a SIGTERM to this process.
-The handlers live as long as the `PreemptionWatch` context (the `train()` call) and are restored after.
+The handlers live as long as the `PreemptionWatch` context (the training loop of a `train()` call: before
+it nothing new would be saved, so a signal during the set-up acts as usual) and are restored after.
 """
 
 from __future__ import annotations
