@@ -63,8 +63,10 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
             sys.exit(f"error: {e}")
         except Preempted as e:  # every process saved the same step: they leave fail_together together
             preempted = e
-        if distributed.is_writer():
-            print(preempted or result.summary(), file=sys.stderr if preempted else sys.stdout, flush=True)
+        if distributed.is_writer() and preempted:
+            print(preempted, file=sys.stderr, flush=True)
+        elif distributed.is_writer():
+            print(result.summary())
     if preempted:
         sys.exit(PREEMPTED_EXIT_STATUS)
 

@@ -30,6 +30,7 @@ from ..io.orbax_params import flatten_tree, nest_paths
 from ..models.common.loading import with_values, variables_by_path
 
 DAMAGED_DIR = "damaged"
+UNFINISHED_SAVE = re.compile(r"\d+\.orbax-checkpoint-tmp")  # orbax's folder of a step being saved
 # tensorstore's status codes, kept at the start of its error messages (ValueError)
 CONTENT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")  # the bytes of the step are wrong or missing
 ENVIRONMENT_CODES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED",
@@ -92,7 +93,6 @@ def damage_evidence(error: BaseException, step_dir: Path) -> BaseException | Non
 def one_line(error: BaseException, limit: int = 300) -> str:
     """`Type: message` on one line, at most `limit` characters of the message."""
     return f"{type(error).__name__}: {' '.join(str(error).split())[:limit] or type(error).__name__}"
-UNFINISHED_SAVE = re.compile(r"\d+\.orbax-checkpoint-tmp")  # orbax's folder of a step being saved
 
 
 def remove_unfinished_saves(directory: Path, log: Callable[[str], None]) -> None:

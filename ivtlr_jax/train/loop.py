@@ -111,18 +111,8 @@ def check_run_folder(cfg: RunConfig) -> Path:
 
 
 def recorded_micro_steps(metrics_path: Path) -> int:
-    """The last micro-step that metrics.jsonl records (0 when none, or no file; a torn line skipped)."""
-    if not metrics_path.exists():
-        return 0
-    steps = [0]
-    for line in metrics_path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("micro_step"), int):
-            steps.append(record["micro_step"])
-    return max(steps)
+    """The last micro-step that metrics.jsonl records (0 when none, or no file)."""
+    return max([0] + [r["micro_step"] for r in step_records(metrics_path)])
 
 
 def refuse_lost_progress(run_dir: Path, missing: str) -> None:
@@ -559,18 +549,21 @@ def json_line(record: dict) -> str:
 def trim_metrics(path: Path, micro_step: int) -> None:
     """Keep the records up to the restored `micro_step` (a resumed run re-logs the steps after it) and
     drop a torn last line; rewritten atomically."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+    if path.exists():
+        write_atomic(path, "".join(json_line(r) for r in step_records(path) if r["micro_step"] <= micro_step))
+
+
+def step_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records with an integer micro-step (a torn line skipped); [] without the file."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        step = record.get("micro_step") if isinstance(record, dict) else None
-        if isinstance(step, int) and step <= micro_step:
-            kept.append(json_line(record))
-    write_atomic(path, "".join(kept))
+        if isinstance(record, dict) and isinstance(record.get("micro_step"), int):
+            records.append(record)
+    return records
 
 
 @dataclasses.dataclass
