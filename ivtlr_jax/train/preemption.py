@@ -4,10 +4,11 @@ the step), so that re-running the same command resumes exactly.
 
 One process: Python handlers set a flag that the loop reads between micro-steps; later signals (a
 second Ctrl-C while the checkpoint is written) are noted on stderr and do not interrupt the save.
-Several processes: the processes must stop at the same step, so the decision is JAX's preemption sync
-point (`jax.experimental.multihost_utils.reached_preemption_sync_point`, asked at every micro-step):
-JAX's own SIGTERM notifier (installed by `jax.distributed.initialize`) tells the coordination service,
-which picks the step at which every process stops; SIGINT is forwarded to it as a SIGTERM to this process.
+Several processes (or any run under `jax.distributed.initialize`) must stop at the same step, so the
+decision is JAX's preemption sync point (`jax.experimental.multihost_utils.reached_preemption_sync_point`,
+asked at every micro-step): JAX's own SIGTERM notifier (installed by `jax.distributed.initialize`) tells
+the coordination service, which picks the step at which every process stops; SIGINT is forwarded to it
+as a SIGTERM to this process.
 The handlers live as long as the `PreemptionWatch` context (the training loop of a `train()` call: before
 it nothing new would be saved, so a signal during the set-up acts as usual) and are restored after.
 """
@@ -32,7 +33,7 @@ class Preempted(Exception):
 
 
 def _sync_point_available() -> bool:
-    """Several processes whose distributed client runs JAX's preemption sync manager."""
+    """JAX's distributed client is up with its preemption sync manager (`jax.distributed.initialize`)."""
     from jax._src import distributed as jax_distributed  # where multihost_utils looks too
 
     state = jax_distributed.global_state
@@ -47,16 +48,18 @@ class PreemptionWatch:
 
     def __init__(self, several_processes: bool):
         self.signal_name: str | None = None  # the first signal received
-        self._sync = several_processes and _sync_point_available()
-        self._handles = not several_processes or self._sync
+        self._sync = _sync_point_available()  # (also one process under jax.distributed.initialize)
+        self._handles = self._sync or not several_processes
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> PreemptionWatch:
         if not self._handles or threading.current_thread() is not threading.main_thread():
             return self
-        # several processes: SIGTERM stays with JAX's notifier (a Python handler would replace it)
+        # with the sync point, SIGTERM stays with JAX's notifier (a Python handler would replace it); a
+        # handler installed outside Python (getsignal: None) could not be put back, so it is left alone
         for sig in (signal.SIGINT,) if self._sync else SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
+            if signal.getsignal(sig) is not None:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:
