@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 from flax import nnx
@@ -25,6 +26,7 @@ from .eval.run import eval_config_from_run, evaluate
 from .models import Qwen2VL, Qwen2VLConfig
 from .io import save_hf
 from .train.loop import train
+from .train.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
 ROOT = Path("outputs/tiny")
 NUM_TRAIN, NUM_TEST, NUM_CHOICES = 384, 64, 4
@@ -82,7 +84,11 @@ def main(argv=None) -> None:
             return
     enable_compilation_cache(log=print)  # as train.py and infer.py: a re-run compiles nothing
     cfg = load_config(args.config)
-    print(train(cfg).summary())
+    try:
+        print(train(cfg).summary())
+    except Preempted as e:  # SIGTERM / Ctrl-C while training: checkpointed; the demo without --overwrite resumes
+        print(e, file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_STATUS)
     stages = [p for p in cfg.run_dir.glob("stage_*") if p.name.removeprefix("stage_").isdigit()]
     final = max(stages, key=lambda p: int(p.name.removeprefix("stage_")))  # the last stage's export
     out = cfg.run_dir / "eval_test.jsonl"

@@ -81,21 +81,40 @@ def straight(assets, tmp_path_factory):
     return result
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(assets, straight, tmp_path):
+def start_train_command(cfg_path: Path) -> subprocess.Popen:
+    """`python train.py --config cfg_path`, the command a user types (stderr piped)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
+
+def wait_until(condition, proc: subprocess.Popen, what: str, timeout_s: float = 240) -> None:
+    """Poll `condition()` until it holds; fail when the training process exits first or time runs out."""
+    deadline = time.time() + timeout_s
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"training exited before {what}: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def assert_same_final_params(run_a: Path, run_b: Path) -> None:
+    step_a, a = final_params(run_a)
+    step_b, b = final_params(run_b)
+    assert step_a == step_b and a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(assets, straight, tmp_path):
     cfg_path = write_config(tmp_path, assets, "killed")
     run_dir = tmp_path / "runs" / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill as soon as a checkpoint (of 2 micro-batches) has landed
-        ckpts = run_dir / "checkpoints"
-        if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()):
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"training exited before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
+    proc = start_train_command(cfg_path)
+    ckpts = run_dir / "checkpoints"  # kill as soon as a checkpoint (of 2 micro-batches) has landed
+    wait_until(lambda: ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()),
+               proc, "it could be killed")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps_before = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
@@ -108,13 +127,52 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(assets, straight, tmp_p
     assert any(f"took over the lock of process {proc.pid} on host" in line for line in said), said
     assert not lock_path(run_dir).exists()
     assert resumed.steps == straight.steps
-    step_a, a = final_params(straight.run_dir)
-    step_b, b = final_params(resumed.run_dir)
-    assert step_a == step_b and a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+    assert_same_final_params(straight.run_dir, resumed.run_dir)
     assert_metrics_once_per_step(run_dir / "metrics.jsonl", 18)
     assert_events_match_metrics(run_dir)  # the killed writer's file, then the resumed run's rebuilt copy
+
+
+def test_preempted_run_saves_exits_75_and_resumes_exactly(assets, straight, tmp_path):
+    """SIGTERM to `train.py`, then a second signal (SIGINT) while it stops: exit status 75, one line, a
+    checkpoint of the micro-step it stopped at (no periodic saves here: only the stop saved it). The
+    re-run removes an orbax temporary folder, gives the caller's signal handlers back and ends equal to
+    `straight` (save_every_steps changes where checkpoints are, not what is trained)."""
+    from ivtlr_jax.train.preemption import PREEMPTED_EXIT_STATUS
+
+    cfg_path = write_config(tmp_path, assets, "preempted", train={"save_every_steps": 0})  # stage ends only
+    run_dir = tmp_path / "runs" / "preempted"
+    ckpts, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    proc = start_train_command(cfg_path)
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc, "micro-step 2")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)  # a second signal while stopping: must not interrupt the save
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT_STATUS, stderr[-2000:]
+    stopped = len(metrics.read_text().splitlines())
+    assert 2 <= stopped < 6 and "Traceback" not in stderr  # within stage 0, before its end checkpoint
+    assert stderr.strip().splitlines()[-1] == (f"preempted at micro-step {stopped}; saved checkpoint step {stopped} "
+                                               f"in {ckpts}; re-run the same command to resume")
+    assert sorted(p.name for p in ckpts.iterdir()) == [str(stopped)]
+
+    (ckpts / "99.orbax-checkpoint-tmp-1234").mkdir()  # a save that never finished
+    own_handler = lambda *_: None
+    previous = signal.signal(signal.SIGTERM, own_handler)
+    lines = []
+    try:
+        resumed = train(load_config(cfg_path), log=lines.append)
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert f"removed 1 unfinished checkpoint save(s) in {ckpts}: 99.orbax-checkpoint-tmp-1234" in lines
+    assert f"resumed from {ckpts} step {stopped}: epoch 0, batch {stopped}" in lines
+    assert resumed.complete and resumed.trained_here == 18 - stopped
+    assert_same_final_params(straight.run_dir, run_dir)
+    records = assert_metrics_once_per_step(metrics, 18)
+    uninterrupted = assert_metrics_once_per_step(straight.run_dir / "metrics.jsonl", 18)
+    changing = ("tokens_per_s", "compilations")  # timing; compilations are counted per call
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in changing} for r in rs]
+    assert strip(records) == strip(uninterrupted)  # losses bitwise (JSON floats round-trip exactly)
 
 
 def test_run_folder_with_other_content_or_config_is_refused(assets, tmp_path):
@@ -287,6 +345,92 @@ def test_damaged_checkpoints_and_a_crashed_export_recover_exactly(assets, straig
     for stage in range(3):
         assert_same_export(straight.run_dir / f"stage_{stage}", run_dir / f"stage_{stage}")
     assert_metrics_once_per_step(run_dir / "metrics.jsonl", 18)
+
+
+def copy_of_straight(straight, assets, tmp_path: Path) -> tuple[Path, Path]:
+    """The finished `straight` run folder copied under tmp_path (a resume-neutral save_path): (config, run_dir)."""
+    import shutil
+
+    cfg_path = write_config(tmp_path, assets, "straight")
+    shutil.copytree(straight.run_dir, tmp_path / "runs" / "straight")
+    return cfg_path, tmp_path / "runs" / "straight"
+
+
+def folder_state(run_dir: Path) -> tuple[list[str], bytes]:
+    """Everything a failed start must leave as it was: the run folder's files (names), metrics.jsonl."""
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")), (run_dir / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), MemoryError("out of host memory"),
+                                   ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")])
+def test_restore_error_that_is_not_damage_stops_the_run_unchanged(assets, straight, tmp_path, monkeypatch, error):
+    """An error of the machine (permission, memory; XLA's RESOURCE_EXHAUSTED) while restoring each
+    checkpoint moves none of them to damaged/: the run stops naming the newest one and the error."""
+    from ivtlr_jax.train.checkpoint import CheckpointReadError
+
+    cfg_path, run_dir = copy_of_straight(straight, assets, tmp_path)
+    before = folder_state(run_dir)
+
+    def fail(self, step, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
+    with pytest.raises(CheckpointReadError) as err:
+        train(load_config(cfg_path), log=quiet)
+    message = str(err.value)
+    assert f"checkpoint step 18 in {run_dir / 'checkpoints'} could not be read ({type(error).__name__}: " in message
+    assert "nothing was moved or changed" in message and "\n" not in message
+    assert folder_state(run_dir) == before  # no damaged/, every checkpoint in place, metrics.jsonl as it was
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_checkpoint_files_stop_the_run_unchanged(assets, straight, tmp_path):
+    from ivtlr_jax.train.checkpoint import CheckpointReadError
+
+    cfg_path, run_dir = copy_of_straight(straight, assets, tmp_path)
+    files = [f for item in ("trainable", "opt_state", "meta") for f in (run_dir / "checkpoints").glob(f"*/{item}/**/*")
+             if f.is_file()]  # the items' files (what a restore reads), not the manager's step metadata
+    for f in files:
+        f.chmod(0)
+    before = folder_state(run_dir)
+    try:
+        with pytest.raises(CheckpointReadError, match="checkpoint step 18 .* could not be read"):
+            train(load_config(cfg_path), log=quiet)
+        assert folder_state(run_dir) == before
+    finally:
+        for f in files:
+            if f.exists():  # (the old code moved them to damaged/)
+                f.chmod(0o644)
+
+
+def test_run_with_progress_but_no_checkpoint_is_refused(assets, straight, tmp_path):
+    """metrics.jsonl records 18 micro-steps but checkpoints/ is gone (an unmounted file system): `train.py`
+    refuses in one line naming the folder and how to start over, and changes nothing; likewise an empty
+    checkpoints/, and checkpoints that are all damaged (moved aside, then refused)."""
+    cfg_path, run_dir = copy_of_straight(straight, assets, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    ckpts.rename(tmp_path / "checkpoints.elsewhere")
+    before = folder_state(run_dir)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: run folder {run_dir} records 18 micro-steps (metrics.jsonl) but {ckpts} is "
+                           "missing, so it cannot resume; nothing was changed")
+    assert f"mv {run_dir / 'metrics.jsonl'} {run_dir / 'metrics.jsonl.old'}" in line
+    assert folder_state(run_dir) == before
+
+    ckpts.mkdir()
+    with pytest.raises(RunFolderError, match=f"but {ckpts} holds no checkpoint"):
+        train(load_config(cfg_path), log=quiet)
+    ckpts.rmdir()
+    (tmp_path / "checkpoints.elsewhere").rename(ckpts)
+    for meta in ckpts.glob("*/meta/metadata"):
+        meta.write_text("{}")  # no position: every checkpoint is damaged
+    with pytest.raises(RunFolderError, match=r"but none of its checkpoints could be restored \(moved to "):
+        train(load_config(cfg_path), log=quiet)
+    assert len(list((run_dir / "damaged").iterdir())) == 5 and not any(ckpts.iterdir())
+    assert (run_dir / "metrics.jsonl").read_bytes() == before[1]
 
 
 def test_non_finite_loss_stops_the_run_without_saving_it(assets, tmp_path, monkeypatch):

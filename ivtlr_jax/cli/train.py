@@ -3,9 +3,10 @@
 Runs (or resumes from its latest checkpoint) the run folder save_path/name of the configuration:
 config.yaml, metrics.jsonl (one JSON line per micro-step), checkpoints/, one merged Hugging Face export
 per stage (stage_<s>/) and TensorBoard event files (tensorboard/train/). Re-run the same command to
-resume after an interruption. One trainer per run folder: while it runs, a second one is refused at once
-(status 2, naming the first's pid and host; the lock file save_path/name.lock is taken over when its
-process is gone).
+resume after an interruption. SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint at
+the next micro-step, prints `preempted at micro-step N; ...` and exits with status 75 (EX_TEMPFAIL). One
+trainer per run folder: while it runs, a second one is refused at once (status 2, naming the first's pid
+and host; the lock file save_path/name.lock is taken over when its process is gone).
 
 Several processes (hosts): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a SLURM
 job (README); each process runs the same command, process 0 writes the run folder.
@@ -46,13 +47,16 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     from ..compilation_cache import enable_compilation_cache
     from ..config import ConfigError, load_config
     from ..io.lock import OutputInUseError, output_lock
+    from ..train.checkpoint import CheckpointReadError
     from ..train.loop import NonFiniteError, RunFolderError, train
+    from ..train.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
     try:
         distributed.initialize()  # first: every process then checks the configuration and the run folder
     except distributed.DistributedSetupError as e:
         sys.exit(f"error: {e}")
     enable_compilation_cache(log=print)
+    preempted = None
     with distributed.fail_together():  # an error in any process stops all; process 0 prints it once
         try:
             cfg = load_config(args.config, args.overrides)
@@ -60,10 +64,17 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
                 result = train(cfg, max_steps=args.max_steps)
         except OutputInUseError as e:  # refused before anything is loaded
             fail(p, f"error: {e}\n")
-        except (ConfigError, RunFolderError, NonFiniteError, FileNotFoundError) as e:  # one message, no traceback
+        except (ConfigError, RunFolderError, NonFiniteError, CheckpointReadError,
+                FileNotFoundError) as e:  # one message, no traceback
             sys.exit(f"error: {e}")
-        if distributed.is_writer():
+        except Preempted as e:  # every process saved the same step: they leave fail_together together
+            preempted = e
+        if distributed.is_writer() and preempted:
+            print(preempted, file=sys.stderr, flush=True)
+        elif distributed.is_writer():
             print(result.summary())
+    if preempted:
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

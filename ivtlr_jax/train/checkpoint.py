@@ -4,12 +4,19 @@ continue exactly. Saves are asynchronous and atomic (orbax writes a temporary fo
 when complete, so a crash mid-save leaves the previous checkpoint usable); the last `keep` are kept,
 and the steps named in `preserve` (the stage ends, from which stage exports are rebuilt) always.
 
-A checkpoint that fails to restore (a truncated file, a missing `_METADATA`, ...) is moved aside into
-`damaged/` next to the checkpoint folder (renamed, never deleted) and the previous one is tried.
+A checkpoint whose own files fail their checks (a truncated or unparseable file of the step, a missing
+one, orbax's errors about the step's content, a meta record without the loop's keys) is moved aside
+into `damaged/` next to the checkpoint folder (renamed, never deleted) and the previous one is tried.
+Any other failure to read it (permission denied, an I/O error, out of memory, an unavailable file
+system, another process's error) proves nothing about the checkpoint: `CheckpointReadError` stops the
+run and nothing is moved.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +30,82 @@ from ..io.orbax_params import flatten_tree, nest_paths
 from ..models.common.loading import with_values, variables_by_path
 
 DAMAGED_DIR = "damaged"
+UNFINISHED_SAVE = re.compile(r"\d+\.orbax-checkpoint-tmp")  # orbax's folder of a step being saved
+# tensorstore's status codes, kept at the start of its error messages (ValueError)
+CONTENT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")  # the bytes of the step are wrong or missing
+ENVIRONMENT_CODES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED",
+                     "CANCELLED", "UNAUTHENTICATED", "INTERNAL", "UNKNOWN")  # the machine, not the checkpoint
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's own files fail their checks: it is moved aside."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint could not be read for a reason that is not proven damage: the run stops unchanged."""
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from (orbax wraps tensorstore's)."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _status_code(error: BaseException) -> str | None:
+    match = re.match(r"([A-Z_]+): ", str(error))
+    return match.group(1) if match else None
+
+
+def _environmental(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, distributed.PeerFailure)):
+        return True
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        return True  # permission denied, an I/O error, a stale file handle, ...
+    return _status_code(error) in ENVIRONMENT_CODES  # also XLA's RESOURCE_EXHAUSTED
+
+
+def _content(error: BaseException, step_dir: Path) -> bool:
+    if isinstance(error, (DamagedCheckpoint, json.JSONDecodeError)):
+        return True
+    if isinstance(error, FileNotFoundError):  # a file of the step is missing
+        return str(step_dir) in f"{error.filename} {error}"
+    if isinstance(error, KeyError):  # orbax: an item of the step is missing
+        return "not found in the checkpoint" in str(error)
+    if isinstance(error, ValueError):  # tensorstore: a file of the step is truncated, corrupt or missing
+        return _status_code(error) in CONTENT_CODES
+    return False
+
+
+def damage_evidence(error: BaseException, step_dir: Path) -> BaseException | None:
+    """The error of `error`'s chain (raised restoring the checkpoint in `step_dir`) that proves the
+    checkpoint itself damaged, or None: only when the step's folder is still there, no error of the chain
+    is about the machine (permission, I/O, memory, availability, another process) and one is about the
+    step's content."""
+    chain = _chain(error)
+    if not step_dir.is_dir() or any(_environmental(e) for e in chain):
+        return None
+    return next((e for e in reversed(chain) if _content(e, step_dir)), None)
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, at most `limit` characters of the message."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit] or type(error).__name__}"
+
+
+def remove_unfinished_saves(directory: Path, log: Callable[[str], None]) -> None:
+    """Delete the temporary folders of saves that never finished (`<step>.orbax-checkpoint-tmp-*`: a
+    process stopped mid-save), with one log line; by process 0, the others wait."""
+    if distributed.is_writer() and directory.is_dir():
+        unfinished = sorted(p for p in directory.iterdir() if p.is_dir() and UNFINISHED_SAVE.match(p.name))
+        for folder in unfinished:
+            shutil.rmtree(folder)
+        if unfinished:
+            log(f"removed {len(unfinished)} unfinished checkpoint save(s) in {directory}: "
+                f"{', '.join(p.name for p in unfinished)}")
+    distributed.barrier("unfinished_saves")
 
 
 def _pure(state) -> dict:
@@ -84,25 +167,40 @@ class TrainCheckpointer:
     def restore_latest(self, trainable_like, opt_state_like, *, log: Callable[[str], None] = print,
                        required_meta: tuple[str, ...] = ()) -> tuple[int, Any, Any, dict] | None:
         """The newest checkpoint that restores, with the `required_meta` keys in its meta record:
-        (step, trainable, opt_state, meta), or None when there is none. Each one that fails is moved
-        aside with one log line. With several processes, a checkpoint restores when it restores on all."""
+        (step, trainable, opt_state, meta), or None when there is none. Each damaged one (`damage_evidence`)
+        is moved aside with one log line; any other error raises `CheckpointReadError`, nothing moved.
+        With several processes, a checkpoint restores when it restores on all; one damaged on any
+        process is moved aside by all."""
         for step in reversed(self.all_steps()):
-            def attempt(step=step):
-                trainable, opt_state, meta = self.restore(step, trainable_like, opt_state_like)
-                missing = [k for k in required_meta if not isinstance(meta, dict) or k not in meta]
-                if missing:
-                    raise ValueError(f"its meta record lacks {missing}")
-                return trainable, opt_state, meta
-
             try:
-                trainable, opt_state, meta = distributed.agree(attempt, "restore")
-                return step, trainable, opt_state, meta
-            except Exception as e:  # any failure to read it: set it aside and try the previous one
+                return (step, *distributed.agree(
+                    lambda step=step: self._restore_checked(step, trainable_like, opt_state_like, required_meta),
+                    "restore"))
+            except Exception as e:
+                if not (isinstance(e, DamagedCheckpoint) or (isinstance(e, distributed.PeerFailure)
+                                                             and e.message.startswith(DamagedCheckpoint.__name__))):
+                    raise CheckpointReadError(
+                        f"checkpoint step {step} in {self.directory} could not be read ({one_line(e)}); this does "
+                        "not show that the checkpoint is damaged, so nothing was moved or changed: fix the cause "
+                        "and re-run the same command") from e
                 where = self.move_aside(step)
-                reason = " ".join(str(e).split())[:300] or type(e).__name__
-                log(f"checkpoint step {step} could not be restored ({type(e).__name__}: {reason}); "
-                    f"moved to {where}; trying the previous one")
+                log(f"checkpoint step {step} could not be restored ({' '.join(str(e).split())}); moved to {where}; "
+                    "trying the previous one")
         return None
+
+    def _restore_checked(self, step: int, trainable_like, opt_state_like, required_meta: tuple[str, ...]):
+        """`restore`, its failure raised as `DamagedCheckpoint` when it proves the step damaged."""
+        try:
+            trainable, opt_state, meta = self.restore(step, trainable_like, opt_state_like)
+        except Exception as e:
+            evidence = damage_evidence(e, self.directory / str(step))
+            if evidence is not None:
+                raise DamagedCheckpoint(one_line(evidence)) from e
+            raise
+        missing = [k for k in required_meta if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise DamagedCheckpoint(f"its meta record lacks {missing}")
+        return trainable, opt_state, meta
 
     def move_aside(self, step: int) -> Path:
         """Rename a step's folder into `damaged/` (never deleted; by process 0) and reopen the manager

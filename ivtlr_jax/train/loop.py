@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from typing import Any, Callable, NoReturn
 from pathlib import Path
 
 import jax
@@ -32,11 +33,12 @@ from ..io.safetensors import read_header
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
-from .checkpoint import TrainCheckpointer
+from .checkpoint import DAMAGED_DIR, TrainCheckpointer, remove_unfinished_saves
 from .cleanup import close_all
 from .events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import learning_rate, make_optimizer
+from .preemption import Preempted, PreemptionWatch
 from .step import StepConfig, init_optimizer, make_train_step, split_trainable, step_shardings
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
@@ -110,6 +112,32 @@ def check_run_folder(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def recorded_micro_steps(metrics_path: Path) -> int:
+    """The last micro-step that metrics.jsonl records (0 when none, or no file)."""
+    return max([0] + [r["micro_step"] for r in step_records(metrics_path)])
+
+
+def refuse_lost_progress(run_dir: Path, missing: str) -> None:
+    """A run folder whose metrics.jsonl records progress but which has no checkpoint to resume from
+    (`missing` says why) is refused: starting at step 0 would cut that record to nothing. Changes nothing."""
+    done = recorded_micro_steps(run_dir / "metrics.jsonl")
+    if done:
+        raise RunFolderError(
+            f"run folder {run_dir} records {done} micro-steps (metrics.jsonl) but {missing}, so it cannot resume; "
+            f"nothing was changed. If its checkpoints are elsewhere (an unmounted file system, a moved folder), put "
+            f"them back in {run_dir / 'checkpoints'} and re-run; to start the run over from step 0, move its record "
+            f"aside first: mv {run_dir / 'metrics.jsonl'} {run_dir / 'metrics.jsonl.old'}")
+
+
+def check_checkpoints_present(run_dir: Path) -> None:
+    """Before the checkpointer creates checkpoints/: a run with progress has a checkpoint folder with a step."""
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        refuse_lost_progress(run_dir, f"{ckpt_dir} is missing")
+    elif not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        refuse_lost_progress(run_dir, f"{ckpt_dir} holds no checkpoint")
+
+
 def write_run_config(cfg: RunConfig) -> None:
     """config.yaml, written once the model and data have loaded (a failed start leaves no trace)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,192 +161,386 @@ def stage_end_steps(num_epochs: int, micro_per_epoch: int, curriculum) -> dict[i
     return ends
 
 
+@dataclasses.dataclass
+class Run:
+    """A run's fixed parts, set up once by `set_up_run`: its folder, the model's frozen half and graph,
+    the data, the optimizer, the step's settings and the checkpointer."""
+    cfg: RunConfig
+    run_dir: Path
+    mesh: jax.sharding.Mesh
+    rules: ShardingRules
+    processor: Any
+    graphdef: Any
+    frozen: Any
+    examples: list
+    data_report: str  # what loading the rows kept and skipped
+    latent_cfg: LatentConfig
+    pad_id: int
+    image_token_id: int
+    markers: tuple[int, int]  # (start latent, end latent): used when curriculum.use_latent_markers
+    global_batch: int  # rows of a micro-batch over all replicas
+    micro_per_epoch: int
+    tx: Any  # the optax transformation
+    lr_at: Callable[[int], Any]  # learning rate of an optimizer step (as counted since the last reset)
+    step_cfg: StepConfig
+    stage_ends: dict[int, int]  # {stage: the micro-step at which it ends}
+    ckpt: TrainCheckpointer
+
+    @property
+    def accum(self) -> int:
+        return self.cfg.optim.gradient_accumulation_steps
+
+    @property
+    def total_micro(self) -> int:
+        return self.micro_per_epoch * self.cfg.train.num_epochs
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+@dataclasses.dataclass
+class RunState:
+    """What changes while the run trains: parameters, optimizer state, position, this call's tallies."""
+    trainable: Any
+    opt_state: Any
+    micro_step: int = 0  # micro-batches done in the run so far
+    start_epoch: int = 0  # where this call starts: epoch, and batch within it
+    start_index: int = 0
+    exports: list[Path] = dataclasses.field(default_factory=list)  # stage exports written (or rebuilt) by this call
+    losses: list[float] = dataclasses.field(default_factory=list)  # of this call's micro-batches
+    done_here: int = 0  # micro-batches trained by this call
+    compiled: set = dataclasses.field(default_factory=set)  # signatures of the micro-batches seen: one compilation each
+    train_step: Callable | None = None  # the jitted sharded step, made at the first micro-batch (its shardings)
+
+
 def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainResult:
     """Run (or resume) training. `max_steps`: stop after this many micro-batches in this call (used to
-    simulate an interrupted run)."""
+    simulate an interrupted run). Once training steps, SIGTERM / SIGINT save a checkpoint at the next
+    micro-step boundary and raise `Preempted` (train/preemption.py; the previous handlers are back after)."""
     maybe_init_distributed()
     log = log if distributed.is_writer() else (lambda *_: None)  # process 0 speaks for the run
+    run, state = set_up_run(cfg, log)
+    resume_from_checkpoint(run, state, log)
+    if distributed.is_writer():
+        trim_metrics(run.metrics_path, state.micro_step)
+    rebuild_finished_exports(run, state, log)
+    log_run_start(run, state, log)
+    recorder = StepRecorder(run, state.micro_step, log)
+    try:
+        with PreemptionWatch(distributed.process_count() > 1) as preemption:  # before it, nothing new to save
+            if train_epochs(run, state, recorder, StopCheck(max_steps, preemption), log):
+                recorder.bar.close()
+    finally:  # every close runs (the checkpointer's awaits the save in flight); the first error is raised
+        close_all(recorder.metrics_file.close, recorder.events.close, run.ckpt.close)
+    return TrainResult(run.run_dir, state.micro_step, state.exports, state.losses, state.done_here, run.total_micro)
 
-    def check_start() -> Path:
-        run_dir = check_run_folder(cfg)
-        check_backends(cfg.log)  # TensorBoard / W&B packages present (train/events.py)
-        return run_dir
 
-    run_dir = distributed.agree(check_start, "run_folder")  # every process checks; all stop
+def train_epochs(run: Run, state: RunState, recorder: StepRecorder, stop: StopCheck, log) -> bool:
+    """The epochs from the state's position, each stage finished (checkpoint, export) at its end.
+    -> False when `max_steps` stopped this call."""
+    for epoch in range(state.start_epoch, run.cfg.train.num_epochs):
+        if not train_epoch(run, state, EpochPlan(run, epoch), recorder, stop):
+            return False
+        if state.micro_step == run.stage_ends[stage_of_epoch(epoch, run.cfg.curriculum)]:
+            finish_stage(run, state, recorder, epoch, log)
+    return True
+
+
+def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
+    """Check the run folder, build the mesh, the model, the data, the optimizer and the checkpointer
+    (every process agrees on each check); writes config.yaml once the model and the data loaded.
+    -> the run, and its state at step 0."""
+    run_dir = distributed.agree(lambda: check_start(cfg), "run_folder")  # every process checks; all stop
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
-    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
-    global_batch = cfg.train.batch_size_training * replicas
-
+    global_batch = cfg.train.batch_size_training * mesh.shape["data"] * mesh.shape["fsdp"]
     built = build_model(cfg, rules=rules)
-    model, processor, ids, family = built.model, built.processor, built.ids, built.family.name
+    ids = built.ids
     latent_cfg = cfg.latent.latent_config(ids["latent_id"])
-    pad_id = ids["eos_token_id"]  # docs/method.md section 3: pad = EOS
-    image_token_id = model.config.image_token_id
-    markers = (ids["start_latent_id"], ids["end_latent_id"])  # used when curriculum.use_latent_markers
-
-    curriculum = cfg.curriculum
-
-    def load_and_check():
-        examples, report = load_examples(cfg.data.dataset, cfg.data.source, cfg.data.train_split, processor, family,
-                                         max_length=cfg.data.max_length, limit=cfg.data.limit)
-        if not examples:
-            raise ValueError(f"no usable training rows in {cfg.data.source} ({report})")
-        if curriculum.max_latent_stage and cfg.train.num_epochs > curriculum.epochs_per_stage:  # a stage with latents
-            check_patch_budget(examples, image_token_id, latent_cfg.num_selected_patches,
-                               f"{cfg.data.source} ({cfg.data.train_split})")
-        return examples, report
-
-    examples, report = distributed.agree(load_and_check, "examples")  # every process loaded, or all stop here
+    image_token_id = built.model.config.image_token_id
+    examples, report = distributed.agree(  # every process loaded, or all stop here
+        lambda: load_training_examples(cfg, built.processor, built.family.name, image_token_id, latent_cfg),
+        "examples")
     if distributed.is_writer():
         write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
-
     micro_per_epoch = math.ceil(len(examples) / global_batch)
-    total_micro = micro_per_epoch * cfg.train.num_epochs
-    accum = cfg.optim.gradient_accumulation_steps
-    opt_per_epoch = max(micro_per_epoch // accum, 1)
-    schedule_steps = (opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * curriculum.epochs_per_stage)
+    opt_per_epoch = max(micro_per_epoch // cfg.optim.gradient_accumulation_steps, 1)
+    schedule_steps = (opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * cfg.curriculum.epochs_per_stage)
     tx = make_optimizer(cfg.optim, *schedule_steps)
-    lr_at = learning_rate(cfg.optim, *schedule_steps)  # of an optimizer step (as counted since the last reset)
-
-    graphdef, trainable, frozen = split_trainable(model, trainable_filter(cfg.lora))
+    graphdef, trainable, frozen = split_trainable(built.model, trainable_filter(cfg.lora))
     trainable = jax.device_put(trainable, state_shardings(trainable, rules))
-    opt_state = init_optimizer(tx, trainable, rules)
-    step_cfg = StepConfig(latent_cfg, cfg.train.batch_size_training, cfg.optim.loss_scale)
-
-    stage_ends = stage_end_steps(cfg.train.num_epochs, micro_per_epoch, curriculum)
+    stage_ends = stage_end_steps(cfg.train.num_epochs, micro_per_epoch, cfg.curriculum)
+    distributed.on_writer(lambda: check_checkpoints_present(run_dir), "checkpoints", errors=(RunFolderError,))
+    remove_unfinished_saves(run_dir / "checkpoints", log)
     ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                              preserve=tuple(stage_ends.values()))
-    start_epoch, start_index, micro_step = 0, 0, 0
-    restored = ckpt.restore_latest(trainable, opt_state, log=log, required_meta=("epoch", "batch_index", "micro_step"))
-    if restored is not None:
-        latest, trainable, opt_state, meta = restored
-        start_epoch, start_index, micro_step = meta["epoch"], meta["batch_index"], meta["micro_step"]
-        if start_index >= micro_per_epoch:  # saved after an epoch's last batch: the next epoch begins
-            start_epoch, start_index = start_epoch + 1, 0
-        log(f"resumed from {run_dir / 'checkpoints'} step {latest}: epoch {start_epoch}, batch {start_index}")
-    metrics_path = run_dir / "metrics.jsonl"
-    if distributed.is_writer():
-        trim_metrics(metrics_path, micro_step)
+    run = Run(cfg, run_dir, mesh, rules, built.processor, graphdef, frozen, examples, report, latent_cfg,
+              pad_id=ids["eos_token_id"],  # docs/method.md section 3: pad = EOS
+              image_token_id=image_token_id, markers=(ids["start_latent_id"], ids["end_latent_id"]),
+              global_batch=global_batch, micro_per_epoch=micro_per_epoch, tx=tx,
+              lr_at=learning_rate(cfg.optim, *schedule_steps),
+              step_cfg=StepConfig(latent_cfg, cfg.train.batch_size_training, cfg.optim.loss_scale),
+              stage_ends=stage_ends, ckpt=ckpt)
+    return run, RunState(trainable, init_optimizer(tx, trainable, rules))
 
-    exports = []
-    for stage, end in sorted(stage_ends.items()):  # finished stages: is each export complete?
-        if end <= micro_step:
-            rebuilt = ensure_stage_export(run_dir, stage, end, ckpt, graphdef, trainable, frozen, processor, log)
-            exports += [rebuilt] if rebuilt else []
 
-    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-    n_total = n_trainable + sum(x.size for x in jax.tree.leaves(frozen))
+def check_start(cfg: RunConfig) -> Path:
+    """The run folder is this run's, and the dashboards' packages are present (train/events.py)."""
+    run_dir = check_run_folder(cfg)
+    check_backends(cfg.log)
+    return run_dir
+
+
+def load_training_examples(cfg: RunConfig, processor, family: str, image_token_id: int, latent_cfg: LatentConfig):
+    """The training split's examples and the loading report; refuses no rows, or a K above a row's image
+    tokens when a stage has latents."""
+    examples, report = load_examples(cfg.data.dataset, cfg.data.source, cfg.data.train_split, processor, family,
+                                     max_length=cfg.data.max_length, limit=cfg.data.limit)
+    if not examples:
+        raise ValueError(f"no usable training rows in {cfg.data.source} ({report})")
+    if cfg.curriculum.max_latent_stage and cfg.train.num_epochs > cfg.curriculum.epochs_per_stage:  # latents
+        check_patch_budget(examples, image_token_id, latent_cfg.num_selected_patches,
+                           f"{cfg.data.source} ({cfg.data.train_split})")
+    return examples, report
+
+
+def resume_from_checkpoint(run: Run, state: RunState, log) -> None:
+    """The latest checkpoint that restores, if any, into `state`: parameters, optimizer state, position."""
+    restored = run.ckpt.restore_latest(state.trainable, state.opt_state, log=log,
+                                       required_meta=("epoch", "batch_index", "micro_step"))
+    if restored is None:  # none there (a new run), or every one damaged and moved aside
+        distributed.on_writer(lambda: refuse_lost_progress(
+            run.run_dir, f"none of its checkpoints could be restored (moved to {run.run_dir / DAMAGED_DIR})"),
+            "progress", errors=(RunFolderError,))
+        return
+    latest, state.trainable, state.opt_state, meta = restored
+    state.start_epoch, state.start_index, state.micro_step = meta["epoch"], meta["batch_index"], meta["micro_step"]
+    if state.start_index >= run.micro_per_epoch:  # saved after an epoch's last batch: the next epoch begins
+        state.start_epoch, state.start_index = state.start_epoch + 1, 0
+    log(f"resumed from {run.run_dir / 'checkpoints'} step {latest}: epoch {state.start_epoch}, "
+        f"batch {state.start_index}")
+
+
+def rebuild_finished_exports(run: Run, state: RunState, log) -> None:
+    """Finished stages: is each export complete? (rebuilt from the stage's end checkpoint when not)"""
+    for stage, end in sorted(run.stage_ends.items()):
+        if end <= state.micro_step:
+            rebuilt = ensure_stage_export(run.run_dir, stage, end, run.ckpt, run.graphdef, state.trainable,
+                                          run.frozen, run.processor, log)
+            state.exports += [rebuilt] if rebuilt else []
+
+
+def log_run_start(run: Run, state: RunState, log) -> None:
+    """The run's shape in one line (mesh, parameters, rows, batch), then each stage's epochs."""
+    cfg = run.cfg
+    n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
+    n_total = n_trainable + sum(x.size for x in jax.tree.leaves(run.frozen))
     memory = device_memory()
-    log(f"run {run_dir} | mesh {dict(mesh.shape)} | params trainable {n_trainable:,} / total {n_total:,} | "
-        f"train rows {len(examples)} ({report}) | global batch {global_batch} x accumulation {accum} | "
-        f"{micro_per_epoch} micro-batches per epoch" + (f" | memory per device {memory}" if memory else ""))
-    for stage in sorted(stage_ends):
-        epochs = [e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, curriculum) == stage]
+    log(f"run {run.run_dir} | mesh {dict(run.mesh.shape)} | params trainable {n_trainable:,} / total {n_total:,} | "
+        f"train rows {len(run.examples)} ({run.data_report}) | global batch {run.global_batch} x accumulation "
+        f"{run.accum} | {run.micro_per_epoch} micro-batches per epoch"
+        + (f" | memory per device {memory}" if memory else ""))
+    for stage in sorted(run.stage_ends):
+        epochs = [e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, cfg.curriculum) == stage]
         log(f"  stage {stage}: epochs {epochs}")
 
-    steps_cache: dict = {}
-    compiled: set = set()
-    base_key = jax.random.key(cfg.seed)
-    metrics_file = LineLog(metrics_path if distributed.is_writer() else os.devnull)  # synced at each save
-    events = train_events(cfg, micro_step, metrics_path)  # TensorBoard / W&B copies (train/events.py; process 0)
-    losses = []
-    done_here = 0
-    zero_grads = ZeroGradientWatch(log)
-    result = lambda: TrainResult(run_dir, micro_step, exports, losses, done_here, total_micro)
-    try:
+
+class EpochPlan:
+    """One epoch's data: its seeded order (the tail wrapped to whole micro-batches), the supervised tokens
+    of each accumulation window, and the micro-batches prepared from them."""
+
+    def __init__(self, run: Run, epoch: int):
+        cfg, curriculum = run.cfg, run.cfg.curriculum
+        self.run, self.epoch, self.stage = run, epoch, stage_of_epoch(epoch, curriculum)
+        order = epoch_order(len(run.examples), cfg.seed, epoch)
+        self.order = np.concatenate([order, order[: run.micro_per_epoch * run.global_batch - len(order)]])
+        self.window_tokens = accumulation_window_tokens(run.examples, self.order, self.stage, curriculum,
+                                                        (run.latent_cfg.latent_token_id, *run.markers),
+                                                        run.global_batch, run.accum)
+        self.reset_at = epoch // curriculum.epochs_per_stage * curriculum.epochs_per_stage * run.micro_per_epoch \
+            if cfg.optim.reset_optimizer else 0  # the micro-step where the optimizer's count restarted
+
+    def prepare(self, index: int) -> PreparedBatch:
+        """The epoch's micro-batch `index`, collated and placed on its devices."""
+        run = self.run
+        rows = [run.examples[i] for i in self.order[index * run.global_batch : (index + 1) * run.global_batch]]
+        features = [(*stage_tokens(ex, self.stage, run.cfg.curriculum, run.latent_cfg.latent_token_id, *run.markers),
+                     ex.image) for ex in rows]
+        try:
+            return prepare_batch(features, run.latent_cfg, run.pad_id, run.cfg.data, run.rules, run.image_token_id,
+                                 [ex.id for ex in rows])
+        except ValueError as e:
+            raise ValueError(f"epoch {self.epoch}, batch {index} (rows {[ex.id for ex in rows]}): {e}") from e
+
+    def denominator(self, index: int) -> jax.Array:
+        """The loss denominator of micro-batch `index` (its window's supervised tokens / accumulation)."""
+        return jnp.float32(max(self.window_tokens[index // self.run.accum] / self.run.accum, 1.0))
+
+    def learning_rate(self, micro_step: int) -> float:
+        """The learning rate that micro-step `micro_step` (counted from 1) trained with."""
+        return float(self.run.lr_at((micro_step - 1 - self.reset_at) // self.run.accum))
+
+
+@dataclasses.dataclass
+class StopCheck:
+    """Asked before each micro-step: has this call done `max_steps` (-> stop quietly), or was a stop
+    requested by a signal (-> checkpoint, then `Preempted`)?"""
+    max_steps: int | None
+    preemption: PreemptionWatch
+
+    def reached_max_steps(self, done_here: int) -> bool:
+        return self.max_steps is not None and done_here >= self.max_steps
+
+
+def train_epoch(run: Run, state: RunState, plan: EpochPlan, recorder: StepRecorder, stop: StopCheck) -> bool:
+    """The epoch's micro-batches from the state's position (each prepared while the previous step runs),
+    each recorded and checkpointed as configured. -> False when `max_steps` stopped this call; a signal
+    stops it with a checkpoint of the boundary it stopped at (`stop_preempted`)."""
+    maybe_reset_optimizer(run, state, plan.epoch)
+    first = state.start_index if plan.epoch == state.start_epoch else 0
+    upcoming = Lookahead(plan.prepare, first) if first < run.micro_per_epoch else None
+    recorder.restart_clock()
+    for index in range(first, run.micro_per_epoch):
+        if stop.reached_max_steps(state.done_here):
+            return False
+        if stop.preemption.requested(state.micro_step):
+            stop_preempted(run, state, recorder, plan.epoch, index)
+        current = upcoming.result()  # raises here what preparing this micro-batch raised
+        metrics = run_step(run, state, current, plan.denominator(index))
+        if index + 1 < run.micro_per_epoch:  # the step runs asynchronously: prepare the next one meanwhile
+            upcoming = Lookahead(plan.prepare, index + 1)
+        state.micro_step += 1
+        record_step(run, state, recorder, plan, index, current, metrics)
+        save_periodic_checkpoint(run, state, recorder, plan.epoch, index)
+    return True
+
+
+def maybe_reset_optimizer(run: Run, state: RunState, epoch: int) -> None:
+    """optim.reset_optimizer: a fresh optimizer state at each stage's first epoch (not when resuming in it)."""
+    per_stage = run.cfg.curriculum.epochs_per_stage
+    if run.cfg.optim.reset_optimizer and epoch % per_stage == 0 and epoch > 0 \
+            and not (epoch == state.start_epoch and state.start_index > 0):
+        state.opt_state = init_optimizer(run.tx, state.trainable, run.rules)
+
+
+def run_step(run: Run, state: RunState, current: PreparedBatch, denominator: jax.Array) -> dict:
+    """One micro-batch through the jitted sharded step (made at the first one); its dropout key is
+    derived from (seed, micro-step). -> the step's metrics (device arrays)."""
+    state.compiled.add(current.signature)
+    if state.train_step is None:
+        state.train_step = make_train_step(
+            run.graphdef, run.tx, run.step_cfg, rules=run.rules,
+            shardings=step_shardings(state.trainable, run.frozen, state.opt_state, current.batch, run.rules))
+    key = jax.random.fold_in(jax.random.key(run.cfg.seed), state.micro_step)
+    state.trainable, state.opt_state, metrics = state.train_step(
+        state.trainable, run.frozen, state.opt_state, current.batch, key, denominator, current.shapes)
+    return metrics
+
+
+def record_step(run: Run, state: RunState, recorder: StepRecorder, plan: EpochPlan, index: int,
+                current: PreparedBatch, metrics: dict) -> None:
+    """A finished micro-step: its metrics line and dashboard copies, the stop on a non-finite step, this
+    call's tallies, the zero-gradient watch, the progress bar (or a log line)."""
+    loss, grad_norm, finite = float(metrics["loss"]), float(metrics["grad_norm"]), bool(metrics["finite"])
+    tokens = int(metrics["tokens"])
+    elapsed = recorder.lap()
+    record = {"micro_step": state.micro_step, "epoch": plan.epoch, "stage": plan.stage, "loss": loss,
+              "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+              "latents": current.shapes.num_latents, "compilations": len(state.compiled),
+              "lr": plan.learning_rate(state.micro_step)}
+    recorder.write(record)
+    if not finite:
+        raise non_finite_error(run, state, plan, index, current, loss, grad_norm)
+    state.done_here += 1
+    state.losses.append(loss)
+    recorder.zero_grads.update(grad_norm, state.micro_step, stage=plan.stage, epoch=plan.epoch)
+    recorder.progress(record, run.total_micro)
+
+
+def non_finite_error(run: Run, state: RunState, plan: EpochPlan, index: int, current: PreparedBatch, loss: float,
+                     grad_norm: float) -> NonFiniteError:
+    last = run.ckpt.latest_step()
+    return NonFiniteError(
+        f"non-finite training state at stage {plan.stage}, epoch {plan.epoch}, micro-step {state.micro_step} "
+        f"(batch {index} of the epoch, rows {current.row_ids}): loss {loss}, gradient norm "
+        f"{grad_norm}; nothing of this step was saved. The last good checkpoint is "
+        + (f"step {last} in {run.run_dir / 'checkpoints'}" if last is not None else "none (no step saved)")
+        + "; lower optim.lr or check these rows, then re-run the same command to resume from it")
+
+
+def save_checkpoint(run: Run, state: RunState, recorder: StepRecorder, epoch: int, batch_index: int, *,
+                    force: bool = False) -> None:
+    """A checkpoint of the state at (epoch, batch_index), after metrics.jsonl is on disk (a resume trims the
+    metrics to the checkpoint it restores, so they must hold every step it covers)."""
+    recorder.metrics_file.sync()
+    run.ckpt.save(state.micro_step, state.trainable, state.opt_state,
+                  {"epoch": epoch, "batch_index": batch_index, "micro_step": state.micro_step}, force=force)
+
+
+def save_periodic_checkpoint(run: Run, state: RunState, recorder: StepRecorder, epoch: int, index: int) -> None:
+    """A checkpoint every train.save_every_steps optimizer steps, at the end of an accumulation window."""
+    every = run.cfg.train.save_every_steps
+    if state.micro_step % run.accum == 0 and every and (state.micro_step // run.accum) % every == 0:
+        save_checkpoint(run, state, recorder, epoch, index + 1)
+
+
+def stop_preempted(run: Run, state: RunState, recorder: StepRecorder, epoch: int, index: int) -> NoReturn:
+    """A signal asked to stop before batch `index` of `epoch`: save this micro-step (unless saved
+    already: a periodic or stage-end save), wait until it is on disk, raise `Preempted`."""
+    if run.ckpt.latest_step() != state.micro_step:
+        save_checkpoint(run, state, recorder, epoch, index, force=True)
+    run.ckpt.wait()
+    raise Preempted(state.micro_step, run.run_dir / "checkpoints")
+
+
+def finish_stage(run: Run, state: RunState, recorder: StepRecorder, epoch: int, log) -> None:
+    """A stage's last epoch is done: its end checkpoint (always kept) and its merged export."""
+    stage = stage_of_epoch(epoch, run.cfg.curriculum)
+    if run.ckpt.latest_step() != state.micro_step:
+        save_checkpoint(run, state, recorder, epoch + 1, 0, force=True)
+    state.exports.append(export_stage(run.run_dir, stage, run.graphdef, state.trainable, run.frozen, run.processor))
+    log(f"stage {stage} done at epoch {epoch}: loss {np.mean(state.losses[-run.micro_per_epoch:] or [np.nan]):.4f}, "
+        f"exported {state.exports[-1]}, {len(state.compiled)} compilation(s) so far")
+
+
+class StepRecorder:
+    """Where each micro-step goes: metrics.jsonl (line-buffered; process 0), the TensorBoard / W&B copies
+    (train/events.py), the progress bar (or a log line every train.log_every micro-steps off a terminal)
+    and the zero-gradient watch."""
+
+    def __init__(self, run: Run, micro_step: int, log):
         from tqdm import tqdm
 
-        bar = tqdm(total=total_micro, initial=micro_step, desc="train", dynamic_ncols=True,
-                   disable=None if distributed.is_writer() else True)
-        for epoch in range(start_epoch, cfg.train.num_epochs):
-            stage = stage_of_epoch(epoch, curriculum)
-            if cfg.optim.reset_optimizer and epoch % curriculum.epochs_per_stage == 0 and epoch > 0 \
-                    and not (epoch == start_epoch and start_index > 0):
-                opt_state = init_optimizer(tx, trainable, rules)
-            order = epoch_order(len(examples), cfg.seed, epoch)
-            order = np.concatenate([order, order[: micro_per_epoch * global_batch - len(order)]])  # wrap the tail
-            window_tokens = accumulation_window_tokens(examples, order, stage, curriculum,
-                                                       (latent_cfg.latent_token_id, *markers), global_batch, accum)
-            first = start_index if epoch == start_epoch else 0
-            reset_at = epoch // curriculum.epochs_per_stage * curriculum.epochs_per_stage * micro_per_epoch \
-                if cfg.optim.reset_optimizer else 0  # the micro-step where the optimizer's count restarted
+        self.log, self.log_every = log, run.cfg.train.log_every
+        self.metrics_file = LineLog(run.metrics_path if distributed.is_writer() else os.devnull)  # synced at saves
+        self.events = train_events(run.cfg, micro_step, run.metrics_path)
+        self.zero_grads = ZeroGradientWatch(log)
+        self.bar = tqdm(total=run.total_micro, initial=micro_step, desc="train", dynamic_ncols=True,
+                        disable=None if distributed.is_writer() else True)
+        self._tick = time.perf_counter()
 
-            def prepare(index: int) -> PreparedBatch:
-                rows = [examples[i] for i in order[index * global_batch : (index + 1) * global_batch]]
-                features = [(*stage_tokens(ex, stage, curriculum, latent_cfg.latent_token_id, *markers), ex.image)
-                            for ex in rows]
-                try:
-                    return prepare_batch(features, latent_cfg, pad_id, cfg.data, rules, image_token_id,
-                                         [ex.id for ex in rows])
-                except ValueError as e:
-                    raise ValueError(f"epoch {epoch}, batch {index} (rows {[ex.id for ex in rows]}): {e}") from e
+    def restart_clock(self) -> None:
+        self._tick = time.perf_counter()
 
-            upcoming = Lookahead(prepare, first) if first < micro_per_epoch else None
-            tick = time.perf_counter()
-            for index in range(first, micro_per_epoch):
-                if max_steps is not None and done_here >= max_steps:
-                    return result()
-                current = upcoming.result()  # raises here what preparing this micro-batch raised
-                batch, n = current.batch, current.shapes.num_latents
-                compiled.add(current.signature)
-                if "sharded" not in steps_cache:
-                    steps_cache["sharded"] = make_train_step(
-                        graphdef, tx, step_cfg, rules=rules,
-                        shardings=step_shardings(trainable, frozen, opt_state, batch, rules))
-                denominator = jnp.float32(max(window_tokens[index // accum] / accum, 1.0))
-                key = jax.random.fold_in(base_key, micro_step)
-                trainable, opt_state, m = steps_cache["sharded"](trainable, frozen, opt_state, batch, key, denominator,
-                                                                 current.shapes)
-                if index + 1 < micro_per_epoch:  # the step runs asynchronously: prepare the next one meanwhile
-                    upcoming = Lookahead(prepare, index + 1)
-                micro_step += 1
-                loss, grad_norm, finite = float(m["loss"]), float(m["grad_norm"]), bool(m["finite"])
-                tokens = int(m["tokens"])
-                elapsed = time.perf_counter() - tick
-                tick = time.perf_counter()
-                record = {"micro_step": micro_step, "epoch": epoch, "stage": stage, "loss": loss,
-                          "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                          "latents": n, "compilations": len(compiled),
-                          "lr": float(lr_at((micro_step - 1 - reset_at) // accum))}
-                metrics_file.write(json_line(record))
-                log_train_step(events, record)
-                if not finite:
-                    last = ckpt.latest_step()
-                    raise NonFiniteError(
-                        f"non-finite training state at stage {stage}, epoch {epoch}, micro-step {micro_step} "
-                        f"(batch {index} of the epoch, rows {current.row_ids}): loss {loss}, gradient norm "
-                        f"{grad_norm}; nothing of this step was saved. The last good checkpoint is "
-                        + (f"step {last} in {run_dir / 'checkpoints'}" if last is not None else "none (no step saved)")
-                        + "; lower optim.lr or check these rows, then re-run the same command to resume from it")
-                done_here += 1
-                losses.append(loss)
-                zero_grads.update(grad_norm, micro_step, stage=stage, epoch=epoch)
-                bar.update(1)
-                bar.set_postfix(stage=stage, loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:.0f}",
-                                compiles=len(compiled))
-                if bar.disable and micro_step % cfg.train.log_every == 0:  # no progress bar off a terminal
-                    log(f"step {micro_step}/{total_micro} epoch {epoch} stage {stage} loss {loss:.4f} "
-                        f"tokens/s {tokens / elapsed:.0f} compilations {len(compiled)}")
-                opt_step_done = micro_step % accum == 0
-                every = cfg.train.save_every_steps
-                if opt_step_done and every and (micro_step // accum) % every == 0:
-                    metrics_file.sync()  # on disk before the checkpoint that a resume trims them to
-                    ckpt.save(micro_step, trainable, opt_state,
-                              {"epoch": epoch, "batch_index": index + 1, "micro_step": micro_step})
-            if micro_step == stage_ends[stage]:
-                if ckpt.latest_step() != micro_step:
-                    metrics_file.sync()
-                    ckpt.save(micro_step, trainable, opt_state,
-                              {"epoch": epoch + 1, "batch_index": 0, "micro_step": micro_step}, force=True)
-                exports.append(export_stage(run_dir, stage, graphdef, trainable, frozen, processor))
-                log(f"stage {stage} done at epoch {epoch}: loss {np.mean(losses[-micro_per_epoch:] or [np.nan]):.4f}, "
-                    f"exported {exports[-1]}, {len(compiled)} compilation(s) so far")
-        bar.close()
-    finally:  # every close runs (the checkpointer's awaits the save in flight); the first error is raised
-        close_all(metrics_file.close, events.close, ckpt.close)
-    return result()
+    def lap(self) -> float:
+        """Seconds since the last lap (or restart): one micro-step's wall time."""
+        now = time.perf_counter()
+        elapsed, self._tick = now - self._tick, time.perf_counter()
+        return elapsed
 
+    def write(self, record: dict) -> None:
+        self.metrics_file.write(json_line(record))
+        log_train_step(self.events, record)
+
+    def progress(self, record: dict, total: int) -> None:
+        rate = f"{record['tokens_per_s']:.0f}"
+        self.bar.update(1)
+        self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}", tok_s=rate,
+                             compiles=record["compilations"])
+        if self.bar.disable and record["micro_step"] % self.log_every == 0:  # no progress bar off a terminal
+            self.log(f"step {record['micro_step']}/{total} epoch {record['epoch']} stage {record['stage']} "
+                     f"loss {record['loss']:.4f} tokens/s {rate} compilations {record['compilations']}")
 
 def json_line(record: dict) -> str:
     """One strict-JSON line: NaN and infinities written as null."""
@@ -329,18 +551,21 @@ def json_line(record: dict) -> str:
 def trim_metrics(path: Path, micro_step: int) -> None:
     """Keep the records up to the restored `micro_step` (a resumed run re-logs the steps after it) and
     drop a torn last line; rewritten atomically."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+    if path.exists():
+        write_atomic(path, "".join(json_line(r) for r in step_records(path) if r["micro_step"] <= micro_step))
+
+
+def step_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records with an integer micro-step (a torn line skipped); [] without the file."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        step = record.get("micro_step") if isinstance(record, dict) else None
-        if isinstance(step, int) and step <= micro_step:
-            kept.append(json_line(record))
-    write_atomic(path, "".join(kept))
+        if isinstance(record, dict) and isinstance(record.get("micro_step"), int):
+            records.append(record)
+    return records
 
 
 @dataclasses.dataclass
