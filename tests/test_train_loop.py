@@ -627,6 +627,12 @@ def test_exports_of_a_run_are_quiet_and_load_their_processor(straight, tmp_path)
         assert noise not in text, text
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["bos_token_id"] is None
     assert processor.tokenizer.convert_tokens_to_ids("<|latent|>") == len(processor.tokenizer) - 1
+    # the settings the Predictor (ivtlr-ask, ivtlr-serve) asks it with: the run's
+    from ivtlr_jax.config import InferenceSettings, load_config
+    from ivtlr_jax.io.settings_file import read_settings
+
+    assert read_settings(straight.run_dir / "stage_2") == InferenceSettings.from_run(
+        load_config(straight.run_dir / "config.yaml"))
 
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available

@@ -24,12 +24,13 @@ from flax import nnx
 
 from .. import distributed
 from ..build import build_model
-from ..config import ConfigError, RunConfig, differing_keys, to_dict
+from ..config import ConfigError, InferenceSettings, RunConfig, differing_keys, to_dict
 from ..data import LatentShapes, epoch_order, load_examples, stage_of_epoch, stage_tokens
 from ..io.atomic import atomic_output_folder, recover_swap, write_atomic
 from ..io.durable import LineLog
 from ..io.hf_export import write_hf_folder
 from ..io.safetensors import read_header
+from ..io.settings_file import write_settings
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
@@ -326,8 +327,7 @@ def rebuild_finished_exports(run: Run, state: RunState, log) -> None:
     """Finished stages: is each export complete? (rebuilt from the stage's end checkpoint when not)"""
     for stage, end in sorted(run.stage_ends.items()):
         if end <= state.micro_step:
-            rebuilt = ensure_stage_export(run.run_dir, stage, end, run.ckpt, run.graphdef, state.trainable,
-                                          run.frozen, run.processor, log)
+            rebuilt = ensure_stage_export(run, stage, end, state.trainable, log)
             state.exports += [rebuilt] if rebuilt else []
 
 
@@ -499,7 +499,7 @@ def finish_stage(run: Run, state: RunState, recorder: StepRecorder, epoch: int, 
     stage = stage_of_epoch(epoch, run.cfg.curriculum)
     if run.ckpt.latest_step() != state.micro_step:
         save_checkpoint(run, state, recorder, epoch + 1, 0, force=True)
-    state.exports.append(export_stage(run.run_dir, stage, run.graphdef, state.trainable, run.frozen, run.processor))
+    state.exports.append(export_stage(run, stage, state.trainable))
     log(f"stage {stage} done at epoch {epoch}: loss {np.mean(state.losses[-run.micro_per_epoch:] or [np.nan]):.4f}, "
         f"exported {state.exports[-1]}, {len(state.compiled)} compilation(s) so far")
 
@@ -643,11 +643,10 @@ def export_problem(folder: Path) -> str | None:
     return None if header else "model.safetensors holds no tensors"
 
 
-def ensure_stage_export(run_dir: Path, stage: int, end_step: int, ckpt: TrainCheckpointer, graphdef, trainable,
-                        frozen, processor, log) -> Path | None:
+def ensure_stage_export(run: Run, stage: int, end_step: int, trainable, log) -> Path | None:
     """A finished stage's export, rebuilt from the stage's end checkpoint when missing or incomplete (a crash
     during the export). Returns the rebuilt folder, or None when it was complete or cannot be rebuilt."""
-    out = run_dir / f"stage_{stage}"
+    out, ckpt = run.run_dir / f"stage_{stage}", run.ckpt
     problem = distributed.on_writer(lambda: export_problem(recover_swap(out)), "export_check")  # process 0's folder
     if problem is None:
         return None
@@ -662,18 +661,21 @@ def ensure_stage_export(run_dir: Path, stage: int, end_step: int, ckpt: TrainChe
         log(f"warning: checkpoint step {end_step} could not be read ({type(e).__name__}: {e}); the export of "
             f"stage {stage} is not rebuilt")
         return None
-    return export_stage(run_dir, stage, graphdef, stage_trainable, frozen, processor)
+    return export_stage(run, stage, stage_trainable)
 
 
-def export_stage(run_dir: Path, stage: int, graphdef, trainable, frozen, processor) -> Path:
-    """A merged (LoRA folded in) Hugging Face folder loadable by `from_pretrained` and transformers,
-    written atomically (a `.partial` folder renamed when complete; an old export replaced only then)."""
-    out = run_dir / f"stage_{stage}"
+def export_stage(run: Run, stage: int, trainable) -> Path:
+    """A merged (LoRA folded in) Hugging Face folder loadable by `from_pretrained` and transformers, with the
+    settings `ivtlr-ask` and `ivtlr-serve` ask it with (ivtlr_settings.json: the run's dataset, K, patch order,
+    RoPE, dtype), written atomically (a `.partial` folder renamed when complete; an old export replaced only
+    then)."""
+    out = run.run_dir / f"stage_{stage}"
     copy = lambda state: jax.tree.map(lambda x: x, state)
-    model = merge_lora(nnx.merge(graphdef, copy(trainable), copy(frozen)))
+    model = merge_lora(nnx.merge(run.graphdef, copy(trainable), copy(run.frozen)))
     if not distributed.is_writer():  # process 0 writes; the others take part in gathering sharded tensors
         read_hf_tensors(model)
         return out
     with atomic_output_folder(out, replace=True) as tmp:
-        write_hf_folder(model, tmp, processor)
+        write_hf_folder(model, tmp, run.processor)
+        write_settings(tmp, InferenceSettings.from_run(run.cfg))
     return out
