@@ -107,7 +107,7 @@ from ivtlr_jax.models.common.attention import ATTENTION_IMPLS, causal_mask, dot_
 from ivtlr_jax.models.common.lora import add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
 from ivtlr_jax.models.qwen2vl.config import Qwen2VLConfig  # noqa: E402
-from ivtlr_jax.plan import HUB_CONFIGS, with_shardings  # noqa: E402
+from ivtlr_jax.plan import HUB_CONFIGS, planned_accumulation, with_shardings  # noqa: E402
 from ivtlr_jax.train.optim import make_optimizer  # noqa: E402
 from ivtlr_jax.train.step import (StepConfig, init_optimizer, make_train_step, split_trainable,  # noqa: E402
                                   step_shardings)
@@ -427,7 +427,8 @@ def setup(check: Check) -> dict:
     base_graphdef, base_state = nnx.split(model)  # before LoRA: the generation model
     add_lora(model, cfg.lora, seed=cfg.seed)
     graphdef, trainable, frozen = split_trainable(model, trainable_filter(cfg.lora))
-    tx = make_optimizer(cfg.optim, 1000, 250)  # as the planner builds it
+    replicas = rules.mesh.shape["data"] * rules.mesh.shape["fsdp"]
+    tx = make_optimizer(cfg.optim, 1000, 250, accumulation=planned_accumulation(cfg, replicas))  # as the planner
     ctx.update(cfg=cfg, raw=raw, config=config, tok=tok, shapes=shapes, rules=rules, device=device,
                base=(base_graphdef, base_state), graphdef=graphdef, trainable=trainable, frozen=frozen, tx=tx,
                step_cfg=StepConfig(LatentConfig(tok.latent, shapes.k, cfg.latent.patch_order, cfg.latent.latent_grad,

@@ -25,9 +25,10 @@ from .models.common.lora import LoRAConfig
 DATASETS = ("m3cot", "scienceqa")
 SCHEDULES = ("constant", "cosine", "linear")
 LOSS_SCALES = ("micro_batch_mean", "token_mean")
-# keys that may change between the runs of one run folder: where the folder is, and logging only
+# keys that may change between the runs of one run folder: where the folder is, logging, and the mesh (a resume
+# on other devices keeps the run's batch layout, train/batch_layout.py, or is refused)
 RESUME_NEUTRAL_KEYS = ("name", "save_path", "train.log_every", "train.keep_checkpoints", "log.tensorboard",
-                       "log.wandb", "log.wandb_project", "log.wandb_entity")
+                       "log.wandb", "log.wandb_project", "log.wandb_entity", "mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
 class ConfigError(ValueError):
@@ -157,7 +158,8 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 0.7
-    gradient_accumulation_steps: int = 8
+    gradient_accumulation_steps: int | None = None  # micro-steps per optimizer step; None: from
+    # train.global_batch_size (or 1). Set one of the two: the global batch is the one that holds on any device count
     schedule: str = "constant"  # constant | cosine | linear
     warmup_steps: int = 0
     restart_schedule_per_stage: bool = False
@@ -198,7 +200,9 @@ class MeshSection:
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     num_epochs: int = 16
-    batch_size_training: int = 2  # micro-batch per data-parallel replica
+    batch_size_training: int = 2  # micro-batch per replica at the start (the official per-GPU batch; the loss's groups)
+    global_batch_size: int | None = None  # rows per optimizer step over all devices (official: 64); the
+    # accumulation follows from it and the devices (train/batch_layout.py)
     save_every_steps: int = 0  # optimizer steps between checkpoints (0: only at stage ends)
     keep_checkpoints: int = 3
     log_every: int = 10  # micro-batches between log lines when there is no progress bar (not a terminal)
@@ -206,6 +210,7 @@ class TrainSection:
     def __post_init__(self):
         _at_least(self.num_epochs, 1, "num_epochs")
         _at_least(self.batch_size_training, 1, "batch_size_training")
+        _at_least(self.global_batch_size, 1, "global_batch_size")
         _at_least(self.save_every_steps, 0, "save_every_steps")
         _at_least(self.keep_checkpoints, 1, "keep_checkpoints")
         _at_least(self.log_every, 1, "log_every")
@@ -243,6 +248,9 @@ class RunConfig:
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name: {self.name!r} must be a plain folder name")
+        if self.train.global_batch_size is not None and self.optim.gradient_accumulation_steps is not None:
+            raise ConfigError("train.global_batch_size and optim.gradient_accumulation_steps are both set: set one "
+                              "(the accumulation follows from the global batch and the devices)")
 
     @property
     def run_dir(self) -> Path:

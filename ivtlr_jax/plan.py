@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from .config import RunConfig, load_config  # noqa: E402
+from .config import ConfigError, RunConfig, load_config  # noqa: E402
 from .latent import LatentConfig, LatentShapes  # noqa: E402
 from .models import FAMILIES, Family  # noqa: E402
 from .models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
@@ -163,7 +163,7 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
     lora = cfg.lora
     build = lambda unroll, config=config: abstract_run_model(cfg, family, config, rules=rules, unroll_scans=unroll)
 
-    tx = make_optimizer(cfg.optim, 1000, 250)
+    tx = make_optimizer(cfg.optim, 1000, 250, accumulation=planned_accumulation(cfg, replicas))
     batch_abs = abstract_batch(family, b, s, shapes["image_tokens"], shapes["image_side"])
     b_sh = batch_shardings(batch_abs, rules)
     latent = cfg.latent.latent_config(0)
@@ -234,6 +234,17 @@ def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops
     return Plan(name, dict(rules.mesh.shape), gb(params), gb(optimizer), gb(args), gb(temps), gb(outs),
                 gb(args + temps + outs - alias), flops, model_flops, step_s,
                 min(model_flops / devices / flops, 1.0) if flops else float("nan"), _flops(compiled))
+
+
+def planned_accumulation(cfg: RunConfig, replicas: int) -> int:
+    """The accumulation a fresh run of `cfg` would use on `replicas` replicas (its optimizer state holds the
+    accumulated gradients when > 1); 1 where the global batch does not divide into micro-steps there."""
+    from .train.batch_layout import planned_layout
+
+    try:
+        return planned_layout(cfg, replicas).accumulation
+    except ConfigError:
+        return 1
 
 
 def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_tokens: int = 512,

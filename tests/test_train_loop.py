@@ -6,6 +6,7 @@ The tests share one uninterrupted run (`straight`), so they run on one xdist wor
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,6 +174,38 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(assets, straight, tmp_
     changing = ("tokens_per_s", "compilations")  # timing; compilations are counted per call
     strip = lambda rs: [{k: v for k, v in r.items() if k not in changing} for r in rs]
     assert strip(records) == strip(uninterrupted)  # losses bitwise (JSON floats round-trip exactly)
+
+
+def run_command_on_devices(cfg_path: Path, devices: int) -> subprocess.CompletedProcess:
+    """`python train.py --config cfg_path` in a process with `devices` host devices."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_resume_on_another_device_count_keeps_the_global_batch(assets, straight, tmp_path):
+    """A run started on 4 devices (4 rows per micro-step, accumulation 2) and stopped: `train.py` on 3 devices
+    is refused at once, naming the devices and the batch, with nothing changed; on 2 devices it resumes with
+    the same rows per micro-step (2 on each), order and accumulation, and ends where the 4-device run ends (the
+    same 18 micro-steps; the losses up to the rounding of another device count)."""
+    cfg_path = write_config(tmp_path, assets, "moved")
+    run_dir = tmp_path / "runs" / "moved"
+    train(load_config(cfg_path), max_steps=6, log=quiet)
+    before = {p.relative_to(run_dir): p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    refused = run_command_on_devices(cfg_path, 3)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    [line] = [x for x in refused.stderr.strip().splitlines() if x.startswith("error")]
+    assert "micro-steps hold 4 rows (global batch 8, started on 4 replicas); 3 replicas cannot share them" in line
+    assert {p.relative_to(run_dir): p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    resumed = run_command_on_devices(cfg_path, 2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming on 2 replicas (the run started on 4)" in resumed.stdout + resumed.stderr
+    records = assert_metrics_once_per_step(run_dir / "metrics.jsonl", 18)
+    uninterrupted = assert_metrics_once_per_step(straight.run_dir / "metrics.jsonl", 18)
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in uninterrupted], rtol=2e-5)
+    assert [r["tokens"] for r in records] == [r["tokens"] for r in uninterrupted]  # the same rows, in order
 
 
 def test_run_folder_with_other_content_or_config_is_refused(assets, tmp_path):

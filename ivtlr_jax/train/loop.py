@@ -34,6 +34,7 @@ from ..io.settings_file import write_settings
 from ..latent import LatentConfig
 from ..models.common.lora import merge_lora, trainable_filter
 from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
+from .batch_layout import LAYOUT_FILE, BatchLayout, run_layout, write_layout
 from .checkpoint import DAMAGED_DIR, TrainCheckpointer, remove_unfinished_saves
 from .cleanup import close_all
 from .events import check_backends, log_train_step, train_events
@@ -179,7 +180,7 @@ class Run:
     pad_id: int
     image_token_id: int
     markers: tuple[int, int]  # (start latent, end latent): used when curriculum.use_latent_markers
-    global_batch: int  # rows of a micro-batch over all replicas
+    layout: BatchLayout  # rows per micro-step over all replicas, accumulation (fixed for the run)
     micro_per_epoch: int
     tx: Any  # the optax transformation
     lr_at: Callable[[int], Any]  # learning rate of an optimizer step (as counted since the last reset)
@@ -188,8 +189,13 @@ class Run:
     ckpt: TrainCheckpointer
 
     @property
+    def global_batch(self) -> int:
+        """Rows of one micro-step over all replicas (the order is cut in these)."""
+        return self.layout.rows_per_micro_step
+
+    @property
     def accum(self) -> int:
-        return self.cfg.optim.gradient_accumulation_steps
+        return self.layout.accumulation
 
     @property
     def total_micro(self) -> int:
@@ -255,7 +261,8 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     run_dir = distributed.agree(lambda: check_start(cfg), "run_folder")  # every process checks; all stop
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
-    global_batch = cfg.train.batch_size_training * mesh.shape["data"] * mesh.shape["fsdp"]
+    layout = distributed.agree(lambda: run_layout(cfg, run_dir, mesh.shape["data"] * mesh.shape["fsdp"], log),
+                               "batch_layout")  # the run's, recorded at its start
     built = build_model(cfg, rules=rules)
     ids = built.ids
     latent_cfg = cfg.latent.latent_config(ids["latent_id"])
@@ -265,10 +272,12 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
         "examples")
     if distributed.is_writer():
         write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
-    micro_per_epoch = math.ceil(len(examples) / global_batch)
-    opt_per_epoch = max(micro_per_epoch // cfg.optim.gradient_accumulation_steps, 1)
+        if not (run_dir / LAYOUT_FILE).exists():
+            write_layout(run_dir, layout)
+    micro_per_epoch = math.ceil(len(examples) / layout.rows_per_micro_step)
+    opt_per_epoch = max(micro_per_epoch // layout.accumulation, 1)
     schedule_steps = (opt_per_epoch * cfg.train.num_epochs, opt_per_epoch * cfg.curriculum.epochs_per_stage)
-    tx = make_optimizer(cfg.optim, *schedule_steps)
+    tx = make_optimizer(cfg.optim, *schedule_steps, accumulation=layout.accumulation)
     graphdef, trainable, frozen = split_trainable(built.model, trainable_filter(cfg.lora))
     trainable = jax.device_put(trainable, state_shardings(trainable, rules))
     stage_ends = stage_end_steps(cfg.train.num_epochs, micro_per_epoch, cfg.curriculum)
@@ -279,7 +288,7 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     run = Run(cfg, run_dir, mesh, rules, built.processor, graphdef, frozen, examples, report, latent_cfg,
               pad_id=ids["eos_token_id"],  # docs/method.md section 3: pad = EOS
               image_token_id=image_token_id, markers=(ids["start_latent_id"], ids["end_latent_id"]),
-              global_batch=global_batch, micro_per_epoch=micro_per_epoch, tx=tx,
+              layout=layout, micro_per_epoch=micro_per_epoch, tx=tx,
               lr_at=learning_rate(cfg.optim, *schedule_steps),
               step_cfg=StepConfig(latent_cfg, cfg.train.batch_size_training, cfg.optim.loss_scale),
               stage_ends=stage_ends, ckpt=ckpt)
@@ -338,8 +347,8 @@ def log_run_start(run: Run, state: RunState, log) -> None:
     n_total = n_trainable + sum(x.size for x in jax.tree.leaves(run.frozen))
     memory = device_memory()
     log(f"run {run.run_dir} | mesh {dict(run.mesh.shape)} | params trainable {n_trainable:,} / total {n_total:,} | "
-        f"train rows {len(run.examples)} ({run.data_report}) | global batch {run.global_batch} x accumulation "
-        f"{run.accum} | {run.micro_per_epoch} micro-batches per epoch"
+        f"train rows {len(run.examples)} ({run.data_report}) | {run.layout.describe()} | "
+        f"{run.micro_per_epoch} micro-batches per epoch"
         + (f" | memory per device {memory}" if memory else ""))
     for stage in sorted(run.stage_ends):
         epochs = [e for e in range(cfg.train.num_epochs) if stage_of_epoch(e, cfg.curriculum) == stage]

@@ -28,12 +28,16 @@ def learning_rate(cfg: OptimSection, total_steps: int, steps_per_stage: int | No
     return base
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int = 0, steps_per_stage: int | None = None):
+def make_optimizer(cfg: OptimSection, total_steps: int = 0, steps_per_stage: int | None = None,
+                   accumulation: int | None = None):
+    """AdamW with clipping and the schedule; `accumulation` micro-steps per optimizer step (default: the
+    config's gradient_accumulation_steps, or 1; a run's comes from its batch layout)."""
+    accumulation = accumulation or cfg.gradient_accumulation_steps or 1
     inner = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.adamw(learning_rate(cfg, total_steps, steps_per_stage), b1=cfg.betas[0], b2=cfg.betas[1],
                     eps=cfg.eps, weight_decay=cfg.weight_decay),
     )
-    if cfg.gradient_accumulation_steps > 1:
-        return optax.MultiSteps(inner, every_k_schedule=cfg.gradient_accumulation_steps)
+    if accumulation > 1:
+        return optax.MultiSteps(inner, every_k_schedule=accumulation)
     return inner
