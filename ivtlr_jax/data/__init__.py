@@ -33,6 +33,7 @@ from .examples import (
     image_bytes,
     make_encoder,
     materialize,
+    refuse_image_token,
     split_rationale,
     tokenizer_of,
 )
@@ -207,6 +208,7 @@ def source_folder(source: str) -> Path | None:
 def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images,
                  prompt_format: str = "train", root: Path | None = None) -> tuple[Example, bool]:
     text = module.parse_row(row, index, split)
+    refuse_image_token(text, encoder.image_token)
     try:
         data = image_bytes(text.image, root)
         if data is None:
