@@ -13,6 +13,8 @@ torchvision.
   `Qwen2VLProcessor` without torchvision (its video processor needs it, and the processor's
   class check fails even for video_processor=None); then the processor is built from its tokenizer,
   PIL image processor and chat template, with no video processor (this project never uses video).
+  The tokenizer runs the folder's tokenizer.json as it is (as transformers 4.51.3 does): where the class
+  transformers 5 picks rebuilds its own pipeline, the file is loaded as a PreTrainedTokenizerFast.
   Never trust_remote_code.
 """
 
