@@ -256,7 +256,7 @@ class RunConfig:
 
 def _build(cls, raw: Any, where: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}", keys=(where,))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
@@ -270,8 +270,10 @@ def _build(cls, raw: Any, where: str):
         values[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
     try:
         return cls(**values)
-    except ValueError as e:  # a section's own check ("key: why"): name the section
-        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
+    except ValueError as e:  # a section's own check ("key: why"): name the section and the key
+        field = str(e).partition(":")[0]
+        keys = (f"{where}.{field}" if where else field,) if field in fields else ()
+        raise ConfigError(f"{where}.{e}" if where else str(e), keys) from None
 
 
 def _coerce(tp, value, where: str):

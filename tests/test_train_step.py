@@ -173,6 +173,11 @@ def test_a_misspelt_key_names_who_set_it_and_the_nearest_key(tmp_path, capsys):
                               "(did you mean 'optim'?)"), message
     message = train_refusal(["--config", str(cfg), "train.num_epochs=many"], capsys)
     assert message == "error: command line 'train.num_epochs=many': train.num_epochs: expected int, got 'many'"
+    message = train_refusal(["--config", str(cfg), "optim.lr=-1"], capsys)
+    assert message == "error: command line 'optim.lr=-1': optim.lr: -1.0 must be a finite number > 0"
+    cfg.write_text("name: t\noptim:\n  lr: -1\n")
+    assert train_refusal(["--config", str(cfg), "optim.eps=1e-8"], capsys) == \
+        f"error: {cfg}: optim.lr: -1.0 must be a finite number > 0"
 
 
 def test_float16_training_is_refused_at_config_load(tmp_path, capsys):
