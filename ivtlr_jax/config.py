@@ -6,6 +6,7 @@ so a bad setting is refused before anything is loaded or written."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -32,7 +33,11 @@ RESUME_NEUTRAL_KEYS = ("name", "save_path", "train.log_every", "train.keep_check
 
 
 class ConfigError(ValueError):
-    pass
+    """A refused configuration; `keys`: the dotted keys it is about, where known (to name who set them)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 def _one_of(value, allowed, key: str) -> None:
@@ -259,19 +264,24 @@ class RunConfig:
 
 def _build(cls, raw: Any, where: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}", keys=(where,))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+        guesses = [g for key in unknown for g in difflib.get_close_matches(key, fields, n=1)]
+        guess = f" (did you mean {' or '.join(map(repr, guesses))}?)" if guesses else ""
+        raise ConfigError(f"{where + ': ' if where else ''}unknown key(s) {unknown}{guess}; allowed: {sorted(fields)}",
+                          keys=tuple(f"{where}.{key}" if where else key for key in unknown))
     values = {}
     for key, value in raw.items():
         values[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
     try:
         return cls(**values)
-    except ValueError as e:  # a section's own check ("key: why"): name the section
-        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
+    except ValueError as e:  # a section's own check ("key: why"): name the section and the key
+        field = str(e).partition(":")[0]
+        keys = (f"{where}.{field}" if where else field,) if field in fields else ()
+        raise ConfigError(f"{where}.{e}" if where else str(e), keys) from None
 
 
 def _coerce(tp, value, where: str):
@@ -286,23 +296,30 @@ def _coerce(tp, value, where: str):
         return _coerce(inner[0], value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}", keys=(where,))
         item = args[0]
         return tuple(_coerce(item, v, where) for v in value)
     if tp is float and not isinstance(value, bool):
         try:  # YAML 1.1 reads 1e-4 (no dot) as a string
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {value!r}", keys=(where,)) from None
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}", keys=(where,))
     return value
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file; `overrides` are `section.key=value` strings (value parsed as YAML)."""
+def load_config(path: str | Path, overrides: list[str] = (), *, training: bool = True) -> RunConfig:
+    """Read a YAML file; `overrides` are `section.key=value` strings (value parsed as YAML). An error names
+    where its key was set: the command line's override, else the file. `training`: also refuse what only
+    evaluation may use (`check_training`); False for evaluation and for reading a trained run's config."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such configuration file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     for item in overrides:
         key, _, value = item.partition("=")
         if not _:
@@ -313,9 +330,29 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             node = node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(value)
     try:
-        return _build(RunConfig, raw, "")
+        cfg = _build(RunConfig, raw, "")
+        if training:
+            check_training(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{_set_by(e.keys, overrides, path)}: {e}", e.keys) from None
+    return cfg
+
+
+def _set_by(keys: tuple[str, ...], overrides: list[str], path: Path) -> str:
+    """Who set the dotted `keys`: "command line 'optim.lr=1'" for the override that did, else the file."""
+    for item in overrides:
+        set_key = item.partition("=")[0]
+        if any(set_key == key or set_key.startswith(key + ".") for key in keys):
+            return f"command line {item!r}"
+    return str(path)
+
+
+def check_training(cfg: RunConfig) -> None:
+    """Refuse what evaluation may use but training may not: float16 compute (no loss scaling here, so small
+    gradients would flush to zero)."""
+    if cfg.model.dtype == "float16":
+        raise ConfigError("model.dtype: float16 cannot train (there is no loss scaling); use bfloat16 "
+                          "(float16 stays allowed for evaluation)", keys=("model.dtype",))
 
 
 def to_dict(cfg) -> dict:

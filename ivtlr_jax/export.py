@@ -50,7 +50,7 @@ def checkpoint_steps(run: Path) -> list[int]:
 
 def load_run(run: Path, step: int | None = None) -> Loaded:
     """The model of a training run at a checkpoint, rebuilt as the trainer built it."""
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / "config.yaml", training=False)
     steps = checkpoint_steps(run)
     if not steps:
         raise ExportError(f"{run / 'checkpoints'}: no complete checkpoint (no <step>/trainable folder)")
@@ -63,6 +63,13 @@ def load_run(run: Path, step: int | None = None) -> Loaded:
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.lora), ...)
     trainable = restore_params(run / "checkpoints" / str(step) / "trainable", trainable)
     return Loaded(nnx.merge(graphdef, trainable, frozen), processor, folder, "run", step)
+
+
+def check_trained_with_lora(run: Path) -> None:
+    """--peft on a run folder: refused before the load when the run was trained without LoRA."""
+    if not load_config(run / "config.yaml", training=False).lora.enabled:
+        raise ExportError(f"--peft: the run {run} was trained without LoRA (lora.enabled: false, every weight "
+                          "trained), so there is no adapter to write; export it without --peft")
 
 
 def load_model_folder(path: Path, dtype: str) -> Loaded:
@@ -102,6 +109,8 @@ def export(checkpoint: str | Path, out: str | Path, *, peft: bool = False, dtype
         raise ValueError(f"dtype {dtype!r}: choose auto or one of {sorted(DTYPES)}")
     start = time.perf_counter()
     if checkpoint.is_dir() and is_run_folder(checkpoint):
+        if peft:
+            check_trained_with_lora(checkpoint)
         log(f"loading training run {checkpoint}: its base model, then the checkpoint's trained parameters")
         loaded = load_run(checkpoint, step)
         log(f"{checkpoint}: training run, checkpoint step {loaded.step} ({time.perf_counter() - start:.1f} s)")
@@ -113,8 +122,8 @@ def export(checkpoint: str | Path, out: str | Path, *, peft: bool = False, dtype
         log(f"{checkpoint}: loaded ({time.perf_counter() - start:.1f} s)")
     model = loaded.model
     if peft and getattr(model.layers, "lora", None) is None:
-        raise ExportError(f"--peft needs LoRA adapters, and {checkpoint} has none (a model folder is already "
-                          "merged; give the training run folder of a run with lora.enabled)")
+        raise ExportError(f"--peft needs LoRA adapters, and {checkpoint} has none (a model folder holds merged "
+                          "weights; give the training run folder of a run trained with LoRA)")
 
     what = "base model + PEFT adapter" if peft else "LoRA merged" if getattr(model.layers, "lora", None) else "weights"
     log(f"writing {out} ({what}, dtype {dtype})")

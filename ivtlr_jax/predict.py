@@ -202,7 +202,7 @@ def folder_settings(folder: Path, family: str) -> InferenceSettings:
         return settings
     run_config = folder.resolve().parent / "config.yaml"
     if folder.name.startswith("stage_") and run_config.is_file():
-        return InferenceSettings.from_run(load_config(run_config))
+        return InferenceSettings.from_run(load_config(run_config, training=False))
     return InferenceSettings(num_selected_patches=family_named(family).official_shapes["patches"])
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ivtlr_jax.config import ConfigError, LogSection, ModelSection, RunConfig, differing_keys, to_dict
-from tests.event_files import read_event_scalars
+from tests.event_files import count_points, read_event_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,3 +209,37 @@ def test_evaluation_of_a_stage_export_lands_at_the_stage_end(tmp_path):
     assert log_evaluation(LogSection(tensorboard=False), summary, run / "stage_1", tmp_path / "x.jsonl",
                           split="test") is None
     assert log_evaluation(None, summary, run / "stage_1", tmp_path / "x.jsonl", split="test") is None
+
+
+def test_a_re_run_evaluation_replaces_its_tensorboard_point(tmp_path):
+    """Evaluating a stage export again (or anew after a re-export) left two accuracy points at the stage's step:
+    the tag's point at that step is replaced; other steps, other tags and the training events stay."""
+    from PIL import Image
+
+    from ivtlr_jax.train.events import log_evaluation
+
+    run = tmp_path / "run"
+    for stage in (0, 1):
+        (run / f"stage_{stage}").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: run\n")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"micro_step": m, "stage": m // 4}) + "\n"
+                                               for m in range(1, 8)))
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(pictures / "ex0.png")
+
+    def evaluate(stage: int, accuracy: float, split: str = "test"):
+        return log_evaluation(LogSection(), {"accuracy_strict": accuracy, "accuracy_by_domain": {"science": accuracy}},
+                              run / f"stage_{stage}", run / f"stage_{stage}" / "e.jsonl", split=split,
+                              pictures_dir=pictures)
+
+    evaluate(0, 0.25)
+    evaluate(1, 0.5)
+    evaluate(1, 0.5, split="dev")
+    folder = evaluate(1, 0.75)  # stage 1 again (another export of it): its points at step 7 replaced
+    points = count_points(folder)
+    assert set(points.values()) == {1}, points
+    assert read_event_scalars(folder)["eval/test/accuracy_strict"] == {3: 0.25, 7: 0.75}
+    assert read_event_scalars(folder)["eval/test/accuracy_by_domain/science"] == {3: 0.25, 7: 0.75}
+    assert read_event_scalars(folder)["eval/dev/accuracy_strict"] == {7: 0.5}
+    assert points[("eval/test/patches/ex0", 7)] == 1

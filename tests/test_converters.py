@@ -380,3 +380,17 @@ def test_official_pth_errors_name_the_file_and_the_keys(base, official, tmp_path
     with pytest.raises(FileExistsError, match="full is not empty"):
         import_official(path, folder, tmp_path / "full")
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_peft_on_a_run_trained_without_lora_says_so(tmp_path, capsys):
+    """`convert/flax_to_hf.py --checkpoint <run> --peft` on a full fine-tuning run: one line saying the run
+    was trained without LoRA, before anything is loaded (it said "give the training run folder", which it was)."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4" / "trainable").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"name: run\nmodel:\n  model_id: {tmp_path / 'base'}\nlora:\n  enabled: false\n")
+    with pytest.raises(SystemExit) as exit_:
+        flax_to_hf.main(["--checkpoint", str(run), "--out", str(tmp_path / "out"), "--peft"])
+    [line] = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and line.endswith(f"--peft: the run {run} was trained without LoRA (lora.enabled: "
+                                                   "false, every weight trained), so there is no adapter to write; "
+                                                   "export it without --peft"), line

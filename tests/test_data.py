@@ -700,3 +700,15 @@ def test_synthetic_end_to_end_batch(tmp_path, qwen_proc):
     for row, (e, s) in enumerate(zip(exs, (0, 1, 2, 6))):
         kept = sum(len(x) for x in e.step_ids[min(s, len(e.step_ids)):]) + len(e.answer_ids)
         assert int((batch["labels"][row] != IGNORE).sum()) == kept
+
+
+def test_a_question_with_the_image_token_in_its_text_is_skipped(tmp_path, cham_proc, qwen_proc):
+    """A ScienceQA question with a literal `<image>` made the whole load fail (one image token more than the
+    run): the row is skipped with its reason, the others load. The same for Qwen's `<|image_pad|>`."""
+    rows = [dict(question="What does <image> show?", image=img(png())), dict(question="Q?", image=img(png())),
+            dict(question="Q?", choices=["<|image_pad|>", "b"], image=img(png()))]
+    src = write_scienceqa(tmp_path / "sqa.parquet", rows)
+    examples, report = load_examples("scienceqa", str(src), "test", cham_proc, "chameleon")
+    assert [ex.id for ex in examples] == ["test-1", "test-2"] and report.counts == {"image_token_in_text": 1}
+    examples, report = load_examples("scienceqa", str(src), "test", qwen_proc, "qwen2vl")
+    assert [ex.id for ex in examples] == ["test-0", "test-1"] and report.counts == {"image_token_in_text": 1}

@@ -332,3 +332,23 @@ def test_k_above_the_image_tokens_is_one_line_before_any_generation(assets, tmp_
     [line] = [x for x in capsys.readouterr().err.strip().splitlines() if x]
     assert "num_selected_patches=150 is larger than the 100 image tokens of row" in line, line
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_infer_answers_missing_inputs_in_one_line(assets, tmp_path, capsys):
+    """A missing config, `--checkpoint` folder or data source, and a source without the split: one line and
+    status 2, as train.py answers (each was a traceback of about 16 lines)."""
+    import infer
+
+    config = write_run_config(tmp_path, assets)
+    (tmp_path / "empty").mkdir()
+    base = ["--checkpoint", str(assets / "model"), "--out", str(tmp_path / "o.jsonl")]
+    cases = {"no_such.yaml: no such configuration file": ["--config", str(tmp_path / "no_such.yaml"), *base],
+             "no_model: no such model folder": ["--config", str(config), "--checkpoint", str(tmp_path / "no_model")],
+             "no_data: no such file or folder": ["--config", str(config), *base, f"data.source={tmp_path}/no_data"],
+             "empty: no parquet/arrow files for split 'test'": ["--config", str(config), *base,
+                                                                 f"data.source={tmp_path}/empty"]}
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            infer.main(argv)
+        [line] = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert exit_.value.code == 2 and line.startswith("infer.py: error: ") and message in line, (message, line)

@@ -102,3 +102,96 @@ def test_chameleon_pixels_never_reach_the_processors_alpha_handling(cham_encoder
     data = png_bytes(keyed)
     assert decode_image(data).info.get("transparency") == (7, 8, 9)
     np.testing.assert_array_equal(cham_encoder.process_image(data)["pixel_values"], pixels(rgb))
+
+
+# ---- REFERENCE: the Qwen family's official path, transcribed from the sources of `datasets.Image` decoding,
+# qwen_vl_utils 0.0.14 (`fetch_image` with resized_height/width, `to_rgb`) and transformers 4.51.3's image
+# processor (`convert_to_rgb`, then `to_numpy_array`) ------------------------------------------------------
+def official_qwen_rgb(data: bytes, side: int) -> np.ndarray:
+    from PIL import ImageOps
+
+    image = Image.open(io.BytesIO(data))  # datasets.Image: open, load, EXIF orientation applied
+    image.load()
+    if image.getexif().get(0x0112) is not None:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "RGBA":  # qwen_vl_utils.to_rgb
+        white_background = Image.new("RGB", image.size, (255, 255, 255))
+        white_background.paste(image, mask=image.split()[3])
+        image = white_background
+    else:
+        image = image.convert("RGB")
+    image = image.resize((side, side))  # fetch_image: PIL's default resampling
+    if image.mode != "RGB":  # 4.51.3 convert_to_rgb: an RGB image is returned as it is
+        image = image.convert("RGB")
+    return np.array(image)  # 4.51.3 to_numpy_array
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def transparent_and_other_images() -> dict[str, bytes]:
+    """Every PIL mode a dataset image arrives in, with and without a transparency entry; each transparent
+    colour is used by many pixels and is far from white."""
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (18, 22, 3), dtype=np.uint8)
+    rgb[:6] = (200, 10, 30)  # the key colour of the keyed images below
+    grey = rgb[..., 0].copy()
+    index = rng.integers(0, 16, (18, 22), dtype=np.uint8)
+    index[:6] = 3  # the transparent index
+    palette = rng.integers(0, 200, (16, 3), dtype=np.uint8)
+
+    def paletted(transparency=None):
+        p = Image.fromarray(index, "L").convert("P")
+        p.putpalette(palette.tobytes())
+        if transparency is not None:
+            p.info["transparency"] = transparency
+        return p
+
+    keyed_rgb, keyed_l = Image.fromarray(rgb, "RGB"), Image.fromarray(grey, "L")
+    keyed_rgb.info["transparency"], keyed_l.info["transparency"] = (200, 10, 30), 200
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    return {
+        "RGB": encoded(Image.fromarray(rgb, "RGB")),
+        "RGBA": encoded(Image.fromarray(random_rgba(18, 22, seed=8), "RGBA")),
+        "LA": encoded(Image.fromarray(random_rgba(18, 22, seed=9)[..., 2:], "LA")),
+        "L": encoded(Image.fromarray(grey, "L")),
+        "1": encoded(Image.fromarray(grey > 128)),
+        "P": encoded(paletted()),
+        "P, transparent index": encoded(paletted(3)),
+        "P, alpha table": encoded(paletted(rng.integers(0, 256, 16, dtype=np.uint8).tobytes())),
+        "RGB, transparent colour": encoded(keyed_rgb),
+        "L, transparent colour": encoded(keyed_l),
+        "CMYK": encoded(Image.fromarray(rgb, "RGB").convert("CMYK"), "JPEG"),
+        "I;16": encoded(Image.fromarray(grey.astype(np.uint16) * 257)),
+        "WEBP": encoded(Image.fromarray(random_rgba(18, 22, seed=10), "RGBA"), "WEBP", lossless=True),
+        "GIF, transparent index": encoded(paletted(3), "GIF", transparency=3),
+        "JPEG, EXIF-rotated": encoded(Image.fromarray(rgb, "RGB"), "JPEG", exif=exif),
+    }
+
+
+@pytest.fixture(scope="module")
+def qwen_encoder(tmp_path_factory):
+    from ivtlr_jax.data.tokenizer import build_tiny_qwen2vl_processor
+    from ivtlr_jax.models.qwen2vl.processing import QwenEncoder
+
+    processor = build_tiny_qwen2vl_processor(tmp_path_factory.mktemp("qwen"), ["a b c", "the answer is 1"],
+                                             vocab_size=300)
+    return QwenEncoder(processor, num_image_tokens=4)
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency expressed in bytes")
+@pytest.mark.parametrize("kind", list(transparent_and_other_images()))
+def test_qwen_images_are_converted_as_the_official_path_does(qwen_encoder, kind):
+    """The pixel values of training and evaluation prompts equal those of the installed processor given
+    the official path's RGB array (which carries no transparency entry for it to handle): a transparent
+    palette index or colour keeps its colour (transformers 5's own conversion paints it white)."""
+    data = transparent_and_other_images()[kind]
+    ip = qwen_encoder.processor.image_processor
+    expected = ip(images=[official_qwen_rgb(data, qwen_encoder.side)], return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(qwen_encoder.process_image(data)["pixel_values"], expected)
+    _, prompt_image = qwen_encoder.prompt("what is it?", data)
+    np.testing.assert_array_equal(prompt_image["pixel_values"], expected)

@@ -148,6 +148,51 @@ def test_bad_config_key_is_named(tmp_path):
     assert load_config(cfg).optim.lr == 1e-4
 
 
+def train_refusal(argv: list[str], capsys) -> str:
+    """train.py's one-line refusal (it exits before loading anything)."""
+    import train
+
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    assert capsys.readouterr().err == ""
+    return str(exit_.value.code)
+
+
+def test_a_misspelt_key_names_who_set_it_and_the_nearest_key(tmp_path, capsys):
+    """`train.py --config x.yaml optim.lrr=1` blamed the YAML file and suggested nothing."""
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("name: t\nmodel:\n  dtipe: float32\n")
+    message = train_refusal(["--config", str(cfg), "optim.lrr=1"], capsys)
+    assert message.startswith(f"error: {cfg}: model: unknown key(s) ['dtipe'] (did you mean 'dtype'?)"), message
+    cfg.write_text("name: t\n")
+    message = train_refusal(["--config", str(cfg), "optim.lrr=1"], capsys)
+    assert message.startswith("error: command line 'optim.lrr=1': optim: unknown key(s) ['lrr'] "
+                              "(did you mean 'lr'?)"), message
+    message = train_refusal(["--config", str(cfg), "optimm.lr=1"], capsys)
+    assert message.startswith("error: command line 'optimm.lr=1': unknown key(s) ['optimm'] "
+                              "(did you mean 'optim'?)"), message
+    message = train_refusal(["--config", str(cfg), "train.num_epochs=many"], capsys)
+    assert message == "error: command line 'train.num_epochs=many': train.num_epochs: expected int, got 'many'"
+    message = train_refusal(["--config", str(cfg), "optim.lr=-1"], capsys)
+    assert message == "error: command line 'optim.lr=-1': optim.lr: -1.0 must be a finite number > 0"
+    cfg.write_text("name: t\noptim:\n  lr: -1\n")
+    assert train_refusal(["--config", str(cfg), "optim.eps=1e-8"], capsys) == \
+        f"error: {cfg}: optim.lr: -1.0 must be a finite number > 0"
+
+
+def test_float16_training_is_refused_at_config_load(tmp_path, capsys):
+    """float16 without loss scaling: refused for training in one line naming bfloat16; evaluation keeps it."""
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("name: t\nmodel:\n  dtype: float16\n")
+    message = train_refusal(["--config", str(cfg)], capsys)
+    assert message == (f"error: {cfg}: model.dtype: float16 cannot train (there is no loss scaling); use bfloat16 "
+                       "(float16 stays allowed for evaluation)")
+    cfg.write_text("name: t\n")
+    assert train_refusal(["--config", str(cfg), "model.dtype=float16"], capsys).startswith(
+        "error: command line 'model.dtype=float16': model.dtype: float16 cannot train")
+    assert load_config(cfg, ["model.dtype=float16"], training=False).model.dtype == "float16"
+
+
 def test_loss_scales():
     """micro_batch_mean: the token mean of each replica's rows, averaged over replicas (as DDP averages
     per-GPU means); token_mean: summed token losses over the window's token count."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import distributed
 from ..compilation_cache import enable_compilation_cache
 from ..config import ConfigError, load_config
+from ..data import DataSourceError
 from ..eval.run import (BATCHINGS, EvalSetupError, default_output, eval_config_from_run, evaluate, setup_path,
                         summary_path)
 from ..io.lock import OutputInUseError
@@ -86,9 +87,9 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
 
 def run(p: argparse.ArgumentParser, args, prog: str) -> None:
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, training=False)  # float16 may evaluate
         check_backends(cfg.log)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:  # a bad or missing config: one line
         fail(p, f"{prog}: error: {err}\n")
     enable_compilation_cache(log=print)
     split = args.split or cfg.data.eval_split
@@ -100,7 +101,8 @@ def run(p: argparse.ArgumentParser, args, prog: str) -> None:
                                     **dtypes)
     try:
         evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention, events=cfg.log)
-    except (EvalSetupError, OutputInUseError) as err:  # another setup's output, a damaged one, one in use: one line
+    # another setup's output, a damaged one, one in use; no such model folder or data source: one line
+    except (EvalSetupError, OutputInUseError, FileNotFoundError, DataSourceError) as err:
         fail(p, f"{prog}: error: {err}\n")
     if distributed.is_writer():  # evaluate() printed the result line
         where = f"records in {out}, summary in {summary_path(out).name}, setup in {setup_path(out).name}"

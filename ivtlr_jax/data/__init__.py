@@ -33,6 +33,7 @@ from .examples import (
     image_bytes,
     make_encoder,
     materialize,
+    refuse_image_token,
     split_rationale,
     tokenizer_of,
 )
@@ -44,7 +45,7 @@ PROMPT_FORMATS = ("train", "official")
 _BATCH = 64
 
 __all__ = [
-    "DATASETS", "PROMPT_FORMATS", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
+    "DATASETS", "DataSourceError", "PROMPT_FORMATS", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
     "Example", "SkipReport", "LazyImage", "CurriculumConfig",
     "load_examples", "read_rows", "split_rationale", "materialize",
     "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate", "LatentShapes", "shared_prefix_bound",
@@ -54,6 +55,11 @@ __all__ = [
 
 
 # ---- reading a source -------------------------------------------------------------------------------
+class DataSourceError(ValueError):
+    """A data source that holds no usable split: a file of another kind, no files or no such split, a
+    required column missing (a source that does not exist is a FileNotFoundError)."""
+
+
 def _split_files(folder: Path, split: str) -> list[str]:
     for ext in ("parquet", "arrow"):
         for pattern in (f"{split}.{ext}", f"{split}-*.{ext}", f"data/{split}.{ext}", f"data/{split}-*.{ext}",
@@ -88,7 +94,7 @@ def _open_source(source: str, split: str):
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in (".parquet", ".arrow"):
-            raise ValueError(f"{source}: a single-file source must be .parquet or .arrow")
+            raise DataSourceError(f"{source}: a single-file source must be .parquet or .arrow")
         return _open_files([str(path)])
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
@@ -97,13 +103,13 @@ def _open_source(source: str, split: str):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise ValueError(f"{source}: no split {split!r} (splits: {sorted(ds)})")
+                    raise DataSourceError(f"{source}: no split {split!r} (splits: {sorted(ds)})")
                 ds = ds[split]
             return ds
         files = _split_files(path, split)
         if not files:
             found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in (".parquet", ".arrow"))
-            raise ValueError(f"{source}: no parquet/arrow files for split {split!r} "
+            raise DataSourceError(f"{source}: no parquet/arrow files for split {split!r} "
                              f"(looked for {split}.parquet, {split}-*.parquet, data/{split}-*.parquet, "
                              f"{split}/*.parquet and .arrow; found {found[:10]})")
         return _open_files(files)
@@ -120,12 +126,12 @@ def _columns(table) -> list[str]:
 
 def read_rows(source: str, split: str, required: tuple[str, ...] = ()) -> Iterator[dict]:
     """Rows of a split as plain dicts; image cells stay encoded ({"bytes", "path"}). Raises
-    ValueError naming the first missing required column and the source."""
+    DataSourceError naming the first missing required column and the source."""
     table = _open_source(source, split)
     columns = _columns(table)
     for col in required:
         if col not in columns:
-            raise ValueError(f"{source} (split {split!r}): required column {col!r} is missing "
+            raise DataSourceError(f"{source} (split {split!r}): required column {col!r} is missing "
                              f"(columns: {columns})")
     try:
         import datasets
@@ -207,6 +213,7 @@ def source_folder(source: str) -> Path | None:
 def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images,
                  prompt_format: str = "train", root: Path | None = None) -> tuple[Example, bool]:
     text = module.parse_row(row, index, split)
+    refuse_image_token(text, encoder.image_token)
     try:
         data = image_bytes(text.image, root)
         if data is None:

@@ -56,7 +56,7 @@ class Example:
 @dataclasses.dataclass
 class SkipReport:
     """reason -> number of rows skipped ("no_image", "empty_choices", "bad_answer", "unreadable_image",
-    "image_outside_dataset", "image_too_large", "too_many_pixels",
+    "image_outside_dataset", "image_too_large", "too_many_pixels", "image_token_in_text",
     "too_long"), plus the number of rows read and examples kept."""
 
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -164,6 +164,16 @@ def choice_letter(answer: Any, num_choices: int) -> str:
     if len(letter) != 1 or not ("A" <= letter <= "Z") or ord(letter) - 65 >= num_choices:
         raise SkipRow("bad_answer", f"answer {answer!r} with {num_choices} choices")
     return letter
+
+
+def refuse_image_token(text: RowText, image_token: str) -> None:
+    """SkipRow("image_token_in_text") for a row whose question, choices or steps contain the family's image
+    token literally (a ScienceQA question with `<image>`): the tokenizer would read it as one more image
+    token, which no image fills. Skipped rather than escaped: the tokenizer splits the token off wherever
+    it stands, and the official code fails on such a row."""
+    for piece in (text.question, *text.choices, *text.steps):
+        if image_token in piece:
+            raise SkipRow("image_token_in_text", f"{text.id}: the text contains {image_token!r}")
 
 
 # ---- images ----------------------------------------------------------------------------------------

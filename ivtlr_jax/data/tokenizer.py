@@ -13,6 +13,8 @@ torchvision.
   `Qwen2VLProcessor` without torchvision (its video processor needs it, and the processor's
   class check fails even for video_processor=None); then the processor is built from its tokenizer,
   PIL image processor and chat template, with no video processor (this project never uses video).
+  The tokenizer runs the folder's tokenizer.json as it is (as transformers 4.51.3 does): where the class
+  transformers 5 picks rebuilds its own pipeline, the file is loaded as a PreTrainedTokenizerFast.
   Never trust_remote_code.
 """
 
@@ -155,13 +157,23 @@ def build_tiny_chameleon_processor(folder, corpus: list[str], vocab_size: int = 
 
 def load_processor(path):
     """The processor of a model folder or hub id (AutoProcessor; without torchvision, a Qwen2-VL
-    processor is assembled from its tokenizer, PIL image processor and chat template)."""
+    processor is assembled from its tokenizer, PIL image processor and chat template). Its tokenizer
+    runs the folder's tokenizer.json as it is, as transformers 4.51.3 does (`tokenizer_as_in_file`)."""
+    path = str(path)
+    processor = _load_processor(path)
+    tokenizer = tokenizer_as_in_file(path, getattr(processor, "tokenizer", processor))
+    if tokenizer is None:
+        return processor
+    return tokenizer if not hasattr(processor, "tokenizer") else _load_processor(path, tokenizer=tokenizer)
+
+
+def _load_processor(path: str, **parts):
+    """AutoProcessor.from_pretrained(path, **parts), or the Qwen-VL processor built from its pieces."""
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    path = str(path)
     try:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, **parts)
     except Exception:
         if is_torchvision_available():
             raise
@@ -172,12 +184,51 @@ def load_processor(path):
 
     processor_dict, _ = cls.get_processor_dict(path)
     chat_template = processor_dict.get("chat_template")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = parts.get("tokenizer") or AutoTokenizer.from_pretrained(path)
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None)
     image_processor = AutoImageProcessor.from_pretrained(path)
     return build_processor(cls, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                            chat_template=chat_template)
+
+
+# the parts of a tokenizer.json that make its encoding, besides the vocabulary and merges
+PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "decoder")
+
+
+def tokenizer_as_in_file(path: str, tokenizer):
+    """None when `tokenizer` runs the pipeline of the folder's tokenizer.json (or there is none); else the
+    file as it is, with the special tokens of tokenizer_config.json (PreTrainedTokenizerFast). transformers 5
+    picks the class tokenizer_config.json names and some classes rebuild their own normalizer and
+    pre-tokenizer (LlamaTokenizer on a SentencePiece-style file drops the leading space of a text after
+    a special token); transformers 4.51.3 ran the file."""
+    from transformers import PreTrainedTokenizerFast
+
+    resolved = _resolved_file(path, "tokenizer.json")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if resolved is None or backend is None:
+        return None
+    with open(resolved, encoding="utf-8") as f:
+        in_file = _pipeline(json.load(f))
+    if _pipeline(json.loads(backend.to_str())) == in_file:
+        return None
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def _pipeline(tokenizer_json: dict) -> list:
+    """What makes a tokenizer.json's encoding besides its vocabulary: the pipeline parts and the model's options."""
+    options = {k: v for k, v in tokenizer_json.get("model", {}).items() if k not in ("vocab", "merges")}
+    return [tokenizer_json.get(part) for part in PIPELINE_PARTS] + [options]
+
+
+def _resolved_file(path: str, fname: str) -> str | None:
+    """The local copy of a file of a model folder or hub id; None when it has none (or cannot be reached)."""
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(path, fname, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - a missing or unreachable file only means "not this one"
+        return None
 
 
 def _qwen_vl_processor_class(path: str):
@@ -186,12 +237,7 @@ def _qwen_vl_processor_class(path: str):
 
     names = []
     for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        try:
-            from transformers.utils import cached_file
-
-            resolved = cached_file(path, fname, _raise_exceptions_for_missing_entries=False)
-        except Exception:  # noqa: BLE001 - a missing or unreachable file only means "not this one"
-            resolved = None
+        resolved = _resolved_file(path, fname)
         if resolved:
             with open(resolved, encoding="utf-8") as f:
                 names.append(json.load(f).get("processor_class"))

@@ -27,14 +27,14 @@ def sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """`path` holds `text`, also after a crash or a power cut at any moment: the old content or the new
+def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
+    """`path` holds `text` (or bytes), also after a crash or a power cut at any moment: the old content or the new
     one, never an empty or torn file. Written to `<path>.tmp`, fsynced, renamed over `path`, the folder
     fsynced."""
     path = Path(path)
     tmp = sibling(path, TMP)
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

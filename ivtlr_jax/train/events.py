@@ -9,7 +9,9 @@ run config's `log` section (`config.LogSection`).
   `eval/<split>/accuracy_official` and the accuracy per domain, plus up to `MAX_PICTURES` of the patch
   pictures when `--save-attention` wrote them. A stage export of a run (`<run>/stage_<s>`) logs into
   `<run>/tensorboard/eval/` at the micro-step where stage s ended (so it lines up with the training
-  curves); any other model folder into `tensorboard/eval/` beside the output file, at step 0.
+  curves); any other model folder into `tensorboard/eval/` beside the output file, at step 0. A point a
+  tag already has at that step is replaced, not added to (a re-run evaluation): event files are append-only,
+  so the files that hold the old point are rewritten without it (`drop_points`).
 
 W&B runs are resumed across invocations of one run folder: the id is kept in `<run>/wandb_run_id`.
 """
@@ -20,6 +22,7 @@ import importlib.util
 import json
 import re
 import secrets
+import struct
 import time
 from pathlib import Path
 
@@ -164,14 +167,55 @@ def log_evaluation(log_cfg, summary: dict, model_dir, out_file, *, split: str, p
     scalars = {f"{tag}/accuracy_strict": summary.get("accuracy_strict"),
                f"{tag}/accuracy_official": summary.get("accuracy_official"),
                **{f"{tag}/accuracy_by_domain/{d}": a for d, a in (summary.get("accuracy_by_domain") or {}).items()}}
+    pictures = _pictures(Path(pictures_dir), f"{tag}/patches") if pictures_dir is not None else {}
+    if log_cfg.tensorboard:
+        drop_points(folder, {(name, step) for name in (*scalars, *pictures)})
     events = EventLog(folder, log_cfg, run_dir=run_dir or folder, name=(run_dir or Path(model_dir)).name)
     try:
         events.scalars(scalars, step)
-        if pictures_dir is not None:
-            events.pictures(_pictures(Path(pictures_dir), f"{tag}/patches"), step)
+        events.pictures(pictures, step)
     finally:
         events.close()
     return folder
+
+
+def drop_points(folder: Path, points: set[tuple[str, int]]) -> None:
+    """Remove the events of `points` ((tag, step)) from the TensorBoard event files of `folder`, so that a new
+    point at that step replaces them. Only files holding one are rewritten (atomically; a torn last record,
+    which TensorBoard cannot read either, goes with it)."""
+    for path in sorted(Path(folder).glob("events.out.tfevents.*")):
+        records = event_records(path.read_bytes())
+        kept = [data for data in records if not _is_one_of(data, points)]
+        if len(kept) < len(records):
+            write_atomic(path, b"".join(map(framed_record, kept)))
+
+
+def event_records(data: bytes) -> list[bytes]:
+    """The serialised events of an event file: records of length (uint64), its masked crc32c, the event, the
+    event's masked crc32c; a torn last record ends the list."""
+    records, at = [], 0
+    while at + 12 <= len(data):
+        (n,) = struct.unpack("<Q", data[at:at + 8])
+        if at + 12 + n + 4 > len(data):
+            break
+        records.append(data[at + 12:at + 12 + n])
+        at += 12 + n + 4
+    return records
+
+
+def framed_record(event: bytes) -> bytes:
+    """An event as an event file's record (tensorboardX's record writer)."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    header = struct.pack("<Q", len(event))
+    return header + struct.pack("<I", masked_crc32c(header)) + event + struct.pack("<I", masked_crc32c(event))
+
+
+def _is_one_of(data: bytes, points: set[tuple[str, int]]) -> bool:
+    from tensorboardX.proto.event_pb2 import Event
+
+    event = Event.FromString(data)
+    return any((value.tag, event.step) in points for value in event.summary.value)
 
 
 def _pictures(folder: Path, tag: str) -> dict:

@@ -24,9 +24,9 @@ class ChameleonEncoder:
         self.processor = processor
         n = getattr(processor, "image_seq_length", 1024) if num_image_tokens is None else int(num_image_tokens)
         self.num_image_tokens = int(n)
-        token = getattr(processor, "image_token", "<image>")
-        self.image_placeholder = token * self.num_image_tokens
-        self.image_token_id = tokenizer_of(processor).convert_tokens_to_ids(token)
+        self.image_token = getattr(processor, "image_token", "<image>")
+        self.image_placeholder = self.image_token * self.num_image_tokens
+        self.image_token_id = tokenizer_of(processor).convert_tokens_to_ids(self.image_token)
 
     def process_image(self, data: bytes) -> dict[str, np.ndarray]:
         out = self.processor.image_processor(images=[blend_rgba(decode_image(data))], return_tensors="np")

@@ -1,6 +1,6 @@
 """Image and tokenizer helpers every family's processing shares: decoding as `datasets.Image` does and
-the two official conversions to RGB (qwen_vl_utils' for Qwen2-VL, transformers 4.51.3's alpha blend for
-Chameleon)."""
+the two official conversions to RGB (qwen_vl_utils' for the Qwen family, transformers 4.51.3's alpha blend
+for Chameleon), each giving a plain RGB image that no installed processor converts again."""
 
 from __future__ import annotations
 
@@ -21,14 +21,20 @@ def decode_image(data: bytes):
 
 
 def to_rgb(image):
-    """qwen_vl_utils' conversion: RGBA is composited onto white, everything else converted to RGB."""
+    """The Qwen family's conversion to RGB, as the official path makes it: qwen_vl_utils' `to_rgb` (RGBA
+    composited onto white through its alpha, every other mode converted with PIL, so a transparent
+    palette index or colour keeps its colour), then transformers 4.51.3's `convert_to_rgb`, which leaves
+    an RGB image as it is. The result is a plain RGB image without a "transparency" entry: PIL's
+    conversion carries a transparent colour over as that entry, and transformers 5's `convert_to_rgb`
+    would paint those pixels white."""
     from PIL import Image
 
     if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.split()[3])
-        return background
-    return image.convert("RGB")
+        rgb = Image.new("RGB", image.size, (255, 255, 255))
+        rgb.paste(image, mask=image.split()[3])
+    else:
+        rgb = image.convert("RGB")
+    return Image.fromarray(np.asarray(rgb))
 
 
 def blend_rgba(image):

@@ -36,6 +36,7 @@ class QwenEncoder:
                              f"sqrt(n) x sqrt(n) merged patches)")
         self.num_image_tokens = n
         self.side = m * self.factor  # 10 * 28 = 280
+        self.image_token = processor.image_token
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     def _resized(self, data: bytes):
