@@ -46,6 +46,7 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     from .. import distributed
     from ..compilation_cache import enable_compilation_cache
     from ..config import ConfigError, load_config
+    from ..data import DataSourceError
     from ..io.lock import OutputInUseError, output_lock
     from ..train.checkpoint import CheckpointReadError
     from ..train.loop import NonFiniteError, RunFolderError, train
@@ -64,7 +65,7 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
                 result = train(cfg, max_steps=args.max_steps)
         except OutputInUseError as e:  # refused before anything is loaded
             fail(p, f"error: {e}\n")
-        except (ConfigError, RunFolderError, NonFiniteError, CheckpointReadError,
+        except (ConfigError, RunFolderError, NonFiniteError, CheckpointReadError, DataSourceError,
                 FileNotFoundError) as e:  # one message, no traceback
             sys.exit(f"error: {e}")
         except Preempted as e:  # every process saved the same step: they leave fail_together together
