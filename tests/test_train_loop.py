@@ -208,6 +208,20 @@ def test_resume_on_another_device_count_keeps_the_global_batch(assets, straight,
     assert [r["tokens"] for r in records] == [r["tokens"] for r in uninterrupted]  # the same rows, in order
 
 
+def test_an_epoch_shorter_than_a_micro_step_trains(assets, tmp_path):
+    """`train.py ... data.limit=3 train.num_epochs=1` with 4 rows per micro-step: the epoch's 3 rows start over
+    to fill it (it ended in `cannot reshape array of shape (6,) into shape (0, 8)`-like errors)."""
+    from ivtlr_jax.train.loop import wrapped_order
+
+    np.testing.assert_array_equal(wrapped_order(np.array([5, 2, 7]), 8), [5, 2, 7, 5, 2, 7, 5, 2])
+    np.testing.assert_array_equal(wrapped_order(np.array([5, 2, 7, 1, 9]), 8), [5, 2, 7, 1, 9, 5, 2, 7])  # as before
+    cfg_path = write_config(tmp_path, assets, "short", data={"limit": 3}, train={"num_epochs": 1})
+    done = run_command_on_devices(cfg_path, 4)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [record] = assert_metrics_once_per_step(tmp_path / "runs" / "short" / "metrics.jsonl", 1)
+    assert np.isfinite(record["loss"]) and (tmp_path / "runs" / "short" / "stage_0" / "config.json").is_file()
+
+
 def test_run_folder_with_other_content_or_config_is_refused(assets, tmp_path):
     cfg_path = write_config(tmp_path, assets, "guarded")
     run_dir = tmp_path / "runs" / "guarded"

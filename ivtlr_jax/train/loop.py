@@ -355,6 +355,12 @@ def log_run_start(run: Run, state: RunState, log) -> None:
         log(f"  stage {stage}: epochs {epochs}")
 
 
+def wrapped_order(order: np.ndarray, length: int) -> np.ndarray:
+    """The epoch's order filled to `length` rows (whole micro-batches) by starting it over, as often as needed:
+    the tail wraps to the first rows, and an epoch shorter than one micro-batch repeats itself."""
+    return np.resize(order, length)
+
+
 class EpochPlan:
     """One epoch's data: its seeded order (the tail wrapped to whole micro-batches), the supervised tokens
     of each accumulation window, and the micro-batches prepared from them."""
@@ -363,7 +369,7 @@ class EpochPlan:
         cfg, curriculum = run.cfg, run.cfg.curriculum
         self.run, self.epoch, self.stage = run, epoch, stage_of_epoch(epoch, curriculum)
         order = epoch_order(len(run.examples), cfg.seed, epoch)
-        self.order = np.concatenate([order, order[: run.micro_per_epoch * run.global_batch - len(order)]])
+        self.order = wrapped_order(order, run.micro_per_epoch * run.global_batch)
         self.window_tokens = accumulation_window_tokens(run.examples, self.order, self.stage, curriculum,
                                                         (run.latent_cfg.latent_token_id, *run.markers),
                                                         run.global_batch, run.accum)
