@@ -66,10 +66,10 @@ from ivtlr_jax.config import OptimSection  # noqa: E402
 from ivtlr_jax.latent import LatentConfig, LatentShapes, latent_layout  # noqa: E402
 from ivtlr_jax.io import from_pretrained  # noqa: E402
 from ivtlr_jax.models import ShardingRules, make_mesh  # noqa: E402
-from ivtlr_jax.models.common.sharding import state_shardings  # noqa: E402
+from ivtlr_jax.models.common.sharding import batch_shardings, state_shardings  # noqa: E402
 from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.train.optim import make_optimizer  # noqa: E402
-from ivtlr_jax.train.step import (StepConfig, batch_shardings, init_optimizer, make_train_step,  # noqa: E402
+from ivtlr_jax.train.step import (StepConfig, init_optimizer, make_train_step,  # noqa: E402
                                   split_trainable, step_shardings)
 from tests.oracle_ivtlr import IGNORE, oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402

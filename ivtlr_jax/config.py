@@ -224,7 +224,7 @@ class TrainSection:
 @dataclasses.dataclass(frozen=True)
 class LogSection:
     """Where the metrics go besides metrics.jsonl (the source of truth): TensorBoard event files and
-    Weights & Biases (train/events.py). None of these keys blocks a resume (RESUME_NEUTRAL_KEYS)."""
+    Weights & Biases (ivtlr_jax/events.py). None of these keys blocks a resume (RESUME_NEUTRAL_KEYS)."""
     tensorboard: bool = True  # event files in <run>/tensorboard/ (tensorboardX, no TensorFlow)
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`; checked at start)
     wandb_project: str = "ivtlr-jax"

@@ -70,7 +70,8 @@ from .models.common.sharding import ShardingRules, make_mesh, state_shardings  #
 from .build import abstract_run_model  # noqa: E402
 from .models.common.lora import trainable_filter  # noqa: E402
 from .train.optim import make_optimizer  # noqa: E402
-from .train.step import StepConfig, batch_shardings, make_train_step, opt_state_shardings  # noqa: E402
+from .models.common.sharding import batch_shardings  # noqa: E402
+from .train.step import StepConfig, make_train_step, opt_state_shardings  # noqa: E402
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM (the figure the MFU ceiling is relative to)
 H100_MEMORY_GB = 80.0

@@ -1,6 +1,6 @@
 """The command-line entry points of pyproject.toml (importable, `--help` exits 0 with a usage line naming the
 command), the wrappers at the repository root, the persistent compilation cache's settings, and the
-dashboard writers of train/events.py (Weights & Biases through a stand-in module, evaluation placement)."""
+dashboard writers of ivtlr_jax/events.py (Weights & Biases through a stand-in module, evaluation placement)."""
 
 import importlib
 import importlib.machinery
@@ -117,7 +117,7 @@ def test_log_settings_are_checked_and_resume_neutral():
 
 
 def test_wandb_turned_on_but_not_installed_is_refused_at_start(monkeypatch, tmp_path):
-    from ivtlr_jax.train.events import check_backends
+    from ivtlr_jax.events import check_backends
     from ivtlr_jax.train.loop import train
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # not importable, whatever is installed
@@ -161,7 +161,7 @@ class FakeWandb(types.ModuleType):
 
 
 def test_wandb_gets_the_scalars_and_resumes_the_same_run(monkeypatch, tmp_path):
-    from ivtlr_jax.train.events import WANDB_ID_FILE, EventLog
+    from ivtlr_jax.events import WANDB_ID_FILE, EventLog
 
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)  # importlib.util.find_spec finds it there
@@ -181,7 +181,7 @@ def test_wandb_gets_the_scalars_and_resumes_the_same_run(monkeypatch, tmp_path):
 def test_evaluation_of_a_stage_export_lands_at_the_stage_end(tmp_path):
     from PIL import Image
 
-    from ivtlr_jax.train.events import log_evaluation
+    from ivtlr_jax.events import log_evaluation
 
     run = tmp_path / "run"
     (run / "stage_1").mkdir(parents=True)
@@ -216,7 +216,7 @@ def test_a_re_run_evaluation_replaces_its_tensorboard_point(tmp_path):
     the tag's point at that step is replaced; other steps, other tags and the training events stay."""
     from PIL import Image
 
-    from ivtlr_jax.train.events import log_evaluation
+    from ivtlr_jax.events import log_evaluation
 
     run = tmp_path / "run"
     for stage in (0, 1):

@@ -492,7 +492,7 @@ def test_non_finite_loss_stops_the_run_without_saving_it(assets, tmp_path, monke
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    from ivtlr_jax.train.events import EventLog
+    from ivtlr_jax.events import EventLog
 
     real_close = EventLog.close
 

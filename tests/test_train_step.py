@@ -13,10 +13,9 @@ from ivtlr_jax.models import ShardingRules, make_mesh
 from ivtlr_jax.train.checkpoint import TrainCheckpointer
 from ivtlr_jax.models.common.lora import LoRAConfig, add_lora, merge_lora, trainable_filter
 from ivtlr_jax.train.optim import make_optimizer
-from ivtlr_jax.train.step import (StepConfig, batch_shardings, init_optimizer, make_train_step, split_trainable,
-                                  step_shardings)
+from ivtlr_jax.train.step import StepConfig, init_optimizer, make_train_step, split_trainable, step_shardings
 from ivtlr_jax.models.common.vocab import resize_vocab
-from ivtlr_jax.models.common.sharding import state_shardings
+from ivtlr_jax.models.common.sharding import batch_shardings, state_shardings
 from tests.test_latent import QWEN_LATENT, qwen_batch, to_jax
 
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.05)

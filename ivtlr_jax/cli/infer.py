@@ -13,7 +13,7 @@ from ..eval.run import (BATCHINGS, EvalSetupError, default_output, eval_config_f
                         summary_path)
 from ..io.lock import OutputInUseError
 from ..models.common.layers import DTYPES
-from ..train.events import check_backends
+from ..events import check_backends
 from . import fail, make_parser
 
 USAGE = "%(prog)s --config YAML --checkpoint DIR [options] [section.key=value ...]"

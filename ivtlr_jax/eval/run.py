@@ -59,8 +59,8 @@ from ..io.atomic import write_atomic
 from ..io.durable import LineLog
 from ..io.lock import output_lock
 from ..models import ShardingRules, family_named, make_mesh, read_config
-from ..train.events import STAGE_FOLDER, log_evaluation
-from ..train.step import batch_shardings
+from ..events import STAGE_FOLDER, log_evaluation
+from ..models.common.sharding import batch_shardings
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
 
@@ -462,7 +462,7 @@ def evaluate_output(model_dir: str | Path, cfg: EvalConfig, out_file: Path, *, s
     write_atomic(summary_path(out_file), json.dumps(summary, indent=2))
     log(result_line(summary))
     log_evaluation(events, summary, model_dir, out_file, split=cfg.split, prompt_format=cfg.prompt_format,
-                   pictures_dir=save_attention)  # train/events.py
+                   pictures_dir=save_attention)  # ivtlr_jax/events.py
     return distributed.broadcast_object(summary, "eval_summary")
 
 

@@ -37,7 +37,7 @@ from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
 from .batch_layout import LAYOUT_FILE, BatchLayout, run_layout, write_layout
 from .checkpoint import DAMAGED_DIR, TrainCheckpointer, remove_unfinished_saves
 from .cleanup import close_all
-from .events import check_backends, log_train_step, train_events
+from ..events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import learning_rate, make_optimizer
 from .preemption import Preempted, PreemptionWatch
@@ -296,7 +296,7 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
 
 
 def check_start(cfg: RunConfig) -> Path:
-    """The run folder is this run's, and the dashboards' packages are present (train/events.py)."""
+    """The run folder is this run's, and the dashboards' packages are present (ivtlr_jax/events.py)."""
     run_dir = check_run_folder(cfg)
     check_backends(cfg.log)
     return run_dir
@@ -521,7 +521,7 @@ def finish_stage(run: Run, state: RunState, recorder: StepRecorder, epoch: int, 
 
 class StepRecorder:
     """Where each micro-step goes: metrics.jsonl (line-buffered; process 0), the TensorBoard / W&B copies
-    (train/events.py), the progress bar (or a log line every train.log_every micro-steps off a terminal)
+    (ivtlr_jax/events.py), the progress bar (or a log line every train.log_every micro-steps off a terminal)
     and the zero-gradient watch."""
 
     def __init__(self, run: Run, micro_step: int, log):

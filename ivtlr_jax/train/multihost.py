@@ -24,7 +24,7 @@ from ..data import collate
 from ..data.collate import stack_images
 from ..models.common.sharding import ShardingRules
 from ..io.hf_export import hf_entries
-from .step import batch_shardings
+from ..models.common.sharding import batch_shardings
 
 
 @dataclasses.dataclass(frozen=True)

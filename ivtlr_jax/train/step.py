@@ -16,14 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..latent import LatentConfig, LatentShapes, ivtlr_loss
-from ..models.common.sharding import ShardingRules, state_shardings
-
-BATCH_AXES = {
-    "input_ids": ("batch", "length"),
-    "attention_mask": ("batch", "length"),
-    "labels": ("batch", "length"),
-    "position_ids": ("batch", "length"),
-}
+from ..models.common.sharding import ShardingRules, batch_shardings, state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,20 +77,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
         kwargs.update(in_shardings=(t_sh, f_sh, o_sh, b_sh, replicated, replicated),
                       out_shardings=(t_sh, o_sh, replicated))
     return jax.jit(step, **kwargs)
-
-
-def batch_shardings(batch: dict, rules: ShardingRules) -> dict:
-    """Rows of the token arrays split over the data axes; images replicated (the vision tower runs on
-    each replica's copy; Chameleon's per-row images are split like the rows)."""
-    out = {}
-    for key, value in batch.items():
-        if key in BATCH_AXES:
-            out[key] = rules.sharding(BATCH_AXES[key], value.shape)
-        elif key == "pixel_values" and value.ndim == 4:
-            out[key] = rules.sharding(("batch", None, None, None), value.shape)
-        else:
-            out[key] = NamedSharding(rules.mesh, PartitionSpec())
-    return out
 
 
 def step_shardings(trainable, frozen, opt_state, batch, rules: ShardingRules):

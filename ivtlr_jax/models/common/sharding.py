@@ -95,3 +95,26 @@ def state_shardings(state: nnx.State, rules: ShardingRules | None):
         return rules.sharding(axes, v.shape)
 
     return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+# logical axes of a batch's token arrays (images: see `batch_shardings`)
+BATCH_AXES = {
+    "input_ids": ("batch", "length"),
+    "attention_mask": ("batch", "length"),
+    "labels": ("batch", "length"),
+    "position_ids": ("batch", "length"),
+}
+
+
+def batch_shardings(batch: dict, rules: ShardingRules) -> dict:
+    """Rows of the token arrays split over the data axes; images replicated (the vision tower runs on
+    each replica's copy; Chameleon's per-row images are split like the rows)."""
+    out = {}
+    for key, value in batch.items():
+        if key in BATCH_AXES:
+            out[key] = rules.sharding(BATCH_AXES[key], value.shape)
+        elif key == "pixel_values" and value.ndim == 4:
+            out[key] = rules.sharding(("batch", None, None, None), value.shape)
+        else:
+            out[key] = NamedSharding(rules.mesh, PartitionSpec())
+    return out

@@ -26,8 +26,8 @@ import struct
 import time
 from pathlib import Path
 
-from ..config import ConfigError
-from ..io.atomic import write_atomic
+from .config import ConfigError
+from .io.atomic import write_atomic
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
@@ -112,7 +112,7 @@ def train_events(cfg, resumed_at: int, metrics_path: Path) -> EventLog:
 
     import jax
 
-    from ..config import to_dict
+    from .config import to_dict
 
     log_cfg = cfg.log if jax.process_index() == 0 else dataclasses.replace(cfg.log, tensorboard=False, wandb=False)
     events = EventLog(cfg.run_dir / TENSORBOARD_DIR / "train", log_cfg, run_dir=cfg.run_dir,
