@@ -16,7 +16,9 @@ import yaml
 
 from ivtlr_jax.demo import prepare
 from ivtlr_jax.eval import run as eval_run
-from ivtlr_jax.eval.run import EvalConfig, EvalSetupError, evaluate, setup_path
+from ivtlr_jax.eval import setup as output_setup
+from ivtlr_jax.eval.run import EvalConfig, evaluate
+from ivtlr_jax.eval.setup import EvalSetupError, setup_path
 from ivtlr_jax.generate import SamplingConfig
 from tests.twice import start_twice
 
@@ -142,7 +144,7 @@ def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_
     out.write_bytes(complete[:-20])  # a run stopped while writing the last record
     logged = []
     summary = evaluate(assets / "model", eval_cfg(assets, devices=1), out, log=logged.append)
-    summary_file = eval_run.summary_path(out)  # written atomically, after the records are on disk
+    summary_file = output_setup.summary_path(out)  # written atomically, after the records are on disk
     written = disk_calls.index(("rename", summary_file.with_name(summary_file.name + ".tmp"), summary_file))
     assert ("fsync", out) in disk_calls[:written] and json.loads(summary_file.read_text()) == summary
     assert any("torn last line (line 6" in m for m in logged), logged
@@ -150,13 +152,13 @@ def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_
     assert summary["skipped"]["already_done"] == 5 and summary["evaluated_now"] == 1 and summary["examples"] == 6
     # a newline-terminated last line that is not JSON is torn too; a bad line before it is an error
     out.write_bytes(complete + b'{"id": "x", "gen\n')
-    assert [r["id"] for r in eval_run.read_records(out, log=logged.append)] == [r["id"] for r in lines(out1)]
+    assert [r["id"] for r in output_setup.read_records(out, log=logged.append)] == [r["id"] for r in lines(out1)]
     assert out.read_bytes() == complete
     broken = complete.split(b"\n")
     broken[2] = b"{not json"
     out.write_bytes(b"\n".join(broken))
     with pytest.raises(EvalSetupError, match=r"eval\.jsonl, line 3: not a JSON record"):
-        eval_run.read_records(out)
+        output_setup.read_records(out)
 
 
 def test_an_output_of_another_setup_is_refused(assets, one_device, tmp_path):
@@ -191,18 +193,18 @@ def test_an_output_of_another_setup_is_refused(assets, one_device, tmp_path):
 def test_weights_fingerprint_sees_one_changed_tensor_and_not_a_moved_folder(assets, tmp_path, monkeypatch):
     from safetensors.numpy import load_file, save_file
 
-    monkeypatch.setattr(eval_run, "SMALL_FILE", 0)  # sample every file as if it were large
+    monkeypatch.setattr(output_setup, "SMALL_FILE", 0)  # sample every file as if it were large
     moved = tmp_path / "moved"
     shutil.copytree(assets / "model", moved)
-    base = eval_run.weights_fingerprint(assets / "model")
-    assert eval_run.weights_fingerprint(moved) == base
+    base = output_setup.weights_fingerprint(assets / "model")
+    assert output_setup.weights_fingerprint(moved) == base
     weights = load_file(moved / "model.safetensors")
     weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3  # one small tensor, every element
     save_file(weights, moved / "model.safetensors", metadata={"format": "pt"})
-    assert eval_run.weights_fingerprint(moved) != base
+    assert output_setup.weights_fingerprint(moved) != base
     (moved / "model.safetensors").unlink()
     with pytest.raises(EvalSetupError, match="no weight files"):
-        eval_run.weights_fingerprint(moved)
+        output_setup.weights_fingerprint(moved)
 
 
 def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
@@ -222,9 +224,9 @@ def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
     assert (str(loaded["dtype"]), str(loaded["param_dtype"]), loaded["attention_impl"]) == ("bfloat16", "float32",
                                                                                             "fused")
     # a setup with fused attention says so (it rounds otherwise in bf16); the default one keeps its old keys
-    assert eval_run.eval_setup(assets / "model", eval_cfg(assets, attention_impl="fused"), SamplingConfig()
+    assert output_setup.eval_setup(assets / "model", eval_cfg(assets, attention_impl="fused"), SamplingConfig()
                                )["attention_impl"] == "fused"
-    assert "attention_impl" not in eval_run.eval_setup(assets / "model", eval_cfg(assets), SamplingConfig())
+    assert "attention_impl" not in output_setup.eval_setup(assets / "model", eval_cfg(assets), SamplingConfig())
     with pytest.raises(ValueError, match=r"attention_impl='flash' is not supported; choose from \['xla', 'fused'\]"):
         EvalConfig("m3cot", "x", attention_impl="flash")
     assert EvalConfig("m3cot", "x").dtype == "bfloat16"  # the official evaluation's precision by default
@@ -246,7 +248,7 @@ def test_two_evaluations_at_once_into_one_output_one_is_refused_at_once(assets, 
     _, err = evaluator.communicate(timeout=300)
     assert evaluator.returncode == 0, err[-3000:]
     ids = [r["id"] for r in lines(out)]
-    assert len(ids) == len(set(ids)) == 6 and json.loads(eval_run.summary_path(out).read_text())["examples"] == 6
+    assert len(ids) == len(set(ids)) == 6 and json.loads(output_setup.summary_path(out).read_text())["examples"] == 6
     assert not (tmp_path / "eval.jsonl.lock").exists()
 
 

@@ -32,7 +32,8 @@ import pytest
 
 from ivtlr_jax.config import load_config
 from ivtlr_jax.demo import prepare
-from ivtlr_jax.eval.run import EvalConfig, evaluate, setup_path
+from ivtlr_jax.eval.run import EvalConfig, evaluate
+from ivtlr_jax.eval.setup import setup_path
 from ivtlr_jax.train.loop import train
 from tests.conftest import FAST_COMPILE_FLAGS
 from tests.test_train_loop import assert_metrics_once_per_step, export_tensors, write_config

@@ -9,8 +9,8 @@ from .. import distributed
 from ..compilation_cache import enable_compilation_cache
 from ..config import ConfigError, load_config
 from ..data import DataSourceError
-from ..eval.run import (BATCHINGS, EvalSetupError, default_output, eval_config_from_run, evaluate, setup_path,
-                        summary_path)
+from ..eval.run import BATCHINGS, eval_config_from_run, evaluate
+from ..eval.setup import EvalSetupError, default_output, setup_path, summary_path
 from ..io.lock import OutputInUseError
 from ..models.common.layers import DTYPES
 from ..events import check_backends

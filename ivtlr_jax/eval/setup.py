@@ -1,0 +1,206 @@
+"""The setup an evaluation output belongs to, and resuming it (`eval.run` writes the records).
+
+The setup (model folder, a fingerprint of its weights and tokenizer files, data, prompt format, latents, K,
+patch order, RoPE, dtypes, sampling, limit) is written beside the output before the first record
+(`setup_path`: eval_test.jsonl -> eval_test.setup.json). Re-running with the same output skips the examples
+already written when the setup is the same, and refuses (naming the differing keys) when it is not. A torn
+last line (a crash mid-write) is cut off and its example redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..decoding import SamplingConfig
+from ..events import STAGE_FOLDER
+from ..io.atomic import write_atomic
+
+if TYPE_CHECKING:
+    from .run import EvalConfig
+
+SETUP_VERSION = 1
+# setup keys that describe but do not decide: the weights' fingerprint identifies the model, so a
+# moved or copied folder still resumes
+INFORMATIVE_KEYS = ("model",)
+
+
+class EvalSetupError(ValueError):
+    """An output file that cannot be resumed with this setup (or cannot be read)."""
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".msgpack")
+SETUP_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "ivtlr_jax.json")
+SMALL_FILE = 8 << 20  # files up to this size are hashed whole
+SAMPLE = 256  # bytes read at each sampled place
+SAMPLES_PER_FILE = 256  # evenly spaced samples of a large file that is not safetensors
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """A sha256 over the model folder's weight, config and tokenizer files, cheap at any size: small
+    files whole; a safetensors file's size, header (every tensor's name, dtype, shape and offsets) and
+    the first, middle and last 256 bytes of every tensor; any other large file (e.g. orbax data) its
+    size and 256 evenly spaced samples. A fine-tuned or merged model changes every tensor it trains,
+    so a sample of every tensor tells stage exports apart; a full hash of a 7B model would read 15 GB."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and (
+        p.name in SETUP_FILES or p.suffix in WEIGHT_SUFFIXES or "flax_params" in p.relative_to(folder).parts))
+    if not any(p.suffix in WEIGHT_SUFFIXES or "flax_params" in p.relative_to(folder).parts for p in files):
+        raise EvalSetupError(f"{folder}: no weight files (*.safetensors or flax_params/) to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= SMALL_FILE:
+                digest.update(f.read())
+            elif path.suffix == ".safetensors":
+                _safetensors_samples(f, size, digest, path)
+            else:
+                for offset in np.linspace(0, max(size - SAMPLE, 0), SAMPLES_PER_FILE).astype(np.int64):
+                    f.seek(int(offset))
+                    digest.update(f.read(SAMPLE))
+    return digest.hexdigest()
+
+
+def _safetensors_samples(f, size: int, digest, path: Path) -> None:
+    head = f.read(8)
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise EvalSetupError(f"{path}: not a safetensors file (header length {n} > file size {size})")
+    header = f.read(n)
+    digest.update(head + header)
+    base = 8 + n
+    for name, info in sorted(json.loads(header).items()):
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        for offset in sorted({start, max(start, (start + end) // 2 - SAMPLE // 2), max(start, end - SAMPLE)}):
+            f.seek(base + offset)
+            digest.update(f.read(min(SAMPLE, end - offset)))
+
+
+def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> dict:
+    """What decides an output's records: two runs with equal setups write the same records."""
+    source = Path(cfg.source)
+    return {
+        "version": SETUP_VERSION,
+        "model": str(Path(model_dir).resolve()),
+        "weights_fingerprint": weights_fingerprint(model_dir),
+        "dataset": cfg.dataset,
+        "source": str(source.resolve()) if source.exists() else cfg.source,
+        "split": cfg.split,
+        "prompt_format": cfg.prompt_format,
+        "num_latents": cfg.num_latents,
+        "num_selected_patches": cfg.num_selected_patches,
+        "patch_order": cfg.patch_order,
+        "rope": cfg.rope,
+        "dtype": cfg.dtype,
+        "param_dtype": cfg.storage_dtype,
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "limit": cfg.limit,
+        # fused attention (cuDNN on GPU) rounds otherwise than the einsums in bf16; written only when chosen,
+        # so the outputs of earlier setups (all "xla") still resume
+        **({"attention_impl": cfg.attention_impl} if cfg.attention_impl != "xla" else {}),
+    }
+
+
+def default_output(checkpoint: str | Path, split: str) -> Path:
+    """Where an evaluation writes unless told: beside a stage export `<run>/stage_<s>`, in `<run>/eval/stage_<s>/`
+    (not inside the folder a re-export replaces); inside any other local folder; for a hub id under
+    `evals/<owner>--<name>/` (a local folder `./<owner>/<name>` would shadow the hub id)."""
+    path = Path(checkpoint)
+    name = f"eval_{split}.jsonl"
+    if path.is_dir():
+        if STAGE_FOLDER.match(path.name) and (path.parent / "config.yaml").is_file():
+            return path.parent / "eval" / path.name / name
+        return path / name
+    return Path("evals") / str(checkpoint).strip("/").replace("/", "--") / name
+
+
+def setup_path(out_file: Path) -> Path:
+    return Path(out_file).with_suffix(".setup.json")
+
+
+def summary_path(out_file: Path) -> Path:
+    return Path(out_file).with_suffix(".summary.json")
+
+
+def setup_differences(recorded: dict, current: dict) -> list[str]:
+    keys = sorted((set(recorded) | set(current)) - set(INFORMATIVE_KEYS))
+    return [f"{k}: {recorded.get(k, '<absent>')!r} in the output, {current.get(k, '<absent>')!r} now"
+            for k in keys if recorded.get(k, "<absent>") != current.get(k, "<absent>")]
+
+
+def read_records(out_file: Path, log=print) -> list[dict]:
+    """The records of an output file. A last line that is torn (not newline-terminated, or not JSON)
+    is cut off the file (logged) so that its example is redone; any other bad line is an error naming
+    the file and line."""
+    data = Path(out_file).read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: b"" when the file ends with a newline
+    records, keep, torn_line = [], 0, len(complete) + 1
+    for number, raw in enumerate(complete, 1):
+        if not raw.strip():
+            keep += len(raw) + 1
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            if number == len(complete) and not tail:  # the last line: torn
+                tail, torn_line = raw, number
+                break
+            raise EvalSetupError(f"{out_file}, line {number}: not a JSON record ({err}); the file is damaged "
+                                 f"(only a torn last line is repaired)") from None
+        if not isinstance(record, dict) or "id" not in record:
+            raise EvalSetupError(f"{out_file}, line {number}: a record without an 'id' key")
+        records.append(record)
+        keep += len(raw) + 1
+    if tail:
+        log(f"{out_file}: dropped a torn last line (line {torn_line}, {len(tail)} bytes, a run stopped "
+            f"while writing it); its example is redone")
+        os.truncate(out_file, keep)
+    return records
+
+
+def prepare_output(out_file: Path, setup: dict, example_ids: list[str], log=print) -> set[str]:
+    """Check an existing output against `setup` (refusing another setup's output) or start a new one by
+    writing the setup record; -> the ids already done."""
+    record_file = setup_path(out_file)
+    if out_file.exists() and out_file.stat().st_size > 0:
+        if not record_file.exists():
+            raise EvalSetupError(f"{out_file} holds results but has no setup record {record_file.name} beside it, so "
+                                 f"the model and settings that made it are unknown; write to another output or "
+                                 f"delete it")
+        try:
+            recorded = json.loads(record_file.read_text())
+        except json.JSONDecodeError as err:
+            raise EvalSetupError(f"{record_file}: not JSON ({err})") from None
+        differences = setup_differences(recorded, setup)
+        if differences:
+            raise EvalSetupError(f"{out_file} was written with another setup ({record_file}); differing: "
+                                 + "; ".join(differences) + ". Write to another output, or delete both files to "
+                                 "start over")
+        done = [r["id"] for r in read_records(out_file, log)]
+        foreign = sorted(set(done) - set(example_ids))
+        if foreign:
+            raise EvalSetupError(f"{out_file}: {len(foreign)} record(s) are not examples of {setup['source']} "
+                                 f"({setup['split']}) under this setup, e.g. {foreign[:3]}; the data changed")
+        return set(done)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(record_file, json.dumps(setup, indent=2) + "\n")
+    out_file.write_text("")
+    return set()
+
+
