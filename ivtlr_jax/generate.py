@@ -30,8 +30,7 @@ import numpy as np
 from flax import nnx
 
 from .data.collate import left_padded_positions
-from .decoding import (DecodeStart, RowSampling, SamplingConfig, decode_loop, decoding_state, next_token,  # noqa: F401
-                       row_keys, start_decoding)
+from .decoding import RowSampling, SamplingConfig, decode_loop, decoding_state, row_keys, start_decoding
 from .latent import LatentConfig, LatentShapes, latent_layout
 
 

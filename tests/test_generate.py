@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ivtlr_jax.generate import SamplingConfig, ivtlr_generate, next_token
+from ivtlr_jax.decoding import next_token
+from ivtlr_jax.generate import SamplingConfig, ivtlr_generate
 from ivtlr_jax.latent import LatentConfig
 from tests import hf_tiny
 from tests.oracle_ivtlr import oracle_generate
