@@ -15,7 +15,6 @@ where the compilation count grew); then warm / cold ratios and the cache's size.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -29,16 +28,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ivtlr_jax.run_folder import RunFolder  # noqa: E402
 
-def compiling_steps_time(metrics: Path) -> tuple[float, int]:
-    """(seconds, count) of the micro-steps whose record shows a new compilation."""
+
+def compiling_steps_time(run_dir: Path) -> tuple[float, int]:
+    """(seconds, count) of the micro-steps whose metrics record shows a new compilation."""
     seconds, count, seen = 0.0, 0, 0
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        if record["compilations"] > seen and record.get("tokens_per_s"):
-            seconds += record["tokens"] / record["tokens_per_s"]
+    for record in RunFolder(run_dir).read_metrics()[0]:
+        if record.compilations > seen and record.tokens_per_s:
+            seconds += record.tokens / record.tokens_per_s
             count += 1
-        seen = max(seen, record["compilations"])
+        seen = max(seen, record.compilations)
     return seconds, count
 
 
@@ -52,7 +52,7 @@ def run(config: Path, name: str, steps: int, cache: Path) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     run_dir = Path(yaml.safe_load(config.read_text())["save_path"]) / name
-    compile_s, compiles = compiling_steps_time(run_dir / "metrics.jsonl")
+    compile_s, compiles = compiling_steps_time(run_dir)
     return {"wall_s": wall, "compile_steps_s": compile_s, "compiles": compiles}
 
 

@@ -25,6 +25,7 @@ from .data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_t
 from .eval.run import eval_config_from_run, evaluate
 from .models import Qwen2VL, Qwen2VLConfig
 from .io import save_hf
+from .run_folder import RunFolder
 from .train.loop import train
 from .train.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
@@ -89,8 +90,8 @@ def main(argv=None) -> None:
     except Preempted as e:  # SIGTERM / Ctrl-C while training: checkpointed; the demo without --overwrite resumes
         print(e, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_STATUS)
-    stages = [p for p in cfg.run_dir.glob("stage_*") if p.name.removeprefix("stage_").isdigit()]
-    final = max(stages, key=lambda p: int(p.name.removeprefix("stage_")))  # the last stage's export
+    exports = RunFolder(cfg.run_dir).stage_exports()
+    final = exports[max(exports)]  # the last stage's export
     out = cfg.run_dir / "eval_test.jsonl"
     if out.exists():
         out.unlink()

@@ -19,8 +19,6 @@ W&B runs are resumed across invocations of one run folder: the id is kept in `<r
 from __future__ import annotations
 
 import importlib.util
-import json
-import re
 import secrets
 import struct
 import time
@@ -28,10 +26,10 @@ from pathlib import Path
 
 from .config import ConfigError
 from .io.atomic import write_atomic
+from .run_folder import TENSORBOARD_DIR, MetricsRecord, RunFolder
 
-TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
-TRAIN_SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "stage", "epoch")  # keys of a metrics.jsonl record
+TRAIN_SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "stage", "epoch")  # the MetricsRecord fields sent
 MAX_PICTURES = 4  # patch pictures sent with an evaluation
 FLUSH_SECS = 30
 
@@ -103,7 +101,7 @@ def _wandb_run(run_dir: Path, log_cfg, config: dict | None, name: str | None):
     return run
 
 
-def train_events(cfg, resumed_at: int, metrics_path: Path) -> EventLog:
+def train_events(cfg, resumed_at: int) -> EventLog:
     """The training run's writers (after config.yaml is written; on the first process of a multi-host run
     only). A resumed run's TensorBoard copy is rebuilt from metrics.jsonl (already cut back to `resumed_at`):
     everything before is purged and the records replayed, so it holds each micro-step once even where a
@@ -115,46 +113,29 @@ def train_events(cfg, resumed_at: int, metrics_path: Path) -> EventLog:
     from .config import to_dict
 
     log_cfg = cfg.log if jax.process_index() == 0 else dataclasses.replace(cfg.log, tensorboard=False, wandb=False)
-    events = EventLog(cfg.run_dir / TENSORBOARD_DIR / "train", log_cfg, run_dir=cfg.run_dir,
+    folder = RunFolder(cfg.run_dir)
+    events = EventLog(folder.tensorboard / "train", log_cfg, run_dir=folder.path,
                       purge_step=1 if resumed_at else None, config=to_dict(cfg), name=cfg.name)
     if resumed_at and events.tb is not None:
         wandb, events.wandb = events.wandb, None  # W&B keeps what it was sent: not replayed
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            log_train_step(events, json.loads(line))
+        for record in folder.read_metrics()[0]:
+            log_train_step(events, record)
         events.wandb = wandb
     return events
 
 
-def log_train_step(events: EventLog, record: dict) -> None:
-    events.scalars({f"train/{k}": record.get(k) for k in TRAIN_SCALARS}, record["micro_step"])
+def log_train_step(events: EventLog, record: MetricsRecord) -> None:
+    events.scalars({f"train/{k}": getattr(record, k) for k in TRAIN_SCALARS}, record.micro_step)
 
 
 # ---- evaluations ----------------------------------------------------------------------------------------
-STAGE_FOLDER = re.compile(r"^stage_(\d+)$")
-
-
 def evaluation_place(model_dir: Path, out_file: Path) -> tuple[Path, Path | None, int]:
     """(event folder, run folder or None, step) of an evaluation of `model_dir` written to `out_file`."""
-    model_dir = Path(model_dir).resolve()
-    match = STAGE_FOLDER.match(model_dir.name)
-    run = model_dir.parent
-    if match and (run / "config.yaml").is_file():
-        return run / TENSORBOARD_DIR / "eval", run, stage_end_step(run / "metrics.jsonl", int(match.group(1)))
+    of_run = RunFolder.of_stage_export(Path(model_dir).resolve())
+    if of_run is not None:
+        run, stage = of_run
+        return run.tensorboard / "eval", run.path, run.stage_end_step(stage)
     return Path(out_file).resolve().parent / TENSORBOARD_DIR / "eval", None, 0
-
-
-def stage_end_step(metrics_file: Path, stage: int) -> int:
-    """The last micro-step of `stage` in a run's metrics.jsonl (the stage index when it has none)."""
-    last = None
-    if metrics_file.is_file():
-        for line in metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("stage") == stage and isinstance(record.get("micro_step"), int):
-                last = max(last or 0, record["micro_step"])
-    return stage if last is None else last
 
 
 def log_evaluation(log_cfg, summary: dict, model_dir, out_file, *, split: str, prompt_format: str = "train",

@@ -28,6 +28,7 @@ from .models import read_config
 from .models.common.layers import DTYPES
 from .models.common.loading import variables_by_path, with_values
 from .models.common.lora import merge_lora, trainable_filter
+from .run_folder import RunFolder
 
 
 @dataclasses.dataclass
@@ -40,34 +41,35 @@ class Loaded:
 
 
 def is_run_folder(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+    return RunFolder(path).has_config() and RunFolder(path).checkpoints.is_dir()
 
 
 def checkpoint_steps(run: Path) -> list[int]:
-    return sorted(int(p.name) for p in (run / "checkpoints").iterdir()
+    return sorted(int(p.name) for p in RunFolder(run).checkpoints.iterdir()
                   if p.is_dir() and p.name.isdigit() and (p / "trainable").is_dir())
 
 
 def load_run(run: Path, step: int | None = None) -> Loaded:
     """The model of a training run at a checkpoint, rebuilt as the trainer built it."""
-    cfg = load_config(run / "config.yaml", training=False)
+    folder = RunFolder(run)
+    cfg = load_config(folder.config_file, training=False)
     steps = checkpoint_steps(run)
     if not steps:
-        raise ExportError(f"{run / 'checkpoints'}: no complete checkpoint (no <step>/trainable folder)")
+        raise ExportError(f"{folder.checkpoints}: no complete checkpoint (no <step>/trainable folder)")
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ExportError(f"{run / 'checkpoints'}: no checkpoint for step {step} (have {steps})")
+        raise ExportError(f"{folder.checkpoints}: no checkpoint for step {step} (have {steps})")
     built = build_model(cfg, dtype=jnp.float32, remat="none")  # the model as train() built it
     model, processor, folder = built.model, built.processor, built.folder
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.lora), ...)
-    trainable = restore_params(run / "checkpoints" / str(step) / "trainable", trainable)
+    trainable = restore_params(folder.checkpoints / str(step) / "trainable", trainable)
     return Loaded(nnx.merge(graphdef, trainable, frozen), processor, folder, "run", step)
 
 
 def check_trained_with_lora(run: Path) -> None:
     """--peft on a run folder: refused before the load when the run was trained without LoRA."""
-    if not load_config(run / "config.yaml", training=False).lora.enabled:
+    if not load_config(RunFolder(run).config_file, training=False).lora.enabled:
         raise ExportError(f"--peft: the run {run} was trained without LoRA (lora.enabled: false, every weight "
                           "trained), so there is no adapter to write; export it without --peft")
 

@@ -42,6 +42,7 @@ from .io import from_pretrained, resolve_folder
 from .io.settings_file import read_settings
 from .latent import LatentConfig
 from .models import family_named, read_config
+from .run_folder import RunFolder
 
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # images over this many pixels are refused, as datasets' rows are skipped
 MAX_CHOICES = 26  # letters A-Z
@@ -200,9 +201,9 @@ def folder_settings(folder: Path, family: str) -> InferenceSettings:
     settings = read_settings(folder)
     if settings is not None:
         return settings
-    run_config = folder.resolve().parent / "config.yaml"
-    if folder.name.startswith("stage_") and run_config.is_file():
-        return InferenceSettings.from_run(load_config(run_config, training=False))
+    of_run = RunFolder.of_stage_export(folder.resolve())
+    if of_run is not None:
+        return InferenceSettings.from_run(load_config(of_run[0].config_file, training=False))
     return InferenceSettings(num_selected_patches=family_named(family).official_shapes["patches"])
 
 

@@ -2,9 +2,9 @@
 
 Reads the run folder that `train.py` writes (`ivtlr_jax/train/loop.py`):
 
-- `metrics.jsonl`: one JSON object per micro-step, {"micro_step", "epoch", "stage", "loss", "grad_norm",
-  "tokens", "tokens_per_s", "latents", "compilations", "lr"}; non-finite values are written as null. Lines
-  that do not parse (a torn last line of a crashed run) are skipped and counted.
+- `metrics.jsonl`: one JSON object per micro-step (`run_folder.MetricsRecord`: micro_step, epoch, stage,
+  loss, grad_norm, tokens, tokens_per_s, latents, compilations, lr); non-finite values are written as null.
+  Lines that do not parse (a torn last line of a crashed run) are skipped and counted.
 - `config.yaml` (optional here): the run's name and model, for the title.
 - evaluations (optional): `stage_<s>/*.summary.json` (evaluations of stage s's export, `infer.py`'s
   default output) and `eval*.summary.json` in the run folder (e.g. `make demo`'s `eval_test`), whose stage
@@ -27,18 +27,17 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
+from .run_folder import METRICS_FILE, STAGE_PREFIX, MetricsRecord, RunFolder, stage_of_folder
+
 DEFAULT_SIZE = (1600, 1200)  # pixels of the PNG
 DPI = 100
 LOG_SCALE_RATIO = 20.0  # a panel's y axis is logarithmic when its positive values span more than this factor
 BEST_LEGEND_MAX_POINTS = 5000  # matplotlib's "best" legend placement scans every point of every curve
-STAGE_FOLDER = re.compile(r"^stage_(\d+)$")
 
 
 class ReportError(RuntimeError):
@@ -65,38 +64,17 @@ class Metrics:
         return len(self.micro_step)
 
 
-def _number(value) -> float:
-    """A metric value as a float; null, missing or non-numeric -> NaN."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return math.nan
-    return float(value)
+def _number(value: float | None) -> float:
+    """A float field of a record as a float; None -> NaN."""
+    return math.nan if value is None else value
 
 
-def parse_metrics_lines(lines) -> tuple[list[dict], int]:
-    """(records, torn): the JSON objects with an integer micro_step, and the count of other non-blank lines."""
-    records, torn = [], 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            torn += 1
-            continue
-        step = record.get("micro_step") if isinstance(record, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool):
-            torn += 1
-            continue
-        records.append(record)
-    return records, torn
-
-
-def metrics_from_records(records: list[dict], torn: int = 0) -> Metrics:
+def metrics_from_records(records: list[MetricsRecord], torn: int = 0) -> Metrics:
     """Arrays of the records, sorted by micro-step, one per micro-step (the last record of a step wins)."""
-    by_step = {r["micro_step"]: r for r in records}
+    by_step = {r.micro_step: r for r in records}
     ordered = [by_step[s] for s in sorted(by_step)]
-    column = lambda key: np.array([_number(r.get(key)) for r in ordered], np.float64)
-    as_int = lambda key: np.array([int(r.get(key) or 0) for r in ordered], np.int64)
+    column = lambda key: np.array([_number(getattr(r, key)) for r in ordered], np.float64)
+    as_int = lambda key: np.array([getattr(r, key) for r in ordered], np.int64)
     return Metrics(micro_step=as_int("micro_step"), epoch=as_int("epoch"), stage=as_int("stage"),
                    loss=column("loss"), grad_norm=column("grad_norm"), tokens_per_s=column("tokens_per_s"),
                    latents=as_int("latents"), compilations=as_int("compilations"), torn=torn)
@@ -104,12 +82,12 @@ def metrics_from_records(records: list[dict], torn: int = 0) -> Metrics:
 
 def read_metrics(run_dir: Path) -> Metrics:
     """The run folder's metrics.jsonl; ReportError naming the file when it is missing or holds no record."""
-    path = Path(run_dir) / METRICS_FILE
+    run = RunFolder(run_dir)
+    path = run.metrics_file
     if not path.is_file():
         raise ReportError(f"{path}: no such file (is {run_dir} a run folder of train.py? it writes {METRICS_FILE} "
                           "there from the first micro-step)")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        records, torn = parse_metrics_lines(f)
+    records, torn = run.read_metrics()
     if not records:
         raise ReportError(f"{path}: no metrics record in it ({torn} unparseable line(s))")
     return metrics_from_records(records, torn)
@@ -120,7 +98,7 @@ def read_run_config(run_dir: Path) -> dict:
     import yaml
 
     try:
-        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load(RunFolder(run_dir).config_file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -130,18 +108,15 @@ def evaluated_stage(summary_file: Path, summary: dict) -> int | None:
     """The stage whose export a summary evaluated: its own folder `stage_<s>`, or the `stage_<s>` folder
     its setup names as the model; None when neither says."""
     setup = summary.get("setup") if isinstance(summary.get("setup"), dict) else {}
-    for folder in (summary_file.parent, Path(str(setup.get("model", "")))):
-        match = STAGE_FOLDER.match(folder.name)
-        if match:
-            return int(match.group(1))
-    return None
+    stages = (stage_of_folder(folder) for folder in (summary_file.parent, Path(str(setup.get("model", "")))))
+    return next((stage for stage in stages if stage is not None), None)
 
 
 def find_evaluations(run_dir: Path) -> tuple[dict[int, dict], list[Path]]:
     """({stage: summary} of the run's evaluations, summary files whose stage is unknown). Where a stage has
     several, the most recently written one is kept."""
     run_dir = Path(run_dir)
-    files = list(run_dir.glob("stage_*/*.summary.json")) + list(run_dir.glob("eval*.summary.json"))
+    files = list(run_dir.glob(f"{STAGE_PREFIX}*/*.summary.json")) + list(run_dir.glob("eval*.summary.json"))
     found: dict[int, tuple[float, dict]] = {}
     unknown = []
     for path in files:
@@ -400,7 +375,7 @@ def main(argv=None, prog: str = "ivtlr-report") -> int:
     rows = stage_rows(metrics, evaluations)
     out = plot_report(metrics, rows, Path(args.out) if args.out else run_dir / "report.png",
                       title=report_title(run_dir, read_run_config(run_dir), metrics))
-    print(f"{run_dir / METRICS_FILE}: {len(metrics)} micro-steps, {metrics.torn} unparseable line(s) skipped, "
+    print(f"{RunFolder(run_dir).metrics_file}: {len(metrics)} micro-steps, {metrics.torn} unparseable line(s) skipped, "
           f"{int(np.isnan(metrics.loss).sum())} null loss(es), {int(np.isnan(metrics.grad_norm).sum())} null "
           "gradient norm(s)")
     print(format_table(rows))

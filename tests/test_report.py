@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from ivtlr_jax import report
+from ivtlr_jax.run_folder import parse_metrics_lines
 
 # 2 stages x 2 epochs x 3 micro-steps; (epoch, loss, grad_norm, tokens_per_s, compilations)
 ROWS = [
@@ -75,7 +76,7 @@ def test_a_stage_whose_last_epoch_has_only_null_losses_has_no_final_loss(tmp_pat
 def test_duplicate_micro_steps_keep_the_last_record():
     steps = ((2, 9.0), (1, 1.0), (2, 3.0))
     lines = [json.dumps({"micro_step": s, "epoch": 0, "stage": 0, "loss": v}) for s, v in steps]
-    records, torn = report.parse_metrics_lines(lines + ["", "not json", json.dumps({"micro_step": "x"})])
+    records, torn = parse_metrics_lines(lines + ["", "not json", json.dumps({"micro_step": "x"})])
     metrics = report.metrics_from_records(records, torn)
     assert metrics.micro_step.tolist() == [1, 2] and metrics.loss.tolist() == [1.0, 3.0] and metrics.torn == 2
 

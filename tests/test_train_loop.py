@@ -408,6 +408,22 @@ def folder_state(run_dir: Path) -> tuple[list[str], bytes]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")), (run_dir / "metrics.jsonl").read_bytes()
 
 
+def test_resume_drops_a_damaged_metrics_line_that_is_not_utf8(assets, straight, tmp_path):
+    """A metrics.jsonl whose last line was damaged into bytes that are not UTF-8 (a torn write, a bad disk
+    block): re-running `train.py` resumes from the last checkpoint and drops that line as it drops any torn
+    one, keeping every record before it (it stopped with a UnicodeDecodeError traceback when the trainer
+    read metrics.jsonl its own way)."""
+    cfg_path, run_dir = copy_of_straight(straight, assets, tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    records = metrics.read_bytes()
+    metrics.write_bytes(records + b'{"micro_step": 19, "loss": \xff\xfe\x00')
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"resumed from {run_dir / 'checkpoints'} step 18" in proc.stdout
+    assert metrics.read_bytes() == records and len(records.splitlines()) == 18
+
+
 @pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), MemoryError("out of host memory"),
                                    ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")])
 def test_restore_error_that_is_not_damage_stops_the_run_unchanged(assets, straight, tmp_path, monkeypatch, error):

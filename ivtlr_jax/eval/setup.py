@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..decoding import SamplingConfig
-from ..events import STAGE_FOLDER
+from ..run_folder import RunFolder
 from ..io.atomic import write_atomic
 
 if TYPE_CHECKING:
@@ -123,9 +123,8 @@ def default_output(checkpoint: str | Path, split: str) -> Path:
     path = Path(checkpoint)
     name = f"eval_{split}.jsonl"
     if path.is_dir():
-        if STAGE_FOLDER.match(path.name) and (path.parent / "config.yaml").is_file():
-            return path.parent / "eval" / path.name / name
-        return path / name
+        of_run = RunFolder.of_stage_export(path)
+        return (of_run[0].stage_eval_dir(of_run[1]) if of_run else path) / name
     return Path("evals") / str(checkpoint).strip("/").replace("/", "--") / name
 
 

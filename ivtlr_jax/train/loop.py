@@ -38,6 +38,7 @@ from .batch_layout import LAYOUT_FILE, BatchLayout, run_layout, write_layout
 from .checkpoint import DAMAGED_DIR, TrainCheckpointer, remove_unfinished_saves
 from .cleanup import close_all
 from ..events import check_backends, log_train_step, train_events
+from ..run_folder import MetricsRecord, RunFolder
 from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import learning_rate, make_optimizer
 from .preemption import Preempted, PreemptionWatch
@@ -101,7 +102,7 @@ def check_run_folder(cfg: RunConfig) -> Path:
     content, or a run of a different configuration (the error names the keys that differ). Keys of
     `RESUME_NEUTRAL_KEYS` (where the folder is, logging) do not count. Writes nothing."""
     run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
+    saved = RunFolder(run_dir).config_file
     if not (run_dir.exists() and any(run_dir.iterdir())):
         return run_dir
     if not saved.exists():
@@ -114,26 +115,23 @@ def check_run_folder(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def recorded_micro_steps(metrics_path: Path) -> int:
-    """The last micro-step that metrics.jsonl records (0 when none, or no file)."""
-    return max([0] + [r["micro_step"] for r in step_records(metrics_path)])
-
-
 def refuse_lost_progress(run_dir: Path, missing: str) -> None:
     """A run folder whose metrics.jsonl records progress but which has no checkpoint to resume from
     (`missing` says why) is refused: starting at step 0 would cut that record to nothing. Changes nothing."""
-    done = recorded_micro_steps(run_dir / "metrics.jsonl")
+    folder = RunFolder(run_dir)
+    done = folder.recorded_micro_steps()
     if done:
+        metrics = folder.metrics_file
         raise RunFolderError(
-            f"run folder {run_dir} records {done} micro-steps (metrics.jsonl) but {missing}, so it cannot resume; "
+            f"run folder {run_dir} records {done} micro-steps ({metrics.name}) but {missing}, so it cannot resume; "
             f"nothing was changed. If its checkpoints are elsewhere (an unmounted file system, a moved folder), put "
-            f"them back in {run_dir / 'checkpoints'} and re-run; to start the run over from step 0, move its record "
-            f"aside first: mv {run_dir / 'metrics.jsonl'} {run_dir / 'metrics.jsonl.old'}")
+            f"them back in {folder.checkpoints} and re-run; to start the run over from step 0, move its record "
+            f"aside first: mv {metrics} {metrics}.old")
 
 
 def check_checkpoints_present(run_dir: Path) -> None:
     """Before the checkpointer creates checkpoints/: a run with progress has a checkpoint folder with a step."""
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = RunFolder(run_dir).checkpoints
     if not ckpt_dir.is_dir():
         refuse_lost_progress(run_dir, f"{ckpt_dir} is missing")
     elif not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
@@ -143,7 +141,7 @@ def check_checkpoints_present(run_dir: Path) -> None:
 def write_run_config(cfg: RunConfig) -> None:
     """config.yaml, written once the model and data have loaded (a failed start leaves no trace)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=True))
+    write_atomic(RunFolder(cfg.run_dir).config_file, yaml.safe_dump(to_dict(cfg), sort_keys=True))
 
 
 def check_patch_budget(examples, image_token_id: int, k: int, source: str) -> None:
@@ -202,8 +200,8 @@ class Run:
         return self.micro_per_epoch * self.cfg.train.num_epochs
 
     @property
-    def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
 
 
 @dataclasses.dataclass
@@ -230,7 +228,7 @@ def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainRe
     run, state = set_up_run(cfg, log)
     resume_from_checkpoint(run, state, log)
     if distributed.is_writer():
-        trim_metrics(run.metrics_path, state.micro_step)
+        run.folder.trim_metrics(state.micro_step)
     rebuild_finished_exports(run, state, log)
     log_run_start(run, state, log)
     recorder = StepRecorder(run, state.micro_step, log)
@@ -282,8 +280,8 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     trainable = jax.device_put(trainable, state_shardings(trainable, rules))
     stage_ends = stage_end_steps(cfg.train.num_epochs, micro_per_epoch, cfg.curriculum)
     distributed.on_writer(lambda: check_checkpoints_present(run_dir), "checkpoints", errors=(RunFolderError,))
-    remove_unfinished_saves(run_dir / "checkpoints", log)
-    ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
+    remove_unfinished_saves(RunFolder(run_dir).checkpoints, log)
+    ckpt = TrainCheckpointer(RunFolder(run_dir).checkpoints, keep=cfg.train.keep_checkpoints,
                              preserve=tuple(stage_ends.values()))
     run = Run(cfg, run_dir, mesh, rules, built.processor, graphdef, frozen, examples, report, latent_cfg,
               pad_id=ids["eos_token_id"],  # docs/method.md section 3: pad = EOS
@@ -328,7 +326,7 @@ def resume_from_checkpoint(run: Run, state: RunState, log) -> None:
     state.start_epoch, state.start_index, state.micro_step = meta["epoch"], meta["batch_index"], meta["micro_step"]
     if state.start_index >= run.micro_per_epoch:  # saved after an epoch's last batch: the next epoch begins
         state.start_epoch, state.start_index = state.start_epoch + 1, 0
-    log(f"resumed from {run.run_dir / 'checkpoints'} step {latest}: epoch {state.start_epoch}, "
+    log(f"resumed from {run.folder.checkpoints} step {latest}: epoch {state.start_epoch}, "
         f"batch {state.start_index}")
 
 
@@ -460,10 +458,10 @@ def record_step(run: Run, state: RunState, recorder: StepRecorder, plan: EpochPl
     loss, grad_norm, finite = float(metrics["loss"]), float(metrics["grad_norm"]), bool(metrics["finite"])
     tokens = int(metrics["tokens"])
     elapsed = recorder.lap()
-    record = {"micro_step": state.micro_step, "epoch": plan.epoch, "stage": plan.stage, "loss": loss,
-              "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-              "latents": current.shapes.num_latents, "compilations": len(state.compiled),
-              "lr": plan.learning_rate(state.micro_step)}
+    record = MetricsRecord(micro_step=state.micro_step, epoch=plan.epoch, stage=plan.stage, loss=loss,
+                           grad_norm=grad_norm, tokens=tokens, tokens_per_s=tokens / elapsed,
+                           latents=current.shapes.num_latents, compilations=len(state.compiled),
+                           lr=plan.learning_rate(state.micro_step))
     recorder.write(record)
     if not finite:
         raise non_finite_error(run, state, plan, index, current, loss, grad_norm)
@@ -480,7 +478,7 @@ def non_finite_error(run: Run, state: RunState, plan: EpochPlan, index: int, cur
         f"non-finite training state at stage {plan.stage}, epoch {plan.epoch}, micro-step {state.micro_step} "
         f"(batch {index} of the epoch, rows {current.row_ids}): loss {loss}, gradient norm "
         f"{grad_norm}; nothing of this step was saved. The last good checkpoint is "
-        + (f"step {last} in {run.run_dir / 'checkpoints'}" if last is not None else "none (no step saved)")
+        + (f"step {last} in {run.folder.checkpoints}" if last is not None else "none (no step saved)")
         + "; lower optim.lr or check these rows, then re-run the same command to resume from it")
 
 
@@ -506,7 +504,7 @@ def stop_preempted(run: Run, state: RunState, recorder: StepRecorder, epoch: int
     if run.ckpt.latest_step() != state.micro_step:
         save_checkpoint(run, state, recorder, epoch, index, force=True)
     run.ckpt.wait()
-    raise Preempted(state.micro_step, run.run_dir / "checkpoints")
+    raise Preempted(state.micro_step, run.folder.checkpoints)
 
 
 def finish_stage(run: Run, state: RunState, recorder: StepRecorder, epoch: int, log) -> None:
@@ -528,8 +526,9 @@ class StepRecorder:
         from tqdm import tqdm
 
         self.log, self.log_every = log, run.cfg.train.log_every
-        self.metrics_file = LineLog(run.metrics_path if distributed.is_writer() else os.devnull)  # synced at saves
-        self.events = train_events(run.cfg, micro_step, run.metrics_path)
+        metrics_file = run.folder.metrics_file if distributed.is_writer() else os.devnull
+        self.metrics_file = LineLog(metrics_file)  # synced at saves
+        self.events = train_events(run.cfg, micro_step)
         self.zero_grads = ZeroGradientWatch(log)
         self.bar = tqdm(total=run.total_micro, initial=micro_step, desc="train", dynamic_ncols=True,
                         disable=None if distributed.is_writer() else True)
@@ -544,44 +543,17 @@ class StepRecorder:
         elapsed, self._tick = now - self._tick, time.perf_counter()
         return elapsed
 
-    def write(self, record: dict) -> None:
-        self.metrics_file.write(json_line(record))
+    def write(self, record: MetricsRecord) -> None:
+        self.metrics_file.write(record.to_line())
         log_train_step(self.events, record)
 
-    def progress(self, record: dict, total: int) -> None:
-        rate = f"{record['tokens_per_s']:.0f}"
+    def progress(self, record: MetricsRecord, total: int) -> None:
+        rate = f"{record.tokens_per_s:.0f}"
         self.bar.update(1)
-        self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}", tok_s=rate,
-                             compiles=record["compilations"])
-        if self.bar.disable and record["micro_step"] % self.log_every == 0:  # no progress bar off a terminal
-            self.log(f"step {record['micro_step']}/{total} epoch {record['epoch']} stage {record['stage']} "
-                     f"loss {record['loss']:.4f} tokens/s {rate} compilations {record['compilations']}")
-
-def json_line(record: dict) -> str:
-    """One strict-JSON line: NaN and infinities written as null."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    return json.dumps(clean, allow_nan=False) + "\n"
-
-
-def trim_metrics(path: Path, micro_step: int) -> None:
-    """Keep the records up to the restored `micro_step` (a resumed run re-logs the steps after it) and
-    drop a torn last line; rewritten atomically."""
-    if path.exists():
-        write_atomic(path, "".join(json_line(r) for r in step_records(path) if r["micro_step"] <= micro_step))
-
-
-def step_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records with an integer micro-step (a torn line skipped); [] without the file."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("micro_step"), int):
-            records.append(record)
-    return records
-
+        self.bar.set_postfix(stage=record.stage, loss=f"{record.loss:.3f}", tok_s=rate, compiles=record.compilations)
+        if self.bar.disable and record.micro_step % self.log_every == 0:  # no progress bar off a terminal
+            self.log(f"step {record.micro_step}/{total} epoch {record.epoch} stage {record.stage} "
+                     f"loss {record.loss:.4f} tokens/s {rate} compilations {record.compilations}")
 
 @dataclasses.dataclass
 class PreparedBatch:
@@ -661,7 +633,7 @@ def export_problem(folder: Path) -> str | None:
 def ensure_stage_export(run: Run, stage: int, end_step: int, trainable, log) -> Path | None:
     """A finished stage's export, rebuilt from the stage's end checkpoint when missing or incomplete (a crash
     during the export). Returns the rebuilt folder, or None when it was complete or cannot be rebuilt."""
-    out, ckpt = run.run_dir / f"stage_{stage}", run.ckpt
+    out, ckpt = run.folder.stage_export(stage), run.ckpt
     problem = distributed.on_writer(lambda: export_problem(recover_swap(out)), "export_check")  # process 0's folder
     if problem is None:
         return None
@@ -684,7 +656,7 @@ def export_stage(run: Run, stage: int, trainable) -> Path:
     settings `ivtlr-ask` and `ivtlr-serve` ask it with (ivtlr_settings.json: the run's dataset, K, patch order,
     RoPE, dtype), written atomically (a `.partial` folder renamed when complete; an old export replaced only
     then)."""
-    out = run.run_dir / f"stage_{stage}"
+    out = run.folder.stage_export(stage)
     copy = lambda state: jax.tree.map(lambda x: x, state)
     model = merge_lora(nnx.merge(run.graphdef, copy(trainable), copy(run.frozen)))
     if not distributed.is_writer():  # process 0 writes; the others take part in gathering sharded tensors
