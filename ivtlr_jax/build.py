@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import RunConfig
-from .data import load_processor, special_token_ids
+from .data import SpecialTokens, load_processor, special_tokens
 from .io import from_pretrained, resolve_folder
 from .models import Family, read_config
 from .models.common.layers import DTYPES
@@ -28,7 +28,7 @@ class BuiltModel:
     processor: Any
     folder: Path  # the base model's folder
     family: Family
-    ids: dict  # special_token_ids of the processor, latent tokens included
+    special: SpecialTokens  # of the processor, latent tokens included
 
 
 def model_dtypes(cfg: RunConfig) -> tuple[Any, Any]:
@@ -49,10 +49,10 @@ def build_model(cfg: RunConfig, *, rules: ShardingRules | None = None, dtype=Non
     model = from_pretrained(folder, dtype=compute if dtype is None else dtype, param_dtype=storage,
                             remat=cfg.model.remat if remat is None else remat, rules=rules,
                             scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl)
-    ids = add_latent_tokens(model, processor)
+    special = add_latent_tokens(model, processor)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora, seed=cfg.seed)
-    return BuiltModel(model, processor, folder, family, ids)
+    return BuiltModel(model, processor, folder, family, special)
 
 
 def abstract_run_model(cfg: RunConfig, family: Family, config, *, rules: ShardingRules | None = None,
@@ -70,16 +70,16 @@ def abstract_run_model(cfg: RunConfig, family: Family, config, *, rules: Shardin
     return nnx.eval_shape(build)
 
 
-def add_latent_tokens(model, processor) -> dict:
+def add_latent_tokens(model, processor) -> SpecialTokens:
     """docs/method.md section 3: add the three tokens to the tokenizer (if missing), resize the embedding and LM
     head to len(tokenizer), and set the new tokens' LM-head rows to the row of `<<`."""
     tok = getattr(processor, "tokenizer", processor)
     added = tok.add_tokens(list(LATENT_TOKENS))
-    ids = special_token_ids(processor)
-    new_ids = [ids["start_latent_id"], ids["end_latent_id"], ids["latent_id"]]
+    special = special_tokens(processor)
+    new_ids = [special.start_latent_id, special.end_latent_id, special.latent_id]
     copy_from = tok.convert_tokens_to_ids("<<")
-    if ids["vocab_size"] != model.config.vocab_size or added:
+    if special.vocab_size != model.config.vocab_size or added:
         if copy_from is None or copy_from == tok.unk_token_id:
             raise ValueError("the tokenizer has no '<<' token to initialise the latent tokens' LM-head rows from")
-        resize_vocab(model, ids["vocab_size"], new_ids, copy_from)
-    return ids
+        resize_vocab(model, special.vocab_size, new_ids, copy_from)
+    return special

@@ -20,7 +20,7 @@ from flax import nnx
 
 from .compilation_cache import enable_compilation_cache
 from .config import load_config
-from .data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_token_ids, synthetic_corpus,
+from .data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_tokens, synthetic_corpus,
                    synthetic_rows)
 from .eval.run import eval_config_from_run, evaluate
 from .models import Qwen2VL, Qwen2VLConfig
@@ -38,10 +38,10 @@ def prepare(root: Path = ROOT, seed: int = 0, num_train: int = NUM_TRAIN, num_te
     make_synthetic_m3cot(data, num_train, num_test, seed, fixed_choices=True)
     corpus = synthetic_corpus(synthetic_rows(num_train, seed, "train", fixed_choices=True))
     processor = build_tiny_qwen2vl_processor(model_dir, corpus)
-    ids = special_token_ids(processor)
+    special = special_tokens(processor)
     config = Qwen2VLConfig.from_hf({
         "model_type": "qwen2_vl",
-        "vocab_size": ids["vocab_size"],
+        "vocab_size": special.vocab_size,
         "hidden_size": 128,
         "intermediate_size": 256,
         "num_hidden_layers": 2,
@@ -49,17 +49,17 @@ def prepare(root: Path = ROOT, seed: int = 0, num_train: int = NUM_TRAIN, num_te
         "num_key_value_heads": 2,
         "rope_theta": 10000.0,
         "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
-        "image_token_id": ids["image_token_id"],
-        "video_token_id": ids["video_token_id"],
-        "vision_start_token_id": ids["vision_start_token_id"],
-        "vision_end_token_id": ids["vision_end_token_id"],
-        "eos_token_id": ids["eos_token_id"],
+        "image_token_id": special.image_token_id,
+        "video_token_id": special.video_token_id,
+        "vision_start_token_id": special.vision_start_token_id,
+        "vision_end_token_id": special.vision_end_token_id,
+        "eos_token_id": special.eos_token_id,
         "vision_config": {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 128},
     })
     save_hf(Qwen2VL(config, rngs=nnx.Rngs(seed)), model_dir)
     example = write_example(data, root)
     print(f"prepared {data} ({num_train} train / {num_test} test rows) and {model_dir} "
-          f"(vocabulary {ids['vocab_size']}); an image to ask about: {example}")
+          f"(vocabulary {special.vocab_size}); an image to ask about: {example}")
 
 
 def write_example(data: Path, root: Path) -> Path:

@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import InferenceSettings, load_config
 from .continuous import generate_continuous
-from .data import DATASETS, load_processor, make_encoder, special_token_ids, tokenizer_of
+from .data import DATASETS, load_processor, make_encoder, special_tokens, tokenizer_of
 from .data.collate import stack_images
 from .data.examples import MAX_IMAGE_PIXELS, image_bytes
 from .decoding import SamplingConfig
@@ -98,12 +98,12 @@ class Predictor:
         self.model, self.processor, self.family, self.settings, self.folder = model, processor, family, settings, folder
         self.max_pixels = max_pixels
         self.tokenizer = tokenizer_of(processor)
-        self.ids = special_token_ids(processor)
-        if self.ids["latent_id"] is None:
+        self.special = special_tokens(processor)
+        if self.special.latent_id is None:
             raise RequestError(f"{folder}: its tokenizer has no <|latent|> token; give an IVT-LR model folder (a "
                                "stage export, ivtlr-convert-official's output)")
         self.encoder = make_encoder(family, processor)
-        self.latent = LatentConfig(self.ids["latent_id"], settings.num_selected_patches, settings.patch_order,
+        self.latent = LatentConfig(self.special.latent_id, settings.num_selected_patches, settings.patch_order,
                                    rope=settings.rope)
         self.max_length = family_named(family).max_length
 
@@ -121,7 +121,7 @@ class Predictor:
         return cls(model, load_processor(folder), family, settings, folder, max_pixels)
 
     def sampling(self, max_new_tokens: int | None = None, temperature: float = 0.0) -> SamplingConfig:
-        eos = self.ids["eos_token_id"]
+        eos = self.special.eos_token_id
         return SamplingConfig(max_new_tokens or self.settings.max_new_tokens, temperature, eos_token_id=eos,
                               pad_token_id=eos)
 
@@ -160,7 +160,7 @@ class Predictor:
         if len(prompt) > self.max_length:
             raise RequestError(f"the prompt is {len(prompt)} tokens (image, question, choices and latents); this "
                                f"model's cap is {self.max_length}")
-        input_ids, mask, positions = left_pad([prompt], self.ids["eos_token_id"], EVAL_LENGTH_BUCKETS)
+        input_ids, mask, positions = left_pad([prompt], self.special.eos_token_id, EVAL_LENGTH_BUCKETS)
         batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **stack_images([image])}
         return Encoded(batch, question_ids, input_ids.shape[1] - len(prompt), image, data, q)
 

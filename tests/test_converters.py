@@ -2,6 +2,7 @@
 adapter) and convert/ivtlr_pth_to_flax.py (an official IVT-LR .pth -> Flax folder), on a tiny Qwen2-VL
 with a real tokenizer whose checkpoint has spare vocabulary rows (like Qwen2-VL-7B's)."""
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from flax import nnx
 
 from ivtlr_jax.config import InferenceSettings, LoRASection, ModelSection, RunConfig
-from ivtlr_jax.data import build_tiny_qwen2vl_processor, load_processor, special_token_ids
+from ivtlr_jax.data import build_tiny_qwen2vl_processor, load_processor, special_tokens
 from ivtlr_jax.latent import LatentConfig, LatentShapes, ivtlr_loss, latent_layout
 from ivtlr_jax.io import from_pretrained
 from ivtlr_jax.models import WeightLoadError
@@ -54,7 +55,7 @@ def base(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("base")
     processor = build_tiny_qwen2vl_processor(folder, CORPUS, vocab_size=300)
-    ids = special_token_ids(processor)
+    ids = dataclasses.asdict(special_tokens(processor))
     ids["copy_from"] = processor.tokenizer.convert_tokens_to_ids("<<")
     ids["text_vocab"] = min(v for k, v in ids.items() if k.endswith("_id") and v is not None)  # learnt BPE ids
     assert ids["copy_from"] < ids["text_vocab"] and ids["latent_id"] == ids["vocab_size"] - 1
@@ -132,7 +133,7 @@ def test_run_folder_exports_a_merged_hf_folder(base, run, merged_export):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (out / f).is_file(), f
     processor = load_processor(out)
-    assert special_token_ids(processor)["latent_id"] == ids["latent_id"]
+    assert special_tokens(processor).latent_id == ids["latent_id"]
     assert len(processor.tokenizer) == ids["vocab_size"]
 
     # transformers gives the logits of our model (LoRA branch unmerged)
@@ -312,7 +313,7 @@ def test_official_pth_import_matches_the_oracle(base, official, tmp_path):
     assert read_settings(out) == InferenceSettings(dataset="m3cot", prompt_format="official", num_selected_patches=32)
     processor = load_processor(out)
     assert len(processor.tokenizer) == ids["vocab_size"]
-    assert special_token_ids(processor)["latent_id"] == ids["latent_id"]
+    assert special_tokens(processor).latent_id == ids["latent_id"]
     # our latent forward on the import = the PyTorch oracle's on PEFT's merge_and_unload(): rows with 3 and 1
     # latents, 3 x 3 patches > row 2's 8 image tokens (its last pass is filled with picked patches)
     cfg = LatentConfig(ids["latent_id"], 3)

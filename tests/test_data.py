@@ -32,7 +32,7 @@ from ivtlr_jax.data.tokenizer import (
     build_tiny_chameleon_processor,
     build_tiny_qwen2vl_processor,
     load_processor,
-    special_token_ids,
+    special_tokens,
 )
 
 IGNORE = -100
@@ -290,7 +290,7 @@ def test_official_image_sizes(tmp_path, qwen_proc, corpus):
     src = write_m3cot(tmp_path / "big.parquet", [dict(image=img(big))])
     (ex,), _ = load_examples("m3cot", str(src), "train", stock_qwen, "qwen2vl")
     assert ex.image["image_grid_thw"].tolist() == [[1, 20, 20]]
-    image_id = special_token_ids(qwen_proc)["image_token_id"]
+    image_id = special_tokens(qwen_proc).image_token_id
     assert sum(t == image_id for t in ex.question_ids) == 100
 
     cham_tok = build_tiny_chameleon_processor(tmp_path / "c", corpus).tokenizer
@@ -304,7 +304,7 @@ def test_official_image_sizes(tmp_path, qwen_proc, corpus):
 def test_qwen_num_image_tokens(tmp_path, qwen_proc):
     src = write_m3cot(tmp_path / "n.parquet", [dict(image=img(png()))])
     (ex,), _ = load_examples("m3cot", str(src), "train", qwen_proc, "qwen2vl", num_image_tokens=16)
-    image_id = special_token_ids(qwen_proc)["image_token_id"]
+    image_id = special_tokens(qwen_proc).image_token_id
     assert sum(t == image_id for t in ex.question_ids) == 16
     assert ex.image["image_grid_thw"].tolist() == [[1, 8, 8]]
     with pytest.raises(ValueError, match="perfect square"):
@@ -427,19 +427,19 @@ def test_processor_round_trip(tmp_path, qwen_proc, cham_proc):
     assert "You are a helpful assistant." in reloaded.chat_template
     text = "[Question]:{What colour is the large circle?}<|image_pad|><|latent|>"
     assert enc(reloaded, text) == enc(qwen_proc, text)
-    ids = special_token_ids(qwen_proc)
+    special = special_tokens(qwen_proc)
     # Qwen2-VL's special tokens in Qwen's order after the learnt vocab, then the latent tokens
-    assert [ids["pad_token_id"] + i for i in (0, 2, 3, 4, 5, 6)] == [
-        ids["pad_token_id"], ids["eos_token_id"], ids["vision_start_token_id"], ids["vision_end_token_id"],
-        ids["image_token_id"], ids["video_token_id"]]
-    assert (ids["start_latent_id"], ids["end_latent_id"], ids["latent_id"]) == tuple(
-        ids["vocab_size"] - 3 + i for i in range(3))
-    assert 300 <= ids["vocab_size"] <= 1000
+    assert [special.pad_token_id + i for i in (0, 2, 3, 4, 5, 6)] == [
+        special.pad_token_id, special.eos_token_id, special.vision_start_token_id, special.vision_end_token_id,
+        special.image_token_id, special.video_token_id]
+    assert (special.start_latent_id, special.end_latent_id, special.latent_id) == tuple(
+        special.vocab_size - 3 + i for i in range(3))
+    assert 300 <= special.vocab_size <= 1000
     # 280x280 -> 100 image tokens
     out = qwen_proc.image_processor(images=[Image.new("RGB", (280, 280))], return_tensors="np")
     assert out["image_grid_thw"].tolist() == [[1, 20, 20]]
-    cham = special_token_ids(cham_proc)
-    assert cham_proc.image_seq_length == 64 and cham["image_token_id"] is not None and cham["latent_id"] is not None
+    cham = special_tokens(cham_proc)
+    assert cham_proc.image_seq_length == 64 and cham.image_token_id is not None and cham.latent_id is not None
 
 
 # ---- curriculum (docs/method.md section 13) -------------------------------------------------------------------
@@ -687,14 +687,14 @@ def test_synthetic_end_to_end_batch(tmp_path, qwen_proc):
 
     folder = make_synthetic_m3cot(tmp_path / "syn", num_train=4, num_test=1, seed=0)
     exs, _ = load_examples("m3cot", str(folder), "train", qwen_proc, "qwen2vl")
-    ids = special_token_ids(qwen_proc)
-    feats = [stage_tokens(e, s, CurriculumConfig(), ids["latent_id"]) + (e.image,) for e, s in zip(exs, (0, 1, 2, 6))]
-    batch, shapes = collate(feats, latent_id=ids["latent_id"], pad_id=ids["eos_token_id"])
+    special = special_tokens(qwen_proc)
+    feats = [stage_tokens(e, s, CurriculumConfig(), special.latent_id) + (e.image,) for e, s in zip(exs, (0, 1, 2, 6))]
+    batch, shapes = collate(feats, latent_id=special.latent_id, pad_id=special.eos_token_id)
     assert shapes.num_latents == 5 and shapes.prefix_len >= max(len(e.question_ids) for e in exs)
-    assert latent_layout(batch["input_ids"], ids["latent_id"]) == (5, max(len(e.question_ids) for e in exs[1:]))
-    cfg = LatentConfig(latent_token_id=ids["latent_id"], num_selected_patches=32)
-    check_eligible_patches(batch["input_ids"], latent_layout(batch["input_ids"], ids["latent_id"])[1],
-                           ids["image_token_id"], cfg)
+    assert latent_layout(batch["input_ids"], special.latent_id) == (5, max(len(e.question_ids) for e in exs[1:]))
+    cfg = LatentConfig(latent_token_id=special.latent_id, num_selected_patches=32)
+    check_eligible_patches(batch["input_ids"], latent_layout(batch["input_ids"], special.latent_id)[1],
+                           special.image_token_id, cfg)
     assert batch["pixel_values"].shape == (4, 400, 1176) and batch["image_grid_thw"].tolist() == [[1, 20, 20]] * 4
     # supervised tokens: steps from the stage on + answer + EOS, per row
     for row, (e, s) in enumerate(zip(exs, (0, 1, 2, 6))):

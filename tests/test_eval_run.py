@@ -2,6 +2,7 @@
 its setup (resumed only with the same one, a torn last line redone); the dtype is the run config's;
 infer.py takes config overrides and --dtype / --devices, and its help reads cleanly."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -117,8 +118,9 @@ def test_continuous_batching_writes_the_records_of_one_at_a_time(assets, one_dev
     monkeypatch.setattr(eval_run, "load_processor", spying_processor)
     evaluate(assets / "model", static(max_new_tokens=12), tmp_path / "free.jsonl", **QUIET)
     eos = next(a[2] for a in answers if a[2] not in a[:2])  # an EOS that ends one answer after 2 tokens
-    real = eval_run.special_token_ids
-    monkeypatch.setattr(eval_run, "special_token_ids", lambda processor: real(processor) | {"eos_token_id": eos})
+    real = eval_run.special_tokens
+    monkeypatch.setattr(eval_run, "special_tokens",
+                        lambda processor: dataclasses.replace(real(processor), eos_token_id=eos))
     alone_eos, continuous = tmp_path / "alone_eos.jsonl", tmp_path / "continuous.jsonl"
     evaluate(assets / "model", static(max_new_tokens=12), alone_eos, **QUIET)
     cfg = eval_cfg(assets, devices=1, batch_size=2, batching="continuous", max_new_tokens=12)

@@ -4,6 +4,7 @@ adapter is the merged export for PEFT (tensor names, logits, merge_and_unload we
 
 Kept small (a 2-layer LM, no training run, no jit of our model): the suite's time budget."""
 
+import dataclasses
 import warnings
 
 import jax
@@ -35,7 +36,7 @@ def base(tmp_path_factory):
     written under another's name shows."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    from ivtlr_jax.data import build_tiny_qwen2vl_processor, special_token_ids
+    from ivtlr_jax.data import build_tiny_qwen2vl_processor, special_tokens
     from ivtlr_jax.data.tokenizer import build_processor, save_processor
 
     folder = tmp_path_factory.mktemp("qwen25vl_base")
@@ -43,7 +44,7 @@ def base(tmp_path_factory):
     processor = build_processor(Qwen2_5_VLProcessor, image_processor=qwen2.image_processor, tokenizer=qwen2.tokenizer,
                                 video_processor=None, chat_template=qwen2.chat_template)
     save_processor(processor, folder)
-    ids = special_token_ids(processor)
+    ids = dataclasses.asdict(special_tokens(processor))
     ids["text_vocab"] = min(v for k, v in ids.items() if k.endswith("_id") and v is not None)  # learnt BPE ids
     cfg = hf_tiny.qwen25vl_config(vocab_size=ids["vocab_size"])
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):

@@ -27,7 +27,7 @@ def prepare_assets(root: Path) -> tuple[Path, Path]:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    from ivtlr_jax.data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_token_ids,
+    from ivtlr_jax.data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_tokens,
                                 synthetic_corpus, synthetic_rows)
     from ivtlr_jax.data.tokenizer import build_processor, save_processor
 
@@ -39,20 +39,20 @@ def prepare_assets(root: Path) -> tuple[Path, Path]:
     processor = build_processor(Qwen2_5_VLProcessor, image_processor=qwen2.image_processor, tokenizer=qwen2.tokenizer,
                                 video_processor=None, chat_template=qwen2.chat_template)
     save_processor(processor, model_dir)
-    ids = special_token_ids(processor)
+    special = special_tokens(processor)
     # the model as transformers writes it (torch: no compilation to initialise it)
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=ids["vocab_size"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=special.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                          rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         eos_token_id=ids["eos_token_id"], bos_token_id=None, tie_word_embeddings=False),
+                         eos_token_id=special.eos_token_id, bos_token_id=None, tie_word_embeddings=False),
         # images are resized to 280x280 = 10x10 merged tokens; windows of 3x3 merged tokens (84 pixels)
         # leave partial windows at two edges; block 1 attends over the whole image
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32,
                            window_size=84, fullatt_block_indexes=[1]),
         tie_word_embeddings=False,
-        **{key: ids[key] for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+        **{key: getattr(special, key) for key in ("image_token_id", "video_token_id", "vision_start_token_id",
                                      "vision_end_token_id")},
     )
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(model_dir)

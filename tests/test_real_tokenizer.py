@@ -23,7 +23,7 @@ import pytest
 
 from ivtlr_jax.config import OptimSection
 from ivtlr_jax.data import (CurriculumConfig, collate, load_examples, load_processor, make_synthetic_m3cot,
-                            special_token_ids, stage_tokens, synthetic_rows)
+                            special_tokens, stage_tokens, synthetic_rows)
 from ivtlr_jax.data.tokenizer import QWEN2VL_CHAT_TEMPLATE, build_processor, save_processor
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.io import from_pretrained
@@ -139,10 +139,11 @@ def test_the_processor_has_qwen2vl_sizes_and_special_ids(processor):
     tok = processor.tokenizer
     assert len(tok) == TOKENIZER_LEN
     assert {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_IDS} == QWEN2VL_SPECIAL_IDS
-    ids = special_token_ids(processor)
-    assert (ids["eos_token_id"], ids["pad_token_id"]) == (151645, 151643)  # <|im_end|>, <|endoftext|>
-    assert (ids["image_token_id"], ids["vision_start_token_id"], ids["vision_end_token_id"]) == (151655, 151652, 151653)
-    assert ids["latent_id"] is None  # not yet added: the trainer adds them (docs/method.md section 3)
+    special = special_tokens(processor)
+    assert (special.eos_token_id, special.pad_token_id) == (151645, 151643)  # <|im_end|>, <|endoftext|>
+    assert (special.image_token_id, special.vision_start_token_id, special.vision_end_token_id) == (
+        151655, 151652, 151653)
+    assert special.latent_id is None  # not yet added: the trainer adds them (docs/method.md section 3)
     assert type(processor).__name__ == "Qwen2VLProcessor"
 
 
@@ -185,17 +186,17 @@ def save_tiny_qwen2vl(folder: Path, processor, vocab_size: int = CONFIG_VOCAB_7B
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    ids = special_token_ids(processor)
+    special = special_tokens(processor)
     text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, max_position_embeddings=4096, eos_token_id=ids["eos_token_id"],
+                num_key_value_heads=1, max_position_embeddings=4096, eos_token_id=special.eos_token_id,
                 bos_token_id=None, tie_word_embeddings=False,
                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
     config = Qwen2VLConfig(
         tie_word_embeddings=False, text_config=text,
         vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=1, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"])
+        image_token_id=special.image_token_id, video_token_id=special.video_token_id,
+        vision_start_token_id=special.vision_start_token_id, vision_end_token_id=special.vision_end_token_id)
     torch.manual_seed(seed)
     Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
     return folder
@@ -203,21 +204,21 @@ def save_tiny_qwen2vl(folder: Path, processor, vocab_size: int = CONFIG_VOCAB_7B
 
 @pytest.fixture(scope="module")
 def grown(processor, tmp_path_factory):
-    """(model, processor copy, ids, embedding before) after add_latent_tokens on a model with the 7B config's
+    """(model, processor copy, special tokens, embedding before) after add_latent_tokens on a model with the 7B config's
     152064 rows (docs/method.md section 3: it shrinks to len(tokenizer) = 151660)."""
     processor = copy.deepcopy(processor)
     model = from_pretrained(save_tiny_qwen2vl(tmp_path_factory.mktemp("qwen2vl_real_vocab"), processor))
     assert model.config.vocab_size == CONFIG_VOCAB_7B
     before = np.asarray(model.embed_vd[...])
-    ids = add_latent_tokens(model, processor)
-    return model, processor, ids, before
+    special = add_latent_tokens(model, processor)
+    return model, processor, special, before
 
 
 def test_latent_tokens_get_the_official_ids_and_tokenize_whole(grown):
-    _, processor, ids, _ = grown
+    _, processor, special, _ = grown
     tok = processor.tokenizer
-    assert len(tok) == TOKENIZER_LEN + 3 == ids["vocab_size"]
-    assert (ids["start_latent_id"], ids["end_latent_id"], ids["latent_id"]) == tuple(LATENT_IDS.values())
+    assert len(tok) == TOKENIZER_LEN + 3 == special.vocab_size
+    assert (special.start_latent_id, special.end_latent_id, special.latent_id) == tuple(LATENT_IDS.values())
     for token, tid in LATENT_IDS.items():
         assert tok.encode(token, add_special_tokens=False) == [tid]
     text = "Hello world<|start-latent|><|latent|><|latent|><|latent|><|end-latent|> Therefore"
@@ -241,14 +242,14 @@ def test_the_7b_vocabulary_shrinks_and_new_head_rows_copy_the_chevrons(grown):
 
 # ---- (c) one jitted train step over the full vocabulary ---------------------------------------------------------
 def test_one_train_step_with_latents_over_the_full_vocabulary(grown, synthetic_data):
-    model, processor, ids, _ = grown
+    model, processor, special, _ = grown
     folder, _ = synthetic_data
     examples, _ = load_examples("m3cot", str(folder), "train", processor, "qwen2vl", limit=2)
     curriculum = CurriculumConfig(epochs_per_stage=1, max_latent_stage=3)
-    latent = LatentConfig(ids["latent_id"], num_selected_patches=4, ce_chunk=64)
+    latent = LatentConfig(special.latent_id, num_selected_patches=4, ce_chunk=64)
     features = [(*stage_tokens(ex, 2, curriculum, latent.latent_token_id), ex.image) for ex in examples]
-    batch, shapes = collate(features, latent_id=latent.latent_token_id, pad_id=ids["eos_token_id"],
-                            image_token_id=ids["image_token_id"], num_selected_patches=4)
+    batch, shapes = collate(features, latent_id=latent.latent_token_id, pad_id=special.eos_token_id,
+                            image_token_id=special.image_token_id, num_selected_patches=4)
     assert shapes.num_latents == 2 and int((batch["input_ids"] == LATENT_IDS["<|latent|>"]).sum()) == 4
     graphdef, trainable, frozen = split_trainable(model, trainable_filter(LoRAConfig(enabled=False)))
     tx = make_optimizer(OptimSection(lr=1e-3, gradient_accumulation_steps=1))

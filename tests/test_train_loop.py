@@ -241,7 +241,7 @@ def test_chameleon_trains_exports_and_evaluates(tmp_path):
     the generated M3CoT-schema data (a cross pair), two stages, export, evaluation."""
     from flax import nnx
 
-    from ivtlr_jax.data import (build_tiny_chameleon_processor, make_synthetic_m3cot, special_token_ids,
+    from ivtlr_jax.data import (build_tiny_chameleon_processor, make_synthetic_m3cot, special_tokens,
                                 synthetic_corpus, synthetic_rows)
     from ivtlr_jax.data.tokenizer import save_processor
     from ivtlr_jax.eval.run import EvalConfig, evaluate
@@ -257,12 +257,13 @@ def test_chameleon_trains_exports_and_evaluates(tmp_path):
     code_tokens = [f"IMGIMG{letters(c)}Z" for c in range(64)]
     processor.tokenizer.add_tokens(code_tokens)
     save_processor(processor, model_dir)
-    ids = special_token_ids(processor)
+    special = special_tokens(processor)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     code_ids = processor.tokenizer.convert_tokens_to_ids(code_tokens)
     config = ChameleonConfig.from_hf({
-        "model_type": "chameleon", "vocab_size": ids["vocab_size"], "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "eos_token_id": ids["eos_token_id"],
+        "model_type": "chameleon", "vocab_size": special.vocab_size, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "eos_token_id": special.eos_token_id,
         "vq_config": {"embed_dim": 16, "num_embeddings": 64, "latent_channels": 16, "resolution": 32,
                       "base_channels": 32, "channel_multiplier": [1, 1, 2], "num_res_blocks": 1,
                       "attn_resolutions": []},

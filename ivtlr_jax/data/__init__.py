@@ -38,7 +38,8 @@ from .examples import (
     tokenizer_of,
 )
 from .synthetic import make_synthetic_m3cot, synthetic_corpus, synthetic_rows
-from .tokenizer import build_tiny_chameleon_processor, build_tiny_qwen2vl_processor, load_processor, special_token_ids
+from .tokenizer import (SpecialTokens, build_tiny_chameleon_processor, build_tiny_qwen2vl_processor, load_processor,
+                        special_tokens)
 
 DATASETS = {"m3cot": m3cot, "scienceqa": scienceqa}
 PROMPT_FORMATS = ("train", "official")
@@ -50,7 +51,8 @@ __all__ = [
     "load_examples", "read_rows", "split_rationale", "materialize",
     "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate", "LatentShapes", "shared_prefix_bound",
     "make_synthetic_m3cot", "synthetic_corpus", "synthetic_rows",
-    "build_tiny_qwen2vl_processor", "build_tiny_chameleon_processor", "load_processor", "special_token_ids",
+    "build_tiny_qwen2vl_processor", "build_tiny_chameleon_processor", "load_processor", "special_tokens",
+    "SpecialTokens",
 ]
 
 

@@ -20,6 +20,7 @@ torchvision.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -247,9 +248,25 @@ def _qwen_vl_processor_class(path: str):
     return None
 
 
-def special_token_ids(processor) -> dict[str, int | None]:
-    """The ids a model config and the trainer need: vocabulary size (len(tokenizer)), EOS / pad, the
-    image placeholder and vision markers, and the latent tokens (None where the tokenizer lacks one)."""
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """The token ids a model config, the trainer and the decoders need (None where the tokenizer lacks one)."""
+
+    vocab_size: int  # len(tokenizer): the rows the embedding and LM head must have
+    eos_token_id: int | None  # also the pad id of training and evaluation batches (docs/method.md section 3)
+    pad_token_id: int | None  # the tokenizer's own pad token
+    image_token_id: int | None  # the image placeholder
+    video_token_id: int | None
+    vision_start_token_id: int | None
+    vision_end_token_id: int | None
+    start_latent_id: int | None  # <|start-latent|>, <|end-latent|>, <|latent|>: added by the trainer
+    end_latent_id: int | None
+    latent_id: int | None
+
+
+def special_tokens(processor) -> SpecialTokens:
+    """The processor's `SpecialTokens`: vocabulary size, EOS / pad, the image placeholder and vision markers,
+    and the latent tokens."""
     tok = getattr(processor, "tokenizer", processor)
     unk = tok.unk_token_id
 
@@ -257,15 +274,15 @@ def special_token_ids(processor) -> dict[str, int | None]:
         i = tok.convert_tokens_to_ids(token)
         return None if i is None or (unk is not None and i == unk and token != tok.unk_token) else int(i)
 
-    return {
-        "vocab_size": len(tok),
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-        "image_token_id": tid(getattr(processor, "image_token", "<|image_pad|>")),
-        "video_token_id": tid("<|video_pad|>"),
-        "vision_start_token_id": tid("<|vision_start|>"),
-        "vision_end_token_id": tid("<|vision_end|>"),
-        "start_latent_id": tid("<|start-latent|>"),
-        "end_latent_id": tid("<|end-latent|>"),
-        "latent_id": tid("<|latent|>"),
-    }
+    return SpecialTokens(
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        image_token_id=tid(getattr(processor, "image_token", "<|image_pad|>")),
+        video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"),
+        vision_end_token_id=tid("<|vision_end|>"),
+        start_latent_id=tid("<|start-latent|>"),
+        end_latent_id=tid("<|end-latent|>"),
+        latent_id=tid("<|latent|>"),
+    )

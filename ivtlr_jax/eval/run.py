@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import distributed
-from ..data import load_examples, load_processor, materialize, special_token_ids
+from ..data import SpecialTokens, load_examples, load_processor, materialize, special_tokens
 from ..data.examples import fewest_image_tokens
 from ..data.collate import left_padded_positions, smallest_bucket, stack_images
 from ..continuous import generate_continuous
@@ -183,7 +183,7 @@ class EvalRun:
     model_dir: Path
     family: str
     tok: Any
-    ids: dict
+    special: SpecialTokens
     latent: LatentConfig
     sampling: SamplingConfig
     rules: ShardingRules
@@ -244,12 +244,12 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
     model_dir = resolve_folder(model_dir)
     family = read_config(model_dir)[0].name
     processor = load_processor(model_dir)
-    ids = special_token_ids(processor)
-    latent = LatentConfig(ids["latent_id"], cfg.num_selected_patches, cfg.patch_order, rope=cfg.rope)
-    sampling = SamplingConfig(cfg.max_new_tokens, eos_token_id=ids["eos_token_id"], pad_token_id=ids["eos_token_id"])
+    special = special_tokens(processor)
+    latent = LatentConfig(special.latent_id, cfg.num_selected_patches, cfg.patch_order, rope=cfg.rope)
+    sampling = SamplingConfig(cfg.max_new_tokens, eos_token_id=special.eos_token_id, pad_token_id=special.eos_token_id)
     examples, report = load_examples(cfg.dataset, cfg.source, cfg.split, processor, family, limit=cfg.limit,
                                      max_length=10**9, prompt_format=cfg.prompt_format)
-    check_patch_budget(examples, ids["image_token_id"], cfg)
+    check_patch_budget(examples, special.image_token_id, cfg)
 
     def open_output() -> tuple[dict, list[str]]:
         setup = eval_setup(model_dir, cfg, sampling)
@@ -257,7 +257,7 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
 
     setup, done = distributed.on_writer(open_output, "eval_output", errors=(EvalSetupError,))
     finished = set(done)
-    run = EvalRun(cfg, model_dir, family, getattr(processor, "tokenizer", processor), ids, latent, sampling, rules,
+    run = EvalRun(cfg, model_dir, family, getattr(processor, "tokenizer", processor), special, latent, sampling, rules,
                   rows, devices, continuous, examples, report, setup, done,
                   [ex for ex in examples if ex.id not in finished], save_attention)
     run.model = from_pretrained(model_dir, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.storage_dtype),
@@ -291,7 +291,7 @@ def run_continuous(run: EvalRun, out: LineLog, progress) -> int:
     def prompts():
         for index, ex in enumerate(run.todo):
             prompt = run.prompt_of(ex)
-            input_ids, mask, pos = left_pad([prompt], run.ids["eos_token_id"], run.cfg.length_buckets)
+            input_ids, mask, pos = left_pad([prompt], run.special.eos_token_id, run.cfg.length_buckets)
             images[index], pads[index] = materialize(ex.image), input_ids.shape[1] - len(prompt)
             yield {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **stack_images([images[index]])}
 
@@ -315,7 +315,7 @@ def run_static(run: EvalRun, out: LineLog, progress) -> int:
         chunk = run.todo[i : i + run.rows]
         padded = chunk + [chunk[-1]] * (run.rows - len(chunk))  # dummy rows: copies, outputs dropped
         prompts = [run.prompt_of(ex) for ex in padded]
-        input_ids, mask, pos = left_pad(prompts, run.ids["eos_token_id"], run.cfg.length_buckets)  # the batch's
+        input_ids, mask, pos = left_pad(prompts, run.special.eos_token_id, run.cfg.length_buckets)  # the batch's
         lines = []
         first = mine.start  # the global index of this process's first row
         if first < len(chunk):  # (a process whose rows are all dummies has nothing to run)

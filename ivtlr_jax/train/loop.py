@@ -262,8 +262,8 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     layout = distributed.agree(lambda: run_layout(cfg, run_dir, mesh.shape["data"] * mesh.shape["fsdp"], log),
                                "batch_layout")  # the run's, recorded at its start
     built = build_model(cfg, rules=rules)
-    ids = built.ids
-    latent_cfg = cfg.latent.latent_config(ids["latent_id"])
+    special = built.special
+    latent_cfg = cfg.latent.latent_config(special.latent_id)
     image_token_id = built.model.config.image_token_id
     examples, report = distributed.agree(  # every process loaded, or all stop here
         lambda: load_training_examples(cfg, built.processor, built.family.name, image_token_id, latent_cfg),
@@ -284,8 +284,8 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     ckpt = TrainCheckpointer(RunFolder(run_dir).checkpoints, keep=cfg.train.keep_checkpoints,
                              preserve=tuple(stage_ends.values()))
     run = Run(cfg, run_dir, mesh, rules, built.processor, graphdef, frozen, examples, report, latent_cfg,
-              pad_id=ids["eos_token_id"],  # docs/method.md section 3: pad = EOS
-              image_token_id=image_token_id, markers=(ids["start_latent_id"], ids["end_latent_id"]),
+              pad_id=special.eos_token_id,  # docs/method.md section 3: pad = EOS
+              image_token_id=image_token_id, markers=(special.start_latent_id, special.end_latent_id),
               layout=layout, micro_per_epoch=micro_per_epoch, tx=tx,
               lr_at=learning_rate(cfg.optim, *schedule_steps),
               step_cfg=StepConfig(latent_cfg, cfg.train.batch_size_training, cfg.optim.loss_scale),
