@@ -68,14 +68,15 @@ def align_first_latents(ids: np.ndarray, mask: np.ndarray, latent_token_id: int)
     out = {"input_ids": np.full((b, width), pad_id, ids.dtype), "attention_mask": np.zeros((b, width), mask.dtype),
            "position_ids": np.zeros((b, width), np.int32)}
     for r in range(b):
-        row, q, c = ids[r, s - lengths[r]:], questions[r], counts[r]
-        if not (row[q:q + c] == latent_token_id).all():
+        row, q, count = ids[r, s - lengths[r]:], questions[r], counts[r]  # q question tokens, count latents
+        if not (row[q:q + count] == latent_token_id).all():
             raise ValueError(f"row {r}: its <|latent|> tokens are not one block followed by the suffix")
-        for cols, part in ((slice(p - q, p + c), row[:q + c]), (slice(width - suffix_len, width), row[q + c:])):
+        for cols, part in ((slice(p - q, p + count), row[:q + count]),
+                           (slice(width - suffix_len, width), row[q + count:])):
             out["input_ids"][r, cols] = part
             out["attention_mask"][r, cols] = 1
-        out["position_ids"][r, p - q:p + c] = np.arange(q + c)
-        out["position_ids"][r, width - suffix_len:] = q + c + np.arange(suffix_len)
+        out["position_ids"][r, p - q:p + count] = np.arange(q + count)
+        out["position_ids"][r, width - suffix_len:] = q + count + np.arange(suffix_len)
     return out, (p - questions) - (s - lengths)
 
 

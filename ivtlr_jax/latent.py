@@ -7,9 +7,9 @@ comes from the five steps of section 8, which `ivtlr_loss` runs in order ("step 
 step N of that list):
 
 1. **embeddings**: `embed_inputs` writes the image features into the placeholder slots [B, S, D];
-2. **shared question prefix**: slots [0, c) (c < p, `LatentShapes.shared_prefix`) run once, with
+2. **shared question prefix**: slots [0, m) (m = `LatentShapes.shared_prefix` < p) run once, with
    gradients, into a KV cache that steps 3-5 continue from;
-3. **prefill** [c, prefix_len) into a KV cache sized for the whole latent chain, keeping the final-norm
+3. **prefill** [m, prefix_len) into a KV cache sized for the whole latent chain, keeping the final-norm
    hidden state at p-1 and the head- and layer-averaged attention row of query p-1
    (`row_attention_probs`: one [B, S] row per layer, never the full matrices);
 4. **latent passes** under `lax.scan`, one per latent i = 0..n-1: pick the top-K image patches by the
@@ -119,10 +119,10 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
     """IVT-LR training loss of a batch in the official collator layout -> (loss, aux).
 
     `shapes` (static: jit this function, or the train step around it, with it static) fixes n, the
-    bound on p (the first latent's index) and the shared question slots c < p: those slots are
+    bound on p (the first latent's index) and the shared question slots [0, shared_prefix) before p: those slots are
     identical in the latent chain and in the final sequence, so they run once, differentiably, and both
     continue from that KV cache (exact: the model is causal). For a concrete batch, `shapes` defaults
-    to the batch's own (c = p - 1) and is validated. `dropout_key` turns on LoRA dropout (training
+    to the batch's own (shared_prefix = p - 1) and is validated. `dropout_key` turns on LoRA dropout (training
     mode) in every pass; the shared slots then have one dropout mask for the chain and the final pass
     (the official code draws a fresh one per full forward).
     """
@@ -133,7 +133,8 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
     else:
         shapes = concrete_shapes(model, np.asarray(ids), cfg, shapes)
     num_latents, prefix_len = shapes.num_latents, shapes.prefix_len
-    n, k, c = num_latents, cfg.num_selected_patches, shapes.shared_prefix if num_latents else 0
+    n, k = num_latents, cfg.num_selected_patches
+    shared_len = shapes.shared_prefix if num_latents else 0  # question slots run once, shared by chain and final pass
     mask = batch["attention_mask"]
     embeds = model.embed_inputs(ids, **image_inputs_of(batch))  # step 1: [B, S, D]
     final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
@@ -149,9 +150,9 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         sequence_pos = sequence_positions(model, cfg, batch, p)  # M-RoPE: the index once
         positions = final_positions(model, cfg, batch, sequence_pos, p, ids.shape[1] + n * k)
         shared = None
-        if c:  # step 2: the question slots [0, c), run once with gradients, cached for the chain and the final pass
-            pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c], cache=model.init_cache(ids.shape[0], c),
-                               dropout_key=final_key)
+        if shared_len:  # step 2: the question slots [0, shared_len), run once with gradients, cached for both
+            pre = model.decode(embeds[:, :shared_len], positions[..., :shared_len], mask[:, :shared_len],
+                               cache=model.init_cache(ids.shape[0], shared_len), dropout_key=final_key)
             shared = pre.cache
         # steps 3-4: prefill and the latent passes (latent_grad="stop": on stop-gradient copies)
         if cfg.latent_grad == "stop":
@@ -170,9 +171,9 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         # step 5: the final sequence, run from the shared cache where there is one
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
         final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k)
-        if c:  # the rest of the final sequence continues from the shared cache
-            cache = shared.resized(final.shape[1])
-            rest = model.decode(final[:, c:], positions[..., c:], final_mask[:, c:], cache=cache,
+        if shared_len:  # the rest of the final sequence continues from the shared cache
+            rest = model.decode(final[:, shared_len:], positions[..., shared_len:], final_mask[:, shared_len:],
+                                cache=shared.resized(final.shape[1]),
                                 dropout_key=jax.random.fold_in(final_key, 1) if final_key is not None else None)
             hidden = jnp.concatenate([pre.hidden, rest.hidden], axis=1)
         else:
@@ -191,7 +192,7 @@ def image_inputs_of(batch: dict) -> dict:
 
 
 def concrete_shapes(model, ids: np.ndarray, cfg: LatentConfig, shapes: LatentShapes | None) -> LatentShapes:
-    """The batch's own shapes (n, p and c = p - 1 read off concrete input_ids) where `shapes` is None, or
+    """The batch's own shapes (n, p and shared_prefix = p - 1 read off concrete input_ids) where `shapes` is None, or
     `shapes` validated against the batch."""
     n, p = latent_layout(ids, cfg.latent_token_id)
     if shapes is None:
@@ -344,8 +345,8 @@ def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: j
 
     `extra_cache` reserves cache slots after the chain (for generation). `dropout_key`: training-mode
     LoRA dropout, a fresh mask per pass (as every forward of the official code in train mode).
-    `shared`: a cache already holding slots [0, c) for some c < p (`shared_prefix`); the prefill then
-    runs only [c, prefix_len)."""
+    `shared`: a cache already holding slots [0, m) for some m < p (`shared_prefix`); the prefill then
+    runs only [m, prefix_len)."""
     pass_key = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, s, d = embeds.shape
@@ -355,11 +356,11 @@ def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: j
     latent_count = is_latent.sum(axis=1)  # [B] c_r, contiguous from p
 
     size = prefix_len + n * (k + 1) + extra_cache
-    c = 0 if shared is None else shared.max_len  # slots [0, c) are already in the cache
+    cached = 0 if shared is None else shared.max_len  # slots [0, cached) are already in the cache
     cache = model.init_cache(b, size) if shared is None else shared.resized(size)
-    rows = jnp.full((b,), p - 1 - c, jnp.int32)  # query p-1, counted from the chunk's start c
-    out = model.decode(embeds[:, c:prefix_len], positions.own[..., c:prefix_len], mask[:, c:prefix_len], cache=cache,
-                       prob_rows=rows, dropout_key=pass_key(0))
+    rows = jnp.full((b,), p - 1 - cached, jnp.int32)  # query p-1, counted from the chunk's start
+    out = model.decode(embeds[:, cached:prefix_len], positions.own[..., cached:prefix_len], mask[:, cached:prefix_len],
+                       cache=cache, prob_rows=rows, dropout_key=pass_key(0))
     h0 = jnp.take_along_axis(out.hidden, rows[:, None, None], axis=1)[:, 0]  # [B, D] state before latent 0
     score0 = out.row_probs.mean(axis=0)[:, :prefix_len]  # [B, P] mean over layers (heads already)
     # the cache holds [0, prefix_len); slots >= p are overwritten by the chain, and never attended
@@ -450,7 +451,7 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
 
     @jax.checkpoint
     def piece(h, y):
-        logits = model.logits(h)  # [B, c, V] fp32
+        logits = model.logits(h)  # [B, chunk, V] fp32
         valid = y != IGNORE
         gold = jnp.take_along_axis(logits, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
         nll = jax.nn.logsumexp(logits, axis=-1) - gold

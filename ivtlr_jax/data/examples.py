@@ -270,9 +270,9 @@ def materialize(image: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return image.materialize() if isinstance(image, LazyImage) else dict(image)
 
 
-# ---- the two families' prompt encoders --------------------------------------------------------------
+# ---- the families' prompt encoders --------------------------------------------------------------------
 def make_encoder(family: str, processor, num_image_tokens=None):
-    """The prompt encoder of a model family, by its short name ("qwen2vl", "chameleon")."""
+    """The prompt encoder of a model family, by its registry name ("qwen2vl", "qwen25vl", "chameleon")."""
     return family_named(family).encoder(processor, num_image_tokens)
 
 

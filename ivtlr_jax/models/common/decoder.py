@@ -43,7 +43,7 @@ class DecoderConfig:
     swin_norm: bool = False  # h + norm(attn(h)), h + norm(mlp(h)) instead of h + attn(norm(h)) (Chameleon-30B)
 
     def hf_fields(self) -> dict:
-        """The transformers `config.json` fields of the language model that both families name alike."""
+        """The transformers `config.json` fields of the language model that every family names alike."""
         return {
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,

@@ -1,4 +1,4 @@
-"""Hugging Face names and layouts of the decoder-LM part both families share."""
+"""Hugging Face names and layouts of the decoder-LM part every family shares."""
 
 from __future__ import annotations
 
