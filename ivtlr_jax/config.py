@@ -17,6 +17,7 @@ import yaml
 
 from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES, LatentConfig
 from .data import PROMPT_FORMATS
+from .data.collate import EVAL_LENGTH_BUCKETS, TRAIN_LENGTH_BUCKETS, TRAIN_PREFIX_BUCKETS
 from .data.curriculum import CurriculumConfig
 from .models.common.attention import ATTENTION_IMPLS
 from .models.common.decoder import REMAT_POLICIES
@@ -26,10 +27,13 @@ from .models.common.lora import LoRAConfig
 DATASETS = ("m3cot", "scienceqa")
 SCHEDULES = ("constant", "cosine", "linear")
 LOSS_SCALES = ("micro_batch_mean", "token_mean")
-# keys that may change between the runs of one run folder: where the folder is, logging, and the mesh (a resume
-# on other devices keeps the run's batch layout, train/batch_layout.py, or is refused)
+BATCHINGS = ("auto", "static", "continuous")  # evaluation (eval/run.py's module docstring)
+# keys that may change between the runs of one run folder: where the folder is, logging, the mesh (a resume
+# on other devices keeps the run's batch layout, train/batch_layout.py, or is refused) and evaluation ("eval.":
+# the whole section, which training never reads; folders of older runs have none)
 RESUME_NEUTRAL_KEYS = ("name", "save_path", "train.log_every", "train.keep_checkpoints", "log.tensorboard",
-                       "log.wandb", "log.wandb_project", "log.wandb_entity", "mesh.data", "mesh.fsdp", "mesh.tensor")
+                       "log.wandb", "log.wandb_project", "log.wandb_entity", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                       "eval.")
 
 
 class ConfigError(ValueError):
@@ -48,6 +52,11 @@ def _one_of(value, allowed, key: str) -> None:
 def _at_least(value, low, key: str) -> None:
     if value is not None and value < low:
         raise ConfigError(f"{key}: {value!r} must be >= {low}")
+
+
+def _check_buckets(buckets: tuple[int, ...], key: str) -> None:
+    if not buckets or min(buckets) < 1:
+        raise ConfigError(f"{key}: {list(buckets)} must be a non-empty list of lengths >= 1")
 
 
 def _finite(value: float, key: str, *, positive: bool = False, low: float | None = None, below: float | None = None):
@@ -96,19 +105,58 @@ class LatentSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """How a model is evaluated (`infer.py`, the demo; eval/run.py): the run config's `eval` section, whose
+    values infer.py's options replace. Training never reads it (its keys are resume-neutral)."""
+    num_latents: int = 3  # <|latent|> tokens after the question (the official evaluation: 3)
+    batch_size: int = 8  # rows per batch over all devices (rounded up to a multiple of the device count)
+    max_new_tokens: int = 512
+    batching: str = "auto"  # one of BATCHINGS
+    prompt_format: str = "train"  # or "official": the official evaluation scripts' prompts (data.load_examples)
+    length_buckets: tuple[int, ...] = EVAL_LENGTH_BUCKETS  # prompt lengths (left padding): a compilation each
+
+    def __post_init__(self):
+        _at_least(self.num_latents, 0, "num_latents")
+        _at_least(self.batch_size, 1, "batch_size")
+        _at_least(self.max_new_tokens, 1, "max_new_tokens")
+        _one_of(self.batching, BATCHINGS, "batching")
+        _one_of(self.prompt_format, PROMPT_FORMATS, "prompt_format")
+        _check_buckets(self.length_buckets, "length_buckets")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    dataset: str = "m3cot"  # m3cot | scienceqa
+    source: str = ""  # hub id, local folder or parquet file
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_length: int | None = None  # default: 3400 Qwen2-VL, 1400 Chameleon (docs/method.md section 14)
+    limit: int | None = None  # optional cap on training rows (the official scripts kept 20 / 10 by accident)
+    length_buckets: tuple[int, ...] = TRAIN_LENGTH_BUCKETS
+    prefix_buckets: tuple[int, ...] = TRAIN_PREFIX_BUCKETS
+
+    def __post_init__(self):
+        _one_of(self.dataset, DATASETS, "dataset")
+        _at_least(self.max_length, 1, "max_length")
+        _at_least(self.limit, 1, "limit")
+        for key in ("length_buckets", "prefix_buckets"):
+            _check_buckets(getattr(self, key), key)
+
+
+@dataclasses.dataclass(frozen=True)
 class InferenceSettings:
     """How a model folder is asked about one image and question (`predict.Predictor`, `ivtlr-ask`,
     `ivtlr-serve`): the prompt (the dataset whose text format it follows, train or official), the latents,
     K, patch order, RoPE and the compute dtype. Every stage export and official import holds its own
     (`io/settings_file.py`: written from the run config or the import's options)."""
-    dataset: str = "m3cot"  # the prompt text's format: m3cot | scienceqa
-    prompt_format: str = "train"  # train | official (the official evaluation scripts' prompts)
-    num_latents: int = 3  # <|latent|> tokens after the question (the official evaluation: 3)
-    num_selected_patches: int = 32  # K (Qwen2-VL 32, Chameleon 64)
-    patch_order: str = "score"
-    rope: str = "1d"
-    dtype: str = "bfloat16"  # compute dtype (the official evaluation: bfloat16)
-    max_new_tokens: int = 512
+    dataset: str = DataSection.dataset  # the prompt text's format: m3cot | scienceqa
+    prompt_format: str = EvalSection.prompt_format  # train | official (the official evaluation scripts' prompts)
+    num_latents: int = EvalSection.num_latents
+    num_selected_patches: int = LatentSection.num_selected_patches  # K
+    patch_order: str = LatentSection.patch_order
+    rope: str = LatentSection.rope
+    dtype: str = ModelSection.dtype  # compute dtype (the official evaluation: bfloat16)
+    max_new_tokens: int = EvalSection.max_new_tokens
 
     def __post_init__(self):
         _one_of(self.dataset, DATASETS, "dataset")
@@ -130,27 +178,6 @@ class InferenceSettings:
     def from_dict(cls, raw: dict, where: str) -> "InferenceSettings":
         """Settings from a mapping (a settings file), unknown keys and bad values refused naming `where`."""
         return _build(cls, raw, where)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-    dataset: str = "m3cot"  # m3cot | scienceqa
-    source: str = ""  # hub id, local folder or parquet file
-    train_split: str = "train"
-    eval_split: str = "test"
-    max_length: int | None = None  # default: 3400 Qwen2-VL, 1400 Chameleon (docs/method.md section 14)
-    limit: int | None = None  # optional cap on training rows (the official scripts kept 20 / 10 by accident)
-    length_buckets: tuple[int, ...] = (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
-    prefix_buckets: tuple[int, ...] = (128, 256, 512, 768, 1024, 1536, 2048, 3072)
-
-    def __post_init__(self):
-        _one_of(self.dataset, DATASETS, "dataset")
-        _at_least(self.max_length, 1, "max_length")
-        _at_least(self.limit, 1, "limit")
-        for key in ("length_buckets", "prefix_buckets"):
-            buckets = getattr(self, key)
-            if not buckets or min(buckets) < 1:
-                raise ConfigError(f"{key}: {list(buckets)} must be a non-empty list of lengths >= 1")
 
 
 CurriculumSection = CurriculumConfig  # the run config's section is the library's config (data/curriculum.py)
@@ -249,6 +276,7 @@ class RunConfig:
     mesh: MeshSection = MeshSection()
     train: TrainSection = TrainSection()
     log: LogSection = LogSection()
+    eval: EvalSection = EvalSection()
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -372,5 +400,6 @@ def differing_keys(saved: dict, current: dict, ignore: tuple[str, ...] = RESUME_
     """{"section.key": (saved value, current value)} for the keys whose values differ, `ignore` left out."""
     a, b = flat_items(saved), flat_items(current)
     norm = lambda v: list(v) if isinstance(v, tuple) else v
+    ignored = lambda key: key in ignore or any(key.startswith(i) for i in ignore if i.endswith("."))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in ignore and norm(a.get(k)) != norm(b.get(k))}
+            if not ignored(k) and norm(a.get(k)) != norm(b.get(k))}

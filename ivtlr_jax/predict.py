@@ -33,10 +33,10 @@ import numpy as np
 from .config import InferenceSettings, load_config
 from .continuous import generate_continuous
 from .data import DATASETS, load_processor, make_encoder, special_tokens, tokenizer_of
-from .data.collate import stack_images
+from .data.collate import EVAL_LENGTH_BUCKETS, stack_images
 from .data.examples import MAX_IMAGE_PIXELS, image_bytes
 from .decoding import SamplingConfig
-from .eval.run import EVAL_LENGTH_BUCKETS, image_patches, left_pad
+from .eval.run import image_patches, left_pad
 from .eval.scoring import m3cot_strict_prediction, scienceqa_prediction
 from .io import from_pretrained, resolve_folder
 from .io.settings_file import read_settings

@@ -106,30 +106,18 @@ def parse_metrics_lines(lines) -> tuple[list[MetricsRecord], int]:
     return records, torn
 
 
-@dataclasses.dataclass(frozen=True)
 class RunFolder:
-    """The folder of one training run (`RunConfig.run_dir`)."""
+    """The folder of one training run (`RunConfig.run_dir`) and the places in it."""
 
-    path: Path
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.config_file = self.path / CONFIG_FILE
+        self.metrics_file = self.path / METRICS_FILE
+        self.checkpoints = self.path / CHECKPOINTS_DIR
+        self.tensorboard = self.path / TENSORBOARD_DIR
 
-    def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def config_file(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path / METRICS_FILE
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS_DIR
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / TENSORBOARD_DIR
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
 
     def stage_export(self, stage: int) -> Path:
         return self.path / stage_folder_name(stage)

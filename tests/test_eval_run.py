@@ -229,10 +229,10 @@ def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
     assert output_setup.eval_setup(assets / "model", eval_cfg(assets, attention_impl="fused"), SamplingConfig()
                                )["attention_impl"] == "fused"
     assert "attention_impl" not in output_setup.eval_setup(assets / "model", eval_cfg(assets), SamplingConfig())
-    with pytest.raises(ValueError, match=r"attention_impl='flash' is not supported; choose from \['xla', 'fused'\]"):
+    with pytest.raises(ValueError, match=r"attention_impl: 'flash' is not allowed; choose one of \['fused', 'xla'\]"):
         EvalConfig("m3cot", "x", attention_impl="flash")
     assert EvalConfig("m3cot", "x").dtype == "bfloat16"  # the official evaluation's precision by default
-    with pytest.raises(ValueError, match=r"dtype='fp8' is not supported; choose from \['float32', 'bfloat16'"):
+    with pytest.raises(ValueError, match=r"dtype: 'fp8' is not allowed; choose one of \['bfloat16', 'float16'"):
         EvalConfig("m3cot", "x", dtype="fp8")
     with pytest.raises(ValueError, match="devices=8 but only 4 local devices"):
         evaluate(assets / "model", eval_cfg(assets, devices=8), tmp_path / "e8.jsonl", **QUIET)
@@ -336,6 +336,30 @@ def test_k_above_the_image_tokens_is_one_line_before_any_generation(assets, tmp_
     [line] = [x for x in capsys.readouterr().err.strip().splitlines() if x]
     assert "num_selected_patches=150 is larger than the 100 image tokens of row" in line, line
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_infer_takes_its_defaults_from_the_eval_section_and_refuses_bad_ones(assets, tmp_path, capsys):
+    """The run config's `eval` section sets what infer.py's options leave unset; a bad evaluation setting, from an
+    option or from the section, is one line and status 2 before anything is loaded or written (`--latents -1`
+    evaluated every row with no latents; `--batch-size 0` ended in a traceback; there was no `eval` section)."""
+    import infer
+
+    out = tmp_path / "o.jsonl"
+    base = ["--config", str(write_run_config(tmp_path, assets, "float32")), "--checkpoint", str(assets / "model"),
+            "--out", str(out)]
+    cases = {"eval config: num_latents: -1 must be >= 0": ["--latents", "-1"],
+             "eval config: batch_size: 0 must be >= 1": ["--batch-size", "0"],
+             "command line 'eval.max_new_tokens=0': eval.max_new_tokens: 0 must be >= 1": ["eval.max_new_tokens=0"]}
+    for message, options in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            infer.main(base + options)
+        [line] = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert exit_.value.code == 2 and line == f"infer.py: error: {message}", line
+        assert not out.exists() and not setup_path(out).exists()
+    infer.main(base + ["--limit", "2", "eval.num_latents=1", "eval.max_new_tokens=4", "eval.batch_size=2"])
+    setup = json.loads(setup_path(out).read_text())
+    assert (setup["num_latents"], setup["max_new_tokens"], setup["limit"]) == (1, 4, 2)
+    assert len(lines(out)) == 2
 
 
 def test_infer_answers_missing_inputs_in_one_line(assets, tmp_path, capsys):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from .. import distributed
 from ..compilation_cache import enable_compilation_cache
-from ..config import ConfigError, load_config
-from ..data import DataSourceError
-from ..eval.run import BATCHINGS, eval_config_from_run, evaluate
+from ..config import BATCHINGS, ConfigError, EvalSection, load_config
+from ..data import PROMPT_FORMATS, DataSourceError
+from ..eval.run import eval_config_from_run, evaluate
 from ..eval.setup import EvalSetupError, default_output, setup_path, summary_path
 from ..io.lock import OutputInUseError
 from ..models.common.layers import DTYPES
@@ -47,6 +47,9 @@ cached in $IVTLR_JAX_CACHE (default ~/.cache/ivtlr_jax/xla; IVTLR_JAX_CACHE=off 
 """
 
 
+EVAL = EvalSection()  # the defaults of the run config's eval section, named in the help
+
+
 def main(argv=None, prog: str = "ivtlr-infer") -> None:
     p = make_parser(prog, USAGE, __doc__, EPILOG)
     p.add_argument("--config", required=True, metavar="YAML", help="run configuration (as for training)")
@@ -56,26 +59,30 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
                    help="config overrides, e.g. model.dtype=float32")
     p.add_argument("--split", default=None, help="dataset split (default: data.eval_split of the config)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="rows per batch over all devices (default: %(default)s)")
-    p.add_argument("--batching", choices=BATCHINGS, default="auto",
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help=f"rows per batch over all devices (default: eval.batch_size of the config, {EVAL.batch_size} "
+                        "when unset)")
+    p.add_argument("--batching", choices=BATCHINGS, default=None,
                    help="continuous: a finished row's slot takes the next example (one device, one process); "
-                        "static: batches decode until their longest answer ends; auto (default): continuous on one "
-                        "device in one process, else static")
+                        "static: batches decode until their longest answer ends; auto: continuous on one device in "
+                        f"one process, else static (default: eval.batching of the config, {EVAL.batching} when unset)")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N local devices (default: all)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="compute and weight-storage dtype (default: model.dtype and model.param_dtype of the config)")
-    p.add_argument("--latents", type=int, default=3, metavar="N",
-                   help="<|latent|> tokens after the question (default: %(default)s, as the official evaluation)")
-    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="default: %(default)s")
+    p.add_argument("--latents", type=int, default=None, metavar="N",
+                   help="<|latent|> tokens after the question (default: eval.num_latents of the config, "
+                        f"{EVAL.num_latents} when unset, as the official evaluation)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"default: eval.max_new_tokens of the config, {EVAL.max_new_tokens} when unset")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="JSONL output (default: beside a stage export in <run>/eval/stage_<s>/, else in the "
                         "checkpoint folder, or evals/<owner>--<name>/ for a hub id)")
     p.add_argument("--save-attention", default=None, metavar="DIR",
                    help="write one PNG per example: the patches selected at each latent step")
-    p.add_argument("--prompt-format", choices=("train", "official"), default="train",
-                   help="train: the training prompt (default); official: the official evaluation scripts' prompt")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+                   help="train: the training prompt; official: the official evaluation scripts' prompt (default: "
+                        f"eval.prompt_format of the config, {EVAL.prompt_format} when unset)")
     args = p.parse_args(argv)
     try:
         distributed.initialize()
@@ -95,10 +102,13 @@ def run(p: argparse.ArgumentParser, args, prog: str) -> None:
     split = args.split or cfg.data.eval_split
     out = Path(args.out) if args.out else default_output(args.checkpoint, split)
     dtypes = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
-    eval_cfg = eval_config_from_run(cfg, split=split, num_latents=args.latents, batch_size=args.batch_size,
-                                    max_new_tokens=args.max_new_tokens, limit=args.limit,
-                                    prompt_format=args.prompt_format, devices=args.devices, batching=args.batching,
-                                    **dtypes)
+    options = dict(num_latents=args.latents, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                   prompt_format=args.prompt_format, batching=args.batching)  # None: the config's eval section
+    try:
+        eval_cfg = eval_config_from_run(cfg, split=split, limit=args.limit, devices=args.devices, **dtypes,
+                                        **{k: v for k, v in options.items() if v is not None})
+    except ConfigError as err:  # an option out of range (--batch-size 0): one line
+        fail(p, f"{prog}: error: {err}\n")
     try:
         evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention, events=cfg.log)
     # another setup's output, a damaged one, one in use; no such model folder or data source: one line

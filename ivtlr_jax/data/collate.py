@@ -23,6 +23,11 @@ import numpy as np
 from .examples import materialize
 
 IGNORE = -100
+# the padded lengths a batch is cut to (one compilation each): the library's default (collate's), a training
+# run's (the run config's data.length_buckets / data.prefix_buckets), an evaluation's (eval.length_buckets)
+TRAIN_LENGTH_BUCKETS = (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+TRAIN_PREFIX_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072)
+EVAL_LENGTH_BUCKETS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 DEFAULT_LENGTH_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1152, 1280, 1408, 1536,
                           1792, 2048, 2304, 2560, 3072, 3584, 4096)
 DEFAULT_PREFIX_BUCKETS = DEFAULT_LENGTH_BUCKETS

@@ -49,8 +49,7 @@ from ..data.collate import left_padded_positions, smallest_bucket, stack_images
 from ..continuous import generate_continuous
 from ..generate import SamplingConfig, ivtlr_generate
 from ..latent import LatentConfig
-from ..models.common.attention import ATTENTION_IMPLS
-from ..models.common.layers import DTYPES
+from ..config import ConfigError, DataSection, EvalSection, LatentSection, ModelSection
 from ..io import from_pretrained, resolve_folder
 from ..io.atomic import write_atomic
 from ..io.durable import LineLog
@@ -62,46 +61,40 @@ from .setup import EvalSetupError, eval_setup, prepare_output, read_records, sum
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
 
-BATCHINGS = ("auto", "static", "continuous")
-# prompt lengths evaluation pads to (left), so that batches compile once per bucket; also the Predictor's
-EVAL_LENGTH_BUCKETS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    """One evaluation: the data, the run config's latent and model settings it uses, its `eval` section, and
+    what a command alone decides (limit, devices). Each field's default and check is its section's in
+    config.py (`LatentSection`, `ModelSection`, `EvalSection`); `eval_config_from_run` fills them from a run."""
     dataset: str
     source: str
-    split: str = "test"
-    num_latents: int = 3
-    num_selected_patches: int = 32
-    patch_order: str = "score"
-    rope: str = "1d"
-    batch_size: int = 8  # rows per batch over all devices (rounded up to a multiple of the device count)
-    max_new_tokens: int = 512
+    split: str = DataSection.eval_split
+    num_latents: int = EvalSection.num_latents
+    num_selected_patches: int = LatentSection.num_selected_patches
+    patch_order: str = LatentSection.patch_order
+    rope: str = LatentSection.rope
+    batch_size: int = EvalSection.batch_size  # rows per batch over all devices (rounded up to a multiple of them)
+    max_new_tokens: int = EvalSection.max_new_tokens
     limit: int | None = None
-    length_buckets: tuple[int, ...] = EVAL_LENGTH_BUCKETS
-    scan_layers: bool = True  # see DecoderLM
-    attention_impl: str = "xla"  # see DecoderLM: xla | fused
-    prompt_format: str = "train"  # or "official": the official evaluation scripts' prompts (data.load_examples)
-    dtype: str = "bfloat16"  # compute dtype (docs/method.md section 16: the official evaluation runs in bfloat16)
+    length_buckets: tuple[int, ...] = EvalSection.length_buckets
+    scan_layers: bool = ModelSection.scan_layers  # see DecoderLM
+    attention_impl: str = ModelSection.attention_impl  # see DecoderLM: xla | fused
+    prompt_format: str = EvalSection.prompt_format
+    dtype: str = ModelSection.dtype  # compute dtype (docs/method.md section 16: the official evaluation: bfloat16)
     param_dtype: str | None = None  # storage dtype of the weights (None: dtype)
     devices: int | None = None  # local devices to split each batch's rows over (None: all)
-    batching: str = "auto"  # one of BATCHINGS (module docstring)
+    batching: str = EvalSection.batching  # module docstring
 
     def __post_init__(self):
-        for name in ("dtype", "param_dtype"):
-            value = getattr(self, name)
-            if value is not None and value not in DTYPES:
-                raise ValueError(f"eval config: {name}={value!r} is not supported; choose from {list(DTYPES)}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"eval config: attention_impl={self.attention_impl!r} is not supported; choose from "
-                             f"{list(ATTENTION_IMPLS)}")
-        if self.devices is not None and self.devices < 1:
-            raise ValueError(f"eval config: devices={self.devices}; must be >= 1 (or None for all local devices)")
-        if self.batch_size < 1:
-            raise ValueError(f"eval config: batch_size={self.batch_size}; must be >= 1")
-        if self.batching not in BATCHINGS:
-            raise ValueError(f"eval config: batching={self.batching!r} is not supported; choose from {list(BATCHINGS)}")
+        try:  # the sections' own checks
+            LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order, rope=self.rope)
+            ModelSection(dtype=self.dtype, param_dtype=self.storage_dtype, attention_impl=self.attention_impl)
+            EvalSection(num_latents=self.num_latents, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                        batching=self.batching, prompt_format=self.prompt_format, length_buckets=self.length_buckets)
+            if self.devices is not None and self.devices < 1:
+                raise ConfigError(f"devices: {self.devices} must be >= 1 (or None for all local devices)")
+        except ConfigError as e:
+            raise ConfigError(f"eval config: {e}", e.keys) from None
 
     @property
     def storage_dtype(self) -> str:
@@ -110,11 +103,11 @@ class EvalConfig:
 
 def eval_config_from_run(cfg, **overrides) -> EvalConfig:
     """An EvalConfig from a run configuration (`config.RunConfig`): its data, latent settings, layer
-    scanning and dtypes (`model.dtype`, `model.param_dtype`); `overrides` replace any field."""
+    scanning, dtypes (`model.dtype`, `model.param_dtype`) and `eval` section; `overrides` replace any field."""
     base = dict(dataset=cfg.data.dataset, source=cfg.data.source, split=cfg.data.eval_split,
                 num_selected_patches=cfg.latent.num_selected_patches, patch_order=cfg.latent.patch_order,
                 rope=cfg.latent.rope, scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl,
-                dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+                dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, **dataclasses.asdict(cfg.eval))
     base.update(overrides)
     return EvalConfig(**base)
 
