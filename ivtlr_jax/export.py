@@ -51,19 +51,19 @@ def checkpoint_steps(run: Path) -> list[int]:
 
 def load_run(run: Path, step: int | None = None) -> Loaded:
     """The model of a training run at a checkpoint, rebuilt as the trainer built it."""
-    folder = RunFolder(run)
-    cfg = load_config(folder.config_file, training=False)
+    run_folder = RunFolder(run)
+    cfg = load_config(run_folder.config_file, training=False)
     steps = checkpoint_steps(run)
     if not steps:
-        raise ExportError(f"{folder.checkpoints}: no complete checkpoint (no <step>/trainable folder)")
+        raise ExportError(f"{run_folder.checkpoints}: no complete checkpoint (no <step>/trainable folder)")
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ExportError(f"{folder.checkpoints}: no checkpoint for step {step} (have {steps})")
+        raise ExportError(f"{run_folder.checkpoints}: no checkpoint for step {step} (have {steps})")
     built = build_model(cfg, dtype=jnp.float32, remat="none")  # the model as train() built it
     model, processor, folder = built.model, built.processor, built.folder
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.lora), ...)
-    trainable = restore_params(folder.checkpoints / str(step) / "trainable", trainable)
+    trainable = restore_params(run_folder.checkpoints / str(step) / "trainable", trainable)
     return Loaded(nnx.merge(graphdef, trainable, frozen), processor, folder, "run", step)
 
 

@@ -41,6 +41,25 @@ def make_parser(prog: str, usage: str, description: str, epilog: str | None = No
                                    formatter_class=HelpFormatter)
 
 
+def converter_parser(prog: str, usage: str, doc: str) -> argparse.ArgumentParser:
+    """A converter's parser: its module docstring's first paragraph describes it, the rest is the epilog."""
+    head, _, rest = doc.partition("\n\n")
+    return make_parser(prog, usage, head, rest)
+
+
+def add_output_folder(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="new output folder")
+
+
+def run_converter(parser: argparse.ArgumentParser, prog: str, convert, errors: tuple[type[Exception], ...]) -> None:
+    """`convert()` -> the folder it wrote, printed; one of `errors` is one line and exit status 2."""
+    try:
+        out = convert()
+    except errors as e:
+        parser.exit(2, f"{prog}: error: {e}\n")
+    print(f"wrote {out}")
+
+
 def command_line(prog: str) -> str:
     """How the command is typed: `python train.py` for a script, `ivtlr-train` for an entry point."""
     return f"python {prog}" if prog.endswith(".py") else prog

@@ -32,17 +32,16 @@ from __future__ import annotations
 from ..io.hf_export import ExportError
 from ..models.common.layers import DTYPES
 from ..models.common.loading import WeightLoadError
-from . import make_parser
+from . import add_output_folder, converter_parser, run_converter
 
 
 USAGE = "%(prog)s --checkpoint DIR --out DIR [--peft] [options]"
 
 
 def main(argv=None, prog: str = "ivtlr-convert-flax-to-hf") -> None:
-    head, _, rest = __doc__.partition("\n\n")
-    p = make_parser(prog, USAGE, head, rest)
+    p = converter_parser(prog, USAGE, __doc__)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a model folder or a training run folder")
-    p.add_argument("--out", required=True, metavar="DIR", help="new output folder")
+    add_output_folder(p)
     p.add_argument("--peft", action="store_true", help="write base/ + a PEFT adapter/ instead of merging LoRA")
     p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                    help="storage dtype of the written weights (auto: as loaded / as trained)")
@@ -53,9 +52,6 @@ def main(argv=None, prog: str = "ivtlr-convert-flax-to-hf") -> None:
     args = p.parse_args(argv)
     from ..export import export  # after parsing: --help loads no orbax
 
-    try:
-        out = export(args.checkpoint, args.out, peft=args.peft, dtype=args.dtype, step=args.step,
-                     peft_layout=args.peft_layout)
-    except (FileExistsError, FileNotFoundError, ExportError, WeightLoadError) as e:
-        p.exit(2, f"{prog}: error: {e}\n")
-    print(f"wrote {out}")
+    run_converter(p, prog, lambda: export(args.checkpoint, args.out, peft=args.peft, dtype=args.dtype, step=args.step,
+                                          peft_layout=args.peft_layout),
+                  (FileExistsError, FileNotFoundError, ExportError, WeightLoadError))

@@ -9,7 +9,7 @@ when complete, so an interrupted conversion never leaves a half-written model be
 
 from __future__ import annotations
 
-from . import make_parser
+from . import add_output_folder, converter_parser, run_converter
 
 USAGE = "%(prog)s --hf MODEL --out DIR [--dtype DTYPE]"
 
@@ -18,15 +18,11 @@ def main(argv=None, prog: str = "ivtlr-convert-hf-to-flax") -> None:
     from ..io.hf_to_flax import convert
     from ..models.common.layers import DTYPES
 
-    head, _, rest = __doc__.partition("\n\n")
-    p = make_parser(prog, USAGE, head, rest)
+    p = converter_parser(prog, USAGE, __doc__)
     p.add_argument("--hf", required=True, metavar="MODEL", help="Hugging Face model folder or hub id")
-    p.add_argument("--out", required=True, metavar="DIR", help="new output folder")
+    add_output_folder(p)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="storage dtype of the parameters (default: %(default)s)")
     args = p.parse_args(argv)
-    try:
-        out = convert(args.hf, args.out, args.dtype)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        p.exit(2, f"{prog}: error: {e}\n")
-    print(f"wrote {out}")
+    run_converter(p, prog, lambda: convert(args.hf, args.out, args.dtype),
+                  (FileExistsError, FileNotFoundError, ValueError))

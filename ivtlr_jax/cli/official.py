@@ -24,7 +24,7 @@ complete. Export it to Hugging Face format with ivtlr-convert-flax-to-hf if need
 
 from __future__ import annotations
 
-from . import make_parser
+from . import add_output_folder, converter_parser, run_converter
 
 USAGE = "%(prog)s --pth FILE --base MODEL --out DIR [--dtype DTYPE] [options]"
 
@@ -33,12 +33,11 @@ def main(argv=None, prog: str = "ivtlr-convert-official") -> None:
     from ..io.official import DTYPE_NAMES, OfficialCheckpointError, import_official
     from ..models.common.loading import WeightLoadError
 
-    head, _, rest = __doc__.partition("\n\n")
-    p = make_parser(prog, USAGE, head, rest)
+    p = converter_parser(prog, USAGE, __doc__)
     p.add_argument("--pth", required=True, metavar="FILE", help="the official checkpoint (.pth state dict)")
     p.add_argument("--base", required=True, metavar="MODEL",
                    help="Hugging Face base model folder or hub id (config + processor)")
-    p.add_argument("--out", required=True, metavar="DIR", help="new output folder")
+    add_output_folder(p)
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                    help="storage dtype of the parameters (default: %(default)s)")
     p.add_argument("--lora-alpha", type=float, default=None, metavar="A",
@@ -49,9 +48,7 @@ def main(argv=None, prog: str = "ivtlr-convert-official") -> None:
                    help="the dataset it was trained on: ivtlr-ask and ivtlr-serve then ask it with that dataset's "
                         "official evaluation prompt (default: %(default)s; scienceqa for IVTLR_QWEN_SQA)")
     args = p.parse_args(argv)
-    try:
-        out = import_official(args.pth, args.base, args.out, dtype=args.dtype, lora_alpha=args.lora_alpha,
-                              lora_rank=args.lora_rank, dataset=args.dataset)
-    except (FileExistsError, FileNotFoundError, OfficialCheckpointError, WeightLoadError) as e:
-        p.exit(2, f"{prog}: error: {e}\n")
-    print(f"wrote {out}")
+    run_converter(p, prog, lambda: import_official(args.pth, args.base, args.out, dtype=args.dtype,
+                                                   lora_alpha=args.lora_alpha, lora_rank=args.lora_rank,
+                                                   dataset=args.dataset),
+                  (FileExistsError, FileNotFoundError, OfficialCheckpointError, WeightLoadError))

@@ -54,15 +54,9 @@ class Chameleon(DecoderLM):
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         return rope_cos_sin(positions, self.config.text.head_dim, self.config.rope_theta)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        pixel_values: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        output_hidden_states: bool = False,
-    ) -> ModelOutput:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 pixel_values: jax.Array | None = None, position_ids: jax.Array | None = None, *,
+                 output_hidden_states: bool = False) -> ModelOutput:
         if pixel_values is not None and is_concrete(input_ids):
             check_image_tokens(np.asarray(input_ids), tuple(pixel_values.shape), self.config)
         embeds = self.embed_inputs(input_ids, pixel_values)

@@ -35,7 +35,7 @@ from ..common.layers import activation, param, rms_norm
 from ..common.rope import apply_vision_rope, vision_rope_cos_sin
 from ..common.run_options import RunOptions, scan_stacked
 from ..common.sharding import constrain
-from ..qwen2vl.vision import add_attention_params, add_merger_mlp, patch_layout
+from ..qwen2vl.vision import add_block_params, add_merger_mlp, patch_layout
 from .config import Qwen25VisionConfig
 
 RMS_EPS = 1e-6
@@ -45,17 +45,9 @@ class VisionBlocks(nnx.Module):
     """`depth` blocks, stacked on a leading `layers` axis. e: width, n: heads, h: head dim, f: MLP."""
 
     def __init__(self, cfg: Qwen25VisionConfig, *, param_dtype, rngs: nnx.Rngs):
-        L, E, N, H, F = cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-        p = lambda shape, axes, init="normal": param(rngs, (L, *shape), ("layers", *axes), param_dtype, init)
-        self.norm1_scale_e = p((E,), ("norm",), "ones")
-        add_attention_params(self, p, E, N, H)
-        self.norm2_scale_e = p((E,), ("norm",), "ones")
-        self.gate_weight_ef = p((E, F), ("vision_embed", "mlp"))
-        self.gate_bias_f = p((F,), ("mlp",), "zeros")
-        self.up_weight_ef = p((E, F), ("vision_embed", "mlp"))
-        self.up_bias_f = p((F,), ("mlp",), "zeros")
-        self.down_weight_fe = p((F, E), ("mlp", "vision_embed"))
-        self.down_bias_e = p((E,), ("norm",), "zeros")
+        # RMSNorms; gated MLP: gate_weight_ef, gate_bias_f, up_weight_ef, up_bias_f, down_weight_fe, down_bias_e
+        add_block_params(self, cfg, param_dtype, rngs, norm_bias=False,
+                         mlp=(("gate", "e", "f"), ("up", "e", "f"), ("down", "f", "e")))
 
 
 def window_layout(image_grid_thw: jax.Array, num_patches: int, cfg: Qwen25VisionConfig

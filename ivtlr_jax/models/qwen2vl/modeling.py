@@ -59,13 +59,8 @@ class Qwen2VL(DecoderLM):
         features = self.image_features(pixel_values, image_grid_thw)
         return scatter_image_features(embeds, input_ids == self.config.image_token_id, features)
 
-    def positions(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        image_grid_thw: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-    ) -> jax.Array:
+    def positions(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                  image_grid_thw: jax.Array | None = None, position_ids: jax.Array | None = None) -> jax.Array:
         """[3, B, T] position ids as transformers' forward: explicit ids ([B, T] broadcast to the three
         rows, [3, B, T], or [4, B, T] whose first row is text positions) are used as given; otherwise
         M-RoPE from `get_rope_index` when images are present, else 0..T-1."""
@@ -100,19 +95,10 @@ class Qwen2VL(DecoderLM):
         return rope_cos_sin(positions, self.config.text.head_dim, self.config.rope_theta, self.config.mrope_section)
 
     # ---- transformers-like forward ------------------------------------------------------------
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        pixel_values: jax.Array | None = None,
-        image_grid_thw: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        output_hidden_states: bool = False,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        second_per_grid_ts=None,
-    ) -> ModelOutput:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, *, output_hidden_states: bool = False,
+                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> ModelOutput:
         """transformers' forward, images only (video inputs are refused)."""
         refuse_video(input_ids, self.config, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                      second_per_grid_ts=second_per_grid_ts)

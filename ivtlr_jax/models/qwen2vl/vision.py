@@ -29,17 +29,34 @@ class VisionBlocks(nnx.Module):
     """`depth` ViT blocks, stacked on a leading `layers` axis. e: width, n: heads, h: head dim, f: MLP."""
 
     def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
-        L, E, N, H, F = cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-        p = lambda shape, axes, init="normal": param(rngs, (L, *shape), ("layers", *axes), param_dtype, init)
-        self.norm1_scale_e = p((E,), ("norm",), "ones")
-        self.norm1_bias_e = p((E,), ("norm",), "zeros")
-        add_attention_params(self, p, E, N, H)
-        self.norm2_scale_e = p((E,), ("norm",), "ones")
-        self.norm2_bias_e = p((E,), ("norm",), "zeros")
-        self.fc1_weight_ef = p((E, F), ("vision_embed", "mlp"))
-        self.fc1_bias_f = p((F,), ("mlp",), "zeros")
-        self.fc2_weight_fe = p((F, E), ("mlp", "vision_embed"))
-        self.fc2_bias_e = p((E,), ("norm",), "zeros")
+        # LayerNorms; MLP: fc1_weight_ef, fc1_bias_f, fc2_weight_fe, fc2_bias_e
+        add_block_params(self, cfg, param_dtype, rngs, norm_bias=True, mlp=(("fc1", "e", "f"), ("fc2", "f", "e")))
+
+
+BLOCK_AXES = {"e": "vision_embed", "f": "mlp"}  # an MLP weight's axes by dimension letter
+BIAS_AXES = {"e": "norm", "f": "mlp"}  # an MLP bias's axis by dimension letter
+
+
+def add_block_params(block: nnx.Module, cfg, param_dtype, rngs: nnx.Rngs, *, norm_bias: bool, mlp) -> None:
+    """The parameters of a Qwen tower's `cfg.depth` blocks, stacked on a leading `layers` axis, in the order
+    random initialisation draws them: the pre-attention norm, the attention, the pre-MLP norm, the MLP. A norm
+    has a bias with `norm_bias` (Qwen2-VL's LayerNorm), else a scale only (Qwen2.5-VL's RMSNorm). `mlp`:
+    (name, in, out) of each MLP linear, dimensions as letters ("e" width, "f" MLP): `<name>_weight_<in><out>`
+    and `<name>_bias_<out>`."""
+    E = cfg.embed_dim
+    dims = {"e": E, "f": cfg.mlp_dim}
+    p = lambda shape, axes, init="normal": param(rngs, (cfg.depth, *shape), ("layers", *axes), param_dtype, init)
+    block.norm1_scale_e = p((E,), ("norm",), "ones")
+    if norm_bias:
+        block.norm1_bias_e = p((E,), ("norm",), "zeros")
+    add_attention_params(block, p, E, cfg.num_heads, cfg.head_dim)
+    block.norm2_scale_e = p((E,), ("norm",), "ones")
+    if norm_bias:
+        block.norm2_bias_e = p((E,), ("norm",), "zeros")
+    for name, d_in, d_out in mlp:
+        weight = p((dims[d_in], dims[d_out]), (BLOCK_AXES[d_in], BLOCK_AXES[d_out]))
+        setattr(block, f"{name}_weight_{d_in}{d_out}", weight)
+        setattr(block, f"{name}_bias_{d_out}", p((dims[d_out],), (BIAS_AXES[d_out],), "zeros"))
 
 
 def add_attention_params(block: nnx.Module, p, E: int, N: int, H: int) -> None:
