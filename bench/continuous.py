@@ -2,7 +2,7 @@
 (`ivtlr_generate`, batches of `--slots` prompts decoding until their longest answer ends), on a workload
 whose answer lengths vary >= 5x, both in one run.
 
-The model is bench/generate.py's random Qwen2-VL (bench/latent_step.py `build_models`, fp32). A random
+The model is bench/generate.py's random Qwen2-VL (bench/shared.py `build_models`, fp32). A random
 model has no natural answer lengths, so the workload is made of its own greedy outputs: a pool of
 `--pool` prompts (bench/generate.py `make_prompts`: ~40 text tokens, one 224x224 image, `--latents`
 latents, K = `--k`) is generated once without EOS for `--max-new` tokens; the EOS is the token whose
@@ -46,7 +46,7 @@ from ivtlr_jax.data.collate import left_padded_positions  # noqa: E402
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate  # noqa: E402
 from ivtlr_jax.latent import LatentConfig  # noqa: E402
 from bench.generate import make_prompts  # noqa: E402
-from bench.latent_step import LATENT_ID, build_models, stacked_images  # noqa: E402
+from bench.shared import LATENT_ID, build_models, stacked_images  # noqa: E402
 from bench.timing import cpu_seconds, interleaved_median_ms, other_load_note, timed, warn_if_loaded  # noqa: E402
 
 

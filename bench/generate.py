@@ -47,12 +47,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ivtlr_jax.data.collate import left_padded_positions  # noqa: E402
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate  # noqa: E402
 from ivtlr_jax.latent import LatentConfig  # noqa: E402
 from tests import hf_tiny  # noqa: E402
 from tests.oracle_ivtlr import oracle_generate, oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
-from bench.latent_step import IMAGE_SIZE, LATENT_ID, build_models, stacked_images  # noqa: E402  (same model)
+from bench.shared import IMAGE_SIZE, LATENT_ID, build_models, stacked_images  # noqa: E402  (same model)
 
 QUESTION_TEXT = (36, 45)  # [low, high) text tokens per question, split before / after the image
 
@@ -85,7 +86,7 @@ def left_padded(singles: list[dict], pixel_values: np.ndarray, grid: np.ndarray)
     ids, mask = hf_tiny.pad_rows([s["input_ids"][0].tolist() for s in singles], left_pad=True)
     b = len(singles)
     return stacked_images({"input_ids": ids, "attention_mask": mask,
-                           "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
+                           "position_ids": left_padded_positions(mask),
                            "pixel_values": pixel_values[: int(grid[:b].prod(-1).sum())], "image_grid_thw": grid[:b]})
 
 
@@ -113,7 +114,7 @@ def torch_generate(hf, single: dict, k: int, new_tokens: int) -> list[int]:
 
 # ---- timing ---------------------------------------------------------------------------------------
 def bench(args, batches: list[int]) -> list[str]:
-    hf, model = build_models(scan_layers=not args.unroll_layers)  # latent_step's model
+    hf, model = build_models(scan_layers=not args.unroll_layers)  # the benches' model (bench/shared.py)
     latent = LatentConfig(LATENT_ID, args.k)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)  # no EOS: every row runs the full length
     torch_pool = min(max(batches), 8)  # prompts the torch baseline cycles through

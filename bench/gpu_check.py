@@ -95,7 +95,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench import latent_step as latent_step_bench  # noqa: E402
+from bench import shared as shared_bench  # noqa: E402
 from bench.timing import interleaved_median_ms, timed  # noqa: E402
 from ivtlr_jax.build import abstract_run_model, model_dtypes  # noqa: E402
 from ivtlr_jax.config import load_config  # noqa: E402
@@ -107,7 +107,7 @@ from ivtlr_jax.models.common.attention import ATTENTION_IMPLS, causal_mask, dot_
 from ivtlr_jax.models.common.lora import add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
 from ivtlr_jax.models.qwen2vl.config import Qwen2VLConfig  # noqa: E402
-from ivtlr_jax.plan import HUB_CONFIGS, planned_accumulation, with_shardings  # noqa: E402
+from ivtlr_jax.plan import HUB_CONFIGS, analysed_flops, planned_accumulation, with_shardings  # noqa: E402
 from ivtlr_jax.train.optim import make_optimizer  # noqa: E402
 from ivtlr_jax.train.step import (StepConfig, init_optimizer, make_train_step, split_trainable,  # noqa: E402
                                   step_shardings)
@@ -241,10 +241,10 @@ def training_batch(tok: Tokens, shapes: Shapes, prefix_buckets, seed: int = 0) -
 
 
 def assembled_length_batch(batch: dict, tok: Tokens, n: int, k: int, seed: int = 1) -> dict:
-    """bench/latent_step.py's, with this file's tokens: the rows with their latents replaced by n*(K+1) text
+    """bench/shared.py's, with this file's tokens: the rows with their latents replaced by n*(K+1) text
     tokens labelled -100."""
     text = lambda rng, shape: np.asarray([tok.text(rng, shape[1]) for _ in range(shape[0])])
-    return latent_step_bench.assembled_length_batch(batch, n, k, seed, tok.latent, text)
+    return shared_bench.assembled_length_batch(batch, n, k, seed, tok.latent, text)
 
 
 def generation_batch(tok: Tokens, shapes: Shapes, seed: int = 2) -> dict:
@@ -318,9 +318,8 @@ def _finite_or_none(x):
 
 
 def _flops(cost) -> float | None:
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    value = (cost or {}).get("flops")
-    return float(value) if value is not None and value > 0 else None
+    """The FLOPs of an XLA cost analysis (`plan.analysed_flops`); None where it gives none."""
+    return analysed_flops(cost) or None
 
 
 def _median_ms(call, repeats: int) -> tuple[float, list[float]]:

@@ -74,7 +74,7 @@ from ivtlr_jax.train.step import (StepConfig, init_optimizer, make_train_step,  
 from tests.oracle_ivtlr import IGNORE, oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
 # the same mid-size model and batch as the latent-step benchmark
-from bench.latent_step import LATENT_ID, latent_training_batch, mid_qwen2vl_folder, stacked_images  # noqa: E402
+from bench.shared import LATENT_ID, latent_training_batch, mid_qwen2vl_folder, stacked_images  # noqa: E402
 
 OPTIM = OptimSection(lr=1e-5, gradient_accumulation_steps=1)  # clip 0.7 + AdamW, as the runs
 

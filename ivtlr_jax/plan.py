@@ -201,9 +201,13 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
 
 
 def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+    return analysed_flops(compiled.cost_analysis())
+
+
+def analysed_flops(cost) -> float:
+    """The FLOPs of an XLA cost analysis (a dict, or a list of one dict); 0.0 where it gives none."""
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return max(float((cost or {}).get("flops", 0.0)), 0.0)
 
 
 def flops_by_depth(compile_unrolled, config) -> float:

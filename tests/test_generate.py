@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ivtlr_jax.data.collate import left_padded_positions
 from ivtlr_jax.decoding import next_token
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate
 from ivtlr_jax.latent import LatentConfig
@@ -43,8 +44,8 @@ def prompts(family, seed=0, latents=3, suffix=()):
         singles.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(len(r))[None],
                         **im, "latent_token_id": latent})
     ids, mask = hf_tiny.pad_rows(rows, left_pad=True)
-    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    both = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "latent_token_id": latent}
+    both = {"input_ids": ids, "attention_mask": mask, "position_ids": left_padded_positions(mask),
+            "latent_token_id": latent}
     both["pixel_values"] = np.concatenate([im["pixel_values"] for im in images])
     if family in QWEN_IMAGE_SIZES:
         both["image_grid_thw"] = np.concatenate([im["image_grid_thw"] for im in images])
@@ -108,7 +109,7 @@ def mixed_prompts(family, latents, suffix=(), seed=2):
     singles = [{"input_ids": np.asarray([r]), "attention_mask": np.ones((1, len(r)), np.int64),
                 "position_ids": np.arange(len(r))[None], **im} for r, im in zip(rows, images)]
     ids, mask = hf_tiny.pad_rows(rows, left_pad=True)
-    both = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
+    both = {"input_ids": ids, "attention_mask": mask, "position_ids": left_padded_positions(mask),
             **{key: np.concatenate([im[key] for im in images]) for key in images[0]}}
     return singles, both, latent
 
