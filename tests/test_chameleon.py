@@ -1,4 +1,5 @@
-"""Chameleon Flax port vs transformers' ChameleonForConditionalGeneration (fp32, tiny random model)."""
+"""Chameleon Flax port vs transformers' ChameleonForConditionalGeneration (fp32, tiny random model); what every
+family does alike (text-only logits, greedy generation) is in tests/test_families.py."""
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +36,6 @@ def test_image_tokens_equal_transformers(tiny_chameleon, model):
     np.testing.assert_array_equal(ours, ref)
 
 
-def test_text_only_logits_match(tiny_chameleon, model):
-    ids, mask = hf_tiny.text_batch(lengths=(12, 7))
-    ref = hf_tiny.chameleon_forward(tiny_chameleon[1], ids, mask).logits.numpy()
-    out = model(jnp.asarray(ids), jnp.asarray(mask))
-    assert max_diff(out.logits, ref, mask) <= TOL
-
-
 def test_image_text_logits_and_every_hidden_state_match(tiny_chameleon, model):
     ids, mask, pv = hf_tiny.chameleon_image_batch(seed=2)
     ref = hf_tiny.chameleon_forward(tiny_chameleon[1], ids, mask, pv, output_hidden_states=True)
@@ -58,18 +52,6 @@ def test_swin_norm_variant_matches(tmp_path):
     ref = hf_tiny.chameleon_forward(hf, ids, mask, pv).logits.numpy()
     out = from_pretrained(tmp_path)(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pv))
     assert max_diff(out.logits, ref, mask) <= TOL
-
-
-def test_greedy_generation_matches_transformers_generate(tiny_chameleon, model):
-    hf = tiny_chameleon[1]
-    ids, mask, pv = hf_tiny.chameleon_image_batch(seed=4, left_pad=True)
-    with torch.no_grad():
-        ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          pixel_values=torch.tensor(pv), max_new_tokens=20, min_new_tokens=20,
-                          do_sample=False)[:, ids.shape[1]:].numpy()
-    ours = hf_tiny.greedy_generate(model, ids, mask, pixel_values=pv, max_new_tokens=20)
-    assert ref.shape == (2, 20)
-    np.testing.assert_array_equal(ours, ref)
 
 
 def test_image_token_count_mismatch_is_rejected(model):
