@@ -158,15 +158,11 @@ class InferenceSettings:
     dtype: str = ModelSection.dtype  # compute dtype (the official evaluation: bfloat16)
     max_new_tokens: int = EvalSection.max_new_tokens
 
-    def __post_init__(self):
-        _one_of(self.dataset, DATASETS, "dataset")
-        _one_of(self.prompt_format, PROMPT_FORMATS, "prompt_format")
-        _at_least(self.num_latents, 0, "num_latents")
-        _at_least(self.num_selected_patches, 1, "num_selected_patches")
-        _one_of(self.patch_order, PATCH_ORDERS, "patch_order")
-        _one_of(self.rope, ROPES, "rope")
-        _one_of(self.dtype, DTYPES, "dtype")
-        _at_least(self.max_new_tokens, 1, "max_new_tokens")
+    def __post_init__(self):  # each field's check is its section's
+        DataSection(dataset=self.dataset)
+        EvalSection(num_latents=self.num_latents, max_new_tokens=self.max_new_tokens, prompt_format=self.prompt_format)
+        LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order, rope=self.rope)
+        ModelSection(dtype=self.dtype)
 
     @classmethod
     def from_run(cls, cfg: "RunConfig") -> "InferenceSettings":
