@@ -273,6 +273,20 @@ def test_lazy_images_match_eager_and_rgba(tmp_path, qwen_proc):
     assert to_rgb(Image.open(io.BytesIO(rgba))).getpixel((0, 0)) == (255, 255, 255)
 
 
+def test_each_image_is_decoded_once_per_use(tmp_path, qwen_proc, cham_proc, image_decodes):
+    """Loading decodes each row's image once (its check, its prompt and its processing share the decode),
+    and each later use of a lazy image (a batch, an evaluation prompt) decodes it once more."""
+    rows = [dict(image=img(png((40 * i, 20, 90), (50 + i, 40)))) for i in range(3)]
+    src = write_m3cot(tmp_path / "i.parquet", rows)
+    for family, proc in (("qwen2vl", qwen_proc), ("chameleon", cham_proc)):
+        image_decodes.clear()
+        examples, report = load_examples("m3cot", str(src), "train", proc, family)
+        assert report.kept == 3 and len(image_decodes) == 3, (family, image_decodes)
+        image_decodes.clear()
+        arrays = [materialize(ex.image) for ex in examples[:2]]
+        assert len(image_decodes) == 2 and all(a["pixel_values"].size for a in arrays)
+
+
 def test_official_image_sizes(tmp_path, qwen_proc, corpus):
     """With the real processors' defaults: Qwen2-VL's stock PIL image processor (min 56*56, max
     28*28*1280 pixels) keeps the 280x280 resize -> 100 tokens; Chameleon's stock one gives 512x512

@@ -101,6 +101,12 @@ def test_a_question_without_choices_and_settings_from_the_folder(assets, predict
     assert [len(s) for s in two.selected_patches] == [3, 3]
 
 
+def test_a_question_decodes_its_image_once(assets, predictor, image_decodes):
+    """Checking the image (readable, under the pixel cap) and building the prompt share one decode."""
+    enc = predictor.encode(question_of(assets, 1))
+    assert len(image_decodes) == 1 and enc.image["pixel_values"].size
+
+
 def test_ask_command_prints_the_answer_and_draws_the_patches(assets, predictor, tmp_path):
     q = question_of(assets, 1)
     picture = tmp_path / "patches.png"

@@ -23,7 +23,7 @@ from .collate import DEFAULT_LENGTH_BUCKETS, DEFAULT_PREFIX_BUCKETS, LatentShape
 from .curriculum import CurriculumConfig, epoch_order, num_latents, stage_of_epoch, stage_tokens
 from .examples import (
     Example,
-    check_pixels,
+    open_image,
     LazyImage,
     SkipReport,
     SkipRow,
@@ -47,7 +47,7 @@ _BATCH = 64
 __all__ = [
     "DATASETS", "DataSourceError", "PROMPT_FORMATS", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
     "Example", "SkipReport", "LazyImage", "CurriculumConfig",
-    "load_examples", "read_rows", "split_rationale", "materialize",
+    "load_examples", "read_rows", "split_rationale", "materialize", "decode_image", "open_image",
     "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate", "LatentShapes", "shared_prefix_bound",
     "make_synthetic_m3cot", "synthetic_corpus", "synthetic_rows",
     "build_tiny_qwen2vl_processor", "build_tiny_chameleon_processor", "load_processor", "special_token_ids",
@@ -218,8 +218,7 @@ def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images
         data = image_bytes(text.image, root)
         if data is None:
             raise SkipRow("no_image")
-        check_pixels(data)
-        decode_image(data)  # fails early on bytes that are not an image
+        picture = open_image(data)  # the load's one decode: fails early on bytes that are not an image
     except SkipRow:
         raise
     except Exception as err:  # noqa: BLE001 - any decoding failure is a bad row
@@ -228,10 +227,10 @@ def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images
     try:
         if prompt_format == "official":
             official_text = module.official_eval_text(text.question, text.choices)
-            question_ids, image, suffix = encoder.official_prompt(official_text, data)
+            question_ids, image, suffix = encoder.official_prompt(official_text, picture)
         else:
             question_ids, image = encoder.prompt(module.prompt_text(text.question, text.choices,
-                                                                    encoder.image_placeholder), data)
+                                                                    encoder.image_placeholder), picture)
     except (OSError, SyntaxError) as err:  # PIL's errors for truncated / malformed files
         raise SkipRow("unreadable_image", str(err)) from None
     step_ids, answer_ids = encode_text_parts(tokenizer, text.steps, text.answer)

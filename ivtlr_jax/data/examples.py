@@ -87,7 +87,7 @@ class SkipRow(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass
@@ -228,14 +228,27 @@ def read_image_file(path: str, root: Path | None) -> bytes:
         return f.read()
 
 
-def check_pixels(data: bytes) -> None:
-    """SkipRow("too_many_pixels") for an image over MAX_IMAGE_PIXELS, read from its header (nothing decoded)."""
+def open_image(data: bytes, max_pixels: int | None = None):
+    """Encoded bytes -> the decoded PIL image (`decode_image`: loaded, EXIF orientation applied), decoded
+    once, after the size in its header was checked against `max_pixels` (an oversized image is never
+    decoded). SkipRow otherwise: "too_many_pixels", or "unreadable_image" (not an image, truncated, corrupt);
+    its detail is a sentence a user can read. max_pixels: default MAX_IMAGE_PIXELS."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise SkipRow("too_many_pixels", f"{width}x{height} > {MAX_IMAGE_PIXELS:,} pixels")
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+        if width * height > max_pixels:
+            raise SkipRow("too_many_pixels", f"the image is {width}x{height} = {width * height:,} pixels; "
+                                             f"at most {max_pixels:,}")
+        return decode_image(data)
+    except Image.UnidentifiedImageError:
+        raise SkipRow("unreadable_image", "not an image (no image format recognised)") from None
+    except Image.DecompressionBombError as err:
+        raise SkipRow("too_many_pixels", f"the image is too large: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated / malformed files
+        raise SkipRow("unreadable_image", f"the image cannot be read ({' '.join(str(err).split())[:200]})") from None
 
 
 class LazyImage(Mapping):
