@@ -48,6 +48,7 @@ class Ticket:
     stream: bool = True  # wants its tokens after every turn (else only the answer)
     cancelled: bool = False
     selected: Any = None  # [c, K] selected positions of its prompt, once started
+    tokens_sent: int = 0  # the tokens already sent in "tokens" events
 
     def send(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -175,8 +176,9 @@ class ServingEngine:
         for slot, ticket in list(self.running.items()):
             count = int(counts[slot])
             if slot not in finished and count < ticket.max_tokens:
-                if ticket.stream:
-                    ticket.send("tokens", [int(t) for t in tokens[slot][:count]])
+                if ticket.stream and count > ticket.tokens_sent:  # only the new tokens
+                    ticket.send("tokens", [int(t) for t in tokens[slot][ticket.tokens_sent:count]])
+                    ticket.tokens_sent = count
                 continue
             del self.running[slot]
             if slot not in finished:  # reached the request's own max_tokens: free the slot now
