@@ -70,6 +70,20 @@ LATENT_GRADS = ("stop", "full")
 ROPES = ("1d", "mrope")
 
 
+class StepScopes(NamedTuple):
+    """The loss's parts as named in the compiled program (`jax.named_scope`, kept in XLA's op metadata, in
+    the backward pass too); the planner's memory breakdown (plan_memory.py) groups buffers by them."""
+
+    embed: str = "embed_inputs"  # step 1: the vision tower and the token embeddings
+    shared_prefix: str = "shared_prefix"  # step 2: the question slots both passes share
+    latent_chain: str = "latent_chain"  # steps 3-4: prefill and the latent passes
+    final_pass: str = "final_pass"  # step 5: the final sequence (or the plain forward, n = 0)
+    loss: str = "loss"  # the chunked cross-entropy (logits included)
+
+
+SCOPES = StepScopes()
+
+
 @dataclasses.dataclass(frozen=True)
 class LatentConfig:
     latent_token_id: int
@@ -135,7 +149,8 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
     num_latents, prefix_len = shapes.num_latents, shapes.prefix_len
     n, k, c = num_latents, cfg.num_selected_patches, shapes.shared_prefix if num_latents else 0
     mask = batch["attention_mask"]
-    embeds = model.embed_inputs(ids, **image_inputs_of(batch))  # step 1: [B, S, D]
+    with jax.named_scope(SCOPES.embed):  # step 1: [B, S, D]
+        embeds = model.embed_inputs(ids, **image_inputs_of(batch))
     final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
 
     if n == 0:  # section 7 (n = 0): a plain forward
@@ -143,15 +158,17 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
         selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
         positions = sequence_positions(model, cfg, batch, jnp.int32(s)).own
-        hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
+        with jax.named_scope(SCOPES.final_pass):
+            hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
     else:
         p = first_latent_index(ids, cfg.latent_token_id)
         sequence_pos = sequence_positions(model, cfg, batch, p)  # M-RoPE: the index once
         positions = final_positions(model, cfg, batch, sequence_pos, p, ids.shape[1] + n * k)
         shared = None
         if c:  # step 2: the question slots [0, c), run once with gradients, cached for the chain and the final pass
-            pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c], cache=model.init_cache(ids.shape[0], c),
-                               dropout_key=final_key)
+            with jax.named_scope(SCOPES.shared_prefix):
+                pre = model.decode(embeds[:, :c], positions[..., :c], mask[:, :c],
+                                   cache=model.init_cache(ids.shape[0], c), dropout_key=final_key)
             shared = pre.cache
         # steps 3-4: prefill and the latent passes (latent_grad="stop": on stop-gradient copies)
         if cfg.latent_grad == "stop":
@@ -162,23 +179,26 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         else:
             chain_model, chain_embeds, chain_shared = model, embeds, shared
         chain_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-        chain = latent_passes(chain_model, cfg, chain_embeds, batch, p, sequence_pos, n=n, prefix_len=prefix_len,
-                              dropout_key=chain_key, shared=chain_shared)
+        with jax.named_scope(SCOPES.latent_chain):
+            chain = latent_passes(chain_model, cfg, chain_embeds, batch, p, sequence_pos, n=n, prefix_len=prefix_len,
+                                  dropout_key=chain_key, shared=chain_shared)
         selected, latents = chain.selected, chain.latents
         if cfg.latent_grad == "stop":
             latents = jax.lax.stop_gradient(latents)
         # step 5: the final sequence, run from the shared cache where there is one
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
         final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k)
-        if c:  # the rest of the final sequence continues from the shared cache
-            cache = shared.resized(final.shape[1])
-            rest = model.decode(final[:, c:], positions[..., c:], final_mask[:, c:], cache=cache,
-                                dropout_key=jax.random.fold_in(final_key, 1) if final_key is not None else None)
-            hidden = jnp.concatenate([pre.hidden, rest.hidden], axis=1)
-        else:
-            hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
+        with jax.named_scope(SCOPES.final_pass):
+            if c:  # the rest of the final sequence continues from the shared cache
+                rest = model.decode(final[:, c:], positions[..., c:], final_mask[:, c:],
+                                    cache=shared.resized(final.shape[1]),
+                                    dropout_key=jax.random.fold_in(final_key, 1) if final_key is not None else None)
+                hidden = jnp.concatenate([pre.hidden, rest.hidden], axis=1)
+            else:
+                hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
 
-    row_nll, row_tokens = chunked_cross_entropy(model, hidden, final_labels, cfg.ce_chunk)
+    with jax.named_scope(SCOPES.loss):
+        row_nll, row_tokens = chunked_cross_entropy(model, hidden, final_labels, cfg.ce_chunk)
     count = jnp.sum(row_tokens)
     loss = jnp.sum(row_nll) / jnp.maximum(count, 1)
     return loss, LatentAux(selected, row_nll, row_tokens, final, final_mask, final_labels, positions, count)
@@ -448,7 +468,6 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
     hs = hidden.reshape(b, -1, chunk, d).transpose(1, 0, 2, 3)
     ts = targets.reshape(b, -1, chunk).transpose(1, 0, 2)
 
-    @jax.checkpoint
     def piece(h, y):
         logits = model.logits(h)  # [B, c, V] fp32
         valid = y != IGNORE
@@ -456,10 +475,14 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
         nll = jax.nn.logsumexp(logits, axis=-1) - gold
         return jnp.sum(jnp.where(valid, nll, 0.0), axis=1)
 
+    # the skip inside the remat: its residuals are then h, y and the LM head as it is (loop-invariant, kept
+    # once); a remat inside the cond would return the head from the cond, stacked per chunk ([chunks, D, V])
+    @jax.checkpoint
+    def chunk_nll(h, y):
+        return jax.lax.cond(jnp.any(y != IGNORE), piece, lambda h, y: jnp.zeros((b,), acc), h, y)
+
     def body(total, xs):
-        h, y = xs
-        s = jax.lax.cond(jnp.any(y != IGNORE), piece, lambda h, y: jnp.zeros((b,), acc), h, y)
-        return total + s, None
+        return total + chunk_nll(*xs), None
 
     acc = acc_dtype(hidden)
     total, _ = jax.lax.scan(body, jnp.zeros((b,), acc), (hs, ts), unroll=getattr(model, "unroll_scans", False))
