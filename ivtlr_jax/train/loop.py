@@ -41,6 +41,7 @@ from ..events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import learning_rate, make_optimizer
 from .preemption import Preempted, PreemptionWatch
+from .token_windows import TokenWindows, micro_batch_tokens
 from .step import StepConfig, init_optimizer, make_train_step, split_trainable, step_shardings
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
@@ -187,6 +188,7 @@ class Run:
     step_cfg: StepConfig
     stage_ends: dict[int, int]  # {stage: the micro-step at which it ends}
     ckpt: TrainCheckpointer
+    token_windows: TokenWindows | None = None  # optim.loss_scale=token_mean: the denominators (token_windows.py)
 
     @property
     def global_batch(self) -> int:
@@ -292,7 +294,27 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
               lr_at=learning_rate(cfg.optim, *schedule_steps),
               step_cfg=StepConfig(latent_cfg, cfg.train.batch_size_training, cfg.optim.loss_scale),
               stage_ends=stage_ends, ckpt=ckpt)
+    if cfg.optim.loss_scale == "token_mean":
+        run.token_windows = TokenWindows(lambda epoch: epoch_micro_batch_tokens(run, epoch), micro_per_epoch,
+                                         layout.accumulation, optimizer_resets(cfg, micro_per_epoch), run.total_micro)
     return run, RunState(trainable, init_optimizer(tx, trainable, rules))
+
+
+def optimizer_resets(cfg: RunConfig, micro_per_epoch: int) -> tuple[int, ...]:
+    """The micro-steps where the optimizer state starts afresh: 0, and each later stage's first micro-step
+    with optim.reset_optimizer (`maybe_reset_optimizer`)."""
+    per_stage = cfg.curriculum.epochs_per_stage
+    later = range(per_stage, cfg.train.num_epochs, per_stage) if cfg.optim.reset_optimizer else ()
+    return (0, *(epoch * micro_per_epoch for epoch in later))
+
+
+def epoch_micro_batch_tokens(run: Run, epoch: int) -> list[int]:
+    """Supervised tokens of each micro-batch of `epoch` (its seeded, wrapped order at its stage)."""
+    stage, curriculum = stage_of_epoch(epoch, run.cfg.curriculum), run.cfg.curriculum
+    order = wrapped_order(epoch_order(len(run.examples), run.cfg.seed, epoch), run.micro_per_epoch * run.global_batch)
+    token_ids = (run.latent_cfg.latent_token_id, *run.markers)
+    return micro_batch_tokens(lambda i: stage_tokens(run.examples[i], stage, curriculum, *token_ids)[1], order,
+                              run.global_batch)
 
 
 def check_start(cfg: RunConfig) -> Path:
@@ -362,17 +384,14 @@ def wrapped_order(order: np.ndarray, length: int) -> np.ndarray:
 
 
 class EpochPlan:
-    """One epoch's data: its seeded order (the tail wrapped to whole micro-batches), the supervised tokens
-    of each accumulation window, and the micro-batches prepared from them."""
+    """One epoch's data: its seeded order (the tail wrapped to whole micro-batches), the micro-batches
+    prepared from it and their loss denominators."""
 
     def __init__(self, run: Run, epoch: int):
         cfg, curriculum = run.cfg, run.cfg.curriculum
         self.run, self.epoch, self.stage = run, epoch, stage_of_epoch(epoch, curriculum)
         order = epoch_order(len(run.examples), cfg.seed, epoch)
         self.order = wrapped_order(order, run.micro_per_epoch * run.global_batch)
-        self.window_tokens = accumulation_window_tokens(run.examples, self.order, self.stage, curriculum,
-                                                        (run.latent_cfg.latent_token_id, *run.markers),
-                                                        run.global_batch, run.accum)
         self.reset_at = epoch // curriculum.epochs_per_stage * curriculum.epochs_per_stage * run.micro_per_epoch \
             if cfg.optim.reset_optimizer else 0  # the micro-step where the optimizer's count restarted
 
@@ -389,8 +408,10 @@ class EpochPlan:
             raise ValueError(f"epoch {self.epoch}, batch {index} (rows {[ex.id for ex in rows]}): {e}") from e
 
     def denominator(self, index: int) -> jax.Array:
-        """The loss denominator of micro-batch `index` (its window's supervised tokens / accumulation)."""
-        return jnp.float32(max(self.window_tokens[index // self.run.accum] / self.run.accum, 1.0))
+        """The loss denominator of micro-batch `index` under token_mean (its optimizer window's supervised
+        tokens / the window's micro-batches, `TokenWindows`); 1 under micro_batch_mean, which does not use it."""
+        windows = self.run.token_windows
+        return jnp.float32(windows.denominator(self.epoch * self.run.micro_per_epoch + index) if windows else 1.0)
 
     def learning_rate(self, micro_step: int) -> float:
         """The learning rate that micro-step `micro_step` (counted from 1) trained with."""
@@ -616,17 +637,6 @@ class Lookahead:
         if self._error is not None:
             raise self._error
         return self._value
-
-
-def accumulation_window_tokens(examples, order, stage, curriculum, token_ids, global_batch, accum) -> list[int]:
-    """Supervised tokens of each accumulation window of the epoch (for optim.loss_scale=token_mean: the
-    loss of a window is its summed token losses over its token count). token_ids: (latent, start, end)."""
-    per_example = {}
-    for i in set(order.tolist()):
-        labels = stage_tokens(examples[i], stage, curriculum, *token_ids)[1]
-        per_example[i] = sum(1 for t in labels if t != -100)
-    per_batch = [sum(per_example[i] for i in order[b : b + global_batch]) for b in range(0, len(order), global_batch)]
-    return [sum(per_batch[w : w + accum]) for w in range(0, len(per_batch), accum)]
 
 
 def device_memory() -> str | None:
