@@ -47,6 +47,12 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+@jax.jit
+def largest_magnitude(tree) -> jax.Array:
+    """[] the largest |value| of any leaf (a parameter near 1e30 is finite but diverged; a norm would overflow)."""
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *, rules: ShardingRules | None = None,
                     shardings=None):
     """-> step(trainable, frozen, opt_state, batch, key, token_denominator, shapes) returning (trainable,
