@@ -53,3 +53,41 @@ def test_token_mean_divides_each_optimizer_step_by_its_own_tokens(tmp_path):
     for start, end in [(0, 3), (3, 6), (6, 9), (9, 10), (10, 13), (13, 15)]:
         denominators[start:end] = tokens[start:end].sum() / (end - start)
     np.testing.assert_allclose([r["loss"] for r in token], summed_loss / denominators, rtol=1e-5)
+
+
+def checkpoint_items(run_dir, step: int, item: str) -> dict:
+    """{key path: array} of one item (trainable, opt_state) of a checkpoint."""
+    import orbax.checkpoint as ocp
+
+    flat = {}
+
+    def walk(node, prefix=()):
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+            walk(value, (*prefix, str(key))) if isinstance(value, (dict, list, tuple)) else \
+                flat.__setitem__((*prefix, str(key)), np.asarray(value))
+
+    walk(ocp.StandardCheckpointer().restore((run_dir / "checkpoints" / str(step) / item).absolute()))
+    return flat
+
+
+def test_a_window_cut_by_an_optimizer_reset_is_applied_not_dropped(tmp_path):
+    """`train.py` on 1 device: 5 micro-batches per epoch, accumulation 3, stages of 2 epochs and
+    optim.reset_optimizer, so stage 0's windows are micro-steps 1-3, 4-6, 7-9 and 10, which the reset at the
+    next stage would drop. It is applied at micro-step 10 as a 4th optimizer step: checkpoint 10's parameters
+    differ from checkpoint 9's, and its optimizer state holds no accumulated micro-batch and 4 steps."""
+    assets = tmp_path / "assets"
+    prepare(assets, seed=1, num_train=24, num_test=4)
+    cfg_path = write_config(tmp_path, assets, "cut", data={"limit": 20},
+                            curriculum={"epochs_per_stage": 2, "max_latent_stage": 1},
+                            optim={"gradient_accumulation_steps": 3, "reset_optimizer": True},
+                            train={"num_epochs": 3, "batch_size_training": 4, "save_every_steps": 1,
+                                   "keep_checkpoints": 10})
+    done = run_command_on_devices(cfg_path, 1)  # the whole run: the reset follows micro-step 10
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "cut"
+    before, after = checkpoint_items(run_dir, 9, "trainable"), checkpoint_items(run_dir, 10, "trainable")
+    assert before.keys() == after.keys()
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # micro-step 10's gradient was applied
+    opt_state = checkpoint_items(run_dir, 10, "opt_state")
+    counters = {path[-1]: int(v) for path, v in opt_state.items() if path[-1] in ("mini_step", "gradient_step")}
+    assert counters == {"mini_step": 0, "gradient_step": 4}, counters

@@ -45,8 +45,8 @@ from .resume_options import (ResumeOptions, allowed_changes, append_changes, che
                              set_aside_after)
 from .run_changes import CHANGES_FILE, describe_change, read_changes, skipped_micro_steps
 from .token_windows import TokenWindows, micro_batch_tokens, optimizer_window
-from .step import (StepConfig, init_optimizer, largest_magnitude, make_train_step, split_trainable,
-                   step_shardings)
+from .step import (StepConfig, init_optimizer, largest_magnitude, make_cut_window_step, make_train_step,
+                   split_trainable, step_shardings)
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
 
@@ -503,6 +503,8 @@ def train_epoch(run: Run, state: RunState, plan: EpochPlan, recorder: StepRecord
             state.opt_state, metrics = discard_accumulation(state.opt_state), None
         else:
             metrics = run_step(run, state, current, plan.denominator(index))
+            if ends_cut_window(run, state.micro_step + 1):
+                metrics = apply_cut_window(run, state, metrics)
         if index + 1 < run.micro_per_epoch:  # the step runs asynchronously: prepare the next one meanwhile
             upcoming = Lookahead(plan.prepare, index + 1)
         state.micro_step += 1
@@ -517,6 +519,25 @@ def maybe_reset_optimizer(run: Run, state: RunState, epoch: int) -> None:
     if run.cfg.optim.reset_optimizer and epoch % per_stage == 0 and epoch > 0 \
             and not (epoch == state.start_epoch and state.start_index > 0):
         state.opt_state = init_optimizer(run.tx, state.trainable, run.rules)
+
+
+def ends_cut_window(run: Run, micro_step: int) -> bool:
+    """`micro_step` (from 1) ends a stage that an optimizer reset follows, inside an accumulation window the
+    reset cuts short (the stage's micro-batches are not a multiple of the accumulation)."""
+    resets = optimizer_resets(run.cfg, run.micro_per_epoch)
+    if run.accum == 1 or micro_step not in resets:
+        return False
+    start, end = optimizer_window(micro_step - 1, run.accum, resets, run.total_micro)
+    return end - start < run.accum
+
+
+def apply_cut_window(run: Run, state: RunState, metrics: dict) -> dict:
+    """The window cut short by the coming reset applied now as one optimizer step (the reset would drop its
+    gradients), before this micro-step is recorded or saved; its parameters' finiteness joins the step's
+    `finite` metric. -> the metrics."""
+    apply = make_cut_window_step(run.tx, state.trainable, state.opt_state, run.rules)
+    state.trainable, state.opt_state, finite = apply(state.trainable, state.opt_state)
+    return {**metrics, "finite": metrics["finite"] & finite}
 
 
 def run_step(run: Run, state: RunState, current: PreparedBatch, denominator: jax.Array) -> dict:

@@ -85,6 +85,26 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
     return jax.jit(step, **kwargs)
 
 
+def make_cut_window_step(tx: optax.MultiSteps, trainable, opt_state, rules: ShardingRules):
+    """-> apply(trainable, opt_state) returning (trainable, opt_state, finite): the gradients that `optax.MultiSteps`
+    holds for a window an optimizer reset is about to cut short (the mean of its micro-batches' gradients; MultiSteps
+    applies a window only once it is full) applied as one optimizer step, the window emptied. Jitted, with the
+    state's shardings kept."""
+
+    def apply(trainable, opt_state):
+        grads = optax.tree.cast_like(opt_state.acc_grads, trainable)
+        updates, inner = tx.inner_opt.update(grads, opt_state.inner_opt_state, params=trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        opt_state = opt_state._replace(mini_step=jnp.zeros_like(opt_state.mini_step),
+                                       gradient_step=opt_state.gradient_step + 1, inner_opt_state=inner,
+                                       acc_grads=jax.tree.map(jnp.zeros_like, opt_state.acc_grads))
+        return trainable, opt_state, all_finite(trainable)
+
+    replicated = NamedSharding(rules.mesh, PartitionSpec())
+    shardings = (state_shardings(trainable, rules), opt_state_shardings(opt_state, trainable, rules))
+    return jax.jit(apply, in_shardings=shardings, out_shardings=(*shardings, replicated), donate_argnums=(0, 1))
+
+
 def step_shardings(trainable, frozen, opt_state, batch, rules: ShardingRules):
     """Explicit shardings of the step's inputs: parameters by their logical axes, the optimizer state as
     placed by its (jitted) initialisation, the batch by `batch_shardings`."""
