@@ -30,6 +30,11 @@ LOSS_SCALES = ("micro_batch_mean", "token_mean")
 # on other devices keeps the run's batch layout, train/batch_layout.py, or is refused)
 RESUME_NEUTRAL_KEYS = ("name", "save_path", "train.log_every", "train.keep_checkpoints", "log.tensorboard",
                        "log.wandb", "log.wandb_project", "log.wandb_entity", "mesh.data", "mesh.fsdp", "mesh.tensor")
+# keys a resume may change when `train.py --allow-change KEY` names them (the way on after a NaN stop): the
+# learning rate, its schedule and the clipping, which leave the optimizer state's structure as it is; each
+# change is recorded in the run folder (train/run_changes.py)
+CHANGEABLE_ON_RESUME = ("optim.lr", "optim.schedule", "optim.warmup_steps", "optim.restart_schedule_per_stage",
+                        "optim.max_grad_norm")
 
 
 class ConfigError(ValueError):
