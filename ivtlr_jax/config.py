@@ -87,6 +87,7 @@ class LatentSection:
     latent_grad: str = "stop"
     rope: str = "1d"
     ce_chunk: int = 256
+    patch_deepstack: bool = True  # Qwen3-VL: inserted patch copies keep their DeepStack features
 
     def __post_init__(self):
         _at_least(self.num_selected_patches, 1, "num_selected_patches")

@@ -92,6 +92,9 @@ class LatentConfig:
     latent_grad: str = "stop"  # "stop": official (latent states cut from the graph); "full": through the chain
     rope: str = "1d"  # Qwen2-VL only: "1d" (official explicit 1-D positions) or "mrope" (3-D M-RoPE prefix)
     ce_chunk: int = 256  # sequence positions per chunk of the cross-entropy
+    # models with DeepStack (Qwen3-VL): an inserted patch copy also gets its patch's DeepStack features in the
+    # first decoder layers (True), or only its merged embedding (False); docs/method.md section 20
+    patch_deepstack: bool = True
 
     def __post_init__(self):
         for name, allowed in (("patch_order", PATCH_ORDERS), ("latent_grad", LATENT_GRADS), ("rope", ROPES)):
@@ -187,7 +190,8 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
             latents = jax.lax.stop_gradient(latents)
         # step 5: the final sequence, run from the shared cache where there is one
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
-        final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k)
+        final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k,
+                                                   patch_extras=cfg.patch_deepstack)
         with jax.named_scope(SCOPES.final_pass):
             if c:  # the rest of the final sequence continues from the shared cache
                 rest = model.decode(final[:, c:], positions[..., c:], final_mask[:, c:],
@@ -368,7 +372,7 @@ def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: j
     runs only [c, prefix_len)."""
     pass_key = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    b, s, d = embeds.shape
+    b, s, w = embeds.shape  # w: the model's width D, or more with per-position extras (`patch_copies`)
     k = cfg.num_selected_patches
     is_latent = ids == cfg.latent_token_id
     image_mask = (ids == model.config.image_token_id)[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
@@ -381,6 +385,7 @@ def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: j
     out = model.decode(embeds[:, c:prefix_len], positions.own[..., c:prefix_len], mask[:, c:prefix_len], cache=cache,
                        prob_rows=rows, dropout_key=pass_key(0))
     h0 = jnp.take_along_axis(out.hidden, rows[:, None, None], axis=1)[:, 0]  # [B, D] state before latent 0
+    d_model = h0.shape[-1]
     score0 = out.row_probs.mean(axis=0)[:, :prefix_len]  # [B, P] mean over layers (heads already)
     # the cache holds [0, prefix_len); slots >= p are overwritten by the chain, and never attended
     # before they are (keys are causal in slot order)
@@ -391,8 +396,9 @@ def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: j
         has_i = latent_count > i  # [B] rows with an i-th latent; the others' chunk is masked out
         sel = select_patches(score, image_mask, picked, k, cfg.patch_order)  # section 6: [B, K]
         picked = picked | jnp.any(jax.nn.one_hot(sel, prefix_len, dtype=bool), axis=1)
-        patches = jnp.take_along_axis(embeds, sel[:, :, None], axis=1)  # section 6: [B, K, D] input embeddings
-        chunk = jnp.concatenate([patches, h_prev[:, None]], axis=1)  # sections 5, 8: [B, K+1, D] = [V_i, L_i]
+        patches = jnp.take_along_axis(embeds, sel[:, :, None], axis=1)  # section 6: [B, K, W] input embeddings
+        patches = patch_copies(patches, d_model, cfg.patch_deepstack)
+        chunk = jnp.concatenate([patches, as_input(h_prev, w)[:, None]], axis=1)  # sections 5, 8: [V_i, L_i]
         chunk_mask = jnp.broadcast_to(has_i[:, None], (b, k + 1))  # [B, K+1]
         slots = cache.end + jnp.arange(k + 1)
         o = model.decode(chunk, positions.tail(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32),
@@ -415,7 +421,7 @@ def chain_gap(counts: jax.Array, n: int, k: int) -> jax.Array:
 
 
 # ---- step 5: the final sequence ----------------------------------------------------------------------
-def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
+def assemble(embeds, mask, labels, selected, latents, counts, p, k: int, patch_extras: bool = True):
     """The final sequence [B, S + n*K]: each row gets its own patches before its own latents.
 
     Row r with c_r latents becomes `question, V_0, L_0, ..., V_{c_r-1}, L_{c_r-1}, rest-of-row` (what it
@@ -423,7 +429,8 @@ def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
     -100). Its labels are right-aligned by c_r*K: original token j is predicted at final index
     j + c_r*K - 1. embeds [B, S, D] (patches are gathered from them, differentiably), selected [n, B, K]
     (-1 past a row's own passes), latents [n, B, D], counts [B] (c_r). Returns (embeds [B, L, D], mask
-    [B, L], labels [B, L])."""
+    [B, L], labels [B, L]). Embeddings wider than the latents carry per-position extras (`patch_copies`;
+    `patch_extras`: whether the patch copies keep theirs); D is then their width."""
     n = selected.shape[0]
     b, s, d = embeds.shape
     length = s + n * k
@@ -441,6 +448,7 @@ def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
     chosen = jnp.maximum(selected, 0)  # -1 (a pass the row does not have) gathers a patch that goes unused
     patches = jnp.take_along_axis(embeds[None], chosen[..., None], axis=2)  # [n, B, K, D]
     patches = jnp.transpose(patches, (1, 0, 2, 3)).reshape(b, n * k, d)
+    patches = patch_copies(patches, latents.shape[-1], patch_extras)
     table = jnp.concatenate([embeds, patches], axis=1)
     final = jnp.take_along_axis(table, src[..., None], axis=1)  # [B, L, D]
     mask_table = jnp.concatenate([mask.astype(bool), jnp.ones((b, n * k), bool)], axis=1)
@@ -448,12 +456,27 @@ def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
     if n:
         step_c = jnp.clip(step, 0, n - 1)
         slot_latent = jnp.take_along_axis(jnp.transpose(latents, (1, 0, 2)), step_c[..., None], axis=1)  # [B, L, D]
-        final = jnp.where(is_latent_slot[..., None], slot_latent.astype(final.dtype), final)
+        final = jnp.where(is_latent_slot[..., None], as_input(slot_latent, d).astype(final.dtype), final)
         final_mask = final_mask | is_latent_slot
     final = jnp.where(is_pad[..., None], jnp.zeros((), final.dtype), final)
     j = f - shift  # [B, L] the original token whose label sits at final slot f
     final_labels = jnp.where((j >= 0) & (j < s), jnp.take_along_axis(labels, jnp.clip(j, 0, s - 1), axis=1), IGNORE)
     return final, final_mask, final_labels.astype(labels.dtype)
+
+
+def as_input(h: jax.Array, width: int) -> jax.Array:
+    """A hidden state [..., D] as an input embedding of `width` >= D columns: a latent state carries none of
+    the per-position extras some models' embeddings have after their first D columns (Qwen3-VL's DeepStack
+    addends, see models/qwen3vl/modeling.py): zeros."""
+    return jnp.pad(h, [(0, 0)] * (h.ndim - 1) + [(0, width - h.shape[-1])])
+
+
+def patch_copies(patches: jax.Array, d_model: int, keep_extras: bool) -> jax.Array:
+    """Gathered image-token embeddings [..., W] as inserted copies: with `keep_extras` as they are (a copy
+    gets its patch's per-position extras, e.g. DeepStack features), else with the columns past d_model zeroed."""
+    if keep_extras or patches.shape[-1] == d_model:
+        return patches
+    return patches.at[..., d_model:].set(0)
 
 
 def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array, jax.Array]:

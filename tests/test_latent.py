@@ -19,11 +19,13 @@ from tests.oracle_ivtlr import latent_batch, oracle_ivtlr
 QWEN_LATENT, CHAMELEON_LATENT, EOS = 295, 390, 2
 
 
-def qwen_batch(latents, seed=0, answers=(6, 4), text_lens=((3, 5), (1, 2)), sizes=((84, 84), (56, 112))):
+def qwen_batch(latents, seed=0, answers=(6, 4), text_lens=((3, 5), (1, 2)), sizes=((84, 84), (56, 112)),
+               processed=hf_tiny.image_inputs):
     """Two rows with images of different sizes (by default 9 and 8 image tokens) and questions of different
-    lengths (text before and after the image per row), so the rows get different left pads."""
+    lengths (text before and after the image per row), so the rows get different left pads. processed:
+    (sizes, seed) -> (pixel_values, image_grid_thw), the family's image processing."""
     rng = np.random.default_rng(seed)
-    pv, grid = hf_tiny.image_inputs(list(sizes), seed=seed)
+    pv, grid = processed(list(sizes), seed=seed)
     n_img = (grid.prod(-1) // 4).tolist()
     span = lambda k: [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * k + [hf_tiny.VISION_END]
     text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
@@ -84,7 +86,7 @@ def torch_grads_in_our_layout(folder, hf):
 def compare(folder, hf, family, model, batch, cfg, check_grads=True, shared="max"):
     hf.zero_grad()
     loss_t, sel_t, emb_t, mask_t = oracle_ivtlr(hf, family, batch, cfg.num_selected_patches, cfg.patch_order,
-                                                cfg.rope)
+                                                cfg.rope, patch_deepstack=cfg.patch_deepstack)
     loss, aux, grads = run_jax(model, batch, cfg, shared)
     n = len(sel_t)
     k = cfg.num_selected_patches
