@@ -48,7 +48,9 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     from ..config import ConfigError, load_config
     from ..data import DataSourceError
     from ..io.lock import OutputInUseError, output_lock
+    from ..io.fingerprint import FingerprintError
     from ..train.checkpoint import CheckpointReadError
+    from ..train.fingerprints import RunContentError
     from ..train.loop import NonFiniteError, RunFolderError, train
     from ..train.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
@@ -65,8 +67,8 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
                 result = train(cfg, max_steps=args.max_steps)
         except OutputInUseError as e:  # refused before anything is loaded
             fail(p, f"error: {e}\n")
-        except (ConfigError, RunFolderError, NonFiniteError, CheckpointReadError, DataSourceError,
-                FileNotFoundError) as e:  # one message, no traceback
+        except (ConfigError, RunFolderError, NonFiniteError, CheckpointReadError, DataSourceError, FileNotFoundError,
+                RunContentError, FingerprintError) as e:  # one message, no traceback
             sys.exit(f"error: {e}")
         except Preempted as e:  # every process saved the same step: they leave fail_together together
             preempted = e

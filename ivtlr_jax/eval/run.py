@@ -251,11 +251,9 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
                                      max_length=10**9, prompt_format=cfg.prompt_format)
     check_patch_budget(examples, ids["image_token_id"], cfg)
 
-    def open_output() -> tuple[dict, list[str]]:
-        setup = eval_setup(model_dir, cfg, sampling)
-        return setup, sorted(prepare_output(out_file, setup, [ex.id for ex in examples], log))
-
-    setup, done = distributed.on_writer(open_output, "eval_output", errors=(EvalSetupError,))
+    setup = distributed.agree(lambda: eval_setup(model_dir, cfg, sampling), "eval_setup")  # every process's own
+    done = distributed.on_writer(lambda: sorted(prepare_output(out_file, setup, [ex.id for ex in examples], log)),
+                                 "eval_output", errors=(EvalSetupError,))
     finished = set(done)
     run = EvalRun(cfg, model_dir, family, getattr(processor, "tokenizer", processor), ids, latent, sampling, rules,
                   rows, devices, continuous, examples, report, setup, done,

@@ -37,6 +37,7 @@ from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
 from .batch_layout import LAYOUT_FILE, BatchLayout, run_layout, write_layout
 from .checkpoint import DAMAGED_DIR, TrainCheckpointer, remove_unfinished_saves
 from .cleanup import close_all
+from .fingerprints import check_fingerprints, run_fingerprints, write_fingerprints
 from ..events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import learning_rate, make_optimizer
@@ -258,7 +259,7 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     """Check the run folder, build the mesh, the model, the data, the optimizer and the checkpointer
     (every process agrees on each check); writes config.yaml once the model and the data loaded.
     -> the run, and its state at step 0."""
-    run_dir = distributed.agree(lambda: check_start(cfg), "run_folder")  # every process checks; all stop
+    run_dir, fingerprints = distributed.agree(lambda: check_start(cfg), "run_folder")  # every process checks
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
     layout = distributed.agree(lambda: run_layout(cfg, run_dir, mesh.shape["data"] * mesh.shape["fsdp"], log),
@@ -272,6 +273,7 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
         "examples")
     if distributed.is_writer():
         write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
+        write_fingerprints(run_dir, fingerprints)
         if not (run_dir / LAYOUT_FILE).exists():
             write_layout(run_dir, layout)
     micro_per_epoch = math.ceil(len(examples) / layout.rows_per_micro_step)
@@ -295,11 +297,14 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     return run, RunState(trainable, init_optimizer(tx, trainable, rules))
 
 
-def check_start(cfg: RunConfig) -> Path:
-    """The run folder is this run's, and the dashboards' packages are present (ivtlr_jax/events.py)."""
+def check_start(cfg: RunConfig) -> tuple[Path, dict[str, str]]:
+    """The run folder is this run's, the dashboards' packages are present (ivtlr_jax/events.py), and the
+    base model and data hold what the run began with (train/fingerprints.py). -> (run folder, fingerprints)"""
     run_dir = check_run_folder(cfg)
     check_backends(cfg.log)
-    return run_dir
+    fingerprints = run_fingerprints(cfg)
+    check_fingerprints(cfg, fingerprints)
+    return run_dir, fingerprints
 
 
 def load_training_examples(cfg: RunConfig, processor, family: str, image_token_id: int, latent_cfg: LatentConfig):
