@@ -68,7 +68,7 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
         except OutputInUseError as e:  # refused before anything is loaded
             fail(p, f"error: {e}\n")
         except (ConfigError, RunFolderError, NonFiniteError, CheckpointReadError, DataSourceError, FileNotFoundError,
-                RunContentError, FingerprintError) as e:  # one message, no traceback
+                distributed.DisagreementError, RunContentError, FingerprintError) as e:  # one message, no traceback
             sys.exit(f"error: {e}")
         except Preempted as e:  # every process saved the same step: they leave fail_together together
             preempted = e

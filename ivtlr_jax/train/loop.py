@@ -24,7 +24,7 @@ from flax import nnx
 
 from .. import distributed
 from ..build import build_model
-from ..config import ConfigError, InferenceSettings, RunConfig, differing_keys, to_dict
+from ..config import ConfigError, InferenceSettings, RunConfig, differing_keys, flat_items, to_dict
 from ..data import LatentShapes, epoch_order, load_examples, stage_of_epoch, stage_tokens
 from ..io.atomic import atomic_output_folder, recover_swap, write_atomic
 from ..io.durable import LineLog
@@ -259,7 +259,9 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
     """Check the run folder, build the mesh, the model, the data, the optimizer and the checkpointer
     (every process agrees on each check); writes config.yaml once the model and the data loaded.
     -> the run, and its state at step 0."""
+    distributed.same_everywhere(flat_items(to_dict(cfg)), "configurations", "config")  # before anything is read
     run_dir, fingerprints = distributed.agree(lambda: check_start(cfg), "run_folder")  # every process checks
+    distributed.same_everywhere(fingerprints, "base models or data (fingerprints of their contents)", "fingerprints")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
     layout = distributed.agree(lambda: run_layout(cfg, run_dir, mesh.shape["data"] * mesh.shape["fsdp"], log),
