@@ -709,14 +709,13 @@ def test_a_run_refuses_to_resume_on_a_changed_base_model_or_data(assets, tmp_pat
     shutil.copytree(assets / "model", model)
     shutil.copytree(assets / "data", data)
     cfg_path = write_config(tmp_path, assets, "contents", model={"model_id": str(model)}, data={"source": str(data)})
-    command = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path), "--max-steps", "1"]
+    command = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path), "--max-steps", "2"]  # 1 checkpoint
     run = lambda: subprocess.run(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                                  text=True, timeout=300)
     first = run()
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "contents"
     before = folder_bytes(run_dir)
-    assert set(json.loads(before["fingerprints.json"])) == {"base_model", "data"}
 
     weights = load_file(model / "model.safetensors")
     weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5  # one tensor rescaled, names and shapes kept
@@ -734,3 +733,7 @@ def test_a_run_refuses_to_resume_on_a_changed_base_model_or_data(assets, tmp_pat
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
     assert "other contents of the training data (data.source, data.train_split)" in refused.stderr, refused.stderr
     assert "base model" not in refused.stderr and folder_bytes(run_dir) == before
+    assert set(json.loads(before["fingerprints.json"])) == {"base_model", "data"}  # recorded when the run began
+    shutil.copy(assets / "data" / "train.parquet", data / "train.parquet")  # the original contents: it resumes
+    resumed = run()
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
