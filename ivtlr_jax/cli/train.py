@@ -3,10 +3,12 @@
 Runs (or resumes from its latest checkpoint) the run folder save_path/name of the configuration:
 config.yaml, metrics.jsonl (one JSON line per micro-step), checkpoints/, one merged Hugging Face export
 per stage (stage_<s>/) and TensorBoard event files (tensorboard/train/). Re-run the same command to
-resume after an interruption. SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint at
-the next micro-step, prints `preempted at micro-step N; ...` and exits with status 75 (EX_TEMPFAIL). One
-trainer per run folder: while it runs, a second one is refused at once (status 2, naming the first's pid
-and host; the lock file save_path/name.lock is taken over when its process is gone).
+resume after an interruption (refused, in one line, when the base model's or the training data's
+contents changed since the run began: fingerprints.json). SIGTERM (a scheduler's preemption notice)
+or Ctrl-C saves a checkpoint at the next micro-step, prints `preempted at micro-step N; ...` and
+exits with status 75 (EX_TEMPFAIL). One trainer per run folder: while it runs, a second one is
+refused at once (status 2, naming the first's pid and host; the lock file save_path/name.lock is
+taken over when its process is gone).
 
 Several processes (hosts): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a SLURM
 job (README); each process runs the same command, process 0 writes the run folder.
