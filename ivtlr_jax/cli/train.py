@@ -3,10 +3,12 @@
 Runs (or resumes from its latest checkpoint) the run folder save_path/name of the configuration:
 config.yaml, metrics.jsonl (one JSON line per micro-step), checkpoints/, one merged Hugging Face export
 per stage (stage_<s>/) and TensorBoard event files (tensorboard/train/). Re-run the same command to
-resume after an interruption. SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint at
-the next micro-step, prints `preempted at micro-step N; ...` and exits with status 75 (EX_TEMPFAIL). One
-trainer per run folder: while it runs, a second one is refused at once (status 2, naming the first's pid
-and host; the lock file save_path/name.lock is taken over when its process is gone).
+resume after an interruption (refused, in one line, when the base model's or the training data's
+contents changed since the run began: fingerprints.json). SIGTERM (a scheduler's preemption notice)
+or Ctrl-C saves a checkpoint at the next micro-step, prints `preempted at micro-step N; ...` and
+exits with status 75 (EX_TEMPFAIL). One trainer per run folder: while it runs, a second one is
+refused at once (status 2, naming the first's pid and host; the lock file save_path/name.lock is
+taken over when its process is gone).
 
 Several processes (hosts): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a SLURM
 job (README); each process runs the same command, process 0 writes the run folder.
@@ -64,7 +66,9 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
     from ..config import ConfigError, load_config
     from ..data import DataSourceError
     from ..io.lock import OutputInUseError, output_lock
+    from ..io.fingerprint import FingerprintError
     from ..train.checkpoint import CheckpointReadError
+    from ..train.fingerprints import RunContentError
     from ..train.loop import NonFiniteError, RunFolderError, train
     from ..train.preemption import PREEMPTED_EXIT_STATUS, Preempted
     from ..train.resume_options import ResumeOptions
@@ -83,8 +87,8 @@ def main(argv=None, prog: str = "ivtlr-train") -> None:
                 result = train(cfg, max_steps=args.max_steps, options=options)
         except OutputInUseError as e:  # refused before anything is loaded
             fail(p, f"error: {e}\n")
-        except (ConfigError, RunFolderError, NonFiniteError, CheckpointReadError, DataSourceError,
-                FileNotFoundError) as e:  # one message, no traceback
+        except (ConfigError, RunFolderError, NonFiniteError, CheckpointReadError, DataSourceError, FileNotFoundError,
+                distributed.DisagreementError, RunContentError, FingerprintError) as e:  # one message, no traceback
             sys.exit(f"error: {e}")
         except Preempted as e:  # every process saved the same step: they leave fail_together together
             preempted = e

@@ -13,6 +13,7 @@ answer; the family decides the image placeholder, chat format and image processi
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,11 +32,13 @@ from .examples import (
     decode_image,
     encode_text_parts,
     image_bytes,
+    content_id,
     make_encoder,
     materialize,
     refuse_image_token,
     split_rationale,
     tokenizer_of,
+    unique_ids,
 )
 from .synthetic import make_synthetic_m3cot, synthetic_corpus, synthetic_rows
 from .tokenizer import build_tiny_chameleon_processor, build_tiny_qwen2vl_processor, load_processor, special_token_ids
@@ -201,6 +204,7 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
         report.truncated += truncated
         examples.append(example)
     report.kept = len(examples)
+    unique_ids(examples)
     return examples, report
 
 
@@ -213,7 +217,6 @@ def source_folder(source: str) -> Path | None:
 def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images,
                  prompt_format: str = "train", root: Path | None = None) -> tuple[Example, bool]:
     text = module.parse_row(row, index, split)
-    refuse_image_token(text, encoder.image_token)
     try:
         data = image_bytes(text.image, root)
         if data is None:
@@ -223,6 +226,10 @@ def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images
         raise
     except Exception as err:  # noqa: BLE001 - any decoding failure is a bad row
         raise SkipRow("unreadable_image", str(err)) from None
+    if not text.id:  # no id column: the content's
+        rid = content_id(module.NAME, text.question, text.choices, data)
+        text = dataclasses.replace(text, id=rid, meta=dict(text.meta, id=rid))
+    refuse_image_token(text, encoder.image_token)
     suffix: list[int] = []
     try:
         if prompt_format == "official":

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -174,6 +176,29 @@ def refuse_image_token(text: RowText, image_token: str) -> None:
     for piece in (text.question, *text.choices, *text.steps):
         if image_token in piece:
             raise SkipRow("image_token_in_text", f"{text.id}: the text contains {image_token!r}")
+
+
+# ---- ids ------------------------------------------------------------------------------------------------
+ID_HEX = 16  # hex digits of a content id (64 bits: no collision expected below ~10^9 rows)
+
+
+def content_id(dataset: str, question: str, choices: list[str], image: bytes) -> str:
+    """`<dataset>-<16 hex digits>`: the stable id of a row whose dataset has no id column (ScienceQA), a
+    hash of its question, choices and image bytes, so that a reordered or re-split source keeps every
+    evaluation record under its own question."""
+    key = json.dumps([question, choices, hashlib.sha256(image).hexdigest()], ensure_ascii=False).encode()
+    return f"{dataset}-{hashlib.sha256(key).hexdigest()[:ID_HEX]}"
+
+
+def unique_ids(examples: list[Example]) -> None:
+    """Rows that share an id (the same question, choices and image twice) get `#2`, `#3`, ... after the
+    first, in row order (a record belongs to one example)."""
+    seen: dict[str, int] = {}
+    for ex in examples:
+        seen[ex.id] = seen.get(ex.id, 0) + 1
+        if seen[ex.id] > 1:
+            ex.id = f"{ex.id}#{seen[ex.id]}"
+            ex.meta["id"] = ex.id
 
 
 # ---- images ----------------------------------------------------------------------------------------

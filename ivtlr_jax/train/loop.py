@@ -24,7 +24,8 @@ from flax import nnx
 
 from .. import distributed
 from ..build import build_model
-from ..config import CHANGEABLE_ON_RESUME, ConfigError, InferenceSettings, RunConfig, differing_keys, to_dict
+from ..config import (CHANGEABLE_ON_RESUME, ConfigError, InferenceSettings, RunConfig, differing_keys, flat_items,
+                      to_dict)
 from ..data import LatentShapes, epoch_order, load_examples, stage_of_epoch, stage_tokens
 from ..io.atomic import atomic_output_folder, recover_swap, write_atomic
 from ..io.durable import LineLog
@@ -37,6 +38,7 @@ from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
 from .batch_layout import LAYOUT_FILE, BatchLayout, run_layout, write_layout
 from .checkpoint import DAMAGED_DIR, TrainCheckpointer, remove_unfinished_saves
 from .cleanup import close_all
+from .fingerprints import check_fingerprints, run_fingerprints, write_fingerprints
 from ..events import check_backends, log_train_step, train_events
 from .multihost import collate_local, place_batch, read_hf_tensors
 from .optim import discard_accumulation, learning_rate, make_optimizer
@@ -274,7 +276,9 @@ def set_up_run(cfg: RunConfig, log, options: ResumeOptions = ResumeOptions()) ->
     (every process agrees on each check); writes config.yaml once the model and the data loaded (after the
     record of the changes --allow-change let through, `record_resume_changes`). -> the run, and its state
     at step 0."""
-    run_dir = distributed.agree(lambda: check_start(cfg, options), "run_folder")  # every process checks; all stop
+    distributed.same_everywhere(flat_items(to_dict(cfg)), "configurations", "config")  # before anything is read
+    run_dir, fingerprints = distributed.agree(lambda: check_start(cfg, options), "run_folder")  # all check; all stop
+    distributed.same_everywhere(fingerprints, "base models or data (fingerprints of their contents)", "fingerprints")
     config_changes = allowed_changes(cfg, options)  # read before config.yaml is written
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
@@ -290,6 +294,7 @@ def set_up_run(cfg: RunConfig, log, options: ResumeOptions = ResumeOptions()) ->
     if distributed.is_writer():
         if not config_changes:  # else once they are recorded (`record_resume_changes`)
             write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
+        write_fingerprints(run_dir, fingerprints)
         if not (run_dir / LAYOUT_FILE).exists():
             write_layout(run_dir, layout)
     micro_per_epoch = math.ceil(len(examples) / layout.rows_per_micro_step)
@@ -367,13 +372,16 @@ def epoch_micro_batch_tokens(run: Run, epoch: int) -> list[int]:
                               run.global_batch)
 
 
-def check_start(cfg: RunConfig, options: ResumeOptions = ResumeOptions()) -> Path:
+def check_start(cfg: RunConfig, options: ResumeOptions = ResumeOptions()) -> tuple[Path, dict[str, str]]:
     """The run folder is this run's (or differs in the keys --allow-change names), --resume-from and
-    --skip-batch fit its checkpoints, and the dashboards' packages are present (ivtlr_jax/events.py)."""
+    --skip-batch fit its checkpoints, the dashboards' packages are present (ivtlr_jax/events.py), and the
+    base model and data hold what the run began with (train/fingerprints.py). -> (run folder, fingerprints)"""
     run_dir = check_run_folder(cfg, options.allow_change)
     check_resume_options(run_dir, options)
     check_backends(cfg.log)
-    return run_dir
+    fingerprints = run_fingerprints(cfg)
+    check_fingerprints(cfg, fingerprints)
+    return run_dir, fingerprints
 
 
 def load_training_examples(cfg: RunConfig, processor, family: str, image_token_id: int, latent_cfg: LatentConfig):
