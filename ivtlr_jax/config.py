@@ -34,6 +34,11 @@ BATCHINGS = ("auto", "static", "continuous")  # evaluation (eval/run.py's module
 RESUME_NEUTRAL_KEYS = ("name", "save_path", "train.log_every", "train.keep_checkpoints", "log.tensorboard",
                        "log.wandb", "log.wandb_project", "log.wandb_entity", "mesh.data", "mesh.fsdp", "mesh.tensor",
                        "eval.")
+# keys a resume may change when `train.py --allow-change KEY` names them (the way on after a NaN stop): the
+# learning rate, its schedule and the clipping, which leave the optimizer state's structure as it is; each
+# change is recorded in the run folder (train/run_changes.py)
+CHANGEABLE_ON_RESUME = ("optim.lr", "optim.schedule", "optim.warmup_steps", "optim.restart_schedule_per_stage",
+                        "optim.max_grad_norm")
 
 
 class ConfigError(ValueError):
@@ -91,6 +96,7 @@ class LatentSection:
     latent_grad: str = "stop"
     rope: str = "1d"
     ce_chunk: int = 256
+    patch_deepstack: bool = True  # Qwen3-VL: inserted patch copies keep their DeepStack features
 
     def __post_init__(self):
         _at_least(self.num_selected_patches, 1, "num_selected_patches")

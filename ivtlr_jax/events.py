@@ -119,7 +119,8 @@ def train_events(cfg, resumed_at: int) -> EventLog:
     if resumed_at and events.tb is not None:
         wandb, events.wandb = events.wandb, None  # W&B keeps what it was sent: not replayed
         for record in folder.read_metrics()[0]:
-            log_train_step(events, record)
+            if not record.skipped:
+                log_train_step(events, record)
         events.wandb = wandb
     return events
 

@@ -70,6 +70,20 @@ LATENT_GRADS = ("stop", "full")
 ROPES = ("1d", "mrope")
 
 
+class StepScopes(NamedTuple):
+    """The loss's parts as named in the compiled program (`jax.named_scope`, kept in XLA's op metadata, in
+    the backward pass too); the planner's memory breakdown (plan_memory.py) groups buffers by them."""
+
+    embed: str = "embed_inputs"  # step 1: the vision tower and the token embeddings
+    shared_prefix: str = "shared_prefix"  # step 2: the question slots both passes share
+    latent_chain: str = "latent_chain"  # steps 3-4: prefill and the latent passes
+    final_pass: str = "final_pass"  # step 5: the final sequence (or the plain forward, n = 0)
+    loss: str = "loss"  # the chunked cross-entropy (logits included)
+
+
+SCOPES = StepScopes()
+
+
 @dataclasses.dataclass(frozen=True)
 class LatentConfig:
     latent_token_id: int
@@ -78,6 +92,9 @@ class LatentConfig:
     latent_grad: str = "stop"  # "stop": official (latent states cut from the graph); "full": through the chain
     rope: str = "1d"  # Qwen2-VL only: "1d" (official explicit 1-D positions) or "mrope" (3-D M-RoPE prefix)
     ce_chunk: int = 256  # sequence positions per chunk of the cross-entropy
+    # models with DeepStack (Qwen3-VL): an inserted patch copy also gets its patch's DeepStack features in the
+    # first decoder layers (True), or only its merged embedding (False); docs/method.md section 20
+    patch_deepstack: bool = True
 
     def __post_init__(self):
         for name, allowed in (("patch_order", PATCH_ORDERS), ("latent_grad", LATENT_GRADS), ("rope", ROPES)):
@@ -136,7 +153,8 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
     n, k = num_latents, cfg.num_selected_patches
     shared_len = shapes.shared_prefix if num_latents else 0  # question slots run once, shared by chain and final pass
     mask = batch["attention_mask"]
-    embeds = model.embed_inputs(ids, **image_inputs_of(batch))  # step 1: [B, S, D]
+    with jax.named_scope(SCOPES.embed):  # step 1: [B, S, D]
+        embeds = model.embed_inputs(ids, **image_inputs_of(batch))
     final_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 0)
 
     if n == 0:  # section 7 (n = 0): a plain forward
@@ -144,15 +162,17 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         final, final_mask, final_labels = embeds, mask.astype(bool), batch["labels"]
         selected = jnp.zeros((0, ids.shape[0], k), jnp.int32)
         positions = sequence_positions(model, cfg, batch, jnp.int32(s)).own
-        hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
+        with jax.named_scope(SCOPES.final_pass):
+            hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
     else:
         p = first_latent_index(ids, cfg.latent_token_id)
         sequence_pos = sequence_positions(model, cfg, batch, p)  # M-RoPE: the index once
         positions = final_positions(model, cfg, batch, sequence_pos, p, ids.shape[1] + n * k)
         shared = None
         if shared_len:  # step 2: the question slots [0, shared_len), run once with gradients, cached for both
-            pre = model.decode(embeds[:, :shared_len], positions[..., :shared_len], mask[:, :shared_len],
-                               cache=model.init_cache(ids.shape[0], shared_len), dropout_key=final_key)
+            with jax.named_scope(SCOPES.shared_prefix):
+                pre = model.decode(embeds[:, :shared_len], positions[..., :shared_len], mask[:, :shared_len],
+                                   cache=model.init_cache(ids.shape[0], shared_len), dropout_key=final_key)
             shared = pre.cache
         # steps 3-4: prefill and the latent passes (latent_grad="stop": on stop-gradient copies)
         if cfg.latent_grad == "stop":
@@ -163,23 +183,27 @@ def ivtlr_loss(model, batch: dict, cfg: LatentConfig, shapes: LatentShapes | Non
         else:
             chain_model, chain_embeds, chain_shared = model, embeds, shared
         chain_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-        chain = latent_passes(chain_model, cfg, chain_embeds, batch, p, sequence_pos, n=n, prefix_len=prefix_len,
-                              dropout_key=chain_key, shared=chain_shared)
+        with jax.named_scope(SCOPES.latent_chain):
+            chain = latent_passes(chain_model, cfg, chain_embeds, batch, p, sequence_pos, n=n, prefix_len=prefix_len,
+                                  dropout_key=chain_key, shared=chain_shared)
         selected, latents = chain.selected, chain.latents
         if cfg.latent_grad == "stop":
             latents = jax.lax.stop_gradient(latents)
         # step 5: the final sequence, run from the shared cache where there is one
         counts = jnp.sum(ids == cfg.latent_token_id, axis=1)  # [B] c_r
-        final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k)
-        if shared_len:  # the rest of the final sequence continues from the shared cache
-            rest = model.decode(final[:, shared_len:], positions[..., shared_len:], final_mask[:, shared_len:],
-                                cache=shared.resized(final.shape[1]),
-                                dropout_key=jax.random.fold_in(final_key, 1) if final_key is not None else None)
-            hidden = jnp.concatenate([pre.hidden, rest.hidden], axis=1)
-        else:
-            hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
+        final, final_mask, final_labels = assemble(embeds, mask, batch["labels"], selected, latents, counts, p, k,
+                                                   patch_extras=cfg.patch_deepstack)
+        with jax.named_scope(SCOPES.final_pass):
+            if shared_len:  # the rest of the final sequence continues from the shared cache
+                rest = model.decode(final[:, shared_len:], positions[..., shared_len:], final_mask[:, shared_len:],
+                                    cache=shared.resized(final.shape[1]),
+                                    dropout_key=jax.random.fold_in(final_key, 1) if final_key is not None else None)
+                hidden = jnp.concatenate([pre.hidden, rest.hidden], axis=1)
+            else:
+                hidden = model.decode(final, positions, final_mask, dropout_key=final_key).hidden
 
-    row_nll, row_tokens = chunked_cross_entropy(model, hidden, final_labels, cfg.ce_chunk)
+    with jax.named_scope(SCOPES.loss):
+        row_nll, row_tokens = chunked_cross_entropy(model, hidden, final_labels, cfg.ce_chunk)
     count = jnp.sum(row_tokens)
     loss = jnp.sum(row_nll) / jnp.maximum(count, 1)
     return loss, LatentAux(selected, row_nll, row_tokens, final, final_mask, final_labels, positions, count)
@@ -349,7 +373,7 @@ def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: j
     runs only [m, prefix_len)."""
     pass_key = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    b, s, d = embeds.shape
+    b, s, w = embeds.shape  # w: the model's width D, or more with per-position extras (`patch_copies`)
     k = cfg.num_selected_patches
     is_latent = ids == cfg.latent_token_id
     image_mask = (ids == model.config.image_token_id)[:, :prefix_len] & (jnp.arange(prefix_len)[None] < p)
@@ -362,6 +386,7 @@ def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: j
     out = model.decode(embeds[:, cached:prefix_len], positions.own[..., cached:prefix_len], mask[:, cached:prefix_len],
                        cache=cache, prob_rows=rows, dropout_key=pass_key(0))
     h0 = jnp.take_along_axis(out.hidden, rows[:, None, None], axis=1)[:, 0]  # [B, D] state before latent 0
+    d_model = h0.shape[-1]
     score0 = out.row_probs.mean(axis=0)[:, :prefix_len]  # [B, P] mean over layers (heads already)
     # the cache holds [0, prefix_len); slots >= p are overwritten by the chain, and never attended
     # before they are (keys are causal in slot order)
@@ -372,8 +397,9 @@ def latent_passes(model, cfg: LatentConfig, embeds: jax.Array, batch: dict, p: j
         has_i = latent_count > i  # [B] rows with an i-th latent; the others' chunk is masked out
         sel = select_patches(score, image_mask, picked, k, cfg.patch_order)  # section 6: [B, K]
         picked = picked | jnp.any(jax.nn.one_hot(sel, prefix_len, dtype=bool), axis=1)
-        patches = jnp.take_along_axis(embeds, sel[:, :, None], axis=1)  # section 6: [B, K, D] input embeddings
-        chunk = jnp.concatenate([patches, h_prev[:, None]], axis=1)  # sections 5, 8: [B, K+1, D] = [V_i, L_i]
+        patches = jnp.take_along_axis(embeds, sel[:, :, None], axis=1)  # section 6: [B, K, W] input embeddings
+        patches = patch_copies(patches, d_model, cfg.patch_deepstack)
+        chunk = jnp.concatenate([patches, as_input(h_prev, w)[:, None]], axis=1)  # sections 5, 8: [V_i, L_i]
         chunk_mask = jnp.broadcast_to(has_i[:, None], (b, k + 1))  # [B, K+1]
         slots = cache.end + jnp.arange(k + 1)
         o = model.decode(chunk, positions.tail(slots), chunk_mask, cache=cache, prob_rows=jnp.full((b,), k, jnp.int32),
@@ -396,7 +422,7 @@ def chain_gap(counts: jax.Array, n: int, k: int) -> jax.Array:
 
 
 # ---- step 5: the final sequence ----------------------------------------------------------------------
-def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
+def assemble(embeds, mask, labels, selected, latents, counts, p, k: int, patch_extras: bool = True):
     """The final sequence [B, S + n*K]: each row gets its own patches before its own latents.
 
     Row r with c_r latents becomes `question, V_0, L_0, ..., V_{c_r-1}, L_{c_r-1}, rest-of-row` (what it
@@ -404,7 +430,8 @@ def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
     -100). Its labels are right-aligned by c_r*K: original token j is predicted at final index
     j + c_r*K - 1. embeds [B, S, D] (patches are gathered from them, differentiably), selected [n, B, K]
     (-1 past a row's own passes), latents [n, B, D], counts [B] (c_r). Returns (embeds [B, L, D], mask
-    [B, L], labels [B, L])."""
+    [B, L], labels [B, L]). Embeddings wider than the latents carry per-position extras (`patch_copies`;
+    `patch_extras`: whether the patch copies keep theirs); D is then their width."""
     n = selected.shape[0]
     b, s, d = embeds.shape
     length = s + n * k
@@ -422,6 +449,7 @@ def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
     chosen = jnp.maximum(selected, 0)  # -1 (a pass the row does not have) gathers a patch that goes unused
     patches = jnp.take_along_axis(embeds[None], chosen[..., None], axis=2)  # [n, B, K, D]
     patches = jnp.transpose(patches, (1, 0, 2, 3)).reshape(b, n * k, d)
+    patches = patch_copies(patches, latents.shape[-1], patch_extras)
     table = jnp.concatenate([embeds, patches], axis=1)
     final = jnp.take_along_axis(table, src[..., None], axis=1)  # [B, L, D]
     mask_table = jnp.concatenate([mask.astype(bool), jnp.ones((b, n * k), bool)], axis=1)
@@ -429,12 +457,27 @@ def assemble(embeds, mask, labels, selected, latents, counts, p, k: int):
     if n:
         step_c = jnp.clip(step, 0, n - 1)
         slot_latent = jnp.take_along_axis(jnp.transpose(latents, (1, 0, 2)), step_c[..., None], axis=1)  # [B, L, D]
-        final = jnp.where(is_latent_slot[..., None], slot_latent.astype(final.dtype), final)
+        final = jnp.where(is_latent_slot[..., None], as_input(slot_latent, d).astype(final.dtype), final)
         final_mask = final_mask | is_latent_slot
     final = jnp.where(is_pad[..., None], jnp.zeros((), final.dtype), final)
     j = f - shift  # [B, L] the original token whose label sits at final slot f
     final_labels = jnp.where((j >= 0) & (j < s), jnp.take_along_axis(labels, jnp.clip(j, 0, s - 1), axis=1), IGNORE)
     return final, final_mask, final_labels.astype(labels.dtype)
+
+
+def as_input(h: jax.Array, width: int) -> jax.Array:
+    """A hidden state [..., D] as an input embedding of `width` >= D columns: a latent state carries none of
+    the per-position extras some models' embeddings have after their first D columns (Qwen3-VL's DeepStack
+    addends, see models/qwen3vl/modeling.py): zeros."""
+    return jnp.pad(h, [(0, 0)] * (h.ndim - 1) + [(0, width - h.shape[-1])])
+
+
+def patch_copies(patches: jax.Array, d_model: int, keep_extras: bool) -> jax.Array:
+    """Gathered image-token embeddings [..., W] as inserted copies: with `keep_extras` as they are (a copy
+    gets its patch's per-position extras, e.g. DeepStack features), else with the columns past d_model zeroed."""
+    if keep_extras or patches.shape[-1] == d_model:
+        return patches
+    return patches.at[..., d_model:].set(0)
 
 
 def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -449,7 +492,6 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
     hs = hidden.reshape(b, -1, chunk, d).transpose(1, 0, 2, 3)
     ts = targets.reshape(b, -1, chunk).transpose(1, 0, 2)
 
-    @jax.checkpoint
     def piece(h, y):
         logits = model.logits(h)  # [B, chunk, V] fp32
         valid = y != IGNORE
@@ -457,10 +499,14 @@ def chunked_cross_entropy(model, hidden, labels, chunk: int) -> tuple[jax.Array,
         nll = jax.nn.logsumexp(logits, axis=-1) - gold
         return jnp.sum(jnp.where(valid, nll, 0.0), axis=1)
 
+    # the skip inside the remat: its residuals are then h, y and the LM head as it is (loop-invariant, kept
+    # once); a remat inside the cond would return the head from the cond, stacked per chunk ([chunks, D, V])
+    @jax.checkpoint
+    def chunk_nll(h, y):
+        return jax.lax.cond(jnp.any(y != IGNORE), piece, lambda h, y: jnp.zeros((b,), acc), h, y)
+
     def body(total, xs):
-        h, y = xs
-        s = jax.lax.cond(jnp.any(y != IGNORE), piece, lambda h, y: jnp.zeros((b,), acc), h, y)
-        return total + s, None
+        return total + chunk_nll(*xs), None
 
     acc = acc_dtype(hidden)
     total, _ = jax.lax.scan(body, jnp.zeros((b,), acc), (hs, ts), unroll=getattr(model, "unroll_scans", False))

@@ -66,12 +66,14 @@ from jax.sharding import NamedSharding  # noqa: E402
 from .config import ConfigError, RunConfig, load_config  # noqa: E402
 from .latent import LatentConfig, LatentShapes  # noqa: E402
 from .models import FAMILIES, Family  # noqa: E402
+from .models.common.run_options import REMAT_POLICIES  # noqa: E402
 from .models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
 from .build import abstract_run_model  # noqa: E402
 from .models.common.lora import trainable_filter  # noqa: E402
 from .train.optim import make_optimizer  # noqa: E402
 from .models.common.sharding import batch_shardings  # noqa: E402
 from .train.step import StepConfig, make_train_step, opt_state_shardings  # noqa: E402
+from .plan_memory import MemoryBreakdown, compile_with_breakdown  # noqa: E402
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM (the figure the MFU ceiling is relative to)
 H100_MEMORY_GB = 80.0
@@ -100,6 +102,7 @@ class Plan:
     step_s_at_peak: float
     mfu_ceiling: float
     flops_scanned: float  # per device: XLA's count of the compiled program (each loop body once)
+    breakdown: MemoryBreakdown | None = None  # the peak by part of the step (--breakdown)
 
     def __str__(self):
         fits = "fits" if self.total_gb <= H100_MEMORY_GB else "DOES NOT FIT"
@@ -110,7 +113,10 @@ class Plan:
                 f"  FLOPs per device per step {self.flops_per_device:.3e} (model FLOPs {self.model_flops:.3e} in all)\n"
                 f"  step time at the H100 bf16 peak of {H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s: "
                 f">= {self.step_s_at_peak * 1e3:.3g} ms; "
-                f"MFU ceiling (model FLOPs / executed FLOPs) {self.mfu_ceiling:.1%}")
+                f"MFU ceiling (model FLOPs / executed FLOPs) {self.mfu_ceiling:.1%}"
+                + ("" if self.breakdown is None else
+                   "\n  the peak by part (XLA's live buffers at its peak, per device):\n"
+                   + "\n".join(self.breakdown.lines())))
 
 
 def architecture(cfg: RunConfig) -> dict:
@@ -148,9 +154,10 @@ def abstract_batch(family: Family, batch: int, seq_len: int, image_tokens: int, 
 
 def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, seq_len: int | None = None,
                prefix_len: int | None = None, num_latents: int = 3, full_finetune: bool = False,
-               count_flops: bool = True) -> Plan:
+               count_flops: bool = True, breakdown: bool = False) -> Plan:
     """`count_flops=False`: FLOPs of the compiled (scanned) program as XLA counts them, each loop body
-    once (a lower bound that still grows with batch and length), without the 3 unrolled compiles."""
+    once (a lower bound that still grows with batch and length), without the 3 unrolled compiles.
+    `breakdown`: also attribute the peak to the parts of the step (plan_memory.py)."""
     raw = architecture(cfg)
     family = FAMILIES[raw["model_type"]]
     config = family.config_cls.from_hf(raw)
@@ -168,7 +175,7 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
     batch_abs = abstract_batch(family, b, s, shapes["image_tokens"], shapes["image_side"])
     b_sh = batch_shardings(batch_abs, rules)
     latent = cfg.latent.latent_config(0)
-    prefix_len = prefix_len or shapes["prefix"]
+    prefix_len = min(prefix_len or shapes["prefix"], s)  # a shorter --seq-len bounds the first latent too
     rest = (with_shardings(batch_abs, b_sh), jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
             jax.ShapeDtypeStruct((), jnp.float32), LatentShapes(num_latents, prefix_len))
 
@@ -178,16 +185,20 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
         return (trainable, frozen, opt), (state_shardings(trainable, rules), state_shardings(frozen, rules),
                                          opt_state_shardings(opt, trainable, rules))
 
-    def compile_step(model):
+    def lower_step(model):
         states, shardings = split(model)
         step = make_train_step(nnx.graphdef(model), tx, StepConfig(latent, b // replicas, cfg.optim.loss_scale),
                                rules=rules, shardings=(*shardings, b_sh))
-        lowered = step.lower(*(with_shardings(x, sh) for x, sh in zip(states, shardings)), *rest)
-        return lowered.compile(ANALYSIS_COMPILER_OPTIONS)
+        return step.lower(*(with_shardings(x, sh) for x, sh in zip(states, shardings)), *rest)
 
+    compile_step = lambda model: lower_step(model).compile(ANALYSIS_COMPILER_OPTIONS)  # noqa: E731
     model = build(False)
     (trainable, frozen, opt_abstract), (t_sh, f_sh, o_sh) = split(model)
-    compiled = compile_step(model)  # the program that runs: memory
+    peak = None  # the program that runs: memory
+    if breakdown:
+        compiled, peak = compile_with_breakdown(lower_step(model), ANALYSIS_COMPILER_OPTIONS)
+    else:
+        compiled = compile_step(model)
     flops = flops_by_depth(lambda c: compile_step(build(True, c)), config) if count_flops else _flops(compiled)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
     tokens = b * (s + num_latents * k)
@@ -197,7 +208,7 @@ def plan_train(cfg: RunConfig, mesh_shape: dict, *, batch: int | None = None, se
                  optimizer=_per_device_bytes(opt_abstract, o_sh), flops=flops,
                  # full fine-tuning: forward + activation and weight gradients (6NT); LoRA: no weight
                  # gradients for the frozen base (4NT)
-                 model_flops=(6.0 if full_finetune else 4.0) * n_params * tokens)
+                 model_flops=(6.0 if full_finetune else 4.0) * n_params * tokens, breakdown=peak)
 
 
 def _flops(compiled) -> float:
@@ -229,7 +240,8 @@ def flops_by_depth(compile_unrolled, config) -> float:
     return total
 
 
-def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops: float, flops: float) -> Plan:
+def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops: float, flops: float,
+          breakdown: MemoryBreakdown | None = None) -> Plan:
     mem = compiled.memory_analysis()
     gb = lambda v: v / 1e9
     args, temps, outs = mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes
@@ -238,7 +250,7 @@ def _plan(name, rules, compiled, *, params: float, optimizer: float, model_flops
     step_s = flops / (H100_BF16_PEAK_TFLOPS * 1e12) if flops else float("nan")
     return Plan(name, dict(rules.mesh.shape), gb(params), gb(optimizer), gb(args), gb(temps), gb(outs),
                 gb(args + temps + outs - alias), flops, model_flops, step_s,
-                min(model_flops / devices / flops, 1.0) if flops else float("nan"), _flops(compiled))
+                min(model_flops / devices / flops, 1.0) if flops else float("nan"), _flops(compiled), breakdown)
 
 
 def planned_accumulation(cfg: RunConfig, replicas: int) -> int:
@@ -250,6 +262,42 @@ def planned_accumulation(cfg: RunConfig, replicas: int) -> int:
         return planned_layout(cfg, replicas).accumulation
     except ConfigError:
         return 1
+
+
+SWEEP_POLICIES = ("dots", "dots_no_batch", "full")  # the layer loops' remat policies a sweep compares
+
+
+def sweep_train(cfg: RunConfig, mesh_shape: dict, *, batches: tuple[int, ...], seq_len: int | None = None,
+                policies: tuple[str, ...] = SWEEP_POLICIES):
+    """(remat, micro-batch, Plan with its breakdown) for each remat policy and micro-batch (FLOPs: XLA's count
+    of the scanned program, each loop body once, enough to compare the policies' recomputation)."""
+    for remat in policies:
+        for batch in batches:
+            one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
+            yield remat, batch, plan_train(one, mesh_shape, batch=batch, seq_len=seq_len, count_flops=False,
+                                           breakdown=True)
+
+
+def sweep_row(remat: str, batch: int, plan: Plan) -> str:
+    """One line of the sweep's table (SWEEP_HEADER)."""
+    gpu = plan.breakdown.gpu_estimate_bytes / 1e9
+    fits = "fits" if gpu <= 0.9 * H100_MEMORY_GB else "no"
+    return (f"  {remat:<14} {batch:>5} {plan.total_gb:>11.3f} {gpu:>13.3f} {fits:>14} "
+            f"{plan.flops_scanned:>12.3e}")
+
+
+SWEEP_HEADER = ("  remat          micro  XLA CPU GB  w/o CPU f32  fits 80 GB-10%  loop FLOPs\n"
+                "                 batch  (peak)      copies (GB)  (w/o copies)    (scanned)")
+
+
+def print_sweep(cfg: RunConfig, mesh_shape: dict, *, batch: int | None, seq_len: int | None,
+                policies: tuple[str, ...] = SWEEP_POLICIES) -> None:
+    batches = tuple(sorted({1, batch or cfg.train.batch_size_training}))
+    print(f"sweeping remat {', '.join(policies)} x micro-batch {', '.join(map(str, batches))} on mesh "
+          f"{mesh_shape} (one compile each) ...", flush=True)
+    print(SWEEP_HEADER, flush=True)
+    for remat, micro, plan in sweep_train(cfg, mesh_shape, batches=batches, seq_len=seq_len, policies=policies):
+        print(sweep_row(remat, micro, plan), flush=True)
 
 
 def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_tokens: int = 512,
@@ -314,6 +362,11 @@ def main(argv=None, prog: str = "ivtlr-plan") -> None:
                    help="final sequence length incl. latent patches (default: the official shape)")
     p.add_argument("--full-finetune", action="store_true", help="also plan full fine-tuning")
     p.add_argument("--generate", action="store_true", help="also plan generation at batch 32")
+    p.add_argument("--breakdown", action="store_true",
+                   help="attribute the training step's peak memory to its parts (XLA's buffer analysis)")
+    p.add_argument("--sweep", nargs="?", const=",".join(SWEEP_POLICIES), default=None, metavar="POLICIES",
+                   help="instead: the training step's memory for each remat policy (default: %(const)s) at micro-batch "
+                        "1 and the config's (or --batch's), the global batch kept by accumulation")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     mesh = parse_mesh(args.mesh)
@@ -325,8 +378,15 @@ def main(argv=None, prog: str = "ivtlr-plan") -> None:
                   f"XLA_FLAGS=--xla_force_host_platform_device_count={need}\n")
     print(f"{len(have)} host devices stand in for {need} x H100 ({H100_MEMORY_GB:.0f} GB, "
           f"{H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s dense bf16 each)")
+    if args.sweep:
+        policies = tuple(filter(None, args.sweep.split(",")))
+        unknown = sorted(set(policies) - set(REMAT_POLICIES))
+        if unknown:
+            p.exit(2, f"{prog}: error: --sweep: unknown remat policies {unknown}; "
+                      f"choose from {sorted(REMAT_POLICIES)}\n")
+        return print_sweep(cfg, mesh, batch=args.batch, seq_len=args.seq_len, policies=policies)
     phases = [("the training step" + ("" if not cfg.lora.enabled else f" (LoRA r={cfg.lora.rank})"),
-               lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len))]
+               lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, breakdown=args.breakdown))]
     if args.full_finetune:
         phases.append(("the full fine-tuning step",
                        lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, full_finetune=True)))

@@ -21,7 +21,6 @@ server (`serve/`) builds on the same pieces: `encode` a question, start and deco
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import re
 from pathlib import Path
@@ -34,7 +33,7 @@ from .config import InferenceSettings, load_config
 from .continuous import generate_continuous
 from .data import DATASETS, load_processor, make_encoder, special_tokens, tokenizer_of
 from .data.collate import EVAL_LENGTH_BUCKETS, stack_images
-from .data.examples import MAX_IMAGE_PIXELS, image_bytes
+from .data.examples import MAX_IMAGE_PIXELS, SkipRow, image_bytes, open_image
 from .decoding import SamplingConfig
 from .eval.run import image_patches, left_pad
 from .eval.scoring import m3cot_strict_prediction, scienceqa_prediction
@@ -143,14 +142,14 @@ class Predictor:
         if not question:
             raise RequestError("the question is empty")
         choices = check_choices(q.choices)
-        data = checked_image(q.image, self.max_pixels)
+        data, picture = checked_image(q.image, self.max_pixels)
         text_of = DATASETS[self.settings.dataset]
         if self.settings.prompt_format == "official":
             question_ids, image, suffix = self.encoder.official_prompt(text_of.official_eval_text(question, choices),
-                                                                       data)
+                                                                       picture)
         else:
             text = text_of.prompt_text(question, choices, self.encoder.image_placeholder)
-            (question_ids, image), suffix = self.encoder.prompt(text, data), []
+            (question_ids, image), suffix = self.encoder.prompt(text, picture), []
         image_tokens = sum(1 for t in question_ids if t == self.model.config.image_token_id)
         if self.settings.num_latents and image_tokens < self.latent.num_selected_patches:
             raise RequestError(f"the image gives {image_tokens} image tokens, fewer than the "
@@ -221,11 +220,10 @@ def check_choices(choices) -> list[str]:
     return choices
 
 
-def checked_image(image, max_pixels: int) -> bytes:
-    """An image (path, bytes or PIL image) -> its encoded bytes, refused (RequestError) when it cannot be read:
-    no such file, not an image, truncated, over `max_pixels` pixels."""
-    from PIL import Image
-
+def checked_image(image, max_pixels: int):
+    """An image (path, bytes or PIL image) -> (its encoded bytes, the decoded PIL image), decoded once and
+    refused (RequestError) when it cannot be read: no such file, not an image, truncated, over
+    `max_pixels` pixels (`data.examples.open_image`)."""
     if isinstance(image, os.PathLike):
         image = os.fspath(image)
     if isinstance(image, str) and not Path(image).is_file():
@@ -237,19 +235,9 @@ def checked_image(image, max_pixels: int) -> bytes:
     if not data:
         raise RequestError("the image is empty")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            width, height = opened.size
-            if width * height <= max_pixels:
-                opened.load()  # a truncated or corrupt file fails here
-    except Image.UnidentifiedImageError:
-        raise RequestError("not an image (no image format recognised)") from None
-    except Image.DecompressionBombError as err:
-        raise RequestError(f"the image is too large: {err}") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise RequestError(f"the image cannot be read ({' '.join(str(err).split())[:200]})") from None
-    if width * height > max_pixels:
-        raise RequestError(f"the image is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,}")
-    return data
+        return data, open_image(data, max_pixels)
+    except SkipRow as problem:
+        raise RequestError(problem.detail) from None
 
 
 def parse_answer(text: str, choices: Sequence[str] | None, dataset: str) -> str | None:

@@ -6,6 +6,8 @@ Reads the run folder that `train.py` writes (`ivtlr_jax/train/loop.py`):
   loss, grad_norm, tokens, tokens_per_s, latents, compilations, lr); non-finite values are written as null.
   Lines that do not parse (a torn last line of a crashed run) are skipped and counted.
 - `config.yaml` (optional here): the run's name and model, for the title.
+- `changes.jsonl` (optional): what resumes changed after a stop (`train.py --allow-change`, `--resume-from`,
+  `--skip-batch`; `ivtlr_jax/train/run_changes.py`), listed one per line after the table.
 - evaluations (optional): `stage_<s>/*.summary.json` (evaluations of stage s's export, `infer.py`'s
   default output) and `eval*.summary.json` in the run folder (e.g. `make demo`'s `eval_test`), whose stage
   is read from the evaluated model folder (`setup.model`, a `stage_<s>` folder).
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .run_folder import METRICS_FILE, STAGE_PREFIX, MetricsRecord, RunFolder, stage_of_folder
+from .train.run_changes import CHANGES_FILE, describe_change, read_changes
 
 DEFAULT_SIZE = (1600, 1200)  # pixels of the PNG
 DPI = 100
@@ -88,6 +91,7 @@ def read_metrics(run_dir: Path) -> Metrics:
         raise ReportError(f"{path}: no such file (is {run_dir} a run folder of train.py? it writes {METRICS_FILE} "
                           "there from the first micro-step)")
     records, torn = run.read_metrics()
+    records = [r for r in records if not r.skipped]  # steps `train.py --skip-batch` left untrained (changes.jsonl)
     if not records:
         raise ReportError(f"{path}: no metrics record in it ({torn} unparseable line(s))")
     return metrics_from_records(records, torn)
@@ -384,6 +388,8 @@ def main(argv=None, prog: str = "ivtlr-report") -> int:
         print(f"stage {stage} evaluated by {summary['file']}")
     for path in unknown:
         print(f"{path}: not attributed to a stage (unreadable, or its model is not a stage_<s> folder of this run)")
+    for record in read_changes(run_dir):
+        print(f"{CHANGES_FILE}: {describe_change(record)}")
     print(f"wrote {out}")
     return 0
 

@@ -69,13 +69,21 @@ class MetricsRecord:
     latents: int  # latent steps of the stage
     compilations: int  # distinct compiled shapes so far
     lr: float | None
+    skipped: bool = False  # left untrained by `train.py --skip-batch` (its line: micro_step, epoch, stage, skipped)
 
     INT_FIELDS = ("micro_step", "epoch", "stage", "tokens", "latents", "compilations")
+    SKIPPED_FIELDS = ("micro_step", "epoch", "stage", "skipped")
+
+    @classmethod
+    def skipped_step(cls, micro_step: int, epoch: int, stage: int) -> MetricsRecord:
+        return cls(micro_step, epoch, stage, None, None, 0, None, 0, 0, None, skipped=True)
 
     def to_line(self) -> str:
-        """One strict-JSON line: NaN and infinities written as null."""
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in dataclasses.asdict(self).items()}
+        """One strict-JSON line: NaN and infinities written as null; a skipped step's line has only its place."""
+        fields = dataclasses.asdict(self)
+        fields = {k: fields[k] for k in self.SKIPPED_FIELDS} if self.skipped else \
+            {k: v for k, v in fields.items() if k != "skipped"}
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
         return json.dumps(clean, allow_nan=False) + "\n"
 
     @classmethod
@@ -84,8 +92,9 @@ class MetricsRecord:
         A missing or non-numeric integer field reads as 0, a float field as None."""
         if not isinstance(value, dict) or not _is_int(value.get("micro_step")):
             return None
-        return cls(**{f.name: (_int_or_zero if f.name in cls.INT_FIELDS else _float_or_none)(value.get(f.name))
-                      for f in dataclasses.fields(cls)})
+        read = lambda f: (_int_or_zero if f in cls.INT_FIELDS else _float_or_none)(value.get(f))  # noqa: E731
+        return cls(**{f.name: read(f.name) for f in dataclasses.fields(cls) if f.name != "skipped"},
+                   skipped=value.get("skipped") is True)
 
 
 def parse_metrics_lines(lines) -> tuple[list[MetricsRecord], int]:

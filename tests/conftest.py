@@ -117,3 +117,23 @@ def disk_calls(monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("rename", Path(a), Path(b))), real_replace(a, b))[1])
     monkeypatch.setattr(os, "rename", lambda a, b: (calls.append(("rename", Path(a), Path(b))), real_rename(a, b))[1])
     return calls
+
+
+@pytest.fixture
+def image_decodes(monkeypatch):
+    """[(mode, decoder name)], one entry for each compressed image file (PNG, JPEG, ...) that PIL decodes:
+    PIL asks `Image._getdecoder` for the file format's decoder once per decoded frame, and opening a file
+    to read its header asks for none ("raw" decoders, which unpack in-memory arrays such as
+    `Image.fromarray`'s, are left out)."""
+    from PIL import Image
+
+    calls = []
+    real = Image._getdecoder
+
+    def counting(mode, name, *args, **kwargs):
+        if name != "raw":
+            calls.append((mode, name))
+        return real(mode, name, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "_getdecoder", counting)
+    return calls

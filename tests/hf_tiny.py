@@ -23,6 +23,45 @@ def greedy_generate(model, ids, mask, *, max_new_tokens: int, **image_inputs) ->
     return np.asarray(ivtlr_generate(model, batch, latent, SamplingConfig(max_new_tokens)).tokens)
 
 
+def max_abs_diff(a, b, mask=None) -> float:
+    """Largest |a - b| in fp32, over the True positions of mask (leading axes) when given."""
+    d = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+    return float((d if mask is None else d[np.asarray(mask).astype(bool)]).max())
+
+
+def hf_greedy_generate(model, ids, mask, pixel_values, grid, max_new_tokens: int) -> np.ndarray:
+    """transformers' greedy `generate` of exactly max_new_tokens for a Qwen VL model -> [B, max_new_tokens]."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pixel_values),
+            image_grid_thw=torch.tensor(grid), mm_token_type_ids=torch.tensor((ids == IMAGE_TOKEN).astype(np.int64)),
+            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    return out[:, ids.shape[1]:].numpy()
+
+
+def two_row_image_prompts(grid, left_pad=False, seed=3):
+    """ids, mask of two rows for three images of `grid` (merged 2x2): row 0 holds images 0 and 1 between
+    text, row 1 image 2; images are consumed in batch order."""
+    rng = np.random.default_rng(seed)
+    n = (np.asarray(grid).prod(-1) // 4).tolist()
+    span = lambda k: [VISION_START] + [IMAGE_TOKEN] * k + [VISION_END]
+    text = lambda k: list(rng.integers(0, TEXT_VOCAB, k))
+    return pad_rows([text(3) + span(n[0]) + text(2) + span(n[1]) + text(4), text(1) + span(n[2]) + text(2)],
+                    left_pad)
+
+
+def jitted_qwen_pieces(model) -> dict:
+    """A Qwen VL model's pieces under jit (grids traced): `features`, `forward` (with hidden states) and
+    `rope_index`, one compile per input shape."""
+    import jax
+
+    return dict(
+        features=jax.jit(lambda pv, grid: model.image_features(pv, grid)),
+        forward=jax.jit(lambda ids, mask, pv, grid: model(ids, mask, pv, grid, output_hidden_states=True)),
+        rope_index=jax.jit(lambda ids, mask, grid: model.rope_index(ids, mask, grid)),
+    )
+
+
 def _qwen_text_config(tie_word_embeddings, num_hidden_layers, text_overrides) -> dict:
     """The tiny Qwen2 language model both Qwen VL configs use (M-RoPE over 2+3+3 frequency pairs)."""
     text = dict(
@@ -77,10 +116,12 @@ def image_inputs(sizes, seed=0):
     return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
 
 
-def qwen2vl_image_batch(seed=0, left_pad=False, sizes=((56, 56), (84, 56)), text_lens=((5, 7), (3, 2))):
-    """Rows `text, <vision_start>, <image_pad> x n, <vision_end>, text`, one image per row, padded."""
+def qwen2vl_image_batch(seed=0, left_pad=False, sizes=((56, 56), (84, 56)), text_lens=((5, 7), (3, 2)),
+                        processed=None):
+    """Rows `text, <vision_start>, <image_pad> x n, <vision_end>, text`, one image per row, padded.
+    processed: (sizes, seed) -> (pixel_values, image_grid_thw) (default `image_inputs`, 14-pixel patches)."""
     rng = np.random.default_rng(seed)
-    pixel_values, grid = image_inputs(sizes, seed)
+    pixel_values, grid = (processed or image_inputs)(sizes, seed)
     n_tokens = (grid.prod(-1) // 4).tolist()
     rows = [
         list(rng.integers(0, TEXT_VOCAB, pre)) + [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END]
@@ -204,5 +245,56 @@ def build_qwen25vl(folder, seed: int = 0, tie_word_embeddings=False, **text_over
         for name, p in model.named_parameters():
             if name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight")):
                 p.copy_(1 + 0.5 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+# ---- Qwen3-VL ----------------------------------------------------------------------------------
+# patches of 16 pixels; a 6x6 table of learned position embeddings, so that the images below (4x4, 6x8
+# and 8x10 patches) resample it down, equal and up; DeepStack after vision blocks 0 and 1 (of 3) into
+# decoder layers 0 and 1 (of 3), so the last layer gets none
+QWEN3VL_IMAGE_SIZES = ((64, 64), (128, 160))  # 4x4 and 8x10 patches: 2x2 and 4x5 merged tokens
+
+
+def qwen3vl_image_inputs(sizes, seed=0):
+    """pixel_values [Np, 1536] and image_grid_thw [n, 3] from the Qwen2-VL image processor with Qwen3-VL's
+    16-pixel patches (Qwen3-VL's processor settings)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    out = Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3)(
+        images=images, return_tensors="np")
+    return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
+
+
+def qwen3vl_config(tie_word_embeddings=False, **text_overrides):
+    from transformers import Qwen3VLConfig
+
+    text = _qwen_text_config(tie_word_embeddings, 3, dict(head_dim=16, **text_overrides))
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+    return Qwen3VLConfig(
+        tie_word_embeddings=tie_word_embeddings,
+        text_config=text,
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2,
+                           out_hidden_size=text["hidden_size"], patch_size=16, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3, num_position_embeddings=36,
+                           deepstack_visual_indexes=[0, 1], initializer_range=0.1),
+        **QWEN_SPECIAL_TOKENS,
+    )
+
+
+def build_qwen3vl(folder, seed: int = 0, tie_word_embeddings=False, **text_overrides):
+    """Save a tiny random Qwen3VLForConditionalGeneration to `folder`; return it in eval mode (fp32)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(qwen3vl_config(tie_word_embeddings, **text_overrides)).eval()
+    with torch.no_grad():  # random norm weights and biases, so that a wrong norm (or a missing one) shows
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith(".weight"):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif "norm" in name and name.endswith(".bias") or name.endswith("patch_embed.proj.bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     return model

@@ -10,7 +10,9 @@ several runs), with two test hooks read from the environment:
 - IVTLR_TEST_PAUSE=RUN:N:MARK: once the checkpoint of micro-step N of the run named RUN is complete,
   write MARK.<process> and wait to be killed (a deterministic window for `kill -9`);
 - IVTLR_TEST_FAIL=RUN:N:P: process P raises once the checkpoint of micro-step N of the run named RUN is
-  complete (the other processes go on into the next step's collectives).
+  complete (the other processes go on into the next step's collectives);
+- IVTLR_TEST_STALL=TAG:P:MARK: process P, reaching the agreement `distributed.agree(..., TAG)`, writes
+  MARK and waits to be killed (the others wait for it in the exchange).
 """
 
 import os
@@ -62,6 +64,24 @@ def hooks() -> None:
                 raise RuntimeError(f"injected failure after micro-step {at}")
 
         checkpoint.TrainCheckpointer.save = save_then_fail
+    if os.environ.get("IVTLR_TEST_STALL"):
+        stall_hook(*os.environ["IVTLR_TEST_STALL"].split(":", 2))
+
+
+def stall_hook(tag: str, process: str, mark: str) -> None:
+    import jax
+
+    from ivtlr_jax import distributed
+
+    real_agree = distributed.agree
+
+    def stall_then_agree(fn, name="agree"):
+        if name == tag and jax.process_index() == int(process):
+            Path(mark).write_text("")
+            time.sleep(600)
+        return real_agree(fn, name)
+
+    distributed.agree = stall_then_agree
 
 
 def commands(argv: list[str]) -> list[list[str]]:

@@ -17,16 +17,23 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-QWEN_FAMILIES = ("qwen2vl", "qwen25vl")  # Qwen2-VL and Qwen2.5-VL: the same LM, image features and M-RoPE calls
+# Qwen2-VL, Qwen2.5-VL and Qwen3-VL: the same image features, M-RoPE and language-model calls
+QWEN_FAMILIES = ("qwen2vl", "qwen25vl", "qwen3vl")
 
 
 def _embed(hf, family, ids, image_inputs):
+    """Input embeddings [B, S, D] with the image features scattered in; for Qwen3-VL [B, S, (1 + A) * D]: each
+    position's embedding, then its A DeepStack features (zeros at text positions), which travel with it."""
     model = hf.model
     embeds = model.get_input_embeddings()(ids)
     if family in QWEN_FAMILIES:
         pv, grid = image_inputs
-        feats = model.visual(pv, grid_thw=grid).pooler_output
+        vision = model.visual(pv, grid_thw=grid)
+        feats = vision.pooler_output
         image_token = hf.config.image_token_id
+        if family == "qwen3vl":
+            feats = torch.cat([feats, *vision.deepstack_features], dim=-1)
+            embeds = torch.cat([embeds] + [torch.zeros_like(embeds)] * len(vision.deepstack_features), dim=-1)
     else:
         (pv,) = image_inputs
         tokens = model.get_image_tokens(pv)
@@ -37,7 +44,14 @@ def _embed(hf, family, ids, image_inputs):
 
 
 def _lm(hf, family, embeds, mask, positions, attentions=False):
-    if family in QWEN_FAMILIES:
+    if family == "qwen3vl":  # transformers' DeepStack on every position (zeros where there is no image feature)
+        d = hf.config.text_config.hidden_size
+        addends = embeds[..., d:].reshape(*embeds.shape[:-1], -1, d)  # [B, T, A, D]
+        out = hf.model.language_model(
+            inputs_embeds=embeds[..., :d], attention_mask=mask, position_ids=positions, output_attentions=attentions,
+            visual_pos_masks=torch.ones(embeds.shape[:-1], dtype=torch.bool),
+            deepstack_visual_embeds=[addends[..., a, :].reshape(-1, d) for a in range(addends.shape[-2])])
+    elif family in QWEN_FAMILIES:
         out = hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                       output_attentions=attentions)
     else:
@@ -54,7 +68,7 @@ def _logits(hf, family, hidden):
 
 
 def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rope: str = "1d",
-                 official_compute: bool = False):
+                 official_compute: bool = False, patch_deepstack: bool = True):
     """-> (loss with graph, selected [n][B][K] lists, final embeds, final mask).
 
     Rows may have different latent counts c_r (docs/method.md section 10, the corrected behaviour, not the official
@@ -67,7 +81,8 @@ def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rop
     it the way it runs): every pass's LM-head logits are kept, and the loss is the cross-entropy of all
     passes' logits concatenated along the sequence with the labels right-aligned to the total (so the
     passes' rows are all -100: the same value), whose backward runs through every pass. Equal counts
-    only."""
+    only. patch_deepstack (Qwen3-VL): the inserted patch copies keep their DeepStack features, else
+    only their embeddings; latent states have none."""
     ids, mask, labels, collator_pos = (torch.tensor(np.asarray(batch[key], np.int64))
                                        for key in ("input_ids", "attention_mask", "labels", "position_ids"))
     latent_id = batch["latent_token_id"]
@@ -130,7 +145,10 @@ def oracle_ivtlr(hf, family: str, batch: dict, k: int, order: str = "score", rop
             chosen = ranked + fill
             chosen_rows[row] = sorted(chosen) if order == "position" else chosen
             patches = seqs[row][chosen_rows[row]]  # [K, D] input embeddings
-            latent = hidden[a, end - 1].detach()[None]  # the state before latent i replaces it
+            width = patches.shape[-1]
+            if not patch_deepstack:  # the embedding only, without the features that travel with it
+                patches = F.pad(patches[:, :hidden.shape[-1]], (0, width - hidden.shape[-1]))
+            latent = F.pad(hidden[a, end - 1].detach()[None], (0, width - hidden.shape[-1]))  # replaces latent i
             seqs[row] = torch.cat([seqs[row][:end], patches, latent, seqs[row][end + 1:]])
             seq_masks[row] = torch.cat([seq_masks[row][:end], torch.ones(k + 1, dtype=mask.dtype),
                                         seq_masks[row][end + 1:]])

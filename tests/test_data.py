@@ -7,6 +7,8 @@ official scripts they describe), not copied from the code's output."""
 from __future__ import annotations
 
 import io
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -188,7 +190,8 @@ def test_scienceqa_chameleon_prompt(tmp_path, cham_proc):
     # rationale = lecture + " " + solution -> "The lecture says so. The solution is clear."
     assert ex.step_ids == [enc(cham_proc, "The lecture says so\n"), enc(cham_proc, "The solution is clear.\n")]
     assert ex.answer_ids == enc(cham_proc, "Therefore, the answer is 1") + [cham_proc.tokenizer.eos_token_id]
-    assert ex.id == "test-0" and ex.meta["answer"] == 1 and ex.meta["subject"] == "natural science"
+    assert re.fullmatch("scienceqa-[0-9a-f]{16}", ex.id) and ex.meta["id"] == ex.id  # from the content
+    assert ex.meta["answer"] == 1 and ex.meta["subject"] == "natural science"
     assert ex.image["pixel_values"].shape == (3, 32, 32)
     assert -1.0 <= ex.image["pixel_values"].min() and ex.image["pixel_values"].max() <= 1.0
 
@@ -271,6 +274,20 @@ def test_lazy_images_match_eager_and_rgba(tmp_path, qwen_proc):
     ref = qwen_proc.image_processor(images=[white], return_tensors="np")["pixel_values"]
     np.testing.assert_allclose(materialize(lazy[1].image)["pixel_values"], ref, atol=1e-6)
     assert to_rgb(Image.open(io.BytesIO(rgba))).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_each_image_is_decoded_once_per_use(tmp_path, qwen_proc, cham_proc, image_decodes):
+    """Loading decodes each row's image once (its check, its prompt and its processing share the decode),
+    and each later use of a lazy image (a batch, an evaluation prompt) decodes it once more."""
+    rows = [dict(image=img(png((40 * i, 20, 90), (50 + i, 40)))) for i in range(3)]
+    src = write_m3cot(tmp_path / "i.parquet", rows)
+    for family, proc in (("qwen2vl", qwen_proc), ("chameleon", cham_proc)):
+        image_decodes.clear()
+        examples, report = load_examples("m3cot", str(src), "train", proc, family)
+        assert report.kept == 3 and len(image_decodes) == 3, (family, image_decodes)
+        image_decodes.clear()
+        arrays = [materialize(ex.image) for ex in examples[:2]]
+        assert len(image_decodes) == 2 and all(a["pixel_values"].size for a in arrays)
 
 
 def test_official_image_sizes(tmp_path, qwen_proc, corpus):
@@ -709,6 +726,33 @@ def test_a_question_with_the_image_token_in_its_text_is_skipped(tmp_path, cham_p
             dict(question="Q?", choices=["<|image_pad|>", "b"], image=img(png()))]
     src = write_scienceqa(tmp_path / "sqa.parquet", rows)
     examples, report = load_examples("scienceqa", str(src), "test", cham_proc, "chameleon")
-    assert [ex.id for ex in examples] == ["test-1", "test-2"] and report.counts == {"image_token_in_text": 1}
+    assert [ex.meta["choices"] for ex in examples] == [["a", "b"], ["<|image_pad|>", "b"]]
+    assert report.counts == {"image_token_in_text": 1}
     examples, report = load_examples("scienceqa", str(src), "test", qwen_proc, "qwen2vl")
-    assert [ex.id for ex in examples] == ["test-0", "test-1"] and report.counts == {"image_token_in_text": 1}
+    assert [ex.meta["question"] for ex in examples] == ["What does <image> show?", "Q?"]
+    assert report.counts == {"image_token_in_text": 1}
+
+
+def test_scienceqa_ids_and_the_data_fingerprint_follow_the_content(tmp_path, qwen_proc):
+    """ScienceQA has no id column: a row's id comes from its question, choices and image, so it follows the
+    row when the source is reordered (ids by position moved them); the same row twice gets `#2`. The
+    data's fingerprint sees the order only when asked (training), not the source's name."""
+    from ivtlr_jax.data.fingerprint import data_fingerprint
+
+    rows = [dict(question="Q1?", image=img(png())), dict(question="Q2?", image=img(png())),
+            dict(question="Q1?", image=img(png((0, 0, 255)))), dict(question="Q1?", image=img(png()))]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    src = write_scienceqa(tmp_path / "a" / "test.parquet", rows)
+    rev = write_scienceqa(tmp_path / "b" / "test.parquet", rows[::-1])
+    load = lambda path: load_examples("scienceqa", str(path), "test", qwen_proc, "qwen2vl")[0]
+    forward, backward = load(src), load(rev)
+    ids = [ex.id for ex in forward]
+    assert len(set(ids)) == 4 and ids[3] == ids[0] + "#2" and re.fullmatch("scienceqa-[0-9a-f]{16}", ids[0])
+    assert ids[2] != ids[0] and ids[1] != ids[0]  # another image, another question
+    same = lambda exs: {ex.id.split("#")[0]: ex.question_ids for ex in exs}
+    assert same(forward) == same(backward)
+    fp = lambda path, ordered: data_fingerprint("scienceqa", str(path), "test", ordered=ordered)
+    assert fp(src, False) == fp(rev, False) and fp(src, True) != fp(rev, True)
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    assert fp(tmp_path / "moved" / "test.parquet", True) == fp(src, True)

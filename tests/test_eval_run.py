@@ -195,18 +195,20 @@ def test_an_output_of_another_setup_is_refused(assets, one_device, tmp_path):
 def test_weights_fingerprint_sees_one_changed_tensor_and_not_a_moved_folder(assets, tmp_path, monkeypatch):
     from safetensors.numpy import load_file, save_file
 
-    monkeypatch.setattr(output_setup, "SMALL_FILE", 0)  # sample every file as if it were large
+    from ivtlr_jax.io import fingerprint
+
+    monkeypatch.setattr(fingerprint, "SMALL_FILE", 0)  # sample every file as if it were large
     moved = tmp_path / "moved"
     shutil.copytree(assets / "model", moved)
-    base = output_setup.weights_fingerprint(assets / "model")
-    assert output_setup.weights_fingerprint(moved) == base
+    base = fingerprint.weights_fingerprint(assets / "model")
+    assert fingerprint.weights_fingerprint(moved) == base
     weights = load_file(moved / "model.safetensors")
     weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3  # one small tensor, every element
     save_file(weights, moved / "model.safetensors", metadata={"format": "pt"})
-    assert output_setup.weights_fingerprint(moved) != base
+    assert fingerprint.weights_fingerprint(moved) != base
     (moved / "model.safetensors").unlink()
-    with pytest.raises(EvalSetupError, match="no weight files"):
-        output_setup.weights_fingerprint(moved)
+    with pytest.raises(fingerprint.FingerprintError, match="no weight files"):
+        fingerprint.weights_fingerprint(moved)
 
 
 def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
@@ -380,3 +382,41 @@ def test_infer_answers_missing_inputs_in_one_line(assets, tmp_path, capsys):
             infer.main(argv)
         [line] = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
         assert exit_.value.code == 2 and line.startswith("infer.py: error: ") and message in line, (message, line)
+
+
+def scienceqa_source(assets: Path, folder: Path) -> Path:
+    """The test rows in ScienceQA's schema (no id column; the answer an index), in `folder`/test.parquet."""
+    rows = [dict(question=r["question"], choices=r["choices"], answer=ord(r["answer"]) - 65, image=r["image"],
+                 solution=r["rationale"], hint="", subject="natural science")
+            for r in pq.read_table(assets / "data" / "test.parquet").to_pylist() if r["image"] is not None]
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), folder / "test.parquet")
+    return folder
+
+
+def test_a_reordered_scienceqa_source_resumes_each_record_under_its_question(assets, tmp_path):
+    """ScienceQA rows have no id column: ids from the content (question, choices, image) keep every record of a
+    resumed output under its own question when the source was reordered meanwhile (ids by position put
+    the old answers under new questions); an edited row is refused naming the data's fingerprint."""
+    source = scienceqa_source(assets, tmp_path / "sqa")
+    cfg = eval_cfg(assets, dataset="scienceqa", source=str(source), devices=1)
+    out = tmp_path / "eval.jsonl"
+    evaluate(assets / "model", cfg, out, **QUIET)
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:2]))  # stopped after 2 records
+    table = pq.read_table(source / "test.parquet")
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), source / "test.parquet")  # reordered meanwhile
+    summary = evaluate(assets / "model", cfg, out, **QUIET)
+    assert summary["skipped"]["already_done"] == 2 and summary["evaluated_now"] == 4
+    fresh = tmp_path / "fresh.jsonl"
+    evaluate(assets / "model", cfg, fresh, **QUIET)  # the reordered source from the start
+    by_id = lambda path: {r["id"]: (r["prompt"], r["generated"], r["correct"]) for r in lines(path)}
+    assert by_id(out) == by_id(fresh) and len(by_id(out)) == 6
+    assert all(re.fullmatch("scienceqa-[0-9a-f]{16}", i) for i in by_id(out))
+
+    rows = table.to_pylist()
+    rows[0]["question"] = rows[0]["question"] + " (corrected)"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), source / "test.parquet")
+    before = out.read_bytes()
+    with pytest.raises(EvalSetupError, match="data_fingerprint: '[0-9a-f]{64}' in the output, '[0-9a-f]{64}' now"):
+        evaluate(assets / "model", cfg, out, **QUIET)
+    assert out.read_bytes() == before

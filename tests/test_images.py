@@ -193,5 +193,5 @@ def test_qwen_images_are_converted_as_the_official_path_does(qwen_encoder, kind)
     ip = qwen_encoder.processor.image_processor
     expected = ip(images=[official_qwen_rgb(data, qwen_encoder.side)], return_tensors="np")["pixel_values"]
     np.testing.assert_array_equal(qwen_encoder.process_image(data)["pixel_values"], expected)
-    _, prompt_image = qwen_encoder.prompt("what is it?", data)
+    _, prompt_image = qwen_encoder.prompt("what is it?", decode_image(data))
     np.testing.assert_array_equal(prompt_image["pixel_values"], expected)

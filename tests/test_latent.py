@@ -19,11 +19,13 @@ from tests.oracle_ivtlr import latent_batch, oracle_ivtlr
 QWEN_LATENT, CHAMELEON_LATENT, EOS = 295, 390, 2
 
 
-def qwen_batch(latents, seed=0, answers=(6, 4), text_lens=((3, 5), (1, 2)), sizes=((84, 84), (56, 112))):
+def qwen_batch(latents, seed=0, answers=(6, 4), text_lens=((3, 5), (1, 2)), sizes=((84, 84), (56, 112)),
+               processed=hf_tiny.image_inputs):
     """Two rows with images of different sizes (by default 9 and 8 image tokens) and questions of different
-    lengths (text before and after the image per row), so the rows get different left pads."""
+    lengths (text before and after the image per row), so the rows get different left pads. processed:
+    (sizes, seed) -> (pixel_values, image_grid_thw), the family's image processing."""
     rng = np.random.default_rng(seed)
-    pv, grid = hf_tiny.image_inputs(list(sizes), seed=seed)
+    pv, grid = processed(list(sizes), seed=seed)
     n_img = (grid.prod(-1) // 4).tolist()
     span = lambda k: [hf_tiny.VISION_START] + [hf_tiny.IMAGE_TOKEN] * k + [hf_tiny.VISION_END]
     text = lambda k: list(rng.integers(3, hf_tiny.TEXT_VOCAB, k))
@@ -84,7 +86,7 @@ def torch_grads_in_our_layout(folder, hf):
 def compare(folder, hf, family, model, batch, cfg, check_grads=True, shared="max"):
     hf.zero_grad()
     loss_t, sel_t, emb_t, mask_t = oracle_ivtlr(hf, family, batch, cfg.num_selected_patches, cfg.patch_order,
-                                                cfg.rope)
+                                                cfg.rope, patch_deepstack=cfg.patch_deepstack)
     loss, aux, grads = run_jax(model, batch, cfg, shared)
     n = len(sel_t)
     k = cfg.num_selected_patches
@@ -324,3 +326,39 @@ def test_rows_with_different_latent_counts_equal_rows_alone(qwen):
     for path, g in expected.items():
         diff = np.abs(np.asarray(ours[path][...]) - g).max()
         assert diff <= 1e-5 * max(np.linalg.norm(g), 1e-2), (path, diff, np.linalg.norm(g))
+
+
+def test_the_chunked_loss_keeps_one_lm_head_for_the_backward_pass():
+    """The cross-entropy's chunks (under remat, label-free ones skipped) keep the LM head once for the
+    backward pass, not stacked per chunk ([chunks, D, V]: 5 x 1.1 GB for Qwen2-VL-7B), and give the
+    gradients of the unchunked loss (computed here with numpy's log-sum-exp, from the same logits)."""
+    from ivtlr_jax.latent import chunked_cross_entropy
+
+    b, t, d, v, chunk = 2, 20, 8, 96, 4
+    rng = np.random.default_rng(0)
+    head = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    labels = rng.integers(0, v, size=(b, t))
+    labels[:, :9] = -100  # the first chunks carry no labels (skipped)
+
+    class Head:  # a model's `logits`, as the families compute them ([B, c, V] fp32)
+        def __init__(self, w):
+            self.w = w
+
+        def logits(self, h):
+            return (h @ self.w).astype(jnp.float32)
+
+    loss = lambda w, h: jnp.sum(chunked_cross_entropy(Head(w), h, jnp.asarray(labels), chunk)[0])  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    assert f"tensor<{t // chunk}x{d}x{v}x" not in grad.lower(head, hidden).as_text()
+
+    def plain(w, h):  # every position at once, no chunks, no skipping
+        logits = (h @ w)[:, :-1]
+        targets = jnp.asarray(labels[:, 1:])
+        valid = targets != -100
+        gold = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - gold, 0.0))
+
+    np.testing.assert_allclose(loss(head, hidden), plain(head, hidden), rtol=1e-5)
+    for got, want in zip(grad(head, hidden), jax.grad(plain, argnums=(0, 1))(head, hidden)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -260,6 +260,73 @@ def test_a_bad_setting_in_one_process_stops_both_and_is_shown_once(assets, tmp_p
     assert not (tmp_path / "runs" / "fails" / "config.yaml").exists()
 
 
+def test_processes_started_with_other_settings_refuse_naming_them(assets, tmp_path):
+    """Process 1 alone is given another (valid) learning rate: every process refuses before anything is
+    loaded or written, process 0 naming the key and each process's value (the others exit quietly)."""
+    cfg = config(tmp_path, assets, "differs")
+    results = Launch(lambda i: ["train", "--config", str(cfg)] + (["optim.lr=2e-3"] if i else []), tmp_path,
+                     "differs").wait(timeout=120)
+    (status0, out0, err0), (status1, out1, err1) = results
+    assert status0 == status1 == 1, results
+    line = "optim.lr: 0.001 on process 0, 0.002 on process 1"
+    assert err0.count(line) == 1 and "different configurations" in err0 and "Traceback" not in err0, err0
+    assert "Traceback" not in err1 and out1 == "" and out0 == "", (out0, err1)
+    assert not (tmp_path / "runs" / "differs").exists()  # nothing written
+
+
+def worker_env(port: int, process: int, **extra) -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process), **extra)
+
+
+def test_a_process_that_cannot_join_says_so_in_one_line(assets, tmp_path):
+    """train.py as process 1 with no coordinator listening, and as process 0 that nobody joins: each gives up
+    after IVTLR_JAX_INIT_TIMEOUT_S with one line naming the address (not JAX's abort after 5 minutes)."""
+    cfg = config(tmp_path, assets, "alone")
+    ports = {i: free_port() for i in (0, 1)}
+    procs = {i: subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT,
+                                 env=worker_env(ports[i], i, IVTLR_JAX_INIT_TIMEOUT_S="3"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for i in (0, 1)}
+    try:
+        outs = {i: p.communicate(timeout=120) for i, p in procs.items()}  # JAX alone: 300 s, then an abort
+    finally:
+        for p in procs.values():
+            p.kill()
+    for i, (out, err) in outs.items():
+        assert procs[i].returncode == 1 and out == "", (i, out, err)
+        assert len(err.strip().splitlines()) == 1 and f"127.0.0.1:{ports[i]}" in err, (i, err)
+    assert "process 1 of 2 could not join the run within 3 s" in outs[1][1], outs[1][1]
+    assert "process 0 of 2 waited 3 s" in outs[0][1] and "not every process joined" in outs[0][1], outs[0][1]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_process_is_named_by_the_survivor(assets, tmp_path, killed):
+    """One process is killed with SIGKILL (as the OOM killer does) while the other waits for it in an
+    exchange: the survivor prints one line naming it and exits with status 1, within the peer timeout
+    (process 1 silent for IVTLR_JAX_PEER_TIMEOUT_S) or at once (process 0, the coordinator, gone)."""
+    cfg = config(tmp_path, assets, "killed")
+    mark = tmp_path / "stalled"
+    launch = Launch(lambda i: ["train", "--config", str(cfg)], tmp_path, "kill",
+                    {"IVTLR_TEST_STALL": f"run_folder:{killed}:{mark}", "IVTLR_JAX_PEER_TIMEOUT_S": "5"})
+    deadline = time.time() + 120
+    while not mark.exists():
+        if any(p.poll() is not None for p in launch.procs) or time.time() > deadline:
+            launch.kill()
+            pytest.fail(f"ended before the stall: {launch.wait()}")
+        time.sleep(0.1)
+    launch.procs[killed].send_signal(signal.SIGKILL)
+    survivor = 1 - killed
+    status, out, err = launch.wait(timeout=60)[survivor]  # JAX alone: 100 s of missed heartbeats, then an abort
+    named = ("error: process 1 stopped responding: no heartbeat for 5 s" if killed else
+             "error: process 0 (the coordinator at 127.0.0.1:")
+    # the survivor's last line names the dead process (when the coordinator goes, JAX logs its abort first)
+    last = err.strip().splitlines()[-1]
+    assert status == 1 and last.startswith(named) and err.count(named) == 1 and "Traceback" not in err, err
+    assert last.endswith(f"process {survivor} stops too") and out == "", (out, err)
+    assert killed == 0 or len(err.strip().splitlines()) == 1, err  # process 1 gone: that line alone
+
+
 def test_start_up_reads_the_environment(monkeypatch):
     """JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID reach jax.distributed.initialize; an
     incomplete set is refused naming what is missing; a SLURM job of several tasks leaves the rest to
@@ -284,7 +351,13 @@ def test_start_up_reads_the_environment(monkeypatch):
         distributed.initialize()
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     distributed.initialize()
-    assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    # JAX's own limits beyond ours (IVTLR_JAX_INIT_TIMEOUT_S, IVTLR_JAX_PEER_TIMEOUT_S), so ours speak first
+    bounds = {"initialization_timeout": 120 + 60, "heartbeat_timeout_seconds": 30 + 60}
+    assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1, **bounds}
+    monkeypatch.setenv("IVTLR_JAX_INIT_TIMEOUT_S", "soon")
+    with pytest.raises(distributed.DistributedSetupError, match="IVTLR_JAX_INIT_TIMEOUT_S='soon' is not an integer"):
+        distributed.initialize()
+    monkeypatch.delenv("IVTLR_JAX_INIT_TIMEOUT_S")
     assert jax.config.jax_cpu_collectives_implementation == "gloo"
     monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
     n = len(calls)
@@ -298,4 +371,5 @@ def test_start_up_reads_the_environment(monkeypatch):
     assert distributed.initialize() is False and len(calls) == n  # a one-task job
     monkeypatch.setenv("SLURM_NTASKS", "8")
     distributed.initialize()
-    assert calls[-1] == {"coordinator_address": None, "num_processes": None, "process_id": None}  # JAX detects
+    assert calls[-1] == {"coordinator_address": None, "num_processes": None, "process_id": None,  # JAX detects
+                         **bounds}

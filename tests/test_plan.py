@@ -59,3 +59,55 @@ def test_a_mesh_larger_than_the_devices_is_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "needs 8 host (CPU) devices" in line and "--xla_force_host_platform_device_count=8" in line
+
+
+def test_the_breakdown_attributes_the_peak_to_the_parts_of_the_step(tiny_qwen2vl, tmp_path):
+    """`--breakdown`: XLA's buffers live at the peak, grouped by the loss's named parts (forward and
+    backward), the arguments and the f32 copies that only the CPU compiler makes of bf16 values (none for
+    an fp32 model); the parts add up to about XLA's own peak."""
+    from ivtlr_jax.latent import SCOPES
+    from ivtlr_jax.plan_memory import ARGUMENTS, CPU_COPIES
+
+    plans = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg_path = tmp_path / f"{dtype}.yaml"
+        cfg_path.write_text(yaml.safe_dump({"model": {"model_id": str(tiny_qwen2vl[0]), "remat": "dots",
+                                                      "dtype": dtype, "param_dtype": dtype},
+                                            "latent": {"num_selected_patches": 8}, "lora": {"rank": 4}}))
+        plans[dtype] = plan_train(load_config(cfg_path), {"data": 1, "fsdp": 4, "tensor": 1}, batch=2, seq_len=300,
+                                  prefix_len=192, count_flops=False, breakdown=True)
+    for dtype, plan in plans.items():
+        parts = plan.breakdown.parts
+        assert parts[ARGUMENTS] > 0 and all(size > 0 for size in parts.values())
+        scoped = {part.rpartition(" (")[0] for part in parts if " (" in part}
+        assert {SCOPES.latent_chain, SCOPES.final_pass} <= scoped, parts
+        assert any(part.endswith("(backward)") for part in parts), parts
+        assert 0.7 * plan.total_gb * 1e9 <= plan.breakdown.peak_bytes <= 1.01 * plan.total_gb * 1e9
+        assert str(plan).count("GB (") >= len(parts)
+    assert CPU_COPIES not in plans["float32"].breakdown.parts
+    bf16 = plans["bfloat16"].breakdown
+    assert bf16.parts[CPU_COPIES] > 0 and bf16.gpu_estimate_bytes < bf16.peak_bytes
+
+
+def test_the_sweep_prints_each_remat_policy_and_refuses_an_unknown_one(tiny_qwen2vl, tmp_path, capsys):
+    """`ivtlr-plan --sweep full,dots`: one row per policy and micro-batch; saving nothing (full) peaks lower
+    than saving the dots' outputs; an unknown policy is one line naming it."""
+    import pytest
+
+    from ivtlr_jax.plan import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"model_id": str(tiny_qwen2vl[0]), "dtype": "bfloat16",
+                                             "param_dtype": "bfloat16"},
+                                   "latent": {"num_selected_patches": 8}, "lora": {"rank": 4}}))
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(cfg), "--mesh", "data=1,fsdp=4", "--sweep", "full,dotz"])
+    assert stop.value.code == 2 and "unknown remat policies ['dotz']" in capsys.readouterr().err
+    main(["--config", str(cfg), "--mesh", "data=1,fsdp=4", "--sweep", "full,dots", "--batch", "1",
+          "--seq-len", "300"])  # shorter than the official prefix bound (512): the bound follows it
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] in (["full"], ["dots"])}
+    assert set(rows) == {"full", "dots"} and all(row[1] == "1" for row in rows.values())
+    peak = {remat: float(row[2]) for remat, row in rows.items()}
+    without_copies = {remat: float(row[3]) for remat, row in rows.items()}
+    assert 0 < peak["full"] < peak["dots"] and 0 < without_copies["full"] <= peak["full"]

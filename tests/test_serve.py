@@ -101,6 +101,40 @@ def test_a_question_without_choices_and_settings_from_the_folder(assets, predict
     assert [len(s) for s in two.selected_patches] == [3, 3]
 
 
+def test_a_question_decodes_its_image_once(assets, predictor, image_decodes):
+    """Checking the image (readable, under the pixel cap) and building the prompt share one decode."""
+    enc = predictor.encode(question_of(assets, 1))
+    assert len(image_decodes) == 1 and enc.image["pixel_values"].size
+
+
+def test_a_stream_sends_each_new_token_once(assets, predictor):
+    """The engine's "tokens" events carry the tokens generated since the last one (the server decodes a window
+    of them, serve/text_stream.py), not the whole answer so far at every turn."""
+    import asyncio
+
+    from ivtlr_jax.serve.engine import ServingEngine, Ticket
+
+    async def events_of_one_request():
+        engine = ServingEngine(predictor, slots=2, chunk=2, max_new_tokens=12).start()
+        try:
+            ticket = Ticket(predictor.encode(question_of(assets, 2)), 12, 0.0, 1.0, 0, asyncio.Queue(),
+                            asyncio.get_running_loop())
+            engine.submit(ticket)
+            events = [await asyncio.wait_for(ticket.events.get(), 300)]
+            while events[-1][0] not in ("done", "error"):
+                events.append(await asyncio.wait_for(ticket.events.get(), 300))
+            return events
+        finally:
+            engine.close()
+
+    events = asyncio.run(events_of_one_request())
+    kind, answer = events[-1]
+    assert kind == "done" and answer.generated_tokens > 4
+    sent = [t for kind, tokens in events if kind == "tokens" for t in tokens]
+    assert sum(kind == "tokens" for kind, _ in events) >= 2  # chunk=2: several turns before the end
+    assert 0 < len(sent) <= answer.generated_tokens and sent == answer.tokens[:len(sent)]
+
+
 def test_ask_command_prints_the_answer_and_draws_the_patches(assets, predictor, tmp_path):
     q = question_of(assets, 1)
     picture = tmp_path / "patches.png"
@@ -179,7 +213,7 @@ def test_answers_equal_generation_alone_whatever_is_in_flight(assets, predictor,
     from openai import OpenAI
 
     url, _ = server
-    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=8)
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=30)  # a loaded machine: full longer
     questions = [question_of(assets, i, with_choices=i % 3 != 2) for i in range(6)]
 
     def via_openai(q):

@@ -7,6 +7,7 @@ The tests share one uninterrupted run (`straight`), so they run on one xdist wor
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -707,3 +708,49 @@ def test_exports_of_a_run_are_quiet_and_load_their_processor(straight, tmp_path)
     else:  # what README says: AutoProcessor needs torchvision, ivtlr_jax.data.load_processor does not
         with pytest.raises(ImportError, match="Torchvision"):
             AutoProcessor.from_pretrained(straight.run_dir / "stage_2")
+
+
+# ---- resume on changed contents ---------------------------------------------------------------------------
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_refuses_to_resume_on_a_changed_base_model_or_data(assets, tmp_path):
+    """train.py resumed after the base model folder changed in place (one tensor rescaled) or after the
+    training rows were reordered (same names, other contents) is refused with one line naming which and how
+    to proceed, before anything is loaded, the run folder untouched (fingerprints.json, train/fingerprints.py)."""
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load_file, save_file
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    shutil.copytree(assets / "model", model)
+    shutil.copytree(assets / "data", data)
+    cfg_path = write_config(tmp_path, assets, "contents", model={"model_id": str(model)}, data={"source": str(data)})
+    command = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path), "--max-steps", "2"]  # 1 checkpoint
+    run = lambda: subprocess.run(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                                 text=True, timeout=300)
+    first = run()
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "contents"
+    before = folder_bytes(run_dir)
+
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5  # one tensor rescaled, names and shapes kept
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    refused = run()
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
+    assert refused.stderr.startswith(f"error: run folder {run_dir} was begun with other contents of the base model "
+                                     "(model.model_id)") and "name=contents_new" in refused.stderr, refused.stderr
+    assert "training data" not in refused.stderr and folder_bytes(run_dir) == before
+
+    shutil.copy(assets / "model" / "model.safetensors", model / "model.safetensors")
+    table = pq.read_table(data / "train.parquet")
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), data / "train.parquet")  # the same rows, reordered
+    refused = run()
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
+    assert "other contents of the training data (data.source, data.train_split)" in refused.stderr, refused.stderr
+    assert "base model" not in refused.stderr and folder_bytes(run_dir) == before
+    assert set(json.loads(before["fingerprints.json"])) == {"base_model", "data"}  # recorded when the run began
+    shutil.copy(assets / "data" / "train.parquet", data / "train.parquet")  # the original contents: it resumes
+    resumed = run()
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]

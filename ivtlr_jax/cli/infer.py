@@ -112,7 +112,7 @@ def run(p: argparse.ArgumentParser, args, prog: str) -> None:
     try:
         evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention, events=cfg.log)
     # another setup's output, a damaged one, one in use; no such model folder or data source: one line
-    except (EvalSetupError, OutputInUseError, FileNotFoundError, DataSourceError) as err:
+    except (EvalSetupError, OutputInUseError, FileNotFoundError, DataSourceError, distributed.DisagreementError) as err:
         fail(p, f"{prog}: error: {err}\n")
     if distributed.is_writer():  # evaluate() printed the result line
         where = f"records in {out}, summary in {summary_path(out).name}, setup in {setup_path(out).name}"

@@ -13,6 +13,7 @@ answer; the family decides the image placeholder, chat format and image processi
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from .collate import DEFAULT_LENGTH_BUCKETS, DEFAULT_PREFIX_BUCKETS, LatentShape
 from .curriculum import CurriculumConfig, epoch_order, num_latents, stage_of_epoch, stage_tokens
 from .examples import (
     Example,
-    check_pixels,
+    open_image,
     LazyImage,
     SkipReport,
     SkipRow,
@@ -31,11 +32,13 @@ from .examples import (
     decode_image,
     encode_text_parts,
     image_bytes,
+    content_id,
     make_encoder,
     materialize,
     refuse_image_token,
     split_rationale,
     tokenizer_of,
+    unique_ids,
 )
 from .synthetic import make_synthetic_m3cot, synthetic_corpus, synthetic_rows
 from .tokenizer import (SpecialTokens, build_tiny_chameleon_processor, build_tiny_qwen2vl_processor, load_processor,
@@ -48,7 +51,7 @@ _BATCH = 64
 __all__ = [
     "DATASETS", "DataSourceError", "PROMPT_FORMATS", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
     "Example", "SkipReport", "LazyImage", "CurriculumConfig",
-    "load_examples", "read_rows", "split_rationale", "materialize",
+    "load_examples", "read_rows", "split_rationale", "materialize", "decode_image", "open_image",
     "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate", "LatentShapes", "shared_prefix_bound",
     "make_synthetic_m3cot", "synthetic_corpus", "synthetic_rows",
     "build_tiny_qwen2vl_processor", "build_tiny_chameleon_processor", "load_processor", "special_tokens",
@@ -203,6 +206,7 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
         report.truncated += truncated
         examples.append(example)
     report.kept = len(examples)
+    unique_ids(examples)
     return examples, report
 
 
@@ -215,25 +219,27 @@ def source_folder(source: str) -> Path | None:
 def _row_example(module, row, index, split, encoder, tokenizer, cap, lazy_images,
                  prompt_format: str = "train", root: Path | None = None) -> tuple[Example, bool]:
     text = module.parse_row(row, index, split)
-    refuse_image_token(text, encoder.image_token)
     try:
         data = image_bytes(text.image, root)
         if data is None:
             raise SkipRow("no_image")
-        check_pixels(data)
-        decode_image(data)  # fails early on bytes that are not an image
+        picture = open_image(data)  # the load's one decode: fails early on bytes that are not an image
     except SkipRow:
         raise
     except Exception as err:  # noqa: BLE001 - any decoding failure is a bad row
         raise SkipRow("unreadable_image", str(err)) from None
+    if not text.id:  # no id column: the content's
+        rid = content_id(module.NAME, text.question, text.choices, data)
+        text = dataclasses.replace(text, id=rid, meta=dict(text.meta, id=rid))
+    refuse_image_token(text, encoder.image_token)
     suffix: list[int] = []
     try:
         if prompt_format == "official":
             official_text = module.official_eval_text(text.question, text.choices)
-            question_ids, image, suffix = encoder.official_prompt(official_text, data)
+            question_ids, image, suffix = encoder.official_prompt(official_text, picture)
         else:
             question_ids, image = encoder.prompt(module.prompt_text(text.question, text.choices,
-                                                                    encoder.image_placeholder), data)
+                                                                    encoder.image_placeholder), picture)
     except (OSError, SyntaxError) as err:  # PIL's errors for truncated / malformed files
         raise SkipRow("unreadable_image", str(err)) from None
     step_ids, answer_ids = encode_text_parts(tokenizer, text.steps, text.answer)

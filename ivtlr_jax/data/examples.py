@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -87,7 +89,7 @@ class SkipRow(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass
@@ -176,6 +178,29 @@ def refuse_image_token(text: RowText, image_token: str) -> None:
             raise SkipRow("image_token_in_text", f"{text.id}: the text contains {image_token!r}")
 
 
+# ---- ids ------------------------------------------------------------------------------------------------
+ID_HEX = 16  # hex digits of a content id (64 bits: no collision expected below ~10^9 rows)
+
+
+def content_id(dataset: str, question: str, choices: list[str], image: bytes) -> str:
+    """`<dataset>-<16 hex digits>`: the stable id of a row whose dataset has no id column (ScienceQA), a
+    hash of its question, choices and image bytes, so that a reordered or re-split source keeps every
+    evaluation record under its own question."""
+    key = json.dumps([question, choices, hashlib.sha256(image).hexdigest()], ensure_ascii=False).encode()
+    return f"{dataset}-{hashlib.sha256(key).hexdigest()[:ID_HEX]}"
+
+
+def unique_ids(examples: list[Example]) -> None:
+    """Rows that share an id (the same question, choices and image twice) get `#2`, `#3`, ... after the
+    first, in row order (a record belongs to one example)."""
+    seen: dict[str, int] = {}
+    for ex in examples:
+        seen[ex.id] = seen.get(ex.id, 0) + 1
+        if seen[ex.id] > 1:
+            ex.id = f"{ex.id}#{seen[ex.id]}"
+            ex.meta["id"] = ex.id
+
+
 # ---- images ----------------------------------------------------------------------------------------
 MAX_IMAGE_PIXELS = 50_000_000  # larger images are skipped ("too_many_pixels"); PIL itself refuses ~179M as a bomb
 MAX_IMAGE_BYTES = 256 << 20  # larger files are skipped ("image_too_large") before they are read
@@ -228,14 +253,27 @@ def read_image_file(path: str, root: Path | None) -> bytes:
         return f.read()
 
 
-def check_pixels(data: bytes) -> None:
-    """SkipRow("too_many_pixels") for an image over MAX_IMAGE_PIXELS, read from its header (nothing decoded)."""
+def open_image(data: bytes, max_pixels: int | None = None):
+    """Encoded bytes -> the decoded PIL image (`decode_image`: loaded, EXIF orientation applied), decoded
+    once, after the size in its header was checked against `max_pixels` (an oversized image is never
+    decoded). SkipRow otherwise: "too_many_pixels", or "unreadable_image" (not an image, truncated, corrupt);
+    its detail is a sentence a user can read. max_pixels: default MAX_IMAGE_PIXELS."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise SkipRow("too_many_pixels", f"{width}x{height} > {MAX_IMAGE_PIXELS:,} pixels")
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+        if width * height > max_pixels:
+            raise SkipRow("too_many_pixels", f"the image is {width}x{height} = {width * height:,} pixels; "
+                                             f"at most {max_pixels:,}")
+        return decode_image(data)
+    except Image.UnidentifiedImageError:
+        raise SkipRow("unreadable_image", "not an image (no image format recognised)") from None
+    except Image.DecompressionBombError as err:
+        raise SkipRow("too_many_pixels", f"the image is too large: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated / malformed files
+        raise SkipRow("unreadable_image", f"the image cannot be read ({' '.join(str(err).split())[:200]})") from None
 
 
 class LazyImage(Mapping):

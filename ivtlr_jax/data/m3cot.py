@@ -36,7 +36,7 @@ def parse_row(row: dict, index: int, split: str) -> RowText:
     choices = checked_choices(row)
     letter = choice_letter(row.get("answer"), len(choices))
     rid = row.get("id")
-    rid = str(rid) if rid not in (None, "") else f"{split}-{index}"
+    rid = str(rid) if rid not in (None, "") else ""  # none: load_examples derives it from the content
     meta = {k: row.get(k) for k in META_COLUMNS if k in row}
     meta.setdefault("split", split)
     meta.update(dataset=NAME, index=index, id=rid, question=row["question"], choices=choices, answer=letter,

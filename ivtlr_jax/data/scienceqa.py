@@ -1,6 +1,7 @@
 """ScienceQA rows (`derek-thomas/ScienceQA`: image, question, choices, answer (int), hint, task, grade,
 subject, topic, category, skill, lecture, solution; no id column) -> text pieces
-(docs/method.md section 14).
+(docs/method.md section 14). A row's id is its content's (`examples.content_id`: question, choices and
+image bytes), given by `load_examples` once the image is read.
 
 Prompt (official Chameleon training format; braces literal, no "Answer:" line, no hint):
     [Question]:{<image> x N<question>}\\n[Options]:\\n(A).{<choice>}\\n(B).{<choice>}...
@@ -56,7 +57,7 @@ def parse_row(row: dict, index: int, split: str) -> RowText:
     if not 0 <= answer_index < len(choices):
         raise SkipRow("bad_answer", f"answer {answer_index} with {len(choices)} choices")
     answer_text = str(answer_index)
-    rid = f"{split}-{index}"
+    rid = ""  # no id column: load_examples derives it from the content
     meta = {k: row.get(k) for k in META_COLUMNS if k in row}
     meta.update(dataset=NAME, index=index, id=rid, split=split, question=row["question"], choices=choices,
                 answer=answer_index, answer_text=answer_text, domain=row.get("subject"))

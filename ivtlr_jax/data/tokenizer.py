@@ -243,7 +243,7 @@ def _qwen_vl_processor_class(path: str):
             with open(resolved, encoding="utf-8") as f:
                 names.append(json.load(f).get("processor_class"))
     for name in names:
-        if name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
+        if name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor"):
             return getattr(transformers, name)
     return None
 

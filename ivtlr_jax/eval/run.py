@@ -57,7 +57,7 @@ from ..io.lock import output_lock
 from ..models import ShardingRules, family_named, make_mesh, read_config
 from ..events import log_evaluation
 from ..models.common.sharding import batch_shardings
-from .setup import EvalSetupError, eval_setup, prepare_output, read_records, summary_path
+from .setup import INFORMATIVE_KEYS, EvalSetupError, eval_setup, prepare_output, read_records, summary_path
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
 
@@ -244,11 +244,12 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
                                      max_length=10**9, prompt_format=cfg.prompt_format)
     check_patch_budget(examples, special.image_token_id, cfg)
 
-    def open_output() -> tuple[dict, list[str]]:
-        setup = eval_setup(model_dir, cfg, sampling)
-        return setup, sorted(prepare_output(out_file, setup, [ex.id for ex in examples], log))
-
-    setup, done = distributed.on_writer(open_output, "eval_output", errors=(EvalSetupError,))
+    setup = distributed.agree(lambda: eval_setup(model_dir, cfg, sampling), "eval_setup")  # every process's own
+    distributed.same_everywhere({**{k: v for k, v in setup.items() if k not in INFORMATIVE_KEYS},
+                                 **{f"eval.{k}": v for k, v in dataclasses.asdict(cfg).items()}},
+                                "evaluation settings or files", "eval_same")
+    done = distributed.on_writer(lambda: sorted(prepare_output(out_file, setup, [ex.id for ex in examples], log)),
+                                 "eval_output", errors=(EvalSetupError,))
     finished = set(done)
     run = EvalRun(cfg, model_dir, family, getattr(processor, "tokenizer", processor), special, latent, sampling, rules,
                   rows, devices, continuous, examples, report, setup, done,

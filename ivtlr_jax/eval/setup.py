@@ -1,7 +1,8 @@
 """The setup an evaluation output belongs to, and resuming it (`eval.run` writes the records).
 
-The setup (model folder, a fingerprint of its weights and tokenizer files, data, prompt format, latents, K,
-patch order, RoPE, dtypes, sampling, limit) is written beside the output before the first record
+The setup (model folder, a fingerprint of its weights and tokenizer files, data and a fingerprint of the
+split's rows, prompt format, latents, K, patch order, RoPE, dtypes, sampling, limit) is written beside the
+output before the first record
 (`setup_path`: eval_test.jsonl -> eval_test.setup.json). Re-running with the same output skips the examples
 already written when the setup is the same, and refuses (naming the differing keys) when it is not. A torn
 last line (a crash mid-write) is cut off and its example redone.
@@ -9,96 +10,45 @@ last line (a crash mid-write) is cut off and its example redone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from ..data.fingerprint import data_fingerprint
 from ..decoding import SamplingConfig
 from ..run_folder import RunFolder
 from ..io.atomic import write_atomic
+from ..io.fingerprint import FingerprintError, weights_fingerprint
 
 if TYPE_CHECKING:
     from .run import EvalConfig
 
-SETUP_VERSION = 1
-# setup keys that describe but do not decide: the weights' fingerprint identifies the model, so a
+SETUP_VERSION = 2  # 2: ScienceQA ids from the content (1: `<split>-<row>`), the data's fingerprint
+# setup keys that describe but do not decide: the fingerprints identify the model and the data, so a
 # moved or copied folder still resumes
-INFORMATIVE_KEYS = ("model",)
+INFORMATIVE_KEYS = ("model", "source")
 
 
 class EvalSetupError(ValueError):
     """An output file that cannot be resumed with this setup (or cannot be read)."""
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".msgpack")
-SETUP_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
-               "ivtlr_jax.json")
-SMALL_FILE = 8 << 20  # files up to this size are hashed whole
-SAMPLE = 256  # bytes read at each sampled place
-SAMPLES_PER_FILE = 256  # evenly spaced samples of a large file that is not safetensors
-
-
-def weights_fingerprint(folder: Path) -> str:
-    """A sha256 over the model folder's weight, config and tokenizer files, cheap at any size: small
-    files whole; a safetensors file's size, header (every tensor's name, dtype, shape and offsets) and
-    the first, middle and last 256 bytes of every tensor; any other large file (e.g. orbax data) its
-    size and 256 evenly spaced samples. A fine-tuned or merged model changes every tensor it trains,
-    so a sample of every tensor tells stage exports apart; a full hash of a 7B model would read 15 GB."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and (
-        p.name in SETUP_FILES or p.suffix in WEIGHT_SUFFIXES or "flax_params" in p.relative_to(folder).parts))
-    if not any(p.suffix in WEIGHT_SUFFIXES or "flax_params" in p.relative_to(folder).parts for p in files):
-        raise EvalSetupError(f"{folder}: no weight files (*.safetensors or flax_params/) to fingerprint")
-    digest = hashlib.sha256()
-    for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            if size <= SMALL_FILE:
-                digest.update(f.read())
-            elif path.suffix == ".safetensors":
-                _safetensors_samples(f, size, digest, path)
-            else:
-                for offset in np.linspace(0, max(size - SAMPLE, 0), SAMPLES_PER_FILE).astype(np.int64):
-                    f.seek(int(offset))
-                    digest.update(f.read(SAMPLE))
-    return digest.hexdigest()
-
-
-def _safetensors_samples(f, size: int, digest, path: Path) -> None:
-    head = f.read(8)
-    (n,) = struct.unpack("<Q", head)
-    if n > size - 8:
-        raise EvalSetupError(f"{path}: not a safetensors file (header length {n} > file size {size})")
-    header = f.read(n)
-    digest.update(head + header)
-    base = 8 + n
-    for name, info in sorted(json.loads(header).items()):
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        for offset in sorted({start, max(start, (start + end) // 2 - SAMPLE // 2), max(start, end - SAMPLE)}):
-            f.seek(base + offset)
-            digest.update(f.read(min(SAMPLE, end - offset)))
-
-
 def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> dict:
     """What decides an output's records: two runs with equal setups write the same records."""
     source = Path(cfg.source)
+    try:
+        weights = weights_fingerprint(model_dir)
+    except FingerprintError as err:
+        raise EvalSetupError(str(err)) from None
     return {
         "version": SETUP_VERSION,
         "model": str(Path(model_dir).resolve()),
-        "weights_fingerprint": weights_fingerprint(model_dir),
+        "weights_fingerprint": weights,
         "dataset": cfg.dataset,
         "source": str(source.resolve()) if source.exists() else cfg.source,
         "split": cfg.split,
+        "data_fingerprint": data_fingerprint(cfg.dataset, cfg.source, cfg.split, ordered=False),  # records by id
         "prompt_format": cfg.prompt_format,
         "num_latents": cfg.num_latents,
         "num_selected_patches": cfg.num_selected_patches,

@@ -10,6 +10,7 @@
 - `peft`: LoRA adapters as a PEFT adapter folder.
 - `official`: a checkpoint of the official IVT-LR scripts (.pth) -> a converted Flax folder.
 - `atomic`: files and folders written under a temporary name and renamed when complete.
+- `fingerprint`: a model folder's contents as one sha256 (sampled: fast at any size).
 """
 
 from .hf_export import save_hf

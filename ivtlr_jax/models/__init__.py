@@ -27,6 +27,10 @@ from .qwen2vl.modeling import Qwen2VL
 from .qwen25vl import params as qwen25vl_params
 from .qwen25vl.config import Qwen25VLConfig
 from .qwen25vl.modeling import Qwen25VL
+from .qwen3vl import params as qwen3vl_params
+from .qwen3vl import processing as qwen3vl_processing
+from .qwen3vl.config import Qwen3VLConfig
+from .qwen3vl.modeling import Qwen3VL
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -78,6 +82,8 @@ FAMILIES: dict[str, Family] = {
     # Qwen2.5-VL: its processor is Qwen2-VL's, so are its prompts and pictures
     "qwen2_5_vl": family_entry(name="qwen25vl", config_cls=Qwen25VLConfig, model_cls=Qwen25VL, params=qwen25vl_params,
                                processing=qwen2vl_processing),
+    "qwen3_vl": family_entry(name="qwen3vl", config_cls=Qwen3VLConfig, model_cls=Qwen3VL, params=qwen3vl_params,
+                             processing=qwen3vl_processing),
 }
 
 

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from ..predict import RequestError
 from . import openai_api as api
 from .engine import Busy, ServingEngine, Ticket
+from .text_stream import TextStream
 
 MAX_BODY = 32 << 20  # bytes of a request body (a base64 image of ~24 MB)
 POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
@@ -126,19 +127,18 @@ async def whole_answer(request: Request, engine: ServingEngine, ticket: Ticket, 
 async def stream_events(engine: ServingEngine, ticket: Ticket, request_id: str, model: str, include_usage: bool):
     """Server-sent events: the role and the IVT-LR extras once the request has started (its selected patches
     are known before its first token), content deltas as tokens come, the finish reason, [DONE]."""
-    tokenizer = engine.predictor.tokenizer
-    sent = ""
+    text_stream, sent = TextStream(engine.predictor.tokenizer), ""
     event = lambda payload: f"data: {json.dumps(payload)}\n\n"
     try:
         while True:
             kind, value = await ticket.events.get()
             if kind == "started":
                 yield event(api.chunk(request_id, model, {"role": "assistant", "content": ""}, ivtlr=value))
-            elif kind == "tokens":
-                text = tokenizer.decode(value, skip_special_tokens=True)
-                if text.startswith(sent) and not text.endswith("\ufffd"):  # a whole character more
-                    yield event(api.chunk(request_id, model, {"content": text[len(sent):]}))
-                    sent = text
+            elif kind == "tokens":  # the tokens generated since the last event
+                delta = text_stream.add(value)
+                if delta:
+                    yield event(api.chunk(request_id, model, {"content": delta}))
+                    sent += delta
             elif kind == "done":
                 rest = value.text[len(sent):] if value.text.startswith(sent) else ""
                 if rest:

@@ -48,6 +48,7 @@ class Ticket:
     stream: bool = True  # wants its tokens after every turn (else only the answer)
     cancelled: bool = False
     selected: Any = None  # [c, K] selected positions of its prompt, once started
+    tokens_sent: int = 0  # the tokens already sent in "tokens" events
 
     def send(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -65,7 +66,6 @@ class ServingEngine:
         self.slots, self.max_waiting, self.chunk = slots, max_waiting, chunk
         self.engine = SlotEngine(predictor.model, predictor.latent, self.greedy, slots)
         self.waiting: collections.deque[Ticket] = collections.deque()
-        self.running: dict[int, Ticket] = {}  # slot -> its request
         self.lock = threading.Condition()
         self.admitting, self.stopped = True, False
         self.seeds = itertools.count()
@@ -106,6 +106,11 @@ class ServingEngine:
             self.lock.notify()
         if self.thread.is_alive():
             self.thread.join(timeout)
+
+    @property
+    def running(self) -> dict[int, Ticket]:
+        """slot -> the request in it (the slot engine's owners: each started request is its slot's tag)."""
+        return self.engine.owner
 
     def next_seed(self) -> int:
         return next(self.seeds)
@@ -152,12 +157,11 @@ class ServingEngine:
             rows = RowSampling(jax.random.key(ticket.seed)[None], jnp.asarray([ticket.temperature], jnp.float32),
                                jnp.asarray([ticket.top_p], jnp.float32))
             [ready] = self.engine.start([ticket], [ticket.encoded.prompt], rows, self._sampling([ticket]))
-            slot = self.engine.insert(ready)
+            self.engine.insert(ready)  # the ticket is its slot's owner from now on (`running`)
         except Exception as err:  # noqa: BLE001 - one bad request never stops the server
             self.counts["failed"] += 1
             ticket.send("error", f"generation failed: {type(err).__name__}: {err}")
             return
-        self.running[slot] = ticket
         ticket.selected = ready.selected
         steps, grid = self.predictor.patches(ticket.encoded, ready.selected)
         ticket.send("started", {"selected_patches": steps, "patch_grid": list(grid), "latents": len(steps),
@@ -168,17 +172,18 @@ class ServingEngine:
         return self.sampled if any(t.temperature > 0 for t in tickets) else self.greedy
 
     def _decode_turn(self) -> None:
+        # the slots that finished leave `running` here
         finished = dict(self.engine.run(max_steps=self.chunk, stop_when_freed=bool(self.waiting),
                                         sampling=self._sampling(self.running.values())))
         state = self.engine.state
         tokens, counts, lengths = np.asarray(state.tokens), np.asarray(state.count), np.asarray(state.lengths)
-        for slot, ticket in list(self.running.items()):
+        for slot, ticket in [*finished.items(), *self.running.items()]:
             count = int(counts[slot])
             if slot not in finished and count < ticket.max_tokens:
-                if ticket.stream:
-                    ticket.send("tokens", [int(t) for t in tokens[slot][:count]])
+                if ticket.stream and count > ticket.tokens_sent:  # only the new tokens
+                    ticket.send("tokens", [int(t) for t in tokens[slot][ticket.tokens_sent:count]])
+                    ticket.tokens_sent = count
                 continue
-            del self.running[slot]
             if slot not in finished:  # reached the request's own max_tokens: free the slot now
                 self.engine.release(slot)
             length = min(int(lengths[slot]), ticket.max_tokens)
@@ -191,12 +196,10 @@ class ServingEngine:
         for ticket in self.running.values():
             self.counts["failed"] += 1
             ticket.send("error", message)
-        self.running.clear()
         self.engine = SlotEngine(self.predictor.model, self.predictor.latent, self.greedy, self.slots)
 
     def _drop_cancelled(self) -> None:
         for slot, ticket in list(self.running.items()):
             if ticket.cancelled:
                 self.engine.release(slot)
-                del self.running[slot]
                 self.counts["cancelled"] += 1

@@ -164,6 +164,13 @@ class TrainCheckpointer:
             trainable=ocp.args.StandardRestore(jax.tree.map(abstract, _pure(trainable_like)))))
         return with_values(trainable_like, flatten_tree(restored["trainable"]))
 
+    def read_meta(self, step: int) -> dict | None:
+        """The meta record of a step (None when it cannot be read)."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # a message about the step says what is known; never stops anything
+            return None
+
     def restore_latest(self, trainable_like, opt_state_like, *, log: Callable[[str], None] = print,
                        required_meta: tuple[str, ...] = ()) -> tuple[int, Any, Any, dict] | None:
         """The newest checkpoint that restores, with the `required_meta` keys in its meta record:
@@ -217,9 +224,14 @@ class TrainCheckpointer:
             source.rename(target)
         target = Path(distributed.broadcast_object(str(target), "moved"))
         distributed.barrier("moved")
+        self.reopen()
+        return target
+
+    def reopen(self) -> None:
+        """Open the manager again, seeing the steps now in the folder (after steps were moved away)."""
+        self.manager.wait_until_finished()
         self.manager.close()
         self.manager = self._open()
-        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -24,7 +24,8 @@ from flax import nnx
 
 from .. import distributed
 from ..build import build_model
-from ..config import ConfigError, InferenceSettings, RunConfig, differing_keys, to_dict
+from ..config import (CHANGEABLE_ON_RESUME, ConfigError, InferenceSettings, RunConfig, differing_keys, flat_items,
+                      to_dict)
 from ..data import LatentShapes, epoch_order, load_examples, stage_of_epoch, stage_tokens
 from ..io.atomic import atomic_output_folder, recover_swap, write_atomic
 from ..io.durable import LineLog
@@ -37,12 +38,18 @@ from ..models.common.sharding import ShardingRules, make_mesh, state_shardings
 from .batch_layout import LAYOUT_FILE, BatchLayout, run_layout, write_layout
 from .checkpoint import DAMAGED_DIR, TrainCheckpointer, remove_unfinished_saves
 from .cleanup import close_all
+from .fingerprints import check_fingerprints, run_fingerprints, write_fingerprints
 from ..events import check_backends, log_train_step, train_events
 from ..run_folder import MetricsRecord, RunFolder
 from .multihost import collate_local, place_batch, read_hf_tensors
-from .optim import learning_rate, make_optimizer
+from .optim import discard_accumulation, learning_rate, make_optimizer
 from .preemption import Preempted, PreemptionWatch
-from .step import StepConfig, init_optimizer, make_train_step, split_trainable, step_shardings
+from .resume_options import (ResumeOptions, allowed_changes, append_changes, check_resume_options,
+                             set_aside_after)
+from .run_changes import CHANGES_FILE, describe_change, read_changes, skipped_micro_steps
+from .token_windows import TokenWindows, micro_batch_tokens, optimizer_window
+from .step import (StepConfig, init_optimizer, largest_magnitude, make_cut_window_step, make_train_step,
+                   split_trainable, step_shardings)
 
 ZERO_GRAD_WARN_AFTER = 8  # consecutive micro-batches with a gradient norm of exactly 0 before a warning
 
@@ -97,10 +104,11 @@ def maybe_init_distributed() -> None:
     distributed.initialize()
 
 
-def check_run_folder(cfg: RunConfig) -> Path:
+def check_run_folder(cfg: RunConfig, allow_change: tuple[str, ...] = ()) -> Path:
     """Refuse, before anything is loaded or written, a folder that is not this run's: one with other
     content, or a run of a different configuration (the error names the keys that differ). Keys of
-    `RESUME_NEUTRAL_KEYS` (where the folder is, logging) do not count. Writes nothing."""
+    `RESUME_NEUTRAL_KEYS` (where the folder is, logging) and those of `allow_change` (train.py's
+    --allow-change) do not count. Writes nothing."""
     run_dir = cfg.run_dir
     saved = RunFolder(run_dir).config_file
     if not (run_dir.exists() and any(run_dir.iterdir())):
@@ -108,10 +116,13 @@ def check_run_folder(cfg: RunConfig) -> Path:
     if not saved.exists():
         raise RunFolderError(f"output folder {run_dir} is not empty and is not a run folder; choose another name")
     diff = differing_keys(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    diff = {k: v for k, v in diff.items() if k not in allow_change}
     if diff:
         keys = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in diff.items())
+        changeable = " ".join(f"--allow-change {k}" for k in diff if k in CHANGEABLE_ON_RESUME)
         raise RunFolderError(f"output folder {run_dir} holds a run with a different configuration ({keys}); "
-                             f"choose another name or restore those values (see {saved})")
+                             f"choose another name or restore those values (see {saved})"
+                             + (f", or resume with the new value: add {changeable}" if changeable else ""))
     return run_dir
 
 
@@ -185,6 +196,9 @@ class Run:
     step_cfg: StepConfig
     stage_ends: dict[int, int]  # {stage: the micro-step at which it ends}
     ckpt: TrainCheckpointer
+    token_windows: TokenWindows | None = None  # optim.loss_scale=token_mean: the denominators (token_windows.py)
+    skipped: set[int] = dataclasses.field(default_factory=set)  # micro-steps (from 1) left untrained (--skip-batch)
+    pending_changes: list[dict] = dataclasses.field(default_factory=list)  # for changes.jsonl, once resumed
 
     @property
     def global_batch(self) -> int:
@@ -219,16 +233,19 @@ class RunState:
     train_step: Callable | None = None  # the jitted sharded step, made at the first micro-batch (its shardings)
 
 
-def train(cfg: RunConfig, *, max_steps: int | None = None, log=print) -> TrainResult:
+def train(cfg: RunConfig, *, max_steps: int | None = None, log=print,
+          options: ResumeOptions = ResumeOptions()) -> TrainResult:
     """Run (or resume) training. `max_steps`: stop after this many micro-batches in this call (used to
-    simulate an interrupted run). Once training steps, SIGTERM / SIGINT save a checkpoint at the next
-    micro-step boundary and raise `Preempted` (train/preemption.py; the previous handlers are back after)."""
+    simulate an interrupted run); `options`: train.py's ways on after a stop (train/run_changes.py). Once
+    training steps, SIGTERM / SIGINT save a checkpoint at the next micro-step boundary and raise `Preempted`
+    (train/preemption.py; the previous handlers are back after)."""
     maybe_init_distributed()
     log = log if distributed.is_writer() else (lambda *_: None)  # process 0 speaks for the run
-    run, state = set_up_run(cfg, log)
+    run, state = set_up_run(cfg, log, options)
     resume_from_checkpoint(run, state, log)
     if distributed.is_writer():
         run.folder.trim_metrics(state.micro_step)
+        record_resume_changes(run, state, log)
     rebuild_finished_exports(run, state, log)
     log_run_start(run, state, log)
     recorder = StepRecorder(run, state.micro_step, log)
@@ -252,11 +269,15 @@ def train_epochs(run: Run, state: RunState, recorder: StepRecorder, stop: StopCh
     return True
 
 
-def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
+def set_up_run(cfg: RunConfig, log, options: ResumeOptions = ResumeOptions()) -> tuple[Run, RunState]:
     """Check the run folder, build the mesh, the model, the data, the optimizer and the checkpointer
-    (every process agrees on each check); writes config.yaml once the model and the data loaded.
-    -> the run, and its state at step 0."""
-    run_dir = distributed.agree(lambda: check_start(cfg), "run_folder")  # every process checks; all stop
+    (every process agrees on each check); writes config.yaml once the model and the data loaded (after the
+    record of the changes --allow-change let through, `record_resume_changes`). -> the run, and its state
+    at step 0."""
+    distributed.same_everywhere(flat_items(to_dict(cfg)), "configurations", "config")  # before anything is read
+    run_dir, fingerprints = distributed.agree(lambda: check_start(cfg, options), "run_folder")  # all check; all stop
+    distributed.same_everywhere(fingerprints, "base models or data (fingerprints of their contents)", "fingerprints")
+    config_changes = allowed_changes(cfg, options)  # read before config.yaml is written
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = ShardingRules(mesh)
     layout = distributed.agree(lambda: run_layout(cfg, run_dir, mesh.shape["data"] * mesh.shape["fsdp"], log),
@@ -269,7 +290,9 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
         lambda: load_training_examples(cfg, built.processor, built.family.name, image_token_id, latent_cfg),
         "examples")
     if distributed.is_writer():
-        write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
+        if not config_changes:  # else once they are recorded (`record_resume_changes`)
+            write_run_config(cfg)  # the model and the data loaded: from here on this folder is this run's
+        write_fingerprints(run_dir, fingerprints)
         if not (run_dir / LAYOUT_FILE).exists():
             write_layout(run_dir, layout)
     micro_per_epoch = math.ceil(len(examples) / layout.rows_per_micro_step)
@@ -290,14 +313,73 @@ def set_up_run(cfg: RunConfig, log) -> tuple[Run, RunState]:
               lr_at=learning_rate(cfg.optim, *schedule_steps),
               step_cfg=StepConfig(latent_cfg, cfg.train.batch_size_training, cfg.optim.loss_scale),
               stage_ends=stage_ends, ckpt=ckpt)
+    if cfg.optim.loss_scale == "token_mean":
+        run.token_windows = TokenWindows(lambda epoch: epoch_micro_batch_tokens(run, epoch), micro_per_epoch,
+                                         layout.accumulation, optimizer_resets(cfg, micro_per_epoch), run.total_micro)
+    apply_resume_options(run, options, config_changes)
     return run, RunState(trainable, init_optimizer(tx, trainable, rules))
 
 
-def check_start(cfg: RunConfig) -> Path:
-    """The run folder is this run's, and the dashboards' packages are present (ivtlr_jax/events.py)."""
-    run_dir = check_run_folder(cfg)
+def apply_resume_options(run: Run, options: ResumeOptions, config_changes: dict[str, tuple]) -> None:
+    """--resume-from: the later checkpoints and exports set aside (`set_aside_after`, by process 0);
+    --skip-batch: its optimizer window; with the run's recorded skips in `run.skipped`. The changes to record
+    once the run has resumed go to `run.pending_changes`."""
+    records = [{"change": "config", "key": k, "old": a, "new": b} for k, (a, b) in config_changes.items()]
+    if options.skip_batch is not None:
+        if options.skip_batch > run.total_micro:
+            raise ConfigError(f"--skip-batch {options.skip_batch}: the run has {run.total_micro} micro-steps")
+        start, end = optimizer_window(options.skip_batch - 1, run.accum, optimizer_resets(run.cfg, run.micro_per_epoch),
+                                      run.total_micro)
+        records.append({"change": "skip", "first": start + 1, "last": end})
+    if options.resume_from is not None:
+        moved = distributed.on_writer(
+            lambda: str(set_aside_after(run.run_dir, options.resume_from, run.stage_ends) or ""), "set_aside")
+        run.ckpt.reopen()
+        records.append({"change": "resume_from", "step": options.resume_from, "set_aside": moved or None})
+    recorded = distributed.on_writer(lambda: sorted(skipped_micro_steps(read_changes(run.run_dir))), "skips")
+    run.skipped = set(recorded) | skipped_micro_steps(records)
+    run.pending_changes = records
+
+
+def record_resume_changes(run: Run, state: RunState, log) -> None:
+    """The changes of this resume appended to changes.jsonl (at the micro-step it resumed from), then
+    config.yaml with the values --allow-change let through. By process 0."""
+    if not run.pending_changes:
+        return
+    records = [{"micro_step": state.micro_step, **r} for r in run.pending_changes]
+    append_changes(run.run_dir, records)
+    write_run_config(run.cfg)
+    for record in records:
+        log(f"recorded in {run.run_dir / CHANGES_FILE}: {describe_change(record)}")
+
+
+def optimizer_resets(cfg: RunConfig, micro_per_epoch: int) -> tuple[int, ...]:
+    """The micro-steps where the optimizer state starts afresh: 0, and each later stage's first micro-step
+    with optim.reset_optimizer (`maybe_reset_optimizer`)."""
+    per_stage = cfg.curriculum.epochs_per_stage
+    later = range(per_stage, cfg.train.num_epochs, per_stage) if cfg.optim.reset_optimizer else ()
+    return (0, *(epoch * micro_per_epoch for epoch in later))
+
+
+def epoch_micro_batch_tokens(run: Run, epoch: int) -> list[int]:
+    """Supervised tokens of each micro-batch of `epoch` (its seeded, wrapped order at its stage)."""
+    stage, curriculum = stage_of_epoch(epoch, run.cfg.curriculum), run.cfg.curriculum
+    order = wrapped_order(epoch_order(len(run.examples), run.cfg.seed, epoch), run.micro_per_epoch * run.global_batch)
+    token_ids = (run.latent_cfg.latent_token_id, *run.markers)
+    return micro_batch_tokens(lambda i: stage_tokens(run.examples[i], stage, curriculum, *token_ids)[1], order,
+                              run.global_batch)
+
+
+def check_start(cfg: RunConfig, options: ResumeOptions = ResumeOptions()) -> tuple[Path, dict[str, str]]:
+    """The run folder is this run's (or differs in the keys --allow-change names), --resume-from and
+    --skip-batch fit its checkpoints, the dashboards' packages are present (ivtlr_jax/events.py), and the
+    base model and data hold what the run began with (train/fingerprints.py). -> (run folder, fingerprints)"""
+    run_dir = check_run_folder(cfg, options.allow_change)
+    check_resume_options(run_dir, options)
     check_backends(cfg.log)
-    return run_dir
+    fingerprints = run_fingerprints(cfg)
+    check_fingerprints(cfg, fingerprints)
+    return run_dir, fingerprints
 
 
 def load_training_examples(cfg: RunConfig, processor, family: str, image_token_id: int, latent_cfg: LatentConfig):
@@ -360,17 +442,14 @@ def wrapped_order(order: np.ndarray, length: int) -> np.ndarray:
 
 
 class EpochPlan:
-    """One epoch's data: its seeded order (the tail wrapped to whole micro-batches), the supervised tokens
-    of each accumulation window, and the micro-batches prepared from them."""
+    """One epoch's data: its seeded order (the tail wrapped to whole micro-batches), the micro-batches
+    prepared from it and their loss denominators."""
 
     def __init__(self, run: Run, epoch: int):
         cfg, curriculum = run.cfg, run.cfg.curriculum
         self.run, self.epoch, self.stage = run, epoch, stage_of_epoch(epoch, curriculum)
         order = epoch_order(len(run.examples), cfg.seed, epoch)
         self.order = wrapped_order(order, run.micro_per_epoch * run.global_batch)
-        self.window_tokens = accumulation_window_tokens(run.examples, self.order, self.stage, curriculum,
-                                                        (run.latent_cfg.latent_token_id, *run.markers),
-                                                        run.global_batch, run.accum)
         self.reset_at = epoch // curriculum.epochs_per_stage * curriculum.epochs_per_stage * run.micro_per_epoch \
             if cfg.optim.reset_optimizer else 0  # the micro-step where the optimizer's count restarted
 
@@ -387,12 +466,18 @@ class EpochPlan:
             raise ValueError(f"epoch {self.epoch}, batch {index} (rows {[ex.id for ex in rows]}): {e}") from e
 
     def denominator(self, index: int) -> jax.Array:
-        """The loss denominator of micro-batch `index` (its window's supervised tokens / accumulation)."""
-        return jnp.float32(max(self.window_tokens[index // self.run.accum] / self.run.accum, 1.0))
+        """The loss denominator of micro-batch `index` under token_mean (its optimizer window's supervised
+        tokens / the window's micro-batches, `TokenWindows`); 1 under micro_batch_mean, which does not use it."""
+        windows = self.run.token_windows
+        return jnp.float32(windows.denominator(self.epoch * self.run.micro_per_epoch + index) if windows else 1.0)
 
     def learning_rate(self, micro_step: int) -> float:
-        """The learning rate that micro-step `micro_step` (counted from 1) trained with."""
-        return float(self.run.lr_at((micro_step - 1 - self.reset_at) // self.run.accum))
+        """The learning rate that micro-step `micro_step` (counted from 1) trained with: the schedule at the
+        optimizer steps made since the last reset (a window skipped by --skip-batch made none)."""
+        run = self.run
+        window = (micro_step - 1 - self.reset_at) // run.accum
+        skipped = sum(1 for m in run.skipped if self.reset_at < m <= self.reset_at + window * run.accum)
+        return float(run.lr_at(window - skipped // run.accum))
 
 
 @dataclasses.dataclass
@@ -420,7 +505,12 @@ def train_epoch(run: Run, state: RunState, plan: EpochPlan, recorder: StepRecord
         if stop.preemption.requested(state.micro_step):
             stop_preempted(run, state, recorder, plan.epoch, index)
         current = upcoming.result()  # raises here what preparing this micro-batch raised
-        metrics = run_step(run, state, current, plan.denominator(index))
+        if state.micro_step + 1 in run.skipped:  # --skip-batch: its window's gradients dropped, nothing trained
+            state.opt_state, metrics = discard_accumulation(state.opt_state), None
+        else:
+            metrics = run_step(run, state, current, plan.denominator(index))
+            if ends_cut_window(run, state.micro_step + 1):
+                metrics = apply_cut_window(run, state, metrics)
         if index + 1 < run.micro_per_epoch:  # the step runs asynchronously: prepare the next one meanwhile
             upcoming = Lookahead(plan.prepare, index + 1)
         state.micro_step += 1
@@ -435,6 +525,25 @@ def maybe_reset_optimizer(run: Run, state: RunState, epoch: int) -> None:
     if run.cfg.optim.reset_optimizer and epoch % per_stage == 0 and epoch > 0 \
             and not (epoch == state.start_epoch and state.start_index > 0):
         state.opt_state = init_optimizer(run.tx, state.trainable, run.rules)
+
+
+def ends_cut_window(run: Run, micro_step: int) -> bool:
+    """`micro_step` (from 1) ends a stage that an optimizer reset follows, inside an accumulation window the
+    reset cuts short (the stage's micro-batches are not a multiple of the accumulation)."""
+    resets = optimizer_resets(run.cfg, run.micro_per_epoch)
+    if run.accum == 1 or micro_step not in resets:
+        return False
+    start, end = optimizer_window(micro_step - 1, run.accum, resets, run.total_micro)
+    return end - start < run.accum
+
+
+def apply_cut_window(run: Run, state: RunState, metrics: dict) -> dict:
+    """The window cut short by the coming reset applied now as one optimizer step (the reset would drop its
+    gradients), before this micro-step is recorded or saved; its parameters' finiteness joins the step's
+    `finite` metric. -> the metrics."""
+    apply = make_cut_window_step(run.tx, state.trainable, state.opt_state, run.rules)
+    state.trainable, state.opt_state, finite = apply(state.trainable, state.opt_state)
+    return {**metrics, "finite": metrics["finite"] & finite}
 
 
 def run_step(run: Run, state: RunState, current: PreparedBatch, denominator: jax.Array) -> dict:
@@ -454,7 +563,14 @@ def run_step(run: Run, state: RunState, current: PreparedBatch, denominator: jax
 def record_step(run: Run, state: RunState, recorder: StepRecorder, plan: EpochPlan, index: int,
                 current: PreparedBatch, metrics: dict) -> None:
     """A finished micro-step: its metrics line and dashboard copies, the stop on a non-finite step, this
-    call's tallies, the zero-gradient watch, the progress bar (or a log line)."""
+    call's tallies, the zero-gradient watch, the progress bar (or a log line). `metrics` None: a skipped
+    micro-step (--skip-batch), recorded as {"micro_step", "epoch", "stage", "skipped": true}."""
+    if metrics is None:  # no dashboard point: nothing was trained
+        recorder.metrics_file.write(MetricsRecord.skipped_step(state.micro_step, plan.epoch, plan.stage).to_line())
+        state.done_here += 1
+        recorder.bar.update(1)
+        recorder.lap()  # the next micro-step's throughput counts from here
+        return
     loss, grad_norm, finite = float(metrics["loss"]), float(metrics["grad_norm"]), bool(metrics["finite"])
     tokens = int(metrics["tokens"])
     elapsed = recorder.lap()
@@ -473,13 +589,39 @@ def record_step(run: Run, state: RunState, recorder: StepRecorder, plan: EpochPl
 
 def non_finite_error(run: Run, state: RunState, plan: EpochPlan, index: int, current: PreparedBatch, loss: float,
                      grad_norm: float) -> NonFiniteError:
-    last = run.ckpt.latest_step()
+    """The stop's one-line message: where, the checkpoints kept with the sizes that show whether they have
+    diverged already, and the ways on (train.py's --allow-change, --resume-from, --skip-batch)."""
+    ckpt_dir, step, metrics_file = run.folder.checkpoints, state.micro_step, run.folder.metrics_file
+    window = optimizer_window(step - 1, run.accum, optimizer_resets(run.cfg, run.micro_per_epoch), run.total_micro)
+    skip = f"micro-steps {window[0] + 1}-{window[1]}" if window[1] - window[0] > 1 else f"micro-step {step}"
+    where = (f"non-finite training state at stage {plan.stage}, epoch {plan.epoch}, micro-step {step} (batch "
+             f"{index} of the epoch, rows {current.row_ids}): loss {loss}, gradient norm {grad_norm}; nothing of "
+             "this step was saved. ")
+    if run.ckpt.latest_step() is None:
+        return NonFiniteError(
+            where + "No checkpoint was saved, so there is nothing to resume from: to start over, move the record "
+            f"aside (mv {metrics_file} {metrics_file}.old) and re-run the same command with a lower "
+            "learning rate: optim.lr=<lower> --allow-change optim.lr")
     return NonFiniteError(
-        f"non-finite training state at stage {plan.stage}, epoch {plan.epoch}, micro-step {state.micro_step} "
-        f"(batch {index} of the epoch, rows {current.row_ids}): loss {loss}, gradient norm "
-        f"{grad_norm}; nothing of this step was saved. The last good checkpoint is "
-        + (f"step {last} in {run.folder.checkpoints}" if last is not None else "none (no step saved)")
-        + "; lower optim.lr or check these rows, then re-run the same command to resume from it")
+        where + f"The last good checkpoint is step {run.ckpt.latest_step()} in {ckpt_dir}; checkpoints kept "
+        f"({checkpoint_sizes(run)}): a huge gradient norm or parameter means that one has diverged already. "
+        "To go on, re-run the same command with: optim.lr=<lower> --allow-change optim.lr (recorded in "
+        f"{run.run_dir / CHANGES_FILE}); --resume-from <step> to go back to an older checkpoint (the later ones "
+        f"are moved to {run.run_dir / 'set_aside'}, not deleted); --skip-batch {step} to leave the optimizer "
+        f"step of {skip} untrained; or several of these")
+
+
+def checkpoint_sizes(run: Run) -> str:
+    """'step S: gradient norm G, largest parameter P; ...' for the checkpoints kept (G as metrics.jsonl
+    records it at step S, P from the checkpoint's meta record; '?' where unknown)."""
+    grad_norms = {r.micro_step: r.grad_norm for r in run.folder.read_metrics()[0]}
+    size = lambda v: f"{v:.3g}" if isinstance(v, (int, float)) else "?"
+    parts = []
+    for step in run.ckpt.all_steps():
+        meta = run.ckpt.read_meta(step) or {}
+        parts.append(f"step {step}: gradient norm {size(grad_norms.get(step))}, "
+                     f"largest parameter {size(meta.get('param_max_abs'))}")
+    return "; ".join(parts)
 
 
 def save_checkpoint(run: Run, state: RunState, recorder: StepRecorder, epoch: int, batch_index: int, *,
@@ -487,8 +629,9 @@ def save_checkpoint(run: Run, state: RunState, recorder: StepRecorder, epoch: in
     """A checkpoint of the state at (epoch, batch_index), after metrics.jsonl is on disk (a resume trims the
     metrics to the checkpoint it restores, so they must hold every step it covers)."""
     recorder.metrics_file.sync()
-    run.ckpt.save(state.micro_step, state.trainable, state.opt_state,
-                  {"epoch": epoch, "batch_index": batch_index, "micro_step": state.micro_step}, force=force)
+    meta = {"epoch": epoch, "batch_index": batch_index, "micro_step": state.micro_step,
+            "param_max_abs": float(largest_magnitude(state.trainable))}  # for the non-finite stop's message
+    run.ckpt.save(state.micro_step, state.trainable, state.opt_state, meta, force=force)
 
 
 def save_periodic_checkpoint(run: Run, state: RunState, recorder: StepRecorder, epoch: int, index: int) -> None:
@@ -588,17 +731,6 @@ class Lookahead:
         if self._error is not None:
             raise self._error
         return self._value
-
-
-def accumulation_window_tokens(examples, order, stage, curriculum, token_ids, global_batch, accum) -> list[int]:
-    """Supervised tokens of each accumulation window of the epoch (for optim.loss_scale=token_mean: the
-    loss of a window is its summed token losses over its token count). token_ids: (latent, start, end)."""
-    per_example = {}
-    for i in set(order.tolist()):
-        labels = stage_tokens(examples[i], stage, curriculum, *token_ids)[1]
-        per_example[i] = sum(1 for t in labels if t != -100)
-    per_batch = [sum(per_example[i] for i in order[b : b + global_batch]) for b in range(0, len(order), global_batch)]
-    return [sum(per_batch[w : w + accum]) for w in range(0, len(per_batch), accum)]
 
 
 def device_memory() -> str | None:

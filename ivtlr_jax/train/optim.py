@@ -4,6 +4,7 @@ mean of the accumulated micro-batch gradients, as DeepSpeed's accumulation)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -41,3 +42,12 @@ def make_optimizer(cfg: OptimSection, total_steps: int = 0, steps_per_stage: int
     if accumulation > 1:
         return optax.MultiSteps(inner, every_k_schedule=accumulation)
     return inner
+
+
+def discard_accumulation(opt_state):
+    """The optimizer state with the gradients accumulated in the current window dropped (`optax.MultiSteps`:
+    as at the window's start; without accumulation there is nothing to drop). Each array keeps its sharding."""
+    if not isinstance(opt_state, optax.MultiStepsState):
+        return opt_state
+    zeros = lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding)
+    return opt_state._replace(mini_step=zeros(opt_state.mini_step), acc_grads=jax.tree.map(zeros, opt_state.acc_grads))

@@ -47,6 +47,12 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+@jax.jit
+def largest_magnitude(tree) -> jax.Array:
+    """[] the largest |value| of any leaf (a parameter near 1e30 is finite but diverged; a norm would overflow)."""
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *, rules: ShardingRules | None = None,
                     shardings=None):
     """-> step(trainable, frozen, opt_state, batch, key, token_denominator, shapes) returning (trainable,
@@ -77,6 +83,26 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
         kwargs.update(in_shardings=(t_sh, f_sh, o_sh, b_sh, replicated, replicated),
                       out_shardings=(t_sh, o_sh, replicated))
     return jax.jit(step, **kwargs)
+
+
+def make_cut_window_step(tx: optax.MultiSteps, trainable, opt_state, rules: ShardingRules):
+    """-> apply(trainable, opt_state) returning (trainable, opt_state, finite): the gradients that `optax.MultiSteps`
+    holds for a window an optimizer reset is about to cut short (the mean of its micro-batches' gradients; MultiSteps
+    applies a window only once it is full) applied as one optimizer step, the window emptied. Jitted, with the
+    state's shardings kept."""
+
+    def apply(trainable, opt_state):
+        grads = optax.tree.cast_like(opt_state.acc_grads, trainable)
+        updates, inner = tx.inner_opt.update(grads, opt_state.inner_opt_state, params=trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        opt_state = opt_state._replace(mini_step=jnp.zeros_like(opt_state.mini_step),
+                                       gradient_step=opt_state.gradient_step + 1, inner_opt_state=inner,
+                                       acc_grads=jax.tree.map(jnp.zeros_like, opt_state.acc_grads))
+        return trainable, opt_state, all_finite(trainable)
+
+    replicated = NamedSharding(rules.mesh, PartitionSpec())
+    shardings = (state_shardings(trainable, rules), opt_state_shardings(opt_state, trainable, rules))
+    return jax.jit(apply, in_shardings=shardings, out_shardings=(*shardings, replicated), donate_argnums=(0, 1))
 
 
 def step_shardings(trainable, frozen, opt_state, batch, rules: ShardingRules):

@@ -29,11 +29,17 @@ class ChameleonEncoder:
         self.image_token_id = tokenizer_of(processor).convert_tokens_to_ids(self.image_token)
 
     def process_image(self, data: bytes) -> dict[str, np.ndarray]:
-        out = self.processor.image_processor(images=[blend_rgba(decode_image(data))], return_tensors="np")
+        """Encoded bytes -> the processed arrays (one decode)."""
+        return self.process_picture(decode_image(data))
+
+    def process_picture(self, picture) -> dict[str, np.ndarray]:
+        """A decoded PIL image (`decode_image`) -> the processed arrays."""
+        out = self.processor.image_processor(images=[blend_rgba(picture)], return_tensors="np")
         return {"pixel_values": np.asarray(out["pixel_values"], np.float32)[0]}
 
-    def prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray]]:
-        image = self.process_image(data)
+    def prompt(self, text: str, picture) -> tuple[list[int], dict[str, np.ndarray]]:
+        """The prompt's ids and processed image arrays; `picture`: the decoded PIL image (`decode_image`)."""
+        image = self.process_picture(picture)
         ids = tokenizer_of(self.processor).encode(text, add_special_tokens=False)
         count = sum(t == self.image_token_id for t in ids)
         if count != self.num_image_tokens:
@@ -41,7 +47,7 @@ class ChameleonEncoder:
                              "(is the image token a special token of the tokenizer?)")
         return list(ids), image
 
-    def official_prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
+    def official_prompt(self, text: str, picture) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
         """The official evaluation framing (what `ChameleonProcessor` makes of `"<image>" + text + latents`):
         BOS, image start `<racm3:break>`, `<image>` x N, image end `<eoss>`, the text; the processor's
         separator (`<reserved08706>`) follows the latents. -> (ids before the latents, image, [separator])."""
@@ -58,7 +64,7 @@ class ChameleonEncoder:
         count = sum(t == self.image_token_id for t in ids)
         if count != self.num_image_tokens:
             raise ValueError(f"chameleon: the prompt has {count} image tokens, expected {self.num_image_tokens}")
-        return ids, self.process_image(data), [tok.convert_tokens_to_ids(tok.sep_token)]
+        return ids, self.process_picture(picture), [tok.convert_tokens_to_ids(tok.sep_token)]
 
 
 ENCODER = ChameleonEncoder  # the family's encoder (see models.Family)

@@ -5,7 +5,9 @@ stack holds its config and run options (`RunOptions`); a call passes only what c
 (`Attend`: positions, mask, cache slot, rows to report).
 
 Model families differ only by options of `DecoderConfig` (Qwen2: q/k/v biases; Chameleon: per-head
-q/k LayerNorm and, for the 30B model, swin-norm ordering), not by copies.
+q/k LayerNorm and, for the 30B model, swin-norm ordering; Qwen3: q/k RMSNorm over the head dim), not
+by copies. A call may add a tensor to the outputs of the first layers (`layer_addends`: Qwen3-VL's
+DeepStack image features).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class DecoderConfig:
     qkv_bias: bool = False
     qk_layernorm: bool = False  # LayerNorm over head_dim with a weight and bias per head (Chameleon)
     swin_norm: bool = False  # h + norm(attn(h)), h + norm(mlp(h)) instead of h + attn(norm(h)) (Chameleon-30B)
+    qk_rmsnorm: bool = False  # RMSNorm over head_dim before RoPE, one weight shared by the heads (Qwen3)
 
     def hf_fields(self) -> dict:
         """The transformers `config.json` fields of the language model that every family names alike."""
@@ -98,6 +101,9 @@ class DecoderLayers(nnx.Module):
             self.q_norm_bias_nh = p((N, H), ("heads", "head_dim"), "zeros")
             self.k_norm_scale_kh = p((K, H), ("kv_heads", "head_dim"), "ones")
             self.k_norm_bias_kh = p((K, H), ("kv_heads", "head_dim"), "zeros")
+        if cfg.qk_rmsnorm:
+            self.q_norm_h = p((H,), ("head_dim",), "ones")
+            self.k_norm_h = p((H,), ("head_dim",), "ones")
         self.mlp_norm_d = p((D,), ("norm",), "ones")
         self.gate_weight_df = p((D, F), ("embed", "mlp"))
         self.up_weight_df = p((D, F), ("embed", "mlp"))
@@ -128,6 +134,8 @@ def _layer(lp: DecoderLayers, h: jax.Array, attend: Attend, k_cache: jax.Array |
     if cfg.qk_layernorm:
         q = layer_norm(q, lp.q_norm_scale_nh[...], lp.q_norm_bias_nh[...], QK_NORM_EPS)
         k = layer_norm(k, lp.k_norm_scale_kh[...], lp.k_norm_bias_kh[...], QK_NORM_EPS)
+    if cfg.qk_rmsnorm:
+        q, k = rms_norm(q, lp.q_norm_h[...], eps), rms_norm(k, lp.k_norm_h[...], eps)
     q = constrain(apply_rope(q, attend.cos, attend.sin), ("batch", "length", "heads", "head_dim"), rules)
     k = apply_rope(k, attend.cos, attend.sin)
 
@@ -158,7 +166,7 @@ def _layer(lp: DecoderLayers, h: jax.Array, attend: Attend, k_cache: jax.Array |
 
 def run_decoder(layers: DecoderLayers, h: jax.Array, attend: Attend, *,
                 cache_kv: tuple[jax.Array, jax.Array] | None = None, collect_hidden: bool = False,
-                dropout_key: jax.Array | None = None) -> DecoderOutput:
+                dropout_key: jax.Array | None = None, layer_addends: jax.Array | None = None) -> DecoderOutput:
     """Scan the stacked layers over h [B, T, D] (in the layers' options: dtype, remat, unrolling, sharding
     rules, attention implementation).
 
@@ -167,6 +175,8 @@ def run_decoder(layers: DecoderLayers, h: jax.Array, attend: Attend, *,
     and queries attend over all S slots under a mask [B, T, S]. `attend.prob_rows` [B] picks, per example, the
     query whose head-averaged attention probabilities are returned per layer. `dropout_key`: LoRA dropout
     (training), folded with the layer index. `collect_hidden`: also return every layer's output.
+    `layer_addends` [A, B, T, D]: added to the output of layers 0..A-1 (A <= L), after the layer (the
+    collected outputs are the layers' own, before the addition, as transformers' hidden states).
     """
     if attend.write_index is not None:
         attend = attend._replace(write_index=jnp.asarray(attend.write_index, jnp.int32))
@@ -178,7 +188,11 @@ def run_decoder(layers: DecoderLayers, h: jax.Array, attend: Attend, *,
         index, k_layer, v_layer = xs
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
         h, new_kv, rows = _layer(lp, h, attend, k_layer, v_layer, key)
-        return h, (rows, h if collect_hidden else None, new_kv)
+        layer_out = h if collect_hidden else None  # the layer's own output, as transformers records it
+        if layer_addends is not None:
+            last = layer_addends.shape[0] - 1
+            h = h + jnp.where(index <= last, layer_addends[jnp.minimum(index, last)], 0).astype(h.dtype)
+        return h, (rows, layer_out, new_kv)
 
     k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
     h, (rows, all_hidden, new_kv) = scan_stacked(layers, body, h, (jnp.arange(layers.cfg.num_layers), k_cache,

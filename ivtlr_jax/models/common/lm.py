@@ -86,6 +86,7 @@ class DecoderLM(nnx.Module):
         prob_rows: jax.Array | None = None,
         collect_hidden: bool = False,
         dropout_key: jax.Array | None = None,
+        layer_addends: jax.Array | None = None,
     ) -> DecodeOutput:
         """Run the decoder on embeds [B, T, D] at the family's positions for them.
 
@@ -93,6 +94,7 @@ class DecoderLM(nnx.Module):
         cached before it.
         `prob_rows` [B]: return, per layer, the head-averaged attention probabilities of that query row.
         `dropout_key`: training-mode LoRA dropout (None: deterministic).
+        `layer_addends` [A, B, T, D]: added to the outputs of the first A layers (see `run_decoder`).
         """
         b, t, _ = embeds.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -112,7 +114,8 @@ class DecoderLM(nnx.Module):
             mask = causal_mask(query_slots, key_valid)
             cache_kv, write_index = (cache.k, cache.v), cache.end
         out = run_decoder(self.layers, embeds.astype(self.dtype), Attend(cos, sin, mask, write_index, prob_rows),
-                          cache_kv=cache_kv, collect_hidden=collect_hidden, dropout_key=dropout_key)
+                          cache_kv=cache_kv, collect_hidden=collect_hidden, dropout_key=dropout_key,
+                          layer_addends=layer_addends)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=out.cache_kv[0], v=out.cache_kv[1], valid=key_valid, end=cache.end + t)

@@ -33,6 +33,9 @@ def decoder_lm_specs(text: DecoderConfig, vocab_size: int, tie_word_embeddings: 
         specs[("layers", "q_norm_bias_nh")] = WeightSpec(lyr + "self_attn.q_norm.bias", (N, H))
         specs[("layers", "k_norm_scale_kh")] = WeightSpec(lyr + "self_attn.k_norm.weight", (K, H))
         specs[("layers", "k_norm_bias_kh")] = WeightSpec(lyr + "self_attn.k_norm.bias", (K, H))
+    if text.qk_rmsnorm:
+        specs[("layers", "q_norm_h")] = WeightSpec(lyr + "self_attn.q_norm.weight", (H,))
+        specs[("layers", "k_norm_h")] = WeightSpec(lyr + "self_attn.k_norm.weight", (H,))
     if not tie_word_embeddings:
         specs[("lm_head_dv",)] = WeightSpec("lm_head.weight", (V, D), True)
     return specs

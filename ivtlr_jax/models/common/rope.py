@@ -19,13 +19,15 @@ def rope_cos_sin(
     head_dim: int,
     theta: float,
     mrope_section: Sequence[int] | None = None,
+    interleaved: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [B, T, head_dim] in fp32.
 
     positions: [B, T] (1-D RoPE) or [3, B, T] (M-RoPE: temporal, height, width position ids). With
     `mrope_section` (e.g. [16, 24, 24], summing to head_dim // 2) frequency band j takes its angle from
     position row `section_of(j) % 3`, as in transformers' Qwen2-VL; 1-D positions are broadcast to all
-    three rows, which is plain RoPE.
+    three rows, which is plain RoPE. `interleaved` (Qwen3-VL): band j takes row 1 (height) when j % 3 == 1
+    and j < 3 * mrope_section[1], row 2 (width) when j % 3 == 2 and j < 3 * mrope_section[2], else row 0.
     """
     inv_freq = inverse_frequencies(head_dim, theta)  # [H/2]
     positions = positions.astype(jnp.float32)
@@ -39,10 +41,21 @@ def rope_cos_sin(
         if positions.ndim == 2:
             positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
         freqs3 = positions[..., None] * inv_freq  # [3, B, T, H/2]
-        band_row = np.concatenate([np.full(n, i % 3) for i, n in enumerate(mrope_section)])  # [H/2]
+        band_row = mrope_band_rows(mrope_section, interleaved)  # [H/2]
         freqs = jnp.take_along_axis(freqs3, jnp.asarray(band_row)[None, None, None, :], axis=0)[0]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
     return jnp.cos(emb), jnp.sin(emb)
+
+
+def mrope_band_rows(mrope_section: Sequence[int], interleaved: bool) -> np.ndarray:
+    """[sum(mrope_section)]: the position row (0 temporal, 1 height, 2 width) of each frequency band."""
+    if not interleaved:  # contiguous sections (Qwen2-VL)
+        return np.concatenate([np.full(n, i % 3) for i, n in enumerate(mrope_section)])
+    j = np.arange(sum(mrope_section))
+    rows = np.zeros_like(j)
+    for row in (1, 2):
+        rows[(j % 3 == row) & (j < 3 * mrope_section[row])] = row
+    return rows
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -57,7 +57,12 @@ class Qwen2VL(DecoderLM):
         if pixel_values is None:
             return embeds
         features = self.image_features(pixel_values, image_grid_thw)
-        return scatter_image_features(embeds, input_ids == self.config.image_token_id, features)
+        return self.with_image_features(embeds, input_ids == self.config.image_token_id, features)
+
+    def with_image_features(self, embeds: jax.Array, image_mask: jax.Array, features) -> jax.Array:
+        """embeds [B, T, D] with the True positions of image_mask [B, T] overwritten, in order, by the
+        `image_features` (Qwen3-VL also carries its DeepStack features)."""
+        return scatter_image_features(embeds, image_mask, features)
 
     def positions(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                   image_grid_thw: jax.Array | None = None, position_ids: jax.Array | None = None) -> jax.Array:

@@ -39,20 +39,26 @@ class QwenEncoder:
         self.image_token = processor.image_token
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
-    def _resized(self, data: bytes):
+    def _resized(self, picture):
         from PIL import Image
 
-        return to_rgb(decode_image(data)).resize((self.side, self.side), Image.Resampling.BICUBIC)
+        return to_rgb(picture).resize((self.side, self.side), Image.Resampling.BICUBIC)
 
     def process_image(self, data: bytes) -> dict[str, np.ndarray]:
-        out = self.processor.image_processor(images=[self._resized(data)], return_tensors="np")
+        """Encoded bytes -> the processed arrays (one decode)."""
+        return self.process_picture(decode_image(data))
+
+    def process_picture(self, picture) -> dict[str, np.ndarray]:
+        """A decoded PIL image (`decode_image`) -> the processed arrays."""
+        out = self.processor.image_processor(images=[self._resized(picture)], return_tensors="np")
         return {"pixel_values": np.asarray(out["pixel_values"], np.float32),
                 "image_grid_thw": np.asarray(out["image_grid_thw"], np.int64)}
 
-    def prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray]]:
+    def prompt(self, text: str, picture) -> tuple[list[int], dict[str, np.ndarray]]:
+        """The prompt's ids and processed image arrays; `picture`: the decoded PIL image (`decode_image`)."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         chat = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out = self.processor(text=[chat], images=[self._resized(data)], return_tensors="np")
+        out = self.processor(text=[chat], images=[self._resized(picture)], return_tensors="np")
         ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
         image = {"pixel_values": np.asarray(out["pixel_values"], np.float32),
                  "image_grid_thw": np.asarray(out["image_grid_thw"], np.int64)}
@@ -63,9 +69,9 @@ class QwenEncoder:
                              "image its full resolution)")
         return ids, image
 
-    def official_prompt(self, text: str, data: bytes) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
+    def official_prompt(self, text: str, picture) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
         """The official evaluation prompt has the training format's framing (chat template, image first)."""
-        return *self.prompt(text, data), []
+        return *self.prompt(text, picture), []
 
 
 ENCODER = QwenEncoder  # the family's encoder (see models.Family)

@@ -130,29 +130,45 @@ class VisionTower(nnx.Module):
         cos, sin = vision_rope_cos_sin(hw, cfg.head_dim, cfg.rope_theta)
         if frame_len is not None and num_patches % frame_len:
             raise ValueError(f"frame_len {frame_len} does not divide the {num_patches} patches")
-        act = activation(cfg.hidden_act)
 
         def block(b, x, _):
-            y = layer_norm(x, b.norm1_scale_e[...], b.norm1_bias_e[...], LN_EPS)
-            qkv = jnp.einsum("pe,eknh->pknh", y, w(b.qkv_weight_e3nh)) + w(b.qkv_bias_3nh)
-            q = apply_vision_rope(qkv[:, 0], cos, sin)
-            k = apply_vision_rope(qkv[:, 1], cos, sin)
-            if frame_len is None:
-                attn = frame_attention(q, k, qkv[:, 2], segment, cfg.head_dim**-0.5)
-            else:  # each frame attends to itself only: no mask (so no bias for a fused kernel)
-                frames = lambda t: t.reshape(-1, frame_len, *t.shape[1:])  # [frames, frame_len, heads, H]
-                attn = dot_product_attention(frames(q), frames(k), frames(qkv[:, 2]), None, cfg.head_dim**-0.5,
-                                             impl=self.options.attention_impl)
-                attn = attn.reshape(num_patches, *attn.shape[2:])
-            x = x + jnp.einsum("pnh,nhe->pe", attn, w(b.proj_weight_nhe)) + w(b.proj_bias_e)
-            y = layer_norm(x, b.norm2_scale_e[...], b.norm2_bias_e[...], LN_EPS)
-            y = act(y @ w(b.fc1_weight_ef) + w(b.fc1_bias_f))
-            x = x + y @ w(b.fc2_weight_fe) + w(b.fc2_bias_e)
-            return constrain(x, ("length", "vision_embed"), self.options.rules), None
+            return vit_block(b, x, cos, sin, segment, frame_len, cfg, self.options), None
 
         x = pixel_values.astype(dtype) @ w(self.patch_weight_pe)  # [Np, E]
         x, _ = scan_stacked(self.blocks, block, x, None, self.options)
         x = layer_norm(x, self.merger_norm_scale_e[...], self.merger_norm_bias_e[...], LN_EPS)
-        x = x.reshape(num_patches // cfg.spatial_merge_size**2, -1)  # [Np / 4, 4E]
-        x = jax.nn.gelu(x @ w(self.merger_fc1_weight_mm) + w(self.merger_fc1_bias_m), approximate=False)
-        return x @ w(self.merger_fc2_weight_md) + w(self.merger_fc2_bias_d)
+        return merger_mlp(self, x.reshape(num_patches // cfg.spatial_merge_size**2, -1), dtype)  # [Np / 4, D]
+
+
+def merger_mlp(m: nnx.Module, x: jax.Array, dtype) -> jax.Array:
+    """The patch merger's MLP (`add_merger_mlp`'s parameters on `m`): x [Np / 4, 4E] -> [Np / 4, D]."""
+    w = lambda v: v[...].astype(dtype)
+    x = jax.nn.gelu(x @ w(m.merger_fc1_weight_mm) + w(m.merger_fc1_bias_m), approximate=False)
+    return x @ w(m.merger_fc2_weight_md) + w(m.merger_fc2_bias_d)
+
+
+def vit_block(b: nnx.Module, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array,
+              frame_len: int | None, cfg, options: RunOptions) -> jax.Array:
+    """One pre-LayerNorm ViT block (Qwen2-VL's and Qwen3-VL's; `b`: one layer of `VisionBlocks`) on x [Np, E],
+    each frame attending to itself: per frame without a mask when every frame has `frame_len` patches,
+    else through `frame_attention`. cos, sin [Np, H]: the 2-D RoPE; segment [Np]: the frame ids."""
+    dtype = options.dtype
+    w = lambda v: v[...].astype(dtype)
+    act = activation(cfg.hidden_act)
+    num_patches = x.shape[0]
+    y = layer_norm(x, b.norm1_scale_e[...], b.norm1_bias_e[...], LN_EPS)
+    qkv = jnp.einsum("pe,eknh->pknh", y, w(b.qkv_weight_e3nh)) + w(b.qkv_bias_3nh)  # [Np, 3, N, H]
+    q = apply_vision_rope(qkv[:, 0], cos, sin)
+    k = apply_vision_rope(qkv[:, 1], cos, sin)
+    if frame_len is None:
+        attn = frame_attention(q, k, qkv[:, 2], segment, cfg.head_dim**-0.5)
+    else:  # each frame attends to itself only: no mask (so no bias for a fused kernel)
+        frames = lambda t: t.reshape(-1, frame_len, *t.shape[1:])  # [frames, frame_len, heads, H]
+        attn = dot_product_attention(frames(q), frames(k), frames(qkv[:, 2]), None, cfg.head_dim**-0.5,
+                                     impl=options.attention_impl)
+        attn = attn.reshape(num_patches, *attn.shape[2:])
+    x = x + jnp.einsum("pnh,nhe->pe", attn, w(b.proj_weight_nhe)) + w(b.proj_bias_e)
+    y = layer_norm(x, b.norm2_scale_e[...], b.norm2_bias_e[...], LN_EPS)
+    y = act(y @ w(b.fc1_weight_ef) + w(b.fc1_bias_f))
+    x = x + y @ w(b.fc2_weight_fe) + w(b.fc2_bias_e)
+    return constrain(x, ("length", "vision_embed"), options.rules)
