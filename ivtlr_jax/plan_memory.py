@@ -176,8 +176,9 @@ def part_of(name: str, instructions: dict[str, Instruction]) -> str:
 
 def is_cpu_copy(name: str, ins: Instruction, instructions: dict[str, Instruction]) -> bool:
     """A conversion of a bf16 value into f32 that the CPU compiler inserted for its dots: a convert without
-    JAX's metadata, or a lone one that XLA CPU wrapped in a fusion (named wrapped_convert*)."""
-    if ins.dtype != "f32" or len(ins.operands) != 1:
+    JAX's metadata, or a lone one that XLA CPU wrapped in a fusion (named wrapped_convert*); not the program's
+    own `astype` (its metadata ends in convert_element_type), which a GPU makes too."""
+    if ins.dtype != "f32" or len(ins.operands) != 1 or ins.op_name.endswith("convert_element_type"):
         return False
     source = instructions.get(ins.operands[0])
     inserted = (ins.opcode == "convert" and not ins.op_name) or (

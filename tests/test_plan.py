@@ -111,3 +111,44 @@ def test_the_sweep_prints_each_remat_policy_and_refuses_an_unknown_one(tiny_qwen
     peak = {remat: float(row[2]) for remat, row in rows.items()}
     without_copies = {remat: float(row[3]) for remat, row in rows.items()}
     assert 0 < peak["full"] < peak["dots"] and 0 < without_copies["full"] <= peak["full"]
+
+
+HLO = """
+ENTRY %main.1 (w: bf16[4,8]) -> f32[] {
+  %w.1 = bf16[4,8]{1,0} parameter(0), metadata={op_name="frozen['w']"}
+  %wrapped_convert.1 = f32[4,8]{1,0} fusion(%w.1), kind=kLoop, calls=%wrapped_convert_computation.1
+  %wrapped_convert.2 = f32[4,8]{1,0} fusion(%w.1), calls=%c.2, metadata={op_name="jit(step)/convert_element_type"}
+  %while.3 = (s32[], bf16[16,8]{1,0}) while(%t.9), body=%b, metadata={op_name="jit(step)/jvp(latent_chain)/while"}
+  %get-tuple-element.4 = bf16[16,8]{1,0} get-tuple-element(%while.3), index=1
+  %wrapped_convert.5 = f32[16,8]{1,0} fusion(%get-tuple-element.4), kind=kLoop, calls=%c.5
+  %dot.6 = f32[16,8]{1,0} dot(%a, %b), metadata={op_name="jit(step)/transpose(jvp(final_pass))/dot_general"}
+  %copy.7 = f32[16,8]{1,0} copy(%dot.6)
+  %add.8 = f32[16,8]{1,0} add(%copy.7, %copy.7), metadata={op_name="jit(step)/cond/branch_0_fun/add"}
+}
+"""
+LIVE = """HloLiveRange (max 9):
+  Live ranges at 7 (peak):
+    w.1{}: 64 bytes (cumulative: 64 bytes)
+    wrapped_convert.1{}: 128 bytes (cumulative: 192 bytes)
+    wrapped_convert.2{}: 128 bytes (cumulative: 320 bytes)
+    while.3{1}: 256 bytes (cumulative: 576 bytes)
+    wrapped_convert.5{}: 512 bytes (cumulative: 1088 bytes)
+    copy.7{}: 512 bytes (cumulative: 1600 bytes)
+    add.8{}: 512 bytes (cumulative: 2112 bytes)
+  Stack trace breakdown for peak usage: 2112 bytes
+"""
+
+
+def test_the_breakdown_reads_xla_buffers_by_part():
+    """A hand-written module and live-range report: parameters are arguments; a compiler-made f32 copy of a
+    bf16 value is a CPU-only copy (its bf16 source counted back in the GPU estimate when it is not live), the
+    program's own astype is not; a copy belongs to its source's scope; a tuple buffer to its instruction."""
+    from ivtlr_jax.plan_memory import ARGUMENTS, CPU_COPIES, OTHER, peak_breakdown
+
+    got = peak_breakdown(HLO, LIVE)
+    assert got.parts == {ARGUMENTS: 64, CPU_COPIES: 128 + 512, OTHER: 128 + 512, "latent_chain (forward)": 256,
+                         "final_pass (backward)": 512}
+    assert got.peak_bytes == 2112
+    assert got.gpu_estimate_bytes == 2112 - 640  # both sources (w.1, while.3{1}) are live at the peak
+    without_source = peak_breakdown(HLO, LIVE.replace("    while.3{1}: 256 bytes (cumulative: 576 bytes)\n", ""))
+    assert without_source.gpu_estimate_bytes == 1856 - 640 + 256  # a GPU keeps while.3{1}'s bf16 instead
