@@ -130,11 +130,26 @@ def test_continuous_batching_writes_the_records_of_one_at_a_time(assets, one_dev
     assert continuous.read_text() == alone_eos.read_text()
 
 
-def test_continuous_batching_on_several_devices_is_refused_before_loading(assets, tmp_path, monkeypatch):
+def test_continuous_batching_on_four_devices_writes_the_records_of_one(assets, one_device, tmp_path):
+    """The default (auto) on 4 devices is continuous batching too, its slots split over the devices: the
+    records of the one-device continuous run, byte for byte (and so of static batches of one)."""
+    out1, summary1 = one_device
+    out4 = tmp_path / "continuous4.jsonl"
+    summary4 = evaluate(assets / "model", eval_cfg(assets), out4, **QUIET)
+    assert (summary1["batching"], summary4["batching"]) == ("continuous", "continuous")
+    assert (summary1["devices"], summary4["devices"], summary4["rows_per_batch"]) == (1, 4, 4)
+    assert len(lines(out4)) == 6 and out4.read_text() == out1.read_text()
+    slots8 = tmp_path / "slots8.jsonl"  # two slots per device
+    evaluate(assets / "model", eval_cfg(assets, batch_size=8, batching="continuous"), slots8, **QUIET)
+    assert slots8.read_text() == out1.read_text()
+
+
+def test_continuous_batching_over_processes_is_refused_before_loading(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(eval_run, "load_examples", lambda *a, **k: pytest.fail("data read before the refusal"))
-    with pytest.raises(ValueError, match=r"batching='continuous' runs on one device in one process; this run has 4"):
+    monkeypatch.setattr(eval_run.distributed, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"batching='continuous' runs in one process .*this run has 2 processes"):
         evaluate(assets / "model", eval_cfg(assets, batching="continuous"), tmp_path / "e.jsonl", **QUIET)
-    with pytest.raises(ValueError, match=r"batching='dynamic' is not supported"):
+    with pytest.raises(ValueError, match=r"batching: 'dynamic' is not allowed"):
         eval_cfg(assets, batching="dynamic")
 
 
