@@ -16,6 +16,11 @@ Compiles: `start_decoding` once per prompt shape (prompts left-padded to length 
 padded to `admit` rows), `insert` once per pair of group cache size and slots' cache size, the decoding
 loop once per slots' cache size (which grows to the largest prompt's, never shrinks).
 
+Devices: with `rules` (the mesh the model's parameters are replicated on) every slot array's batch axis is
+split over the mesh's data axis (`spread`) and the same jitted step runs on all of them, each device
+decoding slots / devices rows; rows never see each other, so the tokens are one device's (the per-prompt
+sampling keys travel with their rows). One process: the driver decides every slot.
+
 The slots and their operations are a `SlotEngine` (start prompts, insert a started row into a free slot,
 decode until a slot frees or for a number of steps, release a slot), which two drivers run:
 `generate_continuous` here (evaluation) and the server (`serve/`), which also streams the tokens so far.

@@ -13,7 +13,8 @@ processing: the code that builds `infer.py`'s prompts), its number of latents, K
 imports hold one), else from the training run a stage export sits in, else the defaults; any of them
 overridable. So a dataset row asked here gets exactly the tokens `infer.py` generates for it.
 
-Prompts decode by continuous batching (`continuous.generate_continuous`, as evaluation on one device). The
+Prompts decode by continuous batching (`continuous.generate_continuous`, as evaluation does; `from_folder(devices=N)`
+splits the slots over N local devices). The
 server (`serve/`) builds on the same pieces: `encode` a question, start and decode it in its own slots, and
 `answer_of` its tokens.
 """

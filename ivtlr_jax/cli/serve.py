@@ -7,9 +7,9 @@
   GET  /v1/models, /health    the served model; the load (running, waiting, slots)
   GET  /                      a page: upload an image, ask, watch the answer and the selected patches
 
-Requests decode together by continuous batching (--slots); more wait in a queue (--max-waiting), beyond
-which the server answers 503 with Retry-After. SIGTERM or Ctrl-C stops admitting, lets the requests in
-flight end (--graceful seconds, then cancels them) and exits.
+Requests decode together by continuous batching (--slots, split over --devices local devices); more
+wait in a queue (--max-waiting), beyond which the server answers 503 with Retry-After. SIGTERM or Ctrl-C
+stops admitting, lets the requests in flight end (--graceful seconds, then cancels them) and exits.
 """
 
 from __future__ import annotations

@@ -6,9 +6,12 @@ left-padded to a length bucket so that batches compile once per bucket.
 
 - Batching (`EvalConfig.batching`): "continuous" keeps `batch_size` rows decoding and gives a finished
   row's slot to the next example (ivtlr_jax/continuous.py; each prompt padded to its own bucket, the
-  prompts of a bucket started `batch_size` at a time); "static" runs batches of `batch_size` prompts
-  padded to the batch's bucket, each until its longest answer ends, and splits them over devices and
-  processes. "auto" (the default): continuous on one device in one process, else static. Either way a
+  prompts of a bucket started `batch_size` at a time; the slots split over the local devices, each
+  decoding slots / devices of them with the same jitted step); "static" runs batches of `batch_size`
+  prompts padded to the batch's bucket, each until its longest answer ends, and splits them over
+  devices and processes. "auto" (the default): continuous in one process (on any number of devices),
+  static over several processes (continuous batching is refused there: one driver would have to decide
+  every process's slots). Either way a
   record is the one a batch of one writes, up to rounding (as with any batch size; in float32 the
   tests find them equal), and records are written in the examples' order.
 - Precision: the model runs in `EvalConfig.dtype` (the run config's `model.dtype`; the official
