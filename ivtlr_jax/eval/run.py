@@ -224,7 +224,7 @@ def evaluation_devices(cfg: EvalConfig) -> tuple[ShardingRules, int, int, bool]:
     devices = mesh.devices.size * procs
     continuous = cfg.batching == "continuous" or (cfg.batching == "auto" and procs == 1)
     if continuous and procs > 1:
-        raise ValueError(f"eval config: batching='continuous' runs in one process (its slots split over that "
+        raise EvalSetupError(f"eval config: batching='continuous' runs in one process (its slots split over that "
                          f"process's devices); this run has {procs} processes: set batching='static' or 'auto'")
     rows = -(-cfg.batch_size // devices) * devices  # a multiple of every process's devices
     return ShardingRules(mesh), rows, devices, continuous
