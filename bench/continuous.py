@@ -19,6 +19,11 @@ is left-padded to the longest (one length bucket, as evaluation pads them), so b
   latent passes) `--admit` at a time (default: as many as the slots), then each decodes in a free slot;
   a finished row's slot takes the next started prompt.
 
+- `--devices 1,2,4`: continuous batching once per device count d, its slots split over d local devices
+  (the parameters replicated on each; `--slots` a multiple of every d), in the same run, each side
+  timed and checked to give every prompt the static side's tokens. On a CPU, host devices come from
+  `XLA_FLAGS=--xla_force_host_platform_device_count=N` (they share the cores: a check, not a speed-up).
+
 Checked in the run: both give every prompt the same tokens. Timed: the whole workload, the sides
 alternating for `--repeats` rounds (median), after one untimed round that compiles. Reported: the
 answer lengths (min, max, ratio), examples/s of each side and continuous / static (goal >= 1.5x at 8
@@ -26,7 +31,7 @@ slots on a workload whose lengths vary >= 5x). Compare ratios measured in one ru
 across machines.
 
     python bench/continuous.py [--prompts 96] [--slots 8] [--max-new 160] [--min-len 16] [--pool 128]
-                               [--admit N] [--repeats 3] [--latents 3] [--k 8]
+                               [--admit N] [--repeats 3] [--latents 3] [--k 8] [--devices 1,2,4]
 """
 
 from __future__ import annotations
@@ -40,11 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from ivtlr_jax.continuous import generate_continuous  # noqa: E402
 from ivtlr_jax.data.collate import left_padded_positions  # noqa: E402
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate  # noqa: E402
 from ivtlr_jax.latent import LatentConfig  # noqa: E402
+from ivtlr_jax.models import ShardingRules  # noqa: E402
+from ivtlr_jax.models.common.sharding import local_data_mesh  # noqa: E402
 from bench.generate import make_prompts  # noqa: E402
 from bench.shared import LATENT_ID, build_models, stacked_images  # noqa: E402
 from bench.timing import cpu_seconds, interleaved_median_ms, other_load_note, timed, warn_if_loaded  # noqa: E402
@@ -126,6 +135,27 @@ def busy_schedule(lengths: np.ndarray, slots: int, max_new: int) -> int:
     return max(free_at)
 
 
+def side_name(devices: int) -> str:
+    return "continuous" if devices == 1 else f"continuous on {devices} devices"
+
+
+def continuous_side(model, prompts, latent, sampling, args, devices: int):
+    """A function running the workload by continuous batching with the slots split over `devices` local
+    devices (the model's parameters replicated on them) -> every prompt's tokens [P, max_new]."""
+    rules = None
+    if devices > 1:
+        rules = ShardingRules(local_data_mesh(devices))
+        graphdef, params = nnx.split(model)
+        model = nnx.merge(graphdef, jax.device_put(params, NamedSharding(rules.mesh, PartitionSpec())))
+
+    def continuous():
+        rows = dict(generate_continuous(model, prompts, latent, sampling, slots=args.slots, admit=args.admit,
+                                        rules=rules))
+        return np.stack([rows[i].tokens for i in range(len(prompts))])
+
+    return continuous
+
+
 def bench(args) -> list[str]:
     _, model = build_models()
     latent = LatentConfig(LATENT_ID, args.k)
@@ -136,15 +166,13 @@ def bench(args) -> list[str]:
     def static():
         return np.concatenate([np.asarray(ivtlr_generate(model, b, latent, sampling).tokens) for b in batches])
 
-    def continuous():
-        rows = dict(generate_continuous(model, prompts, latent, sampling, slots=args.slots, admit=args.admit))
-        return np.stack([rows[i].tokens for i in range(len(prompts))])
-
-    compile_s = {}
-    compile_s["static"], static_tokens = timed(static)
-    compile_s["continuous"], continuous_tokens = timed(continuous)
+    sides = {"static": static, **{side_name(d): continuous_side(model, prompts, latent, sampling, args, d)
+                                  for d in args.devices}}
+    compile_s, tokens = {}, {}
+    for name, side in sides.items():
+        compile_s[name], tokens[name] = timed(side)
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
-    ms = interleaved_median_ms({"static": static, "continuous": continuous}, args.repeats)
+    ms = interleaved_median_ms(sides, args.repeats)
     load_note = other_load_note(cpu_start, time.perf_counter() - wall_start)
     n = len(prompts)
     ratio = lengths.max() / max(lengths.min(), 1)
@@ -158,19 +186,32 @@ def bench(args) -> list[str]:
         f"{args.slots} rows per batch / slots",
         f"decoding steps: static {static_steps}, continuous {busy_steps} if prompts entered slots without delay "
         f"(x{static_steps / busy_steps:.2f}: what continuous batching can gain on decoding alone)",
-        f"check: every prompt's tokens equal between static and continuous: "
-        f"{bool(np.array_equal(static_tokens, continuous_tokens))}",
+        *(f"check: every prompt's tokens equal between static and {name}: "
+          f"{bool(np.array_equal(tokens['static'], tokens[name]))}" for name in sides if name != "static"),
         f"check: answer lengths as the workload says: "
-        f"{bool(np.array_equal(answer_lengths(continuous_tokens, eos, args.max_new), lengths))}",
+        f"{bool(np.array_equal(answer_lengths(tokens['static'], eos, args.max_new), lengths))}",
         "first round (compiles): " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()),
     ]
     eps = {k: n * 1e3 / ms[k] for k in ms}
     for k in ms:
         lines.append(f"{k}: {ms[k] / 1e3:.2f} s for the workload -> {eps[k]:.2f} examples/s, "
                      f"{lengths.sum() * 1e3 / ms[k]:.1f} answer tokens/s")
-    lines.append(f"continuous / static: {eps['continuous'] / eps['static']:.2f}x examples/s "
-                 f"(goal >= 1.5x at 8 slots, answers varying >= 5x)")
+    for d in args.devices:
+        lines.append(f"{side_name(d)} / static: {eps[side_name(d)] / eps['static']:.2f}x examples/s "
+                     + ("(goal >= 1.5x at 8 slots, answers varying >= 5x)" if d == 1 else
+                        f"({eps[side_name(d)] / d:.2f} examples/s per device)"))
     return lines + [load_note] if load_note else lines
+
+
+def device_counts(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4): distinct positive counts, in order."""
+    try:
+        counts = tuple(dict.fromkeys(int(part) for part in text.split(",")))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give device counts >= 1, comma-separated (1,2,4)")
+    return counts
 
 
 def main(argv=None) -> None:
@@ -185,9 +226,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latents", type=int, default=3)
     parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--devices", type=device_counts, default=(1,), metavar="D,D,...",
+                        help="device counts to split the continuous slots over, each timed (default: 1)")
     args = parser.parse_args(argv)
     if args.pool < args.prompts or min(args.prompts, args.slots, args.max_new, args.repeats) < 1:
         parser.error("need --pool >= --prompts >= 1 and positive --slots, --max-new, --repeats")
+    if any(args.slots % d for d in args.devices) or max(args.devices) > jax.local_device_count():
+        parser.error(f"--devices {','.join(map(str, args.devices))}: each must divide --slots {args.slots} and be at "
+                     f"most the {jax.local_device_count()} local devices")
     warn_if_loaded("before the run")
     print(f"jax devices: {jax.devices()}; repeats: {args.repeats}", flush=True)
     for line in bench(args):

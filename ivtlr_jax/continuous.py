@@ -16,6 +16,11 @@ Compiles: `start_decoding` once per prompt shape (prompts left-padded to length 
 padded to `admit` rows), `insert` once per pair of group cache size and slots' cache size, the decoding
 loop once per slots' cache size (which grows to the largest prompt's, never shrinks).
 
+Devices: with `rules` (the mesh the model's parameters are replicated on) every slot array's batch axis is
+split over the mesh's data axis (`spread`) and the same jitted step runs on all of them, each device
+decoding slots / devices rows; rows never see each other, so the tokens are one device's (the per-prompt
+sampling keys travel with their rows). One process: the driver decides every slot.
+
 The slots and their operations are a `SlotEngine` (start prompts, insert a started row into a free slot,
 decode until a slot frees or for a number of steps, release a slot), which two drivers run:
 `generate_continuous` here (evaluation) and the server (`serve/`), which also streams the tokens so far.
@@ -39,6 +44,7 @@ from .decoding import DecodeStart, DecodeState, RowSampling, SamplingConfig, dec
 from .generate import prepare_prompts
 from .latent import LatentConfig
 from .models.common.kv_cache import KVCache
+from .models.common.sharding import ShardingRules
 
 
 class Finished(NamedTuple):
@@ -80,6 +86,24 @@ def empty_slots(model, start: DecodeStart, slots: int, cache_len: int, sampling:
                        jnp.zeros((slots,), jnp.int32), jnp.zeros((slots,), jnp.int32), jnp.zeros((slots,), bool))
 
 
+def spread(state: DecodeState, rules: ShardingRules | None) -> DecodeState:
+    """The slots split over the mesh's data axes (each device decodes its share of the slots; every array's
+    slot axis is the rule's `batch`), or `state` as it is without rules."""
+    if rules is None:
+        return state
+
+    def along(x: jax.Array, axis: int):  # the sharding of x with its slot axis `axis` split
+        axes = [None] * x.ndim
+        axes[axis % x.ndim] = "batch"
+        return rules.sharding(axes, x.shape)
+
+    cache = state.cache
+    return jax.device_put(state, DecodeState(
+        KVCache(along(cache.k, 1), along(cache.v, 1), along(cache.valid, 0), along(cache.end, 0)),
+        along(state.token, 0), jax.tree.map(lambda x: along(x, 0), state.rows), along(state.offset, -1),
+        along(state.tokens, 0), along(state.count, 0), along(state.lengths, 0), along(state.live, 0)))
+
+
 @functools.partial(jax.jit, static_argnames=("pad_token_id",), donate_argnums=(0,))
 def insert(state: DecodeState, start: DecodeStart, row: jax.Array, rows: RowSampling, slot: jax.Array,
            pad_token_id: int) -> DecodeState:
@@ -109,12 +133,16 @@ def release(state: DecodeState, slot: jax.Array) -> DecodeState:
 class SlotEngine:
     """`slots` rows decoding together; prompts started (`start`) and put into free slots (`insert`) between
     decoding runs (`run`). Each slot belongs to a tag (the driver's name of its prompt) until it finishes or
-    is released."""
+    is released.
 
-    def __init__(self, model: nnx.Module, latent: LatentConfig, sampling: SamplingConfig, slots: int):
+    rules: the mesh the model's parameters live on; the slots are split over its data axes (`spread`), so each
+    device decodes slots / devices rows of the same jitted step (None: one device)."""
+
+    def __init__(self, model: nnx.Module, latent: LatentConfig, sampling: SamplingConfig, slots: int,
+                 rules: ShardingRules | None = None):
         if slots < 1:
             raise ValueError(f"continuous batching: slots={slots}; must be >= 1")
-        self.model, self.latent, self.sampling, self.slots = model, latent, sampling, slots
+        self.model, self.latent, self.sampling, self.slots, self.rules = model, latent, sampling, slots, rules
         self.graphdef, self.params = nnx.split(model)
         self.state: DecodeState | None = None
         self.owner: dict[int, Any] = {}  # slot -> tag
@@ -141,7 +169,7 @@ class SlotEngine:
     def insert(self, ready: Ready) -> int:
         """Put a started prompt into the first free slot (the slots' cache grown to fit it) -> the slot."""
         if self.state is None or self.state.cache.max_len < ready.start.cache.max_len:
-            self.state = grown(self.model, self.state, ready.start, self.slots, self.sampling)
+            self.state = spread(grown(self.model, self.state, ready.start, self.slots, self.sampling), self.rules)
         slot = self.free_slots()[0]
         self.state = insert(self.state, ready.start, jnp.int32(ready.row), ready.sampling, jnp.int32(slot),
                             self.sampling.pad_token_id)
@@ -170,8 +198,8 @@ class SlotEngine:
 
 
 def generate_continuous(model: nnx.Module, prompts: Iterable[dict], latent: LatentConfig, sampling: SamplingConfig,
-                        *, slots: int = 8, admit: int | None = None,
-                        key: jax.Array | None = None) -> Iterator[tuple[int, Finished]]:
+                        *, slots: int = 8, admit: int | None = None, key: jax.Array | None = None,
+                        rules: ShardingRules | None = None) -> Iterator[tuple[int, Finished]]:
     """Generate for each prompt (a left-padded batch of one, as `ivtlr_generate` takes), `slots` at a time
     -> (the prompt's index, its `Finished`) in the order prompts finish. Prompt i samples with
     `fold_in(key, i)`, as row i of `ivtlr_generate` on all the prompts with `key` (greedy decoding needs no key).
@@ -186,7 +214,7 @@ def generate_continuous(model: nnx.Module, prompts: Iterable[dict], latent: Late
     if admit < 1:
         raise ValueError(f"continuous batching: admit={admit}; must be >= 1")
     key = jax.random.key(0) if key is None else key
-    engine = SlotEngine(model, latent, sampling, slots)
+    engine = SlotEngine(model, latent, sampling, slots, rules)
     pending = enumerate(prompts)
     ready: collections.deque[Ready] = collections.deque()
     selected: dict[int, np.ndarray] = {}  # prompt index -> its selected patches [c, K]

@@ -13,7 +13,8 @@ processing: the code that builds `infer.py`'s prompts), its number of latents, K
 imports hold one), else from the training run a stage export sits in, else the defaults; any of them
 overridable. So a dataset row asked here gets exactly the tokens `infer.py` generates for it.
 
-Prompts decode by continuous batching (`continuous.generate_continuous`, as evaluation on one device). The
+Prompts decode by continuous batching (`continuous.generate_continuous`, as evaluation does; `from_folder(devices=N)`
+splits the slots over N local devices). The
 server (`serve/`) builds on the same pieces: `encode` a question, start and decode it in its own slots, and
 `answer_of` its tokens.
 """
@@ -40,7 +41,8 @@ from .eval.scoring import m3cot_strict_prediction, scienceqa_prediction
 from .io import from_pretrained, resolve_folder
 from .io.settings_file import read_settings
 from .latent import LatentConfig
-from .models import family_named, read_config
+from .models import ShardingRules, family_named, read_config
+from .models.common.sharding import local_data_mesh
 from .run_folder import RunFolder
 
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # images over this many pixels are refused, as datasets' rows are skipped
@@ -93,8 +95,9 @@ class Predictor:
     """A model folder ready to answer questions about images (`from_folder`)."""
 
     def __init__(self, model, processor, family: str, settings: InferenceSettings, folder: Path,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, rules: ShardingRules | None = None):
         self.model, self.processor, self.family, self.settings, self.folder = model, processor, family, settings, folder
+        self.rules = rules  # the mesh the parameters are replicated on; decoding slots split over it (None: one device)
         self.max_pixels = max_pixels
         self.tokenizer = tokenizer_of(processor)
         self.special = special_tokens(processor)
@@ -107,17 +110,19 @@ class Predictor:
         self.max_length = family_named(family).max_length
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+    def from_folder(cls, path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, devices: int = 1,
                     **overrides) -> "Predictor":
         """Load a model folder (a stage export, a converted or Hugging Face folder with the latent tokens, the
         official import's output; or a hub id) with its settings, `overrides` replacing any of them
-        (`InferenceSettings` fields: num_latents=2, dtype="float32", ...)."""
+        (`InferenceSettings` fields: num_latents=2, dtype="float32", ...). devices > 1: the parameters are
+        replicated on this process's first `devices` devices and the decoding slots split over them."""
+        rules = ShardingRules(local_data_mesh(devices)) if devices > 1 else None  # (refused before loading)
         folder = resolve_folder(path)
         family = read_config(folder)[0].name
         settings = dataclasses.replace(folder_settings(folder, family), **overrides)
         dtype = jnp.dtype(settings.dtype)
-        model = from_pretrained(folder, dtype=dtype, param_dtype=dtype)
-        return cls(model, load_processor(folder), family, settings, folder, max_pixels)
+        model = from_pretrained(folder, dtype=dtype, param_dtype=dtype, rules=rules)
+        return cls(model, load_processor(folder), family, settings, folder, max_pixels, rules)
 
     def sampling(self, max_new_tokens: int | None = None, temperature: float = 0.0) -> SamplingConfig:
         eos = self.special.eos_token_id
@@ -132,7 +137,7 @@ class Predictor:
         answers: list[Answer | None] = [None] * len(encoded)
         sampling = self.sampling(max_new_tokens)
         for index, row in generate_continuous(self.model, (e.prompt for e in encoded), self.latent, sampling,
-                                              slots=batch_size):
+                                              slots=batch_size, rules=self.rules):
             answers[index] = self.answer_of(encoded[index], row.tokens, row.length, row.selected, sampling)
         return answers[0] if single else answers
 

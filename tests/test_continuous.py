@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ivtlr_jax.continuous import generate_continuous, stackable
+from ivtlr_jax.decoding import RowSampling
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate
 from ivtlr_jax.latent import LatentConfig
 from tests import hf_tiny
@@ -159,3 +160,35 @@ def test_only_prompts_alike_but_for_their_rows_start_together():
     assert not stackable([ids(20) | stacked(16), ids(20) | stacked(36)])
     assert not stackable([ids(20) | flat(16), ids(24) | flat(16)])
     assert not stackable([ids(20) | flat(16), ids(20)])
+
+
+@pytest.mark.parametrize("temperature,admit", [(0.0, None), (1.3, 1)])
+def test_slots_split_over_four_devices_generate_what_one_device_does(qwen, temperature, admit):
+    """The slots' batch axis split over a 4-device data mesh (the model's parameters replicated on it): each
+    device holds a share of the slots, and every prompt's tokens, length and selected patches equal the
+    one-device run's, greedy and sampled (prompt i draws with fold_in(key, i) on whichever device)."""
+    from ivtlr_jax.continuous import SlotEngine
+    from ivtlr_jax.io import from_pretrained
+    from ivtlr_jax.models import ShardingRules, make_mesh
+
+    rules = ShardingRules(make_mesh(data=4))
+    spread_model = from_pretrained(qwen[0], rules=rules)
+    prompts, latent_id = single_prompts("qwen2vl", latents=(2, 1, 0, 2, 1, 2), left_pads=(0, 3, 1, 0, 2, 1),
+                                        seed=2, width=24)
+    latent = LatentConfig(latent_id, 2)
+    sampling = SamplingConfig(max_new_tokens=N_NEW, temperature=temperature, top_p=0.9)
+    key = jax.random.key(5)
+    one = dict(generate_continuous(qwen[2], prompts, latent, sampling, slots=4, admit=admit, key=key))
+    four = dict(generate_continuous(spread_model, prompts, latent, sampling, slots=4, admit=admit, key=key,
+                                    rules=rules))
+    assert sorted(four) == list(range(len(prompts)))
+    for i, row in one.items():
+        np.testing.assert_array_equal(four[i].tokens, row.tokens, err_msg=f"prompt {i}")
+        assert four[i].length == row.length
+        np.testing.assert_array_equal(four[i].selected, row.selected, err_msg=f"prompt {i}")
+    assert len({tuple(row.tokens) for row in one.values()}) > 1  # the prompts' answers differ
+
+    engine = SlotEngine(spread_model, latent, sampling, slots=4, rules=rules)
+    engine.insert(engine.start([0], prompts[:1], RowSampling.of(key[None], sampling))[0])
+    shards = engine.state.cache.k.addressable_shards
+    assert len(shards) == 4 and {s.data.shape[1] for s in shards} == {1}  # one slot per device

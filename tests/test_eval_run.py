@@ -76,9 +76,10 @@ def one_device(assets, tmp_path_factory):
 
 def test_four_devices_write_the_records_of_one_device(assets, one_device, tmp_path):
     out1, summary1 = one_device
-    out4 = tmp_path / "eval4.jsonl"
-    summary4 = evaluate(assets / "model", eval_cfg(assets), out4, save_attention=tmp_path / "pictures", **QUIET)
-    assert (summary1["devices"], summary4["devices"]) == (1, 4)
+    out4 = tmp_path / "eval4.jsonl"  # static batches, their rows split over the devices
+    summary4 = evaluate(assets / "model", eval_cfg(assets, batching="static"), out4,
+                        save_attention=tmp_path / "pictures", **QUIET)
+    assert (summary1["devices"], summary4["devices"], summary4["batching"]) == (1, 4, "static")
     one, four = lines(out1), lines(out4)
     assert len(one) == 6 and [r["id"] for r in one] == [r["id"] for r in four]
     assert len({r["generated"] for r in one}) > 1  # the text depends on the input: a meaningful comparison
@@ -130,11 +131,22 @@ def test_continuous_batching_writes_the_records_of_one_at_a_time(assets, one_dev
     assert continuous.read_text() == alone_eos.read_text()
 
 
-def test_continuous_batching_on_several_devices_is_refused_before_loading(assets, tmp_path, monkeypatch):
-    monkeypatch.setattr(eval_run, "load_examples", lambda *a, **k: pytest.fail("data read before the refusal"))
-    with pytest.raises(ValueError, match=r"batching='continuous' runs on one device in one process; this run has 4"):
-        evaluate(assets / "model", eval_cfg(assets, batching="continuous"), tmp_path / "e.jsonl", **QUIET)
-    with pytest.raises(ValueError, match=r"batching='dynamic' is not supported"):
+def test_continuous_batching_on_four_devices_writes_the_records_of_one(assets, one_device, tmp_path):
+    """The default (auto) on 4 devices is continuous batching too, its slots split over the devices: the
+    records of the one-device continuous run, byte for byte (and so of static batches of one)."""
+    out1, summary1 = one_device
+    out4 = tmp_path / "continuous4.jsonl"
+    summary4 = evaluate(assets / "model", eval_cfg(assets), out4, **QUIET)
+    assert (summary1["batching"], summary4["batching"]) == ("continuous", "continuous")
+    assert (summary1["devices"], summary4["devices"], summary4["rows_per_batch"]) == (1, 4, 4)
+    assert len(lines(out4)) == 6 and out4.read_text() == out1.read_text()
+    slots8 = tmp_path / "slots8.jsonl"  # two slots per device
+    evaluate(assets / "model", eval_cfg(assets, batch_size=8, batching="continuous"), slots8, **QUIET)
+    assert slots8.read_text() == out1.read_text()
+
+
+def test_an_unknown_batching_is_refused(assets):
+    with pytest.raises(ValueError, match=r"batching: 'dynamic' is not allowed"):
         eval_cfg(assets, batching="dynamic")
 
 

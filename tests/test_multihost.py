@@ -274,6 +274,25 @@ def test_processes_started_with_other_settings_refuse_naming_them(assets, tmp_pa
     assert not (tmp_path / "runs" / "differs").exists()  # nothing written
 
 
+def test_continuous_batching_over_two_processes_is_refused_in_one_line(assets, tmp_path):
+    """infer.py --batching continuous in a 2-process run: both stop before any data or model is read,
+    process 0 printing the one-line reason (its slots are one process's), nothing written."""
+    (tmp_path / "eval.yaml").write_text(json.dumps({
+        "model": {"model_id": str(assets / "model"), "dtype": "float32"}, "latent": {"num_selected_patches": 4},
+        "data": {"dataset": "m3cot", "source": str(assets / "data"), "eval_split": "test"}}))
+    out = tmp_path / "eval.jsonl"
+    command = ["infer", "--config", str(tmp_path / "eval.yaml"), "--checkpoint", str(assets / "model"), "--out",
+               str(out), "--batching", "continuous"]
+    results = Launch(lambda i: command, tmp_path, "continuous").wait(timeout=200)
+    (status0, out0, err0), (status1, out1, err1) = results
+    assert status0 != 0 and status1 != 0, results
+    line = ("error: eval config: batching='continuous' runs in one process (its slots split over that process's "
+            "devices); this run has 2 processes: set batching='static' or 'auto'")
+    assert err0.count(line) == 1 and "Traceback" not in err0, err0
+    assert "Traceback" not in err1 and out1 == "", (err1, out1)
+    assert not out.exists()
+
+
 def worker_env(port: int, process: int, **extra) -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process), **extra)

@@ -135,6 +135,56 @@ def test_a_stream_sends_each_new_token_once(assets, predictor):
     assert 0 < len(sent) <= answer.generated_tokens and sent == answer.tokens[:len(sent)]
 
 
+def test_slots_split_over_four_devices_answer_as_alone(assets, predictor):
+    """The engine with its parameters on 4 devices and its 4 slots split over them (one each): six requests
+    (some wait for a slot) each get the answer ivtlr_generate gives it alone on one device."""
+    import asyncio
+
+    from ivtlr_jax.serve.engine import ServingEngine, Ticket
+
+    spread = Predictor.from_folder(assets[0] / "model", devices=4)
+    questions = [question_of(assets, i, with_choices=i % 3 != 2) for i in range(6)]
+
+    async def answers():
+        engine = ServingEngine(spread, slots=4, chunk=4, max_new_tokens=12).start()
+        try:
+            loop = asyncio.get_running_loop()
+            tickets = [Ticket(spread.encode(q), 12, 0.0, 1.0, 0, asyncio.Queue(), loop, stream=False)
+                       for q in questions]
+            for ticket in tickets:
+                engine.submit(ticket)
+            ends = []
+            for ticket in tickets:
+                event = await asyncio.wait_for(ticket.events.get(), 300)
+                while event[0] not in ("done", "error"):
+                    event = await asyncio.wait_for(ticket.events.get(), 300)
+                ends.append(event)
+            return ends
+        finally:
+            engine.close()
+
+    ends = asyncio.run(answers())
+    assert [kind for kind, _ in ends] == ["done"] * 6, ends
+    assert len({answer.text for _, answer in ends}) > 1
+    for q, (_, answer) in zip(questions, ends):
+        expected = alone(predictor, q, 12)
+        assert (answer.text, answer.finish_reason, answer.selected_patches) == \
+            (expected.text, expected.finish_reason, expected.selected_patches)
+
+
+def test_serve_refuses_slots_that_do_not_split_over_the_devices(assets):
+    done = subprocess.run([str(BIN / "ivtlr-serve"), "--checkpoint", str(assets[0] / "model"), "--slots", "3",
+                           "--devices", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1] == ("ivtlr-serve: error: --slots 3 is not a multiple of --devices 2 "
+                                                   "(each device decodes slots / devices requests)")
+    many = subprocess.run([str(BIN / "ivtlr-serve"), "--checkpoint", str(assets[0] / "model"), "--slots", "8",
+                           "--devices", "8"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert many.returncode == 2 and "serving" not in many.stdout
+    assert many.stderr.strip().splitlines()[-1].startswith("ivtlr-serve: error: devices=8 but only ")
+
+
 def test_ask_command_prints_the_answer_and_draws_the_patches(assets, predictor, tmp_path):
     q = question_of(assets, 1)
     picture = tmp_path / "patches.png"

@@ -63,9 +63,10 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
                    help=f"rows per batch over all devices (default: eval.batch_size of the config, {EVAL.batch_size} "
                         "when unset)")
     p.add_argument("--batching", choices=BATCHINGS, default=None,
-                   help="continuous: a finished row's slot takes the next example (one device, one process); "
-                        "static: batches decode until their longest answer ends; auto: continuous on one device in "
-                        f"one process, else static (default: eval.batching of the config, {EVAL.batching} when unset)")
+                   help="continuous: a finished row's slot takes the next example (one process; the slots split "
+                        "over its devices); static: batches decode until their longest answer ends; auto: continuous "
+                        f"in one process, else static (default: eval.batching of the config, {EVAL.batching} when "
+                        "unset)")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N local devices (default: all)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,

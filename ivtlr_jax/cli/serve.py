@@ -7,9 +7,9 @@
   GET  /v1/models, /health    the served model; the load (running, waiting, slots)
   GET  /                      a page: upload an image, ask, watch the answer and the selected patches
 
-Requests decode together by continuous batching (--slots); more wait in a queue (--max-waiting), beyond
-which the server answers 503 with Retry-After. SIGTERM or Ctrl-C stops admitting, lets the requests in
-flight end (--graceful seconds, then cancels them) and exits.
+Requests decode together by continuous batching (--slots, split over --devices local devices); more
+wait in a queue (--max-waiting), beyond which the server answers 503 with Retry-After. SIGTERM or Ctrl-C
+stops admitting, lets the requests in flight end (--graceful seconds, then cancels them) and exits.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main(argv=None, prog: str = "ivtlr-serve") -> None:
     p.add_argument("--host", default="127.0.0.1", help="default: %(default)s (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     p.add_argument("--slots", type=int, default=8, metavar="N", help="requests decoding together (default: 8)")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="local devices the slots are split over, slots / N each (default: 1)")
     p.add_argument("--max-waiting", type=int, default=64, metavar="N", help="queued requests at most (default: 64)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="the largest max_tokens a request may ask (default: the folder's, 512)")
@@ -44,17 +46,20 @@ def main(argv=None, prog: str = "ivtlr-serve") -> None:
     args = p.parse_args(argv)
     if args.slots < 1 or args.max_waiting < 0:
         p.exit(2, f"{prog}: error: --slots must be >= 1 and --max-waiting >= 0\n")
+    if args.devices < 1 or args.slots % args.devices:
+        p.exit(2, f"{prog}: error: --slots {args.slots} is not a multiple of --devices {args.devices} (each device "
+                  "decodes slots / devices requests)\n")
     from ..config import ConfigError
     from ..predict import DEFAULT_MAX_PIXELS, Predictor, RequestError
     from ..serve import serve
 
     try:
         predictor = Predictor.from_folder(args.checkpoint, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-                                          **({"dtype": args.dtype} if args.dtype else {}))
-    except (ConfigError, RequestError, FileNotFoundError) as err:
+                                          devices=args.devices, **({"dtype": args.dtype} if args.dtype else {}))
+    except (ConfigError, RequestError, FileNotFoundError, ValueError) as err:
         p.exit(2, f"{prog}: error: {err}\n")
-    print(f"serving {predictor.folder} on http://{args.host}:{args.port}/ ({args.slots} slots, "
-          f"{args.max_waiting} may wait)", flush=True)
+    print(f"serving {predictor.folder} on http://{args.host}:{args.port}/ ({args.slots} slots over "
+          f"{args.devices} device(s), {args.max_waiting} may wait)", flush=True)
     serve(predictor, host=args.host, port=args.port, slots=args.slots, max_waiting=args.max_waiting,
           max_new_tokens=args.max_new_tokens, graceful_s=args.graceful, model_name=args.name,
           log_level=args.log_level)

@@ -6,9 +6,12 @@ left-padded to a length bucket so that batches compile once per bucket.
 
 - Batching (`EvalConfig.batching`): "continuous" keeps `batch_size` rows decoding and gives a finished
   row's slot to the next example (ivtlr_jax/continuous.py; each prompt padded to its own bucket, the
-  prompts of a bucket started `batch_size` at a time); "static" runs batches of `batch_size` prompts
-  padded to the batch's bucket, each until its longest answer ends, and splits them over devices and
-  processes. "auto" (the default): continuous on one device in one process, else static. Either way a
+  prompts of a bucket started `batch_size` at a time; the slots split over the local devices, each
+  decoding slots / devices of them with the same jitted step); "static" runs batches of `batch_size`
+  prompts padded to the batch's bucket, each until its longest answer ends, and splits them over
+  devices and processes. "auto" (the default): continuous in one process (on any number of devices),
+  static over several processes (continuous batching is refused there: one driver would have to decide
+  every process's slots). Either way a
   record is the one a batch of one writes, up to rounding (as with any batch size; in float32 the
   tests find them equal), and records are written in the examples' order.
 - Precision: the model runs in `EvalConfig.dtype` (the run config's `model.dtype`; the official
@@ -54,9 +57,9 @@ from ..io import from_pretrained, resolve_folder
 from ..io.atomic import write_atomic
 from ..io.durable import LineLog
 from ..io.lock import output_lock
-from ..models import ShardingRules, family_named, make_mesh, read_config
+from ..models import ShardingRules, family_named, read_config
 from ..events import log_evaluation
-from ..models.common.sharding import batch_shardings
+from ..models.common.sharding import batch_shardings, local_data_mesh
 from .setup import INFORMATIVE_KEYS, EvalSetupError, eval_setup, prepare_output, read_records, summary_path
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection
@@ -126,11 +129,10 @@ def left_pad(prompts: list[list[int]], pad_id: int, buckets) -> tuple[np.ndarray
 # ---- evaluation -----------------------------------------------------------------------------------------
 def eval_mesh(devices: int | None):
     """A 1-D `data` mesh over the first `devices` local devices (all when None)."""
-    local = jax.local_devices()
-    count = len(local) if devices is None else devices
-    if count > len(local):
-        raise ValueError(f"eval config: devices={count} but only {len(local)} local devices: {local}")
-    return make_mesh(data=count, devices=local[:count])
+    try:
+        return local_data_mesh(devices)
+    except ValueError as err:
+        raise ValueError(f"eval config: {err}") from None
 
 
 def evaluate(model_dir: str | Path, cfg: EvalConfig, out_file: str | Path, *, save_attention: str | Path | None = None,
@@ -220,10 +222,10 @@ def evaluation_devices(cfg: EvalConfig) -> tuple[ShardingRules, int, int, bool]:
     procs = distributed.process_count()
     mesh = eval_mesh(cfg.devices)
     devices = mesh.devices.size * procs
-    continuous = cfg.batching == "continuous" or (cfg.batching == "auto" and devices == 1)
-    if continuous and devices > 1:
-        raise ValueError(f"eval config: batching='continuous' runs on one device in one process; this run has "
-                         f"{mesh.devices.size} device(s) in {procs} process(es): set devices=1 or batching='static'")
+    continuous = cfg.batching == "continuous" or (cfg.batching == "auto" and procs == 1)
+    if continuous and procs > 1:
+        raise EvalSetupError(f"eval config: batching='continuous' runs in one process (its slots split over that "
+                         f"process's devices); this run has {procs} processes: set batching='static' or 'auto'")
     rows = -(-cfg.batch_size // devices) * devices  # a multiple of every process's devices
     return ShardingRules(mesh), rows, devices, continuous
 
@@ -278,8 +280,8 @@ def check_patch_budget(examples: list, image_token_id: int, cfg: EvalConfig) -> 
 
 
 def run_continuous(run: EvalRun, out: LineLog, progress) -> int:
-    """Continuous batching (one process, one device): each prompt padded to its own bucket, `run.rows` slots;
-    records written in the examples' order. -> the tokens generated."""
+    """Continuous batching (one process): each prompt padded to its own bucket, `run.rows` slots split over the
+    local devices; records written in the examples' order. -> the tokens generated."""
     images, pads = {}, {}
 
     def prompts():
@@ -290,7 +292,8 @@ def run_continuous(run: EvalRun, out: LineLog, progress) -> int:
             yield {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **stack_images([images[index]])}
 
     lines, next_index, generated = {}, 0, 0
-    for index, row in generate_continuous(run.model, prompts(), run.latent, run.sampling, slots=run.rows):
+    for index, row in generate_continuous(run.model, prompts(), run.latent, run.sampling, slots=run.rows,
+                                          rules=run.rules):
         lines[index] = run.record_line(run.todo[index], row.tokens, row.length, row.selected - pads.pop(index),
                                        images.pop(index))
         generated += row.length

@@ -64,7 +64,7 @@ class ServingEngine:
         self.greedy = predictor.sampling(self.max_new_tokens)
         self.sampled = predictor.sampling(self.max_new_tokens, temperature=1.0)  # compiles sampling in
         self.slots, self.max_waiting, self.chunk = slots, max_waiting, chunk
-        self.engine = SlotEngine(predictor.model, predictor.latent, self.greedy, slots)
+        self.engine = SlotEngine(predictor.model, predictor.latent, self.greedy, slots, predictor.rules)
         self.waiting: collections.deque[Ticket] = collections.deque()
         self.lock = threading.Condition()
         self.admitting, self.stopped = True, False
@@ -196,7 +196,8 @@ class ServingEngine:
         for ticket in self.running.values():
             self.counts["failed"] += 1
             ticket.send("error", message)
-        self.engine = SlotEngine(self.predictor.model, self.predictor.latent, self.greedy, self.slots)
+        self.engine = SlotEngine(self.predictor.model, self.predictor.latent, self.greedy, self.slots,
+                                 self.predictor.rules)
 
     def _drop_cancelled(self) -> None:
         for slot, ticket in list(self.running.items()):

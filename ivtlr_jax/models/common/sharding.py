@@ -48,6 +48,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
 
 
+def local_data_mesh(devices: int | None = None) -> Mesh:
+    """A 1-D `data` mesh over this process's first `devices` local devices (all when None)."""
+    local = jax.local_devices()
+    count = len(local) if devices is None else devices
+    if count > len(local):
+        raise ValueError(f"devices={count} but only {len(local)} local devices: {local}")
+    return make_mesh(data=count, devices=local[:count])
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
     mesh: Mesh
