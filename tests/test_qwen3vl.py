@@ -4,6 +4,7 @@ The tiny model (tests/hf_tiny.py): 3 vision blocks, DeepStack after blocks 0 and
 0 and 1 of 3, a 6x6 table of learned position embeddings resampled to images of 4x4, 6x8 and 8x10
 patches (down, equal height, up), interleaved M-RoPE over 2+3+3 bands, random norm weights."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -241,3 +242,19 @@ def test_weight_table_names_every_tensor_of_the_checkpoint(tiny):
                 for i in range(model.config.text.num_layers)}  # names without {i} stay one
     assert expanded >= set(SafetensorsFolder(folder).keys())
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen3_vl"
+
+
+@pytest.mark.parametrize("size", ["2b", "4b", "8b"])
+@pytest.mark.parametrize("dataset", ["m3cot", "scienceqa"])
+def test_configs_are_the_official_recipe_on_a_released_model(size, dataset):
+    """configs/qwen3vl_<size>_<dataset>.yaml: the official Qwen2-VL IVT-LR run on that dataset
+    (configs/qwen2vl_<dataset>.yaml) but for its name, its model (a released one the planner knows) and
+    the DeepStack option stated (the default)."""
+    from ivtlr_jax.config import load_config
+
+    ours = load_config(ROOT / "configs" / f"qwen3vl_{size}_{dataset}.yaml")
+    official = load_config(ROOT / "configs" / f"qwen2vl_{dataset}.yaml")
+    assert ours.model.model_id == f"Qwen/Qwen3-VL-{size.upper()}-Instruct" and ours.model.model_id in HUB_CONFIGS
+    assert ours.name == f"qwen3vl_{size}_{dataset}" and ours.latent.patch_deepstack
+    same = lambda cfg: dataclasses.replace(cfg, name="x", model=dataclasses.replace(cfg.model, model_id="x"))
+    assert same(ours) == same(official)
