@@ -163,6 +163,7 @@ class InferenceSettings:
     rope: str = LatentSection.rope
     dtype: str = ModelSection.dtype  # compute dtype (the official evaluation: bfloat16)
     max_new_tokens: int = EvalSection.max_new_tokens
+    patch_deepstack: bool = LatentSection.patch_deepstack  # Qwen3-VL only: the training run's choice
 
     def __post_init__(self):  # each field's check is its section's
         DataSection(dataset=self.dataset)
@@ -172,9 +173,10 @@ class InferenceSettings:
 
     @classmethod
     def from_run(cls, cfg: "RunConfig") -> "InferenceSettings":
-        """A training run's settings: its dataset, K, patch order, RoPE and compute dtype."""
+        """A training run's settings: its dataset, K, patch order, RoPE, DeepStack choice and compute dtype."""
         return cls(dataset=cfg.data.dataset, num_selected_patches=cfg.latent.num_selected_patches,
-                   patch_order=cfg.latent.patch_order, rope=cfg.latent.rope, dtype=cfg.model.dtype)
+                   patch_order=cfg.latent.patch_order, rope=cfg.latent.rope, dtype=cfg.model.dtype,
+                   patch_deepstack=cfg.latent.patch_deepstack)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str) -> "InferenceSettings":

@@ -106,7 +106,7 @@ class Predictor:
                                "stage export, ivtlr-convert-official's output)")
         self.encoder = make_encoder(family, processor)
         self.latent = LatentConfig(self.special.latent_id, settings.num_selected_patches, settings.patch_order,
-                                   rope=settings.rope)
+                                   rope=settings.rope, patch_deepstack=settings.patch_deepstack)
         self.max_length = family_named(family).max_length
 
     @classmethod

@@ -9,9 +9,11 @@ the untied model, agreement no worse than transformers' bf16 on the same positio
 
 import copy
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 from ivtlr_jax.io import from_pretrained
 from tests import hf_tiny
@@ -51,4 +53,24 @@ def test_bf16_top1_agreement_no_worse_than_transformers_bf16(tiny_qwen2vl):
     ref16 = hf_tiny.hf_forward(hf_bf16, ids, mask, pv, grid).logits.float().numpy().argmax(-1)
     theirs = (ref32 == ref16)[valid].mean()
     print(f"bf16/fp32 top-1 agreement (untied): ours {ours:.4f}, transformers {theirs:.4f}")
+    assert ours >= theirs - 0.005
+
+
+def test_qwen3vl_bf16_agreement_no_worse_than_transformers_bf16(tmp_path):
+    """Qwen3-VL (DeepStack, q/k RMSNorm, interleaved M-RoPE) in bf16: parameters stored in bf16, top-1
+    agreement with our fp32 no worse than transformers' bf16 with its fp32 on the same positions."""
+    hf = hf_tiny.build_qwen3vl(tmp_path, seed=2)
+    batch = hf_tiny.qwen2vl_image_batch(seed=7, sizes=((64, 64), (96, 128), (128, 160), (64, 64)),
+                                        text_lens=((80, 60), (50, 90), (100, 40), (70, 75)),
+                                        processed=hf_tiny.qwen3vl_image_inputs)
+    ids, mask, pv, grid = batch
+    valid = mask.astype(bool)
+    bf16 = from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert bf16.layers.q_weight_dnh[...].dtype == jnp.bfloat16
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(bf16.visual, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    ours = (top1(from_pretrained(tmp_path), batch) == top1(bf16, batch))[valid].mean()
+    ref32 = hf_tiny.hf_forward(hf, ids, mask, pv, grid).logits.numpy().argmax(-1)
+    ref16 = hf_tiny.hf_forward(copy.deepcopy(hf).to(torch.bfloat16), ids, mask, pv, grid).logits.float().numpy()
+    theirs = (ref32 == ref16.argmax(-1))[valid].mean()
+    print(f"Qwen3-VL bf16/fp32 top-1 agreement: ours {ours:.4f}, transformers {theirs:.4f} ({valid.sum()} positions)")
     assert ours >= theirs - 0.005

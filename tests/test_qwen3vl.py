@@ -4,6 +4,7 @@ The tiny model (tests/hf_tiny.py): 3 vision blocks, DeepStack after blocks 0 and
 0 and 1 of 3, a 6x6 table of learned position embeddings resampled to images of 4x4, 6x8 and 8x10
 patches (down, equal height, up), interleaved M-RoPE over 2+3+3 bands, random norm weights."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -241,3 +242,38 @@ def test_weight_table_names_every_tensor_of_the_checkpoint(tiny):
                 for i in range(model.config.text.num_layers)}  # names without {i} stay one
     assert expanded >= set(SafetensorsFolder(folder).keys())
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen3_vl"
+
+
+@pytest.mark.parametrize("size", ["2b", "4b", "8b"])
+@pytest.mark.parametrize("dataset", ["m3cot", "scienceqa"])
+def test_configs_are_the_official_recipe_on_a_released_model(size, dataset):
+    """configs/qwen3vl_<size>_<dataset>.yaml: the official Qwen2-VL IVT-LR run on that dataset
+    (configs/qwen2vl_<dataset>.yaml) but for its name, its model (a released one the planner knows) and
+    the DeepStack option stated (the default)."""
+    from ivtlr_jax.config import load_config
+
+    ours = load_config(ROOT / "configs" / f"qwen3vl_{size}_{dataset}.yaml")
+    official = load_config(ROOT / "configs" / f"qwen2vl_{dataset}.yaml")
+    assert ours.model.model_id == f"Qwen/Qwen3-VL-{size.upper()}-Instruct" and ours.model.model_id in HUB_CONFIGS
+    assert ours.name == f"qwen3vl_{size}_{dataset}" and ours.latent.patch_deepstack
+    same = lambda cfg: dataclasses.replace(cfg, name="x", model=dataclasses.replace(cfg.model, model_id="x"))
+    assert same(ours) == same(official)
+
+
+def test_hub_configs_agree_with_transformers_defaults():
+    """What the installed transformers states of the releases: its Qwen3VLVisionConfig defaults are the
+    8B / 32B vision tower, its text and top-level defaults the fields every release shares (the rest of
+    HUB_CONFIGS, the sizes, is from the published config.json files)."""
+    from transformers import Qwen3VLConfig as HFConfig, Qwen3VLTextConfig, Qwen3VLVisionConfig
+
+    vision, text, top = Qwen3VLVisionConfig(), Qwen3VLTextConfig(), HFConfig()
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in vision.to_dict().items()}
+    for hub in ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-32B-Instruct"):
+        raw = {k: v for k, v in HUB_CONFIGS[hub]["vision_config"].items() if k != "out_hidden_size"}
+        assert raw == {k: defaults[k] for k in raw}, hub
+    for hub, raw in HUB_CONFIGS.items():
+        shared = ("vocab_size", "head_dim", "rms_norm_eps", "hidden_act", "attention_bias")
+        assert {k: raw["text_config"][k] for k in shared} == {k: getattr(text, k) for k in shared}, hub
+        ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        assert {k: raw[k] for k in ids} == {k: getattr(top, k) for k in ids}, hub
+        assert raw["text_config"]["rope_scaling"]["mrope_section"] == [24, 20, 20]  # modeling's default bands

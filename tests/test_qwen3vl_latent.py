@@ -55,5 +55,7 @@ def test_the_deepstack_option_changes_the_loss(qwen3):
     model = qwen3[2]
     losses = [float(run_jax(model, batch((2, 2)), LatentConfig(QWEN_LATENT, 2, patch_deepstack=on))[0])
               for on in (True, False)]
+    print(f"\nloss with the copies' DeepStack features {losses[0]:.6f}, without {losses[1]:.6f}, "
+          f"difference {losses[0] - losses[1]:+.3g}")
     assert abs(losses[0] - losses[1]) > 1e-4 * abs(losses[0]), losses
     assert all(np.isfinite(losses))

@@ -24,9 +24,9 @@ examples:
       --save-attention /tmp/pictures latent.num_selected_patches=8 model.dtype=float32
 
 The config supplies the dataset (data.dataset, data.source, data.eval_split), the latent settings
-(latent.num_selected_patches, latent.patch_order, latent.rope), model.scan_layers and the precision
-(model.dtype for compute, model.param_dtype for storing the weights); section.key=value overrides
-change any of them, as for training.
+(latent.num_selected_patches, latent.patch_order, latent.rope, latent.patch_deepstack), model.scan_layers
+and the precision (model.dtype for compute, model.param_dtype for storing the weights); section.key=value
+overrides change any of them, as for training.
 
 Writes one JSON line per example to --out (default: <run>/eval/stage_<s>/eval_<split>.jsonl for a stage
 export <run>/stage_<s>, outside the folder a re-export replaces; <checkpoint>/eval_<split>.jsonl for

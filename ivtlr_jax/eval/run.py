@@ -76,6 +76,7 @@ class EvalConfig:
     num_selected_patches: int = LatentSection.num_selected_patches
     patch_order: str = LatentSection.patch_order
     rope: str = LatentSection.rope
+    patch_deepstack: bool = LatentSection.patch_deepstack  # Qwen3-VL: the patch copies keep their DeepStack features
     batch_size: int = EvalSection.batch_size  # rows per batch over all devices (rounded up to a multiple of them)
     max_new_tokens: int = EvalSection.max_new_tokens
     limit: int | None = None
@@ -109,7 +110,8 @@ def eval_config_from_run(cfg, **overrides) -> EvalConfig:
     scanning, dtypes (`model.dtype`, `model.param_dtype`) and `eval` section; `overrides` replace any field."""
     base = dict(dataset=cfg.data.dataset, source=cfg.data.source, split=cfg.data.eval_split,
                 num_selected_patches=cfg.latent.num_selected_patches, patch_order=cfg.latent.patch_order,
-                rope=cfg.latent.rope, scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl,
+                rope=cfg.latent.rope, patch_deepstack=cfg.latent.patch_deepstack, scan_layers=cfg.model.scan_layers,
+                attention_impl=cfg.model.attention_impl,
                 dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, **dataclasses.asdict(cfg.eval))
     base.update(overrides)
     return EvalConfig(**base)
@@ -240,7 +242,8 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
     family = read_config(model_dir)[0].name
     processor = load_processor(model_dir)
     special = special_tokens(processor)
-    latent = LatentConfig(special.latent_id, cfg.num_selected_patches, cfg.patch_order, rope=cfg.rope)
+    latent = LatentConfig(special.latent_id, cfg.num_selected_patches, cfg.patch_order, rope=cfg.rope,
+                          patch_deepstack=cfg.patch_deepstack)
     sampling = SamplingConfig(cfg.max_new_tokens, eos_token_id=special.eos_token_id, pad_token_id=special.eos_token_id)
     examples, report = load_examples(cfg.dataset, cfg.source, cfg.split, processor, family, limit=cfg.limit,
                                      max_length=10**9, prompt_format=cfg.prompt_format)

@@ -63,6 +63,8 @@ def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> di
         # fused attention (cuDNN on GPU) rounds otherwise than the einsums in bf16; written only when chosen,
         # so the outputs of earlier setups (all "xla") still resume
         **({"attention_impl": cfg.attention_impl} if cfg.attention_impl != "xla" else {}),
+        # Qwen3-VL's patch copies without their DeepStack features: written only when chosen, as above
+        **({"patch_deepstack": False} if not cfg.patch_deepstack else {}),
     }
 
 
