@@ -81,8 +81,7 @@ def make_prompts(count: int, latents: int, seed: int = 0) -> tuple[list[dict], n
 
 def left_padded(singles: list[dict], pixel_values: np.ndarray, grid: np.ndarray) -> dict:
     """The prompts left-padded to a common length (so their latents align), as ivtlr_generate wants; the
-    same-size images stacked per image ([B, 256, 1176], as the collator stacks them), so the vision tower
-    attends per image."""
+    same-size images stacked per image ([B, 256, 1176], as the collator stacks them)."""
     ids, mask = hf_tiny.pad_rows([s["input_ids"][0].tolist() for s in singles], left_pad=True)
     b = len(singles)
     return stacked_images({"input_ids": ids, "attention_mask": mask,

@@ -13,8 +13,7 @@ image per row (100 image tokens), questions of up to `--question` tokens (differ
 different left pads), 3 latents, K=32, answers filling the longest row to the collated length S =
 `--seq-len` - 3*32 (assembled length 1216, the planner's official shape); prefix bucket and shared
 prefix as the trainer computes them (`data.prefix_buckets`; `collate` returns them as `LatentShapes`),
-the same-size images stacked per image ([rows, 400, 1176]) as `collate` stacks them, so the vision tower
-attends per image.
+the same-size images stacked per image ([rows, 400, 1176]) as `collate` stacks them.
 
 Sections (each guarded: a failure, e.g. out of memory or cudnn missing, is recorded as an error string
 and the next section still runs; the JSON is rewritten after every section, so a run killed by a

@@ -14,7 +14,7 @@ neither side runs the vision tower's backward; with `--train full` every paramet
 - ivtlr: `jax.value_and_grad` of `ivtlr_loss` with respect to the trained parameters under `jax.jit`, as the
   trainer runs it (static `LatentShapes`: num_latents n, prefix_len = the first latent's index p and
   shared_prefix = p - 1; latent_grad="stop"; pixel_values stacked per image, [B, 256, 1176], as the
-  collator stacks same-size images, so the vision tower attends per image): the question slots once, the
+  collator stacks same-size images; the vision tower attends through `frame_attention`): the question slots once, the
   chain's prefill of the rest, n latent passes against the KV cache, then the forward + backward of the
   assembled sequence (length S + n*K) continuing from the question's cache.
 - oracle: `oracle_ivtlr(official_compute=True)` (docs/method.md section 7, the way the official code runs it: n + 1
@@ -40,12 +40,16 @@ the same machine load. The JAX loss is checked against the oracle's (fp32: relat
 LoRA, B starts at zero, so the dropout masks, which differ between the sides, do not change the loss).
 Compare ratios, not milliseconds, across machines. JAX runs on its default platform (printed).
 
+With `--layouts` the ivtlr step is also timed with the vision tower attending per frame ([B, 256, 256]
+blocks, no mask: the trainer's path for same-size images before issue #29, `bench.shared.per_frame_vision`)
+in the same rounds, printing frame_attention/per-frame and the two losses' difference.
+
 With `--unroll-layers` the model is loaded with scan_layers=False (layers unrolled: the faster choice for
 a 4-layer model; the default scans them, as for 7B models).
 
     python bench/latent_step.py [--repeats 5] [--batch 4] [--latents 3] [--k 8] [--threads N]
                                 [--train lora|full] [--rank 64] [--alpha 16] [--lora-dropout 0.05]
-                                [--remat none|full|dots] [--unroll-layers] [--breakdown]
+                                [--remat none|full|dots] [--unroll-layers] [--breakdown] [--layouts]
 """
 
 from __future__ import annotations
@@ -70,19 +74,30 @@ from ivtlr_jax.train.step import split_trainable  # noqa: E402
 from tests.oracle_ivtlr import oracle_ivtlr  # noqa: E402
 from bench.timing import timed, interleaved_median_ms, cpu_seconds, other_load_note, warn_if_loaded  # noqa: E402
 from bench.shared import (LATENT_ID, assembled_length_batch, build_models, latent_training_batch,  # noqa: E402
-                          to_jax)
+                          per_frame_vision, to_jax)
 
 
 # ---- the timed steps -------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "shapes"))
-def jax_train_step(graphdef, trainable, frozen, batch, dropout_key, cfg, shapes: LatentShapes):
+def train_step(graphdef, trainable, frozen, batch, dropout_key, cfg, shapes: LatentShapes):
     """(loss, gradients of the trainable parameters) of ivtlr_loss; shapes.num_latents=0 is a plain forward +
     backward. dropout_key: LoRA dropout in training mode (None: none). batch: same-size images stacked per
-    image (`to_jax`), so the vision tower attends per image, as in the trainer."""
+    image (`to_jax`), as the trainer's collator gives them."""
     def loss_of(trainable):
         model = nnx.merge(graphdef, trainable, frozen)
         return ivtlr_loss(model, batch, cfg, shapes, dropout_key=dropout_key)[0]
     return jax.value_and_grad(loss_of)(trainable)
+
+
+def per_frame_train_step(graphdef, trainable, frozen, batch, dropout_key, cfg, shapes: LatentShapes):
+    """`train_step` traced with the vision tower attending per frame (`per_frame_vision`): the baseline of
+    `--layouts`. A function of its own, so that jit does not reuse `train_step`'s trace."""
+    with per_frame_vision():
+        return train_step(graphdef, trainable, frozen, batch, dropout_key, cfg, shapes)
+
+
+STEP_STATICS = ("graphdef", "cfg", "shapes")
+jax_train_step = jax.jit(train_step, static_argnames=STEP_STATICS)
+jax_per_frame_train_step = jax.jit(per_frame_train_step, static_argnames=STEP_STATICS)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "prefix_len"))
@@ -127,7 +142,7 @@ def bench(args) -> list[str]:
     n, p = latent_layout(batch["input_ids"], LATENT_ID)
     s, s_plain = batch["input_ids"].shape[1], plain["input_ids"].shape[1]
     assert s_plain == s + n * args.k
-    j_batch, j_plain = to_jax(batch), to_jax(plain)  # 224x224 images: [B, 256, 1176] (per-image attention)
+    j_batch, j_plain = to_jax(batch), to_jax(plain)  # 224x224 images: [B, 256, 1176]
     ivtlr_shapes, plain_shapes = LatentShapes(n, p, p - 1), LatentShapes(0, s_plain)
     wait = jax.block_until_ready
 
@@ -139,7 +154,11 @@ def bench(args) -> list[str]:
     if args.breakdown:
         calls["chain"] = lambda: wait(jax_latent_chain(graphdef, trainable, frozen, j_batch, cfg, n, p))
         calls["torch plain"] = lambda: oracle_train_step(hf, plain, args.k)
+    if args.layouts:  # the same step with the vision tower attending per frame
+        calls["ivtlr per-frame"] = lambda: wait(jax_per_frame_train_step(graphdef, trainable, frozen, j_batch,
+                                                                          dropout_key, cfg, ivtlr_shapes))
     compile_s, (jax_loss, _) = timed(calls["ivtlr"])
+    per_frame_compile = timed(calls["ivtlr per-frame"]) if args.layouts else None
     plain_compile_s, _ = timed(calls["plain"])
     chain_compile_s = timed(calls["chain"])[0] if args.breakdown else None
     _, oracle_loss = timed(calls["oracle"])  # warm-up
@@ -162,6 +181,8 @@ def bench(args) -> list[str]:
         f"-> {ms['oracle'] / ms['ivtlr']:.1f}x faster (goal >= 3x) | plain step on assembled sequence "
         f"{ms['plain']:.1f} ms -> {ms['ivtlr'] / ms['plain']:.2f}x of plain (goal <= 1.4x)",
     ]
+    if args.layouts:
+        lines.append(layouts_line(ms, compile_s, per_frame_compile, jax_loss))
     if args.breakdown:
         lines.append(f"breakdown: jax latent chain alone (vision + prefill + {n} passes, forward) "
                      f"{ms['chain']:.1f} ms (compile {chain_compile_s:.1f} s); "
@@ -170,6 +191,17 @@ def bench(args) -> list[str]:
                      f"{ms['oracle'] / ms['torch plain']:.2f}x, "
                      f"torch plain/jax plain {ms['torch plain'] / ms['plain']:.2f}x")
     return lines + [load_note] if load_note else lines
+
+
+def layouts_line(ms: dict, compile_s: float, per_frame_compile: tuple, loss: float) -> str:
+    """The ivtlr step's two vision attention paths, timed alternating in this run: per frame (the baseline,
+    the trainer's before issue #29) and `frame_attention` (the trainer's)."""
+    base_compile_s, (base_loss, _) = per_frame_compile
+    base = ms["ivtlr per-frame"]
+    return (f"layouts: ivtlr step, images stacked [B, Np, 1176]: per-frame attention {base:.1f} ms "
+            f"(compile {base_compile_s:.1f} s) | frame_attention (the default) {ms['ivtlr']:.1f} ms "
+            f"(compile {compile_s:.1f} s) -> frame_attention/per-frame {ms['ivtlr'] / base:.2f}; "
+            f"loss rel diff {abs(float(base_loss) - loss) / abs(loss):.1e}")
 
 
 def main(argv=None) -> None:
@@ -187,6 +219,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (official: 0.05)")
     parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
     parser.add_argument("--unroll-layers", action="store_true", help="load the model with scan_layers=False")
+    parser.add_argument("--layouts", action="store_true",
+                        help="also time the ivtlr step with the vision tower attending per frame (the old default)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the JAX latent chain alone and the torch plain step")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from ivtlr_jax.io import from_pretrained  # noqa: E402
 from ivtlr_jax.latent import IGNORE, latent_layout  # noqa: E402
+from ivtlr_jax.models.qwen2vl import modeling as qwen2vl_modeling  # noqa: E402
 from tests import hf_tiny  # noqa: E402
 from tests.oracle_ivtlr import latent_batch  # noqa: E402
 
@@ -93,8 +94,8 @@ def assembled_length_batch(batch: dict, n: int, k: int, seed: int = 1, latent_id
 
 def stacked_images(batch: dict) -> dict:
     """pixel_values [B * Np, 1176] of B one-frame images of one size -> [B, Np, 1176]: the layout the
-    collator (`ivtlr_jax.data.collate.stack_images`) gives such images, from whose static shape the
-    model runs the vision tower's attention per image (the trainer's path). The torch side keeps [B * Np, 1176]."""
+    collator (`ivtlr_jax.data.collate.stack_images`) gives such images (the trainer's layout; the tower
+    attends through `frame_attention`, or per frame under `per_frame_vision`). The torch side keeps [B * Np, 1176]."""
     grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
     if not ((grid[:, 0] == 1).all() and len({tuple(g) for g in grid.tolist()}) == 1):
         raise ValueError(f"images of different sizes (or several frames) cannot be stacked per image: {grid}")
@@ -105,3 +106,16 @@ def stacked_images(batch: dict) -> dict:
 def to_jax(batch: dict) -> dict:
     """The JAX side's batch: device arrays, same-size images stacked per image (`stacked_images`)."""
     return {key: jnp.asarray(value) for key, value in stacked_images(batch).items() if key != "latent_token_id"}
+
+
+@contextlib.contextmanager
+def per_frame_vision():
+    """While a model call is traced inside, the Qwen vision towers attend per frame ([frames, L, L] blocks,
+    no mask) on frames of one static size, whatever attention_impl: the path the trainer took for stacked
+    same-size images before `frame_attention` became the default (issue #29). A baseline for the benches."""
+    saved = qwen2vl_modeling.attended_frame_len
+    qwen2vl_modeling.attended_frame_len = lambda frame_len, attention_impl: frame_len
+    try:
+        yield
+    finally:
+        qwen2vl_modeling.attended_frame_len = saved

@@ -25,7 +25,7 @@ All steps use loss_scale="token_mean" with the batch's supervised token count as
 loss is the batch token mean the oracle computes; the first-call losses are compared (LoRA's B starts at
 zero, so its first loss is the base model's too). latent_grad="stop" (official); static shapes
 `LatentShapes(n, prefix_len = the first latent's index, shared_prefix=0)`; pixel_values stacked per image
-([B, 256, 1176], as the collator stacks same-size images), so the vision tower attends per image. Each
+([B, 256, 1176], as the collator stacks same-size images). Each
 JAX step's first call (trace + XLA compile + one run) is reported as "compile"; the torch step gets one
 warm-up call. Then `--repeats` rounds in which the calls alternate, so all see the
 same machine load, and the median of each. Reported: supervised tokens/s (answer + EOS labels) and total
@@ -92,7 +92,7 @@ class JaxStep:
         tx = make_optimizer(OPTIM)
         self.trainable = jax.device_put(trainable, state_shardings(trainable, rules))
         self.opt_state = init_optimizer(tx, self.trainable, rules)
-        # same-size images stacked per image: the model attends per image, as for the collator's batches
+        # same-size images stacked per image, as the collator's batches
         jbatch = {k: jnp.asarray(v) for k, v in stacked_images(batch).items() if k != "latent_token_id"}
         self.batch = jax.device_put(jbatch, batch_shardings(jbatch, rules))
         shardings = step_shardings(self.trainable, self.frozen, self.opt_state, self.batch, rules)

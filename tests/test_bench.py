@@ -40,10 +40,12 @@ def test_latent_step_bench_lora_with_breakdown():
 
 
 def test_latent_step_bench_full_fine_tuning_unrolled():
+    """--layouts: the step with the vision tower attending per frame (the baseline) gives the default's loss."""
     out = run_bench("latent_step.py", "--repeats", "1", "--batch", "1", "--latents", "2", "--k", "3",
-                    "--threads", "1", "--train", "full", "--unroll-layers")
+                    "--threads", "1", "--train", "full", "--unroll-layers", "--layouts")
     assert "full fine-tuning" in out and "layers unrolled" in out
     assert number_after("rel diff", out) < 1e-5
+    assert number_after("frame_attention/per-frame", out) > 0 and number_after("loss rel diff", out) < 1e-5
 
 
 def test_generate_bench_checks_pass():
@@ -117,6 +119,14 @@ def test_vision_bench_paths_agree():
     assert number_after("max|diff| new vs one at a time", out) < 1e-5
     assert number_after("old vs one at a time", out) < 1e-5
     assert number_after("max rel|dgrad| vs one at a time", out) < 1e-5
+
+
+def test_vision_bench_layouts_agree():
+    """--layouts: same-size images stacked (per-frame attention) and flat (frame_attention) give the same
+    features and parameter gradients."""
+    out = run_bench("vision.py", "--small", "--repeats", "1", "--layouts", "--grad")
+    diffs = [float(d) for d in re.findall(r"flat/stacked [0-9.]+, max rel\|diff\| ([-+0-9.e]+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, out
 
 
 def test_serve_bench_answers_every_request_once():

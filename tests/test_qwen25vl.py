@@ -119,14 +119,21 @@ def test_mixed_sizes_with_a_traced_grid_match_transformers(tiny, monkeypatch, ti
     assert max_diff(ours, ref) <= TOL
 
 
-def test_stacked_same_size_images_match_transformers(tiny):
-    """[images, patches, dim] pixel values (one size, static frame length under jit) give transformers'
-    features."""
+def test_stacked_same_size_images_match_transformers(tiny, monkeypatch):
+    """[images, patches, dim] pixel values (one size, static frame length under jit: the collator's layout)
+    give transformers' features, the full blocks attending through `frame_attention` (the faster path with
+    the default attention_impl, docs/benchmarks.md section 12)."""
+    from ivtlr_jax.models.common import frame_attention as fa
+    from ivtlr_jax.models.qwen25vl import vision
+
     pv, grid = hf_tiny.image_inputs([SIZES[1]] * 2, seed=5)
     with torch.no_grad():
         ref = tiny[1].model.visual(torch.tensor(pv), grid_thw=torch.tensor(grid)).pooler_output.numpy()
+    calls = []
+    monkeypatch.setattr(vision, "frame_attention", lambda *a, **k: calls.append(1) or fa.frame_attention(*a, **k))
     f = jax.jit(lambda p, g: tiny[2].image_features(p, g))
     stacked = f(jnp.asarray(pv).reshape(2, -1, pv.shape[-1]), jnp.asarray(grid))
+    assert calls, "the full blocks of same-size stacked images go through frame_attention"
     assert max_diff(stacked, ref) <= TOL
     with pytest.raises(ValueError, match="holds 1 images but"):
         tiny[2].image_features(jnp.asarray(pv)[None], jnp.asarray(grid))

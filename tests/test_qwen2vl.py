@@ -141,13 +141,39 @@ def test_mixed_sizes_with_a_traced_grid_match_transformers(tiny_qwen2vl, flax_mo
 
 
 def test_per_frame_vision_attention_equals_the_masked_one(flax_model):
-    """Same-size images stacked per image ([images, patches, dim], static under jit): attention per frame
-    equals the flat layout's with a traced grid (`frame_attention`)."""
+    """Same-size frames attended per frame (the tower given their static length: the path of
+    attention_impl "fused", here on einsums) equal the flat layout's with a traced grid (`frame_attention`)."""
     pv, grid = hf_tiny.image_inputs([(56, 84), (56, 84), (56, 84)], seed=9)
     args = (jnp.asarray(pv), jnp.asarray(grid))
-    features = jax.jit(lambda p, g: flax_model.image_features(p, g))
-    masked = features(*args)  # traced grid, flat patches: frame_attention
-    per_frame = features(args[0].reshape(3, -1, pv.shape[-1]), args[1])
+    masked = jax.jit(lambda p, g: flax_model.image_features(p, g))(*args)  # traced grid, flat: frame_attention
+    per_frame = jax.jit(lambda p, g: flax_model.visual(p, g, frame_len=pv.shape[0] // 3))(*args)
     np.testing.assert_allclose(np.asarray(per_frame), np.asarray(masked), atol=1e-5)
     with pytest.raises(ValueError, match="holds 1 images but"):
         flax_model.image_features(args[0][None], args[1])
+
+
+@pytest.mark.parametrize("attention_impl", ["xla", "fused"])
+def test_collated_same_size_images_take_the_tiled_frame_attention(tiny_qwen2vl, monkeypatch, attention_impl):
+    """The trainer's collator stacks same-size images [B, Np, 1176]; under jit (as the train and eval steps run)
+    the tower attends through `frame_attention` with the default attention_impl "xla" (the faster path:
+    docs/benchmarks.md section 12), per frame with "fused" (one block size for the kernel); both give
+    transformers' features."""
+    from ivtlr_jax.data.collate import collate
+    from ivtlr_jax.models.common import frame_attention as fa
+    from ivtlr_jax.models.qwen2vl import vision
+
+    pv, grid = hf_tiny.image_inputs([(56, 84)] * 3, seed=3)
+    per_image = pv.shape[0] // 3
+    rows = [([5, 6], [5, 6], {"pixel_values": pv[i * per_image:(i + 1) * per_image], "image_grid_thw": grid[i:i + 1]})
+            for i in range(3)]
+    batch, _ = collate(rows, latent_id=7, pad_id=0, length_buckets=(8,))
+    assert batch["pixel_values"].shape == (3, per_image, pv.shape[-1])  # stacked per image
+    with torch.no_grad():
+        ref = tiny_qwen2vl[1].model.visual(torch.tensor(pv), grid_thw=torch.tensor(grid)).pooler_output.numpy()
+    calls = []
+    monkeypatch.setattr(vision, "frame_attention", lambda *a, **k: calls.append(1) or fa.frame_attention(*a, **k))
+    model = from_pretrained(tiny_qwen2vl[0], attention_impl=attention_impl)
+    ours = jax.jit(lambda p, g: model.image_features(p, g))(*(jnp.asarray(batch[k]) for k in ("pixel_values",
+                                                                                             "image_grid_thw")))
+    assert bool(calls) == (attention_impl == "xla"), f"{attention_impl}: frame_attention traced {len(calls)} times"
+    assert np.abs(np.asarray(ours) - ref).max() <= TOL

@@ -69,12 +69,20 @@ def test_vision_features_and_deepstack_match(tiny, jitted, sizes):
     assert max(diffs) <= TOL
 
 
-def test_stacked_same_size_images_match_transformers(tiny):
-    """[images, patches, dim] pixel values (static frame length under jit) give transformers' features."""
+def test_stacked_same_size_images_match_transformers(tiny, monkeypatch):
+    """[images, patches, dim] pixel values (static frame length under jit: the collator's layout) give
+    transformers' features, attending through `frame_attention` (the faster path with the default
+    attention_impl, docs/benchmarks.md section 12)."""
+    from ivtlr_jax.models.common import frame_attention as fa
+    from ivtlr_jax.models.qwen2vl import vision  # the blocks Qwen3-VL's tower shares
+
     pv, grid = hf_tiny.qwen3vl_image_inputs([SIZES[1]] * 2, seed=5)
     ref, ref_deepstack = hf_vision(tiny[1], pv, grid)
+    calls = []
+    monkeypatch.setattr(vision, "frame_attention", lambda *a, **k: calls.append(1) or fa.frame_attention(*a, **k))
     ours = jax.jit(lambda p, g: tiny[2].image_features(p, g))(jnp.asarray(pv).reshape(2, -1, pv.shape[-1]),
                                                             jnp.asarray(grid))
+    assert calls, "same-size stacked images go through frame_attention"
     assert max_diff(ours.merged, ref) <= TOL
     assert max(max_diff(a, b) for a, b in zip(ours.deepstack, ref_deepstack)) <= TOL
 

@@ -75,9 +75,10 @@ def left_padded_positions(mask: np.ndarray) -> np.ndarray:
 
 def stack_images(images: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """One image per row -> the batch's image arrays. Qwen2-VL: pixel_values stacked per image [B, Np, 1176]
-    when every image has one frame of the same size (the model reads its per-image attention off that
-    static shape), else concatenated along patches [sum Np, 1176]; image_grid_thw [B, 3]. Chameleon:
-    pixel_values stacked [B, 3, H, W]."""
+    when every image has one frame of the same size (rows split across hosts as whole images; the model
+    attends per frame off that static shape only with attention_impl "fused": `Qwen2VL.image_features`),
+    else concatenated along patches [sum Np, 1176]; image_grid_thw [B, 3]. Chameleon: pixel_values
+    stacked [B, 3, H, W]."""
     arrays = [materialize(im) for im in images]
     if all("image_grid_thw" in a for a in arrays):
         pixels = [np.asarray(a["pixel_values"], np.float32) for a in arrays]

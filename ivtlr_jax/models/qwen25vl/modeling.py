@@ -8,6 +8,6 @@ from .vision import VisionTower
 
 
 class Qwen25VL(Qwen2VL):
-    """Everything Qwen2-VL's (`image_features` too: 3-D stacked pixel_values or a concrete grid give the
-    per-frame layout), calling this family's tower."""
+    """Everything Qwen2-VL's (`image_features` too: which frames attend per frame and which through
+    `frame_attention`), calling this family's tower."""
     tower_cls = VisionTower

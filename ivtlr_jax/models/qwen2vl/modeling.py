@@ -32,8 +32,11 @@ class Qwen2VL(DecoderLM):
     def image_features(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
         """Vision tower + merger -> [Np / 4, D]. pixel_values: [Np, patch_dim] (transformers' layout) or
         [images, patches, patch_dim] (one image per leading index, all of one size: `stack_images`).
-        The tower attends per image frame without a mask when the frames have one size: read off the
-        shape of 3-D pixel_values (static under jit), or off a concrete image_grid_thw."""
+        Attention stays within each image frame through `common.frame_attention` (pairs of tiles that share a
+        frame, flash-style backward), whatever the layout. With attention_impl "fused" and frames of one size
+        (read off the shape of 3-D pixel_values, static under jit, or off a concrete image_grid_thw) it runs
+        per frame instead ([frames, L, L] blocks: one block size, which a fused kernel needs). With "xla" the
+        tiled path is the faster (CPU, docs/benchmarks.md section 12: forward as fast, backward ~30% less)."""
         frame_len = None
         if pixel_values.ndim == 3:
             if pixel_values.shape[0] != image_grid_thw.shape[0]:
@@ -43,7 +46,7 @@ class Qwen2VL(DecoderLM):
             pixel_values = pixel_values.reshape(-1, pixel_values.shape[-1])
         if is_concrete(image_grid_thw):
             frame_len = uniform_frame_len(np.asarray(image_grid_thw))
-        return self.visual(pixel_values, image_grid_thw, frame_len)
+        return self.visual(pixel_values, image_grid_thw, attended_frame_len(frame_len, self.options.attention_impl))
 
     def embed_inputs(
         self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None,
@@ -141,3 +144,9 @@ def uniform_frame_len(image_grid_thw: np.ndarray) -> int | None:
     """Patches per frame when every image frame of the batch has the same grid, else None."""
     sizes = {int(h) * int(w) for _, h, w in np.asarray(image_grid_thw).reshape(-1, 3)}
     return sizes.pop() if len(sizes) == 1 else None
+
+
+def attended_frame_len(frame_len: int | None, attention_impl: str) -> int | None:
+    """The static frame length the vision tower attends per frame with (attention_impl "fused": one block
+    size for the kernel), or None: `frame_attention`, the faster with "xla" (see `Qwen2VL.image_features`)."""
+    return frame_len if attention_impl == "fused" else None

@@ -4,8 +4,8 @@
 Input is the processor's layout: `pixel_values` [Np, C * 2 * 14 * 14] with all images' patches
 concatenated (each image's patches ordered by 2x2 merge blocks), `image_grid_thw` [n_images, 3].
 Images of different sizes share one call; attention is block-diagonal per image frame: per frame when
-the frames have one static length (`frame_len`), else through `common.frame_attention` (tiled, the
-grid may be traced).
+given the frames' one static length (`frame_len`; the model gives it only for attention_impl "fused"),
+else through `common.frame_attention` (tiled, the grid may be traced; the faster on einsums).
 """
 
 from __future__ import annotations
