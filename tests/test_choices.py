@@ -79,3 +79,15 @@ def test_infer_lists_the_batching_choices_as_strings(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 2
     assert "invalid choice: 'dynamic' (choose from 'auto', 'static', 'continuous')" in proc.stderr
+
+
+def test_an_eval_config_parses_its_choices_as_the_sections_do(tmp_path):
+    from ivtlr_jax.eval.run import EvalConfig, eval_config_from_run
+
+    cfg = eval_config_from_run(load_config(_config(tmp_path)))
+    assert (type(cfg.patch_order), type(cfg.rope), type(cfg.attention_impl), type(cfg.batching),
+            type(cfg.prompt_format)) == (PatchOrder, Rope, AttentionImpl, Batching, PromptFormat)
+    assert (cfg.patch_order, cfg.batching, cfg.prompt_format) == ("position", "static", "official")
+    with pytest.raises(ConfigError, match=r"^eval config: batching: 'dynamic' is not allowed; choose one of "
+                                          r"\['auto', 'continuous', 'static'\]$"):
+        EvalConfig("m3cot", "x", batching="dynamic")
