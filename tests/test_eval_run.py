@@ -134,7 +134,8 @@ def test_continuous_batching_on_several_devices_is_refused_before_loading(assets
     monkeypatch.setattr(eval_run, "load_examples", lambda *a, **k: pytest.fail("data read before the refusal"))
     with pytest.raises(ValueError, match=r"batching='continuous' runs on one device in one process; this run has 4"):
         evaluate(assets / "model", eval_cfg(assets, batching="continuous"), tmp_path / "e.jsonl", **QUIET)
-    with pytest.raises(ValueError, match=r"batching='dynamic' is not supported"):
+    with pytest.raises(ValueError, match=r"eval config: batching: 'dynamic' is not allowed; choose one of "
+                                         r"\['auto', 'continuous', 'static'\]"):
         eval_cfg(assets, batching="dynamic")
 
 
