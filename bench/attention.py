@@ -25,7 +25,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.timing import interleaved_median_ms, warn_if_loaded  # noqa: E402
-from ivtlr_jax.models.common.attention import ATTENTION_IMPLS, causal_mask, dot_product_attention  # noqa: E402
+from ivtlr_jax.models.common.attention import AttentionImpl, causal_mask, dot_product_attention  # noqa: E402
 from ivtlr_jax.models.common.kv_cache import to_cache_layout  # noqa: E402
 from ivtlr_jax.models.common.layers import DTYPES  # noqa: E402
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     k, v = normal(keys[1], (b, t, args.kv_heads, h)), normal(keys[2], (b, t, args.kv_heads, h))
     mask = causal_mask(jnp.arange(t), left_padded(b, t, t // 8))  # [B, T, T]
     attend = {impl: (lambda q, k, v, impl=impl: dot_product_attention(q, k, v, mask, scale, impl=impl))
-              for impl in ATTENTION_IMPLS}
+              for impl in AttentionImpl}
     compare(f"prefill B={b} T={t} fwd", {i: jax.jit(f) for i, f in attend.items()}, (q, k, v), mask, args.repeats)
     grads = {i: jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
              for i, f in attend.items()}
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                                        normal(keys[5], (b, s, args.kv_heads, h)), dtype)
     mask = causal_mask(jnp.full((1,), s - 1), left_padded(b, s, s // 8))  # [B, 1, S]
     step = {impl: jax.jit(lambda q, k, v, impl=impl: dot_product_attention(q, k, v, mask, scale, "cache", impl))
-            for impl in ATTENTION_IMPLS}
+            for impl in AttentionImpl}
     compare(f"decode B={b} S={s} (cache layout) fwd", step, (q, k_cache, v_cache), mask, args.repeats)
     return 0
 

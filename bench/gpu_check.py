@@ -102,7 +102,7 @@ from ivtlr_jax.data.collate import IGNORE, LatentShapes, collate  # noqa: E402
 from ivtlr_jax.generate import SamplingConfig, ivtlr_generate  # noqa: E402
 from ivtlr_jax.latent import LatentConfig, latent_layout  # noqa: E402
 from ivtlr_jax.models import FAMILIES  # noqa: E402
-from ivtlr_jax.models.common.attention import ATTENTION_IMPLS, causal_mask, dot_product_attention  # noqa: E402
+from ivtlr_jax.models.common.attention import AttentionImpl, causal_mask, dot_product_attention  # noqa: E402
 from ivtlr_jax.models.common.lora import add_lora, trainable_filter  # noqa: E402
 from ivtlr_jax.models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
 from ivtlr_jax.models.qwen2vl.config import Qwen2VLConfig  # noqa: E402
@@ -610,7 +610,7 @@ def attention_section(check: Check) -> dict:
     check.log("attention: the model's, xla and fused")
     left_pad = jnp.where(jnp.arange(b) == 1, t // 8, 0)[:, None]  # [B, 1]
     mask = causal_mask(jnp.arange(t), jnp.arange(t)[None] >= left_pad)  # [B, T, T]
-    for impl in ATTENTION_IMPLS:
+    for impl in AttentionImpl:
         out[f"model_{impl}"] = measure(f"model_{impl}", lambda q, k, v, impl=impl: dot_product_attention(
             q, k, v, mask, dim**-0.5, impl=impl))
     valid = mask.any(-1)[:, :, None, None]  # rows with a key to see (fully masked rows are arbitrary)

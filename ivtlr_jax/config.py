@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import math
 import types
 import typing
@@ -15,19 +16,36 @@ from typing import Any
 
 import yaml
 
-from .latent import LATENT_GRADS, PATCH_ORDERS, ROPES, LatentConfig
-from .data import PROMPT_FORMATS
+from .latent import LatentConfig, LatentGrad, PatchOrder, Rope
+from .data import Dataset, PromptFormat
 from .data.collate import EVAL_LENGTH_BUCKETS, TRAIN_LENGTH_BUCKETS, TRAIN_PREFIX_BUCKETS
 from .data.curriculum import CurriculumConfig
-from .models.common.attention import ATTENTION_IMPLS
-from .models.common.decoder import REMAT_POLICIES
+from .models.common.attention import AttentionImpl
+from .models.common.choices import parse, plain
 from .models.common.layers import DTYPES
 from .models.common.lora import LoRAConfig
+from .models.common.run_options import Remat
 
-DATASETS = ("m3cot", "scienceqa")
-SCHEDULES = ("constant", "cosine", "linear")
-LOSS_SCALES = ("micro_batch_mean", "token_mean")
-BATCHINGS = ("auto", "static", "continuous")  # evaluation (eval/run.py's module docstring)
+
+class Schedule(enum.StrEnum):
+    """The learning rate's schedule after the warmup (train/optim.py)."""
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
+class LossScale(enum.StrEnum):
+    """How the micro-batches' token losses make the step's loss."""
+    MICRO_BATCH_MEAN = "micro_batch_mean"  # official: mean of per-micro-batch token means
+    TOKEN_MEAN = "token_mean"  # mean over the step's tokens
+
+
+class Batching(enum.StrEnum):
+    """How evaluation batches its rows (eval/run.py's module docstring)."""
+    AUTO = "auto"
+    STATIC = "static"
+    CONTINUOUS = "continuous"
+
 # keys that may change between the runs of one run folder: where the folder is, logging, the mesh (a resume
 # on other devices keeps the run's batch layout, train/batch_layout.py, or is refused) and evaluation ("eval.":
 # the whole section, which training never reads; folders of older runs have none)
@@ -54,6 +72,15 @@ def _one_of(value, allowed, key: str) -> None:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {sorted(allowed)}")
 
 
+def _choose(section, key: str, choices: type[enum.StrEnum]) -> None:
+    """Set the field `key` of the frozen `section` to its value as a member of `choices` (or refuse it)."""
+    try:
+        member = parse(choices, getattr(section, key), key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    object.__setattr__(section, key, member)
+
+
 def _at_least(value, low, key: str) -> None:
     if value is not None and value < low:
         raise ConfigError(f"{key}: {value!r} must be >= {low}")
@@ -78,31 +105,31 @@ class ModelSection:
     model_id: str = ""  # a hub id or a local folder (Hugging Face or converted Flax)
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "bfloat16"  # storage of the frozen base weights (trainable ones are fp32)
-    remat: str = "dots"  # none | full | dots | dots_no_batch
+    remat: Remat = Remat.DOTS
     scan_layers: bool = True  # False: unroll the layers (faster for shallow models, compile time grows with depth)
-    attention_impl: str = "xla"  # xla | fused (jax.nn.dot_product_attention: cuDNN on GPU where it fits)
+    attention_impl: AttentionImpl = AttentionImpl.XLA  # fused: jax.nn.dot_product_attention (cuDNN on GPU)
 
     def __post_init__(self):
         _one_of(self.dtype, DTYPES, "dtype")
         _one_of(self.param_dtype, DTYPES, "param_dtype")
-        _one_of(self.remat, REMAT_POLICIES, "remat")
-        _one_of(self.attention_impl, ATTENTION_IMPLS, "attention_impl")
+        _choose(self, "remat", Remat)
+        _choose(self, "attention_impl", AttentionImpl)
 
 
 @dataclasses.dataclass(frozen=True)
 class LatentSection:
     num_selected_patches: int = 32  # Qwen2-VL 32, Chameleon 64
-    patch_order: str = "score"
-    latent_grad: str = "stop"
-    rope: str = "1d"
+    patch_order: PatchOrder = PatchOrder.SCORE
+    latent_grad: LatentGrad = LatentGrad.STOP
+    rope: Rope = Rope.ONE_D
     ce_chunk: int = 256
     patch_deepstack: bool = True  # Qwen3-VL: inserted patch copies keep their DeepStack features
 
     def __post_init__(self):
         _at_least(self.num_selected_patches, 1, "num_selected_patches")
-        _one_of(self.patch_order, PATCH_ORDERS, "patch_order")
-        _one_of(self.latent_grad, LATENT_GRADS, "latent_grad")
-        _one_of(self.rope, ROPES, "rope")
+        _choose(self, "patch_order", PatchOrder)
+        _choose(self, "latent_grad", LatentGrad)
+        _choose(self, "rope", Rope)
         _at_least(self.ce_chunk, 1, "ce_chunk")
 
     def latent_config(self, latent_token_id: int) -> LatentConfig:
@@ -117,22 +144,22 @@ class EvalSection:
     num_latents: int = 3  # <|latent|> tokens after the question (the official evaluation: 3)
     batch_size: int = 8  # rows per batch over all devices (rounded up to a multiple of the device count)
     max_new_tokens: int = 512
-    batching: str = "auto"  # one of BATCHINGS
-    prompt_format: str = "train"  # or "official": the official evaluation scripts' prompts (data.load_examples)
+    batching: Batching = Batching.AUTO
+    prompt_format: PromptFormat = PromptFormat.TRAIN  # official: the official evaluation scripts' prompts
     length_buckets: tuple[int, ...] = EVAL_LENGTH_BUCKETS  # prompt lengths (left padding): a compilation each
 
     def __post_init__(self):
         _at_least(self.num_latents, 0, "num_latents")
         _at_least(self.batch_size, 1, "batch_size")
         _at_least(self.max_new_tokens, 1, "max_new_tokens")
-        _one_of(self.batching, BATCHINGS, "batching")
-        _one_of(self.prompt_format, PROMPT_FORMATS, "prompt_format")
+        _choose(self, "batching", Batching)
+        _choose(self, "prompt_format", PromptFormat)
         _check_buckets(self.length_buckets, "length_buckets")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    dataset: str = "m3cot"  # m3cot | scienceqa
+    dataset: Dataset = Dataset.M3COT
     source: str = ""  # hub id, local folder or parquet file
     train_split: str = "train"
     eval_split: str = "test"
@@ -142,7 +169,7 @@ class DataSection:
     prefix_buckets: tuple[int, ...] = TRAIN_PREFIX_BUCKETS
 
     def __post_init__(self):
-        _one_of(self.dataset, DATASETS, "dataset")
+        _choose(self, "dataset", Dataset)
         _at_least(self.max_length, 1, "max_length")
         _at_least(self.limit, 1, "limit")
         for key in ("length_buckets", "prefix_buckets"):
@@ -155,21 +182,25 @@ class InferenceSettings:
     `ivtlr-serve`): the prompt (the dataset whose text format it follows, train or official), the latents,
     K, patch order, RoPE and the compute dtype. Every stage export and official import holds its own
     (`io/settings_file.py`: written from the run config or the import's options)."""
-    dataset: str = DataSection.dataset  # the prompt text's format: m3cot | scienceqa
-    prompt_format: str = EvalSection.prompt_format  # train | official (the official evaluation scripts' prompts)
+    dataset: Dataset = DataSection.dataset  # the prompt text's format
+    prompt_format: PromptFormat = EvalSection.prompt_format  # official: the official evaluation scripts' prompts
     num_latents: int = EvalSection.num_latents
     num_selected_patches: int = LatentSection.num_selected_patches  # K
-    patch_order: str = LatentSection.patch_order
-    rope: str = LatentSection.rope
+    patch_order: PatchOrder = LatentSection.patch_order
+    rope: Rope = LatentSection.rope
     dtype: str = ModelSection.dtype  # compute dtype (the official evaluation: bfloat16)
     max_new_tokens: int = EvalSection.max_new_tokens
     patch_deepstack: bool = LatentSection.patch_deepstack  # Qwen3-VL only: the training run's choice
 
-    def __post_init__(self):  # each field's check is its section's
-        DataSection(dataset=self.dataset)
-        EvalSection(num_latents=self.num_latents, max_new_tokens=self.max_new_tokens, prompt_format=self.prompt_format)
-        LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order, rope=self.rope)
+    def __post_init__(self):  # each field's check (and choice parsing) is its section's
+        data = DataSection(dataset=self.dataset)
+        ev = EvalSection(num_latents=self.num_latents, max_new_tokens=self.max_new_tokens,
+                         prompt_format=self.prompt_format)
+        latent = LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order,
+                               rope=self.rope)
         ModelSection(dtype=self.dtype)
+        for key, section in (("dataset", data), ("prompt_format", ev), ("patch_order", latent), ("rope", latent)):
+            object.__setattr__(self, key, getattr(section, key))
 
     @classmethod
     def from_run(cls, cfg: "RunConfig") -> "InferenceSettings":
@@ -196,11 +227,11 @@ class OptimSection:
     max_grad_norm: float = 0.7
     gradient_accumulation_steps: int | None = None  # micro-steps per optimizer step; None: from
     # train.global_batch_size (or 1). Set one of the two: the global batch is the one that holds on any device count
-    schedule: str = "constant"  # constant | cosine | linear
+    schedule: Schedule = Schedule.CONSTANT
     warmup_steps: int = 0
     restart_schedule_per_stage: bool = False
     reset_optimizer: bool = False  # Coconut resets the optimizer state at each stage; the official IVT-LR keeps it
-    loss_scale: str = "micro_batch_mean"  # official: mean of per-micro-batch token means; or "token_mean"
+    loss_scale: LossScale = LossScale.MICRO_BATCH_MEAN
 
     def __post_init__(self):
         _finite(self.lr, "lr", positive=True)
@@ -212,9 +243,9 @@ class OptimSection:
         _finite(self.eps, "eps", positive=True)
         _finite(self.max_grad_norm, "max_grad_norm", positive=True)
         _at_least(self.gradient_accumulation_steps, 1, "gradient_accumulation_steps")
-        _one_of(self.schedule, SCHEDULES, "schedule")
+        _choose(self, "schedule", Schedule)
         _at_least(self.warmup_steps, 0, "warmup_steps")
-        _one_of(self.loss_scale, LOSS_SCALES, "loss_scale")
+        _choose(self, "loss_scale", LossScale)
 
 
 LoRASection = LoRAConfig  # the run config's section is the library's config (models/common/lora.py)
@@ -388,7 +419,9 @@ def check_training(cfg: RunConfig) -> None:
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data: a choice is its string (yaml.safe_dump refuses enum members), so a run's
+    config.yaml reads as older code wrote it."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {key: plain(value) for key, value in items})
 
 
 def flat_items(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -54,6 +54,7 @@ equal those of the row alone. With equal counts nothing changes (all rows have e
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Callable, NamedTuple
 
 import jax
@@ -62,12 +63,29 @@ import numpy as np
 from flax import nnx
 
 from .data.collate import IGNORE, LatentShapes
+from .models.common.choices import names
 from .models.common.kv_cache import KVCache
 from .models.common.layers import acc_dtype
 
-PATCH_ORDERS = ("score", "position")
-LATENT_GRADS = ("stop", "full")
-ROPES = ("1d", "mrope")
+
+
+class PatchOrder(enum.StrEnum):
+    """The order of the K patches inserted before a latent."""
+    SCORE = "score"  # descending score (ties: lower index)
+    POSITION = "position"  # raster order
+
+
+class LatentGrad(enum.StrEnum):
+    """Whether the gradient flows through the latent chain."""
+    STOP = "stop"  # official: latent states cut from the graph
+    FULL = "full"  # through the chain
+
+
+class Rope(enum.StrEnum):
+    """Qwen2-VL's positions of the latent loop."""
+    ONE_D = "1d"  # the official explicit 1-D positions
+    MROPE = "mrope"  # the 3-D M-RoPE prefix
+
 
 
 class StepScopes(NamedTuple):
@@ -88,18 +106,19 @@ SCOPES = StepScopes()
 class LatentConfig:
     latent_token_id: int
     num_selected_patches: int  # K: Qwen2-VL 32, Chameleon 64
-    patch_order: str = "score"  # "score": descending score (ties: lower index); "position": raster order
-    latent_grad: str = "stop"  # "stop": official (latent states cut from the graph); "full": through the chain
-    rope: str = "1d"  # Qwen2-VL only: "1d" (official explicit 1-D positions) or "mrope" (3-D M-RoPE prefix)
+    patch_order: PatchOrder = PatchOrder.SCORE
+    latent_grad: LatentGrad = LatentGrad.STOP
+    rope: Rope = Rope.ONE_D  # Qwen2-VL only
     ce_chunk: int = 256  # sequence positions per chunk of the cross-entropy
     # models with DeepStack (Qwen3-VL): an inserted patch copy also gets its patch's DeepStack features in the
     # first decoder layers (True), or only its merged embedding (False); docs/method.md section 20
     patch_deepstack: bool = True
 
     def __post_init__(self):
-        for name, allowed in (("patch_order", PATCH_ORDERS), ("latent_grad", LATENT_GRADS), ("rope", ROPES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"latent config: {name}={getattr(self, name)!r}; choose from {allowed}")
+        for name, choices in (("patch_order", PatchOrder), ("latent_grad", LatentGrad), ("rope", Rope)):
+            if getattr(self, name) not in set(choices):
+                raise ValueError(f"latent config: {name}={getattr(self, name)!r}; choose from {names(choices)}")
+            object.__setattr__(self, name, choices(getattr(self, name)))
         if self.num_selected_patches < 1:
             raise ValueError("latent config: num_selected_patches must be >= 1")
 

@@ -66,7 +66,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from .config import ConfigError, RunConfig, load_config  # noqa: E402
 from .latent import LatentConfig, LatentShapes  # noqa: E402
 from .models import FAMILIES, Family  # noqa: E402
-from .models.common.run_options import REMAT_POLICIES  # noqa: E402
+from .models.common.choices import names  # noqa: E402
+from .models.common.run_options import Remat  # noqa: E402
 from .models.common.sharding import ShardingRules, make_mesh, state_shardings  # noqa: E402
 from .build import abstract_run_model  # noqa: E402
 from .models.common.lora import trainable_filter  # noqa: E402
@@ -380,10 +381,10 @@ def main(argv=None, prog: str = "ivtlr-plan") -> None:
           f"{H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s dense bf16 each)")
     if args.sweep:
         policies = tuple(filter(None, args.sweep.split(",")))
-        unknown = sorted(set(policies) - set(REMAT_POLICIES))
+        unknown = sorted(set(policies) - set(names(Remat)))
         if unknown:
             p.exit(2, f"{prog}: error: --sweep: unknown remat policies {unknown}; "
-                      f"choose from {sorted(REMAT_POLICIES)}\n")
+                      f"choose from {names(Remat)}\n")
         return print_sweep(cfg, mesh, batch=args.batch, seq_len=args.seq_len, policies=policies)
     phases = [("the training step" + ("" if not cfg.lora.enabled else f" (LoRA r={cfg.lora.rank})"),
                lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, breakdown=args.breakdown))]

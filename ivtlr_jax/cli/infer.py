@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .. import distributed
 from ..compilation_cache import enable_compilation_cache
-from ..config import BATCHINGS, ConfigError, EvalSection, load_config
-from ..data import PROMPT_FORMATS, DataSourceError
+from ..config import Batching, ConfigError, EvalSection, load_config
+from ..data import DataSourceError, PromptFormat
 from ..eval.run import eval_config_from_run, evaluate
 from ..eval.setup import EvalSetupError, default_output, setup_path, summary_path
 from ..io.lock import OutputInUseError
@@ -62,7 +62,7 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help=f"rows per batch over all devices (default: eval.batch_size of the config, {EVAL.batch_size} "
                         "when unset)")
-    p.add_argument("--batching", choices=BATCHINGS, default=None,
+    p.add_argument("--batching", choices=[b.value for b in Batching], default=None,
                    help="continuous: a finished row's slot takes the next example (one process; the slots split "
                         "over its devices); static: batches decode until their longest answer ends; auto: continuous "
                         f"in one process, else static (default: eval.batching of the config, {EVAL.batching} when "
@@ -81,7 +81,7 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
                         "checkpoint folder, or evals/<owner>--<name>/ for a hub id)")
     p.add_argument("--save-attention", default=None, metavar="DIR",
                    help="write one PNG per example: the patches selected at each latent step")
-    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+    p.add_argument("--prompt-format", choices=[f.value for f in PromptFormat], default=None,
                    help="train: the training prompt; official: the official evaluation scripts' prompt (default: "
                         f"eval.prompt_format of the config, {EVAL.prompt_format} when unset)")
     args = p.parse_args(argv)

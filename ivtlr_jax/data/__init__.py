@@ -14,11 +14,13 @@ answer; the family decides the image placeholder, chat format and image processi
 from __future__ import annotations
 
 import dataclasses
+import enum
 import glob
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..models import family_named
+from ..models.common.choices import names
 from . import m3cot, scienceqa
 from .collate import DEFAULT_LENGTH_BUCKETS, DEFAULT_PREFIX_BUCKETS, LatentShapes, collate, shared_prefix_bound
 from .curriculum import CurriculumConfig, epoch_order, num_latents, stage_of_epoch, stage_tokens
@@ -44,12 +46,25 @@ from .synthetic import make_synthetic_m3cot, synthetic_corpus, synthetic_rows
 from .tokenizer import (SpecialTokens, build_tiny_chameleon_processor, build_tiny_qwen2vl_processor, load_processor,
                         special_tokens)
 
-DATASETS = {"m3cot": m3cot, "scienceqa": scienceqa}
-PROMPT_FORMATS = ("train", "official")
+
+
+class Dataset(enum.StrEnum):
+    """The datasets whose rows and prompts this package knows (DATASETS: each one's module)."""
+    M3COT = "m3cot"
+    SCIENCEQA = "scienceqa"
+
+
+class PromptFormat(enum.StrEnum):
+    """The prompts' text (`load_examples`)."""
+    TRAIN = "train"  # docs/method.md section 14
+    OFFICIAL = "official"  # the official evaluation scripts' prompts (section 21), for evaluation only
+
+
+DATASETS = {Dataset.M3COT: m3cot, Dataset.SCIENCEQA: scienceqa}
 _BATCH = 64
 
 __all__ = [
-    "DATASETS", "DataSourceError", "PROMPT_FORMATS", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
+    "DATASETS", "Dataset", "DataSourceError", "PromptFormat", "DEFAULT_LENGTH_BUCKETS", "DEFAULT_PREFIX_BUCKETS",
     "Example", "SkipReport", "LazyImage", "CurriculumConfig",
     "load_examples", "read_rows", "split_rationale", "materialize", "decode_image", "open_image",
     "stage_of_epoch", "num_latents", "stage_tokens", "epoch_order", "collate", "LatentShapes", "shared_prefix_bound",
@@ -183,9 +198,9 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     outside it, not a regular file, or over MAX_IMAGE_PIXELS are skipped with their reason.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt_format {prompt_format!r}; choose from {PROMPT_FORMATS}")
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {names(Dataset)}")
+    if prompt_format not in set(PromptFormat):
+        raise ValueError(f"unknown prompt_format {prompt_format!r}; choose from {names(PromptFormat)}")
     module = DATASETS[dataset]
     encoder = make_encoder(family, processor, num_image_tokens)
     tokenizer = tokenizer_of(processor)

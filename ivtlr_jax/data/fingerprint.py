@@ -13,7 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from . import DATASETS, read_rows, source_folder
+from ..models.common.choices import names
+from . import DATASETS, Dataset, read_rows, source_folder
 from .examples import SkipRow, image_bytes
 
 def _sha(data: bytes) -> str:
@@ -39,7 +40,7 @@ def row_digest(row: dict, root: Path | None) -> str:
 def data_fingerprint(dataset: str, source: str, split: str, *, ordered: bool) -> str:
     """The sha256 of a split's rows (`row_digest`), in their order or as a set (`ordered=False`)."""
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {names(Dataset)}")
     root = source_folder(source)
     digests = [row_digest(row, root) for row in read_rows(source, split, DATASETS[dataset].REQUIRED_COLUMNS)]
     return _sha("\n".join(digests if ordered else sorted(digests)).encode())

@@ -51,8 +51,10 @@ from ..data.examples import fewest_image_tokens
 from ..data.collate import left_padded_positions, smallest_bucket, stack_images
 from ..continuous import generate_continuous
 from ..generate import SamplingConfig, ivtlr_generate
-from ..latent import LatentConfig
-from ..config import ConfigError, DataSection, EvalSection, LatentSection, ModelSection
+from ..latent import LatentConfig, PatchOrder, Rope
+from ..config import Batching, ConfigError, DataSection, EvalSection, LatentSection, ModelSection
+from ..data import PromptFormat
+from ..models.common.attention import AttentionImpl
 from ..io import from_pretrained, resolve_folder
 from ..io.atomic import write_atomic
 from ..io.durable import LineLog
@@ -74,31 +76,36 @@ class EvalConfig:
     split: str = DataSection.eval_split
     num_latents: int = EvalSection.num_latents
     num_selected_patches: int = LatentSection.num_selected_patches
-    patch_order: str = LatentSection.patch_order
-    rope: str = LatentSection.rope
+    patch_order: PatchOrder = LatentSection.patch_order
+    rope: Rope = LatentSection.rope
     patch_deepstack: bool = LatentSection.patch_deepstack  # Qwen3-VL: the patch copies keep their DeepStack features
     batch_size: int = EvalSection.batch_size  # rows per batch over all devices (rounded up to a multiple of them)
     max_new_tokens: int = EvalSection.max_new_tokens
     limit: int | None = None
     length_buckets: tuple[int, ...] = EvalSection.length_buckets
     scan_layers: bool = ModelSection.scan_layers  # see DecoderLM
-    attention_impl: str = ModelSection.attention_impl  # see DecoderLM: xla | fused
-    prompt_format: str = EvalSection.prompt_format
+    attention_impl: AttentionImpl = ModelSection.attention_impl  # see DecoderLM
+    prompt_format: PromptFormat = EvalSection.prompt_format
     dtype: str = ModelSection.dtype  # compute dtype (docs/method.md section 16: the official evaluation: bfloat16)
     param_dtype: str | None = None  # storage dtype of the weights (None: dtype)
     devices: int | None = None  # local devices to split each batch's rows over (None: all)
-    batching: str = EvalSection.batching  # module docstring
+    batching: Batching = EvalSection.batching  # module docstring
 
     def __post_init__(self):
-        try:  # the sections' own checks
-            LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order, rope=self.rope)
-            ModelSection(dtype=self.dtype, param_dtype=self.storage_dtype, attention_impl=self.attention_impl)
-            EvalSection(num_latents=self.num_latents, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
-                        batching=self.batching, prompt_format=self.prompt_format, length_buckets=self.length_buckets)
+        try:  # the sections' own checks (and choice parsing)
+            latent = LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order,
+                                   rope=self.rope)
+            model = ModelSection(dtype=self.dtype, param_dtype=self.storage_dtype, attention_impl=self.attention_impl)
+            ev = EvalSection(num_latents=self.num_latents, batch_size=self.batch_size,
+                             max_new_tokens=self.max_new_tokens, batching=self.batching,
+                             prompt_format=self.prompt_format, length_buckets=self.length_buckets)
             if self.devices is not None and self.devices < 1:
                 raise ConfigError(f"devices: {self.devices} must be >= 1 (or None for all local devices)")
         except ConfigError as e:
             raise ConfigError(f"eval config: {e}", e.keys) from None
+        for key, section in (("patch_order", latent), ("rope", latent), ("attention_impl", model),
+                             ("batching", ev), ("prompt_format", ev)):
+            object.__setattr__(self, key, getattr(section, key))
 
     @property
     def storage_dtype(self) -> str:

@@ -20,6 +20,7 @@ from ..decoding import SamplingConfig
 from ..run_folder import RunFolder
 from ..io.atomic import write_atomic
 from ..io.fingerprint import FingerprintError, weights_fingerprint
+from ..models.common.choices import plain
 
 if TYPE_CHECKING:
     from .run import EvalConfig
@@ -41,7 +42,7 @@ def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> di
         weights = weights_fingerprint(model_dir)
     except FingerprintError as err:
         raise EvalSetupError(str(err)) from None
-    return {
+    setup = {
         "version": SETUP_VERSION,
         "model": str(Path(model_dir).resolve()),
         "weights_fingerprint": weights,
@@ -66,6 +67,7 @@ def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> di
         # Qwen3-VL's patch copies without their DeepStack features: written only when chosen, as above
         **({"patch_deepstack": False} if not cfg.patch_deepstack else {}),
     }
+    return {key: plain(value) for key, value in setup.items()}  # choices as their strings, as the file has them
 
 
 def default_output(checkpoint: str | Path, split: str) -> Path:

@@ -16,9 +16,12 @@ Shapes: B batch, T query length, S key length, N query heads, K key/value heads,
 
 from __future__ import annotations
 
+import enum
+
 import jax
 import jax.numpy as jnp
 
+from .choices import names
 from .kv_cache import K_SPEC, V_SPEC
 from .layers import acc_dtype
 
@@ -42,7 +45,14 @@ def causal_mask(query_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
 KV_EINSUMS = {"bskh": ("bskh", "bskh"), "cache": (K_SPEC, V_SPEC)}
 
 
-ATTENTION_IMPLS = ("xla", "fused")
+
+
+class AttentionImpl(enum.StrEnum):
+    """The model option `attention_impl` (module docstring)."""
+    XLA = "xla"
+    FUSED = "fused"
+
+
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 128  # 256 from Hopper on; 128 holds on every GPU cuDNN's flash kernel runs on
 
@@ -58,14 +68,14 @@ def cudnn_fits(q: jax.Array, s: int) -> bool:
 
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float, layout: str = "bskh",
-    impl: str = "xla",
+    impl: AttentionImpl = AttentionImpl.XLA,
 ) -> jax.Array:
     """q [B, T, N, H], k/v in `layout` with S slots, mask [B, T, S] (or [1, T, S]; None: every query sees
-    every key) -> [B, T, N, H]. Softmax in fp32. impl: one of ATTENTION_IMPLS (module docstring)."""
+    every key) -> [B, T, N, H]. Softmax in fp32. impl: an AttentionImpl (module docstring)."""
     if impl == "fused":
         return fused_attention(q, k, v, mask, scale, layout)
     if impl != "xla":
-        raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+        raise ValueError(f"unknown attention implementation {impl!r}; choose from {names(AttentionImpl)}")
     b, t, n, h = q.shape
     k_spec, v_spec = KV_EINSUMS[layout]
     kv_heads = k.shape[k_spec.index("k")]

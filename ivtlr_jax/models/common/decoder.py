@@ -24,7 +24,7 @@ from .kv_cache import to_cache_layout, write_chunk
 from .layers import activation, layer_norm, param, rms_norm
 from .lora import PROJECTIONS, token_einsum
 from .rope import apply_rope
-from .run_options import REMAT_POLICIES, RunOptions, scan_stacked  # noqa: F401 (REMAT_POLICIES re-exported)
+from .run_options import RunOptions, scan_stacked
 from .sharding import constrain
 
 QK_NORM_EPS = 1e-5  # Chameleon's q/k LayerNorm epsilon (fixed in transformers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..qwen2vl.config import Qwen2VLConfig, VisionConfig, VisionGeometry, geometry_fields
+from ..qwen2vl.config import Qwen2VLConfig, SizedMLPVision, geometry_fields
 
 
 def _released_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int,
@@ -39,15 +39,10 @@ HUB_CONFIGS = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Qwen25VisionConfig(VisionGeometry):
-    intermediate_size: int
+class Qwen25VisionConfig(SizedMLPVision):
     hidden_act: str = "silu"
     window_size: int = 112  # window side in pixels (112 = 8x8 patches = 4x4 merged tokens)
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-
-    @property
-    def mlp_dim(self) -> int:
-        return self.intermediate_size
 
     @property
     def window_merged(self) -> int:
@@ -62,18 +57,14 @@ class Qwen25VisionConfig(VisionGeometry):
 
 @dataclasses.dataclass(frozen=True)
 class Qwen25VLConfig(Qwen2VLConfig):
+    """Qwen2-VL's text side with Qwen2.5-VL's tower (window attention, an explicit MLP width)."""
     vision: Qwen25VisionConfig
 
     model_type = "qwen2_5_vl"
+    architecture = "Qwen2_5_VLForConditionalGeneration"
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "Qwen25VLConfig":
-        v = d["vision_config"]
-        text_cfg = d.get("text_config") or {}
-        lm_hidden = text_cfg.get("hidden_size", d.get("hidden_size"))
-        # the text side as Qwen2-VL reads it (the vision fields it wants are placeholders, replaced below)
-        base = super().from_hf({**d, "vision_config": {"depth": v["depth"], "embed_dim": v["hidden_size"],
-                                                       "num_heads": v["num_heads"]}})
+    def vision_from_hf(cls, v: dict[str, Any], lm_hidden: int) -> Qwen25VisionConfig:
         head_dim = v.get("head_dim")
         if head_dim is not None and head_dim != v["hidden_size"] // v["num_heads"]:
             raise ValueError(f"config.json: vision head_dim {head_dim} != hidden_size / num_heads is not supported")
@@ -86,29 +77,13 @@ class Qwen25VLConfig(Qwen2VLConfig):
         if vision.window_merged < 1:
             raise ValueError(f"config.json: window_size {vision.window_size} is smaller than one merged token "
                              f"({vision.patch_size * vision.spatial_merge_size} pixels)")
-        if vision.out_hidden_size != base.text.hidden_size:
+        if vision.out_hidden_size != lm_hidden:
             raise ValueError(f"config.json: vision out_hidden_size {vision.out_hidden_size} != the language model's "
-                             f"hidden_size {base.text.hidden_size}")
-        return dataclasses.replace(base, vision=vision)
+                             f"hidden_size {lm_hidden}")
+        return vision
 
-    def to_hf(self) -> dict[str, Any]:
-        """A `config.json` dict in the hub layout of Qwen2.5-VL-*-Instruct (flat text fields)."""
+    def vision_hf(self) -> dict[str, Any]:
+        """The `vision_config` of the hub layout of Qwen2.5-VL-*-Instruct (the text fields are Qwen2-VL's)."""
         v = self.vision
-        stub = VisionConfig(depth=v.depth, embed_dim=v.embed_dim, num_heads=v.num_heads, mlp_ratio=1,
-                            out_hidden_size=v.out_hidden_size)  # the text fields as Qwen2-VL writes them
-        return {
-            **Qwen2VLConfig.to_hf(dataclasses.replace(self, vision=stub)),
-            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-            "model_type": self.model_type,
-            "vision_config": {
-                "depth": v.depth,
-                "hidden_size": v.embed_dim,
-                "num_heads": v.num_heads,
-                "intermediate_size": v.intermediate_size,
-                "out_hidden_size": v.out_hidden_size,
-                "hidden_act": v.hidden_act,
-                **v.hf_geometry(),
-                "window_size": v.window_size,
-                "fullatt_block_indexes": list(v.fullatt_block_indexes),
-            },
-        }
+        return {**v.sized_mlp_hf(), **v.hf_geometry(), "window_size": v.window_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes)}

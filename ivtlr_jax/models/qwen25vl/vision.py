@@ -31,11 +31,11 @@ from flax import nnx
 
 from ..common.attention import dot_product_attention
 from ..common.frame_attention import frame_attention
-from ..common.layers import activation, param, rms_norm
+from ..common.layers import activation, rms_norm
 from ..common.rope import apply_vision_rope, vision_rope_cos_sin
 from ..common.run_options import RunOptions, scan_stacked
 from ..common.sharding import constrain
-from ..qwen2vl.vision import add_block_params, add_merger_mlp, patch_layout
+from ..qwen2vl.vision import add_block_params, add_blocks_and_merger, add_patch_embedding, patch_layout
 from .config import Qwen25VisionConfig
 
 RMS_EPS = 1e-6
@@ -108,11 +108,9 @@ class VisionTower(nnx.Module):
 
     def __init__(self, cfg: Qwen25VisionConfig, options: RunOptions = RunOptions(), *, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        self.cfg, self.options = cfg, options
-        self.patch_weight_pe = param(rngs, (cfg.patch_dim, cfg.embed_dim), (None, "vision_embed"), param_dtype)
-        self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.merger_norm_scale_e = param(rngs, (cfg.embed_dim,), ("norm",), param_dtype, "ones")
-        add_merger_mlp(self, cfg, param_dtype, rngs)
+        add_patch_embedding(self, cfg, options, param_dtype, rngs)
+        blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
+        add_blocks_and_merger(self, blocks, cfg, param_dtype, rngs, norm_bias=False)  # RMSNorm: no bias
 
     def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array, frame_len: int | None = None) -> jax.Array:
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D],

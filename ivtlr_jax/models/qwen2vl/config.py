@@ -72,8 +72,34 @@ class VisionConfig(VisionGeometry):
         return int(self.embed_dim * self.mlp_ratio)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SizedMLPVision(VisionGeometry):
+    """A tower whose blocks' MLP width is set explicitly (Qwen2.5-VL's, Qwen3-VL's), not as a ratio."""
+    intermediate_size: int
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.intermediate_size
+
+    def sized_mlp_hf(self) -> dict:
+        """The sizes as such a `vision_config` writes them (`hidden_size`: the tower's width)."""
+        return {"depth": self.depth, "hidden_size": self.embed_dim, "num_heads": self.num_heads,
+                "intermediate_size": self.intermediate_size, "out_hidden_size": self.out_hidden_size,
+                "hidden_act": self.hidden_act}
+
+
+def text_and_rope(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A `config.json` dict's text fields (flat, or transformers 5's nested `text_config` over them) and
+    their RoPE parameters (`rope_parameters`, or the older `rope_scaling`; {} when neither)."""
+    text = {**d, **(d.get("text_config") or {})}
+    return text, text.get("rope_parameters") or text.get("rope_scaling") or {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLConfig:
+    """Qwen2-VL's settings: the decoder's (`text`), the vision tower's, the M-RoPE and the special tokens.
+    `from_hf` reads a `config.json` (the tower through `vision_from_hf`, which the later Qwen families
+    replace) and `to_hf` writes one (`text_hf` and `vision_hf`)."""
     text: DecoderConfig
     vision: VisionConfig
     vocab_size: int
@@ -88,11 +114,12 @@ class Qwen2VLConfig:
     bos_token_id: int | None = None  # written to config.json (transformers' default 151643: outside a tiny vocabulary)
 
     model_type = "qwen2_vl"
+    architecture = "Qwen2VLForConditionalGeneration"
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "Qwen2VLConfig":
-        text = {**d, **(d.get("text_config") or {})}
-        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        """The config of a `config.json` dict: the text side read here, the tower by `vision_from_hf`."""
+        text, rope = text_and_rope(d)
         theta = rope.get("rope_theta", text.get("rope_theta", 1000000.0))
         heads = text["num_attention_heads"]
         hidden = text["hidden_size"]
@@ -114,10 +141,7 @@ class Qwen2VLConfig:
             hidden_act=text.get("hidden_act", "silu"),
             qkv_bias=True,
         )
-        v = d["vision_config"]
-        vision = VisionConfig(depth=v["depth"], embed_dim=v["embed_dim"], num_heads=v["num_heads"],
-                              mlp_ratio=v.get("mlp_ratio", 4), out_hidden_size=v.get("hidden_size", hidden),
-                              hidden_act=v.get("hidden_act", "quick_gelu"), **geometry_fields(v))
+        vision = cls.vision_from_hf(d["vision_config"], hidden)
         eos = text.get("eos_token_id")
         return cls(
             text=dec,
@@ -134,14 +158,23 @@ class Qwen2VLConfig:
             bos_token_id=text.get("bos_token_id"),
         )
 
+    @classmethod
+    def vision_from_hf(cls, v: dict[str, Any], lm_hidden: int) -> VisionConfig:
+        """The tower's config of a `vision_config` dict; `lm_hidden`: the language model's width."""
+        return VisionConfig(depth=v["depth"], embed_dim=v["embed_dim"], num_heads=v["num_heads"],
+                            mlp_ratio=v.get("mlp_ratio", 4), out_hidden_size=v.get("hidden_size", lm_hidden),
+                            hidden_act=v.get("hidden_act", "quick_gelu"), **geometry_fields(v))
+
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict in the hub layout of Qwen2-VL-*-Instruct (flat text fields), which both
         transformers 4.x and 5.x read."""
-        t, v = self.text, self.vision
+        return {"architectures": [self.architecture], "model_type": self.model_type, **self.text_hf(),
+                "vision_config": self.vision_hf()}
+
+    def text_hf(self) -> dict[str, Any]:
+        """The text side's fields of a flat `config.json` (Qwen2-VL's hub layout)."""
         return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
-            "model_type": self.model_type,
-            **t.hf_fields(),
+            **self.text.hf_fields(),
             "vocab_size": self.vocab_size,
             "rope_theta": self.rope_theta,
             "rope_scaling": {"type": "mrope", "mrope_section": list(self.mrope_section)},
@@ -155,13 +188,10 @@ class Qwen2VLConfig:
             # an id outside the vocabulary (a tiny model built with transformers' default) is written as null
             "bos_token_id": self.bos_token_id if self.bos_token_id is not None and
             0 <= self.bos_token_id < self.vocab_size else None,
-            "vision_config": {
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "num_heads": v.num_heads,
-                "mlp_ratio": v.mlp_ratio,
-                "hidden_size": v.out_hidden_size,
-                "hidden_act": v.hidden_act,
-                **v.hf_geometry(),
-            },
         }
+
+    def vision_hf(self) -> dict[str, Any]:
+        """The `vision_config` dict of `to_hf`."""
+        v = self.vision
+        return {"depth": v.depth, "embed_dim": v.embed_dim, "num_heads": v.num_heads, "mlp_ratio": v.mlp_ratio,
+                "hidden_size": v.out_hidden_size, "hidden_act": v.hidden_act, **v.hf_geometry()}

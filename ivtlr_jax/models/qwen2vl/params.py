@@ -30,25 +30,25 @@ def hf_renamer(config: Qwen2VLConfig):
 
 def weight_specs(config: Qwen2VLConfig) -> dict[tuple[str, ...], WeightSpec]:
     v = config.vision
-    E, Fv = v.embed_dim, v.mlp_dim
-    blk = "visual.blocks.{i}."
-    mlp = {
-        "fc1_weight_ef": WeightSpec(blk + "mlp.fc1.weight", (Fv, E), True),
-        "fc1_bias_f": WeightSpec(blk + "mlp.fc1.bias", (Fv,)),
-        "fc2_weight_fe": WeightSpec(blk + "mlp.fc2.weight", (E, Fv), True),
-        "fc2_bias_e": WeightSpec(blk + "mlp.fc2.bias", (E,)),
-    }
+    mlp = plain_mlp_specs("visual.blocks.{i}.mlp.fc", v.embed_dim, v.mlp_dim)
     return (decoder_lm_specs(config.text, config.vocab_size, config.tie_word_embeddings)
             | vision_tower_specs(v, config.text.hidden_size, mlp, norm_bias=True))
 
 
-def vision_tower_specs(v, out_dim: int, mlp: dict[str, WeightSpec], *, norm_bias: bool
-                       ) -> dict[tuple[str, ...], WeightSpec]:
-    """The vision tower's rows (patch embedding, blocks, patch merger) of both Qwen towers. `v`: the
-    vision config; `out_dim`: the merger's output width (the LM's); `mlp`: the blocks' MLP rows by
-    parameter name; `norm_bias`: LayerNorms with a bias (Qwen2-VL) or RMSNorms without (Qwen2.5-VL)."""
-    E, M = v.embed_dim, v.embed_dim * v.spatial_merge_size**2
-    blk = "visual.blocks.{i}."
+def plain_mlp_specs(fc: str, E: int, F: int) -> dict[str, WeightSpec]:
+    """A vision block's MLP rows [E] -> [F] -> [E] with biases; `fc`: its layers' names before `1` / `2`
+    (Qwen2-VL's `...mlp.fc`, Qwen3-VL's `...mlp.linear_fc`)."""
+    return {
+        "fc1_weight_ef": WeightSpec(fc + "1.weight", (F, E), True),
+        "fc1_bias_f": WeightSpec(fc + "1.bias", (F,)),
+        "fc2_weight_fe": WeightSpec(fc + "2.weight", (E, F), True),
+        "fc2_bias_e": WeightSpec(fc + "2.bias", (E,)),
+    }
+
+
+def block_specs(blk: str, E: int, mlp: dict[str, WeightSpec], *, norm_bias: bool) -> dict[str, WeightSpec]:
+    """A vision block's rows (`blk`: its prefix, with `{i}`): the two norms (with biases: `norm_bias`), the
+    fused qkv and the output projection [E] (biases), and the `mlp` rows."""
     block = {
         "norm1_scale_e": WeightSpec(blk + "norm1.weight", (E,)),
         "qkv_weight_e3nh": WeightSpec(blk + "attn.qkv.weight", (3 * E, E), True),
@@ -58,6 +58,19 @@ def vision_tower_specs(v, out_dim: int, mlp: dict[str, WeightSpec], *, norm_bias
         "norm2_scale_e": WeightSpec(blk + "norm2.weight", (E,)),
         **mlp,
     }
+    if norm_bias:
+        block |= {"norm1_bias_e": WeightSpec(blk + "norm1.bias", (E,)),
+                  "norm2_bias_e": WeightSpec(blk + "norm2.bias", (E,))}
+    return block
+
+
+def vision_tower_specs(v, out_dim: int, mlp: dict[str, WeightSpec], *, norm_bias: bool
+                       ) -> dict[tuple[str, ...], WeightSpec]:
+    """The vision tower's rows (patch embedding, blocks, patch merger) of both Qwen towers. `v`: the
+    vision config; `out_dim`: the merger's output width (the LM's); `mlp`: the blocks' MLP rows by
+    parameter name; `norm_bias`: LayerNorms with a bias (Qwen2-VL) or RMSNorms without (Qwen2.5-VL)."""
+    E, M = v.embed_dim, v.embed_dim * v.spatial_merge_size**2
+    block = block_specs("visual.blocks.{i}.", E, mlp, norm_bias=norm_bias)
     tower = {
         "patch_weight_pe": WeightSpec("visual.patch_embed.proj.weight",
                                       (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), True),
@@ -68,8 +81,6 @@ def vision_tower_specs(v, out_dim: int, mlp: dict[str, WeightSpec], *, norm_bias
         "merger_fc2_bias_d": WeightSpec("visual.merger.mlp.2.bias", (out_dim,)),
     }
     if norm_bias:
-        block |= {"norm1_bias_e": WeightSpec(blk + "norm1.bias", (E,)),
-                  "norm2_bias_e": WeightSpec(blk + "norm2.bias", (E,))}
         tower["merger_norm_bias_e"] = WeightSpec("visual.merger.ln_q.bias", (E,))
     return ({("visual", name): spec for name, spec in tower.items()}
             | {("visual", "blocks", name): spec for name, spec in block.items()})

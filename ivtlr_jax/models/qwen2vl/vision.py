@@ -77,6 +77,24 @@ def add_merger_mlp(tower: nnx.Module, cfg, param_dtype, rngs: nnx.Rngs) -> None:
     tower.merger_fc2_bias_d = param(rngs, (cfg.out_hidden_size,), ("norm",), param_dtype, "zeros")
 
 
+def add_patch_embedding(tower: nnx.Module, cfg, options: RunOptions, param_dtype, rngs: nnx.Rngs) -> None:
+    """A Qwen tower's config, run options and patch embedding [patch_dim, E]: its first parameter (the
+    parameters are drawn in the order they are made)."""
+    tower.cfg, tower.options = cfg, options
+    tower.patch_weight_pe = param(rngs, (cfg.patch_dim, cfg.embed_dim), (None, "vision_embed"), param_dtype)
+
+
+def add_blocks_and_merger(tower: nnx.Module, blocks: nnx.Module, cfg, param_dtype, rngs: nnx.Rngs, *,
+                          norm_bias: bool) -> None:
+    """A Qwen tower's stacked `blocks`, then its patch merger: the norm over E (a LayerNorm with a bias:
+    `norm_bias`, else an RMSNorm's scale) and `add_merger_mlp`."""
+    tower.blocks = blocks
+    tower.merger_norm_scale_e = param(rngs, (cfg.embed_dim,), ("norm",), param_dtype, "ones")
+    if norm_bias:
+        tower.merger_norm_bias_e = param(rngs, (cfg.embed_dim,), ("norm",), param_dtype, "zeros")
+    add_merger_mlp(tower, cfg, param_dtype, rngs)
+
+
 def patch_layout(image_grid_thw: jax.Array, num_patches: int, merge: int) -> tuple[jax.Array, jax.Array]:
     """Per patch: its (row, column) in its image [Np, 2] and its frame's segment id [Np].
 
@@ -105,13 +123,9 @@ class VisionTower(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, options: RunOptions = RunOptions(), *, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        self.cfg, self.options = cfg, options
-        E = cfg.embed_dim
-        self.patch_weight_pe = param(rngs, (cfg.patch_dim, E), (None, "vision_embed"), param_dtype)
-        self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.merger_norm_scale_e = param(rngs, (E,), ("norm",), param_dtype, "ones")
-        self.merger_norm_bias_e = param(rngs, (E,), ("norm",), param_dtype, "zeros")
-        add_merger_mlp(self, cfg, param_dtype, rngs)
+        add_patch_embedding(self, cfg, options, param_dtype, rngs)
+        blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
+        add_blocks_and_merger(self, blocks, cfg, param_dtype, rngs, norm_bias=True)
 
     def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array, frame_len: int | None = None) -> jax.Array:
         """pixel_values [Np, patch_dim], image_grid_thw [n_images, 3] -> merged features [Np / merge^2, D].

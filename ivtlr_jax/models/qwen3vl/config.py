@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..qwen2vl.config import Qwen2VLConfig, VisionConfig, VisionGeometry, geometry_fields
+from ..qwen2vl.config import Qwen2VLConfig, SizedMLPVision, geometry_fields, text_and_rope
 
 
 def _released_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool,
@@ -46,15 +46,10 @@ HUB_CONFIGS = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Qwen3VisionConfig(VisionGeometry):
-    intermediate_size: int
+class Qwen3VisionConfig(SizedMLPVision):
     hidden_act: str = "gelu_pytorch_tanh"
     num_position_embeddings: int = 2304  # a square table of learned position embeddings (48 x 48)
     deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
-
-    @property
-    def mlp_dim(self) -> int:
-        return self.intermediate_size
 
     @property
     def position_grid_side(self) -> int:
@@ -63,49 +58,48 @@ class Qwen3VisionConfig(VisionGeometry):
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3VLConfig(Qwen2VLConfig):
+    """Qwen2-VL's reading of the text fields with Qwen3's decoder (q/k RMSNorm, no q/k/v biases, an explicit
+    head_dim, interleaved M-RoPE) and Qwen3-VL's tower (a learned position table, DeepStack mergers)."""
     vision: Qwen3VisionConfig
 
     model_type = "qwen3_vl"
+    architecture = "Qwen3VLForConditionalGeneration"
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "Qwen3VLConfig":
-        text = {**d, **(d.get("text_config") or {})}
-        v = d["vision_config"]
-        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        text, rope = text_and_rope(d)
         rope = {"rope_theta": text.get("rope_theta", 5000000.0), "mrope_section": [24, 20, 20], **rope,
                 "rope_type": rope.get("rope_type", rope.get("type", "default"))}
         if rope["rope_type"] not in ("default", "mrope"):
             raise ValueError(f"config.json: rope type {rope['rope_type']!r} is not supported (only default)")
-        # the text side as Qwen2-VL reads it (the vision fields it wants are placeholders, replaced below)
+        # the text side as Qwen2-VL reads it, with the rope defaults above; the tower: vision_from_hf
         base = super().from_hf({**d, "text_config": {**text, "rope_parameters": rope}, "rope_scaling": None,
-                                "rope_parameters": None,
-                                "vision_config": {"depth": v["depth"], "embed_dim": v["hidden_size"],
-                                                  "num_heads": v["num_heads"]}})
+                                "rope_parameters": None})
         if text.get("head_dim") is None:
             raise ValueError("config.json: text_config has no head_dim (Qwen3-VL sets it explicitly)")
         decoder = dataclasses.replace(base.text, qkv_bias=bool(text.get("attention_bias", False)), qk_rmsnorm=True)
-        vision = Qwen3VisionConfig(
+        check_vision(base.vision, decoder.hidden_size, decoder.num_layers)
+        return dataclasses.replace(base, text=decoder)
+
+    @classmethod
+    def vision_from_hf(cls, v: dict[str, Any], lm_hidden: int) -> Qwen3VisionConfig:
+        return Qwen3VisionConfig(
             depth=v["depth"], embed_dim=v["hidden_size"], num_heads=v["num_heads"],
-            intermediate_size=v["intermediate_size"], out_hidden_size=v.get("out_hidden_size", decoder.hidden_size),
+            intermediate_size=v["intermediate_size"], out_hidden_size=v.get("out_hidden_size", lm_hidden),
             hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
             num_position_embeddings=v.get("num_position_embeddings", 2304),
             deepstack_visual_indexes=tuple(int(i) for i in v.get("deepstack_visual_indexes", (8, 16, 24))),
             **geometry_fields({"patch_size": 16, **v}))
-        check_vision(vision, decoder.hidden_size, decoder.num_layers)
-        return dataclasses.replace(base, text=decoder, vision=vision)
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict in the hub layout of Qwen3-VL-*-Instruct (nested text and vision configs)."""
         t, v = self.text, self.vision
-        stub = VisionConfig(depth=v.depth, embed_dim=v.embed_dim, num_heads=v.num_heads, mlp_ratio=1,
-                            out_hidden_size=v.out_hidden_size)  # the text fields as Qwen2-VL writes them
-        flat = Qwen2VLConfig.to_hf(dataclasses.replace(self, vision=stub))
+        flat = self.text_hf()  # the text fields as Qwen2-VL writes them
         top = ("tie_word_embeddings", "image_token_id", "video_token_id", "vision_start_token_id",
                "vision_end_token_id")
-        text = {k: val for k, val in flat.items()
-                if k not in (*top, "architectures", "model_type", "vision_config", "rope_theta", "rope_scaling")}
+        text = {k: val for k, val in flat.items() if k not in (*top, "rope_theta", "rope_scaling")}
         return {
-            "architectures": ["Qwen3VLForConditionalGeneration"],
+            "architectures": [self.architecture],
             "model_type": self.model_type,
             **{k: flat[k] for k in top},
             "text_config": {**text, "model_type": "qwen3_vl_text", "head_dim": t.head_dim,
@@ -115,12 +109,7 @@ class Qwen3VLConfig(Qwen2VLConfig):
                                                 "mrope_interleaved": True}},
             "vision_config": {
                 "model_type": "qwen3_vl_vision",
-                "depth": v.depth,
-                "hidden_size": v.embed_dim,
-                "num_heads": v.num_heads,
-                "intermediate_size": v.intermediate_size,
-                "out_hidden_size": v.out_hidden_size,
-                "hidden_act": v.hidden_act,
+                **v.sized_mlp_hf(),
                 "num_position_embeddings": v.num_position_embeddings,
                 "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
                 **{k: val for k, val in v.hf_geometry().items() if k != "in_chans"},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..common.lm_params import decoder_lm_specs
 from ..common.loading import WeightSpec, rename_by_rules
+from ..qwen2vl.params import block_specs, plain_mlp_specs
 from .config import Qwen3VLConfig
 
 # our module paths whose parameters have a leading layer axis
@@ -40,20 +41,7 @@ def vision_specs(config: Qwen3VLConfig) -> dict[tuple[str, ...], WeightSpec]:
     v = config.vision
     E, F, D, M = v.embed_dim, v.mlp_dim, v.out_hidden_size, v.embed_dim * v.spatial_merge_size**2
     blk = VISUAL + "blocks.{i}."
-    block = {
-        "norm1_scale_e": WeightSpec(blk + "norm1.weight", (E,)),
-        "norm1_bias_e": WeightSpec(blk + "norm1.bias", (E,)),
-        "qkv_weight_e3nh": WeightSpec(blk + "attn.qkv.weight", (3 * E, E), True),
-        "qkv_bias_3nh": WeightSpec(blk + "attn.qkv.bias", (3 * E,)),
-        "proj_weight_nhe": WeightSpec(blk + "attn.proj.weight", (E, E), True),
-        "proj_bias_e": WeightSpec(blk + "attn.proj.bias", (E,)),
-        "norm2_scale_e": WeightSpec(blk + "norm2.weight", (E,)),
-        "norm2_bias_e": WeightSpec(blk + "norm2.bias", (E,)),
-        "fc1_weight_ef": WeightSpec(blk + "mlp.linear_fc1.weight", (F, E), True),
-        "fc1_bias_f": WeightSpec(blk + "mlp.linear_fc1.bias", (F,)),
-        "fc2_weight_fe": WeightSpec(blk + "mlp.linear_fc2.weight", (E, F), True),
-        "fc2_bias_e": WeightSpec(blk + "mlp.linear_fc2.bias", (E,)),
-    }
+    block = block_specs(blk, E, plain_mlp_specs(blk + "mlp.linear_fc", E, F), norm_bias=True)
     merger = merger_specs(VISUAL + "merger.", M, D, E, ("merger_norm_scale_e", "merger_norm_bias_e"))
     deepstack = merger_specs(VISUAL + "deepstack_merger_list.{i}.", M, D, M, ("norm_scale_m", "norm_bias_m"))
     tower = {

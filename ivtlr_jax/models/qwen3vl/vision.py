@@ -19,7 +19,8 @@ from flax import nnx
 from ..common.layers import layer_norm, param
 from ..common.rope import vision_rope_cos_sin
 from ..common.run_options import RunOptions, scan_stacked
-from ..qwen2vl.vision import LN_EPS, VisionBlocks, add_merger_mlp, merger_mlp, patch_layout, vit_block
+from ..qwen2vl.vision import (LN_EPS, VisionBlocks, add_blocks_and_merger, add_patch_embedding, merger_mlp,
+                              patch_layout, vit_block)
 from .config import Qwen3VisionConfig
 
 
@@ -73,15 +74,12 @@ class VisionTower(nnx.Module):
 
     def __init__(self, cfg: Qwen3VisionConfig, options: RunOptions = RunOptions(), *, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        self.cfg, self.options = cfg, options
+        add_patch_embedding(self, cfg, options, param_dtype, rngs)
         E = cfg.embed_dim
-        self.patch_weight_pe = param(rngs, (cfg.patch_dim, E), (None, "vision_embed"), param_dtype)
         self.patch_bias_e = param(rngs, (E,), ("norm",), param_dtype, "zeros")
         self.position_table_ge = param(rngs, (cfg.num_position_embeddings, E), (None, "vision_embed"), param_dtype)
-        self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.merger_norm_scale_e = param(rngs, (E,), ("norm",), param_dtype, "ones")
-        self.merger_norm_bias_e = param(rngs, (E,), ("norm",), param_dtype, "zeros")
-        add_merger_mlp(self, cfg, param_dtype, rngs)
+        blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
+        add_blocks_and_merger(self, blocks, cfg, param_dtype, rngs, norm_bias=True)
         self.deepstack = DeepstackMergers(cfg, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array, frame_len: int | None = None
