@@ -155,3 +155,28 @@ def image_batch(config, seed=0):
     rows = [text(a) + [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id]
             + text(b) for n, (a, b) in zip((grid.prod(-1) // 4).tolist(), [(5, 7), (3, 2)])]
     return hf_tiny.pad_rows(rows) + (pv, grid)
+
+
+def test_a_qwen3vl_run_stopped_mid_stage_resumes_to_the_uninterrupted_run(trained, tmp_path):
+    """`train.py --max-steps 3` (stopped in stage 1, after stage 0's export), then the same command without it:
+    the parameters and both stage exports equal the uninterrupted run's, bit for bit, and each micro-step is
+    recorded once."""
+    from tests.test_train_loop import assert_metrics_once_per_step, assert_same_export, final_params
+
+    config, straight, env = trained
+    raw = yaml.safe_load(config.read_text())
+    resumed_config = tmp_path / "resumed.yaml"
+    resumed_config.write_text(yaml.safe_dump({**raw, "name": "resumed", "save_path": str(tmp_path / "runs")}))
+    command = [sys.executable, str(ROOT / "train.py"), "--config", str(resumed_config)]
+    first = subprocess.run(command + ["--max-steps", "3"], env=env, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0 and "resumed from" in second.stdout + second.stderr, second.stderr[-3000:]
+    resumed = tmp_path / "runs" / "resumed"
+    (step_a, a), (step_b, b) = final_params(straight), final_params(resumed)
+    assert step_a == step_b == 4 and a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+    for stage in range(2):
+        assert_same_export(straight / f"stage_{stage}", resumed / f"stage_{stage}")
+    assert_metrics_once_per_step(resumed / "metrics.jsonl", 4)
