@@ -42,6 +42,14 @@ def tiny_qwen25vl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3vl(tmp_path_factory):
+    """(folder, transformers model) of a tiny random Qwen3-VL (DeepStack into decoder layers 0 and 1)."""
+    folder = tmp_path_factory.mktemp("tiny_qwen3vl")
+    model = hf_tiny.build_qwen3vl(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
 def tiny_chameleon(tmp_path_factory):
     """(folder, transformers model) of a tiny random Chameleon (VQ tokenizer included)."""
     folder = tmp_path_factory.mktemp("tiny_chameleon")

@@ -1,7 +1,7 @@
 """What every model family of the registry (`ivtlr_jax.models.FAMILIES`) does alike against transformers, one
 test parametrized over the registry (fp32, the tiny random models of tests/hf_tiny.py, built once per session
 by tests/conftest.py): text-only logits, and greedy generation token for token. What only one family has is
-tested in its own file (test_qwen2vl.py, test_qwen25vl.py, test_chameleon.py)."""
+tested in its own file (test_qwen2vl.py, test_qwen25vl.py, test_qwen3vl.py, test_chameleon.py)."""
 
 import dataclasses
 from typing import Callable
@@ -44,6 +44,9 @@ CASES = {  # keyed as FAMILIES
                              lambda: qwen_images(seed=4, left_pad=True, sizes=hf_tiny.QWEN25VL_IMAGE_SIZES), 12),
     "chameleon": FamilyCase("tiny_chameleon", (12, 7), hf_tiny.chameleon_forward,
                             lambda: chameleon_images(seed=4, left_pad=True), 20),
+    "qwen3_vl": FamilyCase("tiny_qwen3vl", (9, 6), hf_tiny.hf_forward,
+                           lambda: qwen_images(seed=4, left_pad=True, sizes=hf_tiny.QWEN3VL_IMAGE_SIZES,
+                                               processed=hf_tiny.qwen3vl_image_inputs), 12),
 }
 
 
