@@ -25,10 +25,9 @@ SIZES = hf_tiny.QWEN25VL_IMAGE_SIZES
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(folder, transformers model, our model) of a tiny random Qwen2.5-VL saved with save_pretrained."""
-    folder = tmp_path_factory.mktemp("tiny_qwen25vl")
-    hf = hf_tiny.build_qwen25vl(folder)
+def tiny(tiny_qwen25vl):
+    """(folder, transformers model, our model) of the session's tiny random Qwen2.5-VL (tests/conftest.py)."""
+    folder, hf = tiny_qwen25vl
     return folder, hf, from_pretrained(folder)
 
 

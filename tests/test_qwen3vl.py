@@ -29,10 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(folder, transformers model, our model) of a tiny random Qwen3-VL saved with save_pretrained."""
-    folder = tmp_path_factory.mktemp("tiny_qwen3vl")
-    hf = hf_tiny.build_qwen3vl(folder)
+def tiny(tiny_qwen3vl):
+    """(folder, transformers model, our model) of the session's tiny random Qwen3-VL (tests/conftest.py)."""
+    folder, hf = tiny_qwen3vl
     return folder, hf, from_pretrained(folder)
 
 
