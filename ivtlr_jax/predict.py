@@ -187,11 +187,10 @@ class Predictor:
 
     def picture(self, enc: Encoded, answer: Answer, path: str | os.PathLike) -> Path:
         """Draw the patches chosen at each latent step on the image as the model saw it (a PNG at `path`)."""
-        from .eval.viz import draw_selection
-        from .data import decode_image
+        from .eval.viz import draw_selection, picture_as_seen
 
         grid, size = family_named(self.family).picture_geometry(enc.image)
-        picture = np.asarray(decode_image(enc.data).convert("RGB").resize(size))
+        picture = picture_as_seen(enc.data, size)
         q = enc.question
         draw_selection(picture, grid, answer.selected_patches, question=q.question,
                        choices=list(q.choices) if q.choices else None, prediction=answer.answer,

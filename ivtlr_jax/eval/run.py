@@ -64,7 +64,7 @@ from ..events import log_evaluation
 from ..models.common.sharding import batch_shardings, local_data_mesh
 from .setup import INFORMATIVE_KEYS, EvalSetupError, eval_setup, prepare_output, read_records, summary_path
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
-from .viz import draw_selection
+from .viz import draw_selection, picture_as_seen
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -414,12 +414,8 @@ def save_picture(ex, image: dict, steps: list[list[int]], family: str, path: Pat
                  ranked: bool = True, dataset: str = "", split: str = "") -> None:
     """The image as the model saw it, one panel per latent step with its selected patches, under the
     question, choices, generated text and prediction against the gold answer (see `viz`)."""
-    from ..data import decode_image
-
-    raw = getattr(ex.image, "_data", None)  # a LazyImage keeps the encoded bytes
     grid, size = family_named(family).picture_geometry(image)
-    picture = np.asarray(decode_image(raw).convert("RGB").resize(size)) if raw is not None else \
-        np.full((size[1], size[0], 3), 127, np.uint8)
+    picture = picture_as_seen(getattr(ex.image, "_data", None), size)  # a LazyImage keeps the encoded bytes
     record = record or {}
     title = " ".join(part for part in (ex.id, f"({dataset} {split})" if dataset else "") if part)
     draw_selection(picture, grid, steps, question=ex.meta.get("question"), choices=ex.meta.get("choices"),

@@ -137,6 +137,16 @@ def rank_label(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text: 
     draw.text((bx + 2 - left, by + 2 - top), text, font=fnt, fill=LABEL_TEXT)
 
 
+def picture_as_seen(data: bytes | None, size: tuple[int, int]) -> np.ndarray:
+    """[H, W, 3] uint8: the encoded image in RGB, resized to the model's view `size` (width, height); a grey
+    picture when there is no image."""
+    if data is None:
+        return np.full((size[1], size[0], 3), 127, np.uint8)
+    from ..data import decode_image
+
+    return np.asarray(decode_image(data).convert("RGB").resize(size))
+
+
 def draw_selection(image: np.ndarray, grid_hw: tuple[int, int], selections: list[list[int]], *,
                    question: str | None = None, choices: Sequence[str] | None = None, prediction=None, gold=None,
                    correct: bool | None = None, correct_official: bool | None = None, generated: str | None = None,
