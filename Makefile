@@ -29,8 +29,10 @@ browser:
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
+# a worker that crashes (or a test stuck past pyproject's faulthandler_timeout) ends the run with a failure:
+# pytest-xdist 3.8 can wait forever when it replaces a crashed worker under --dist loadgroup (its issue #1378)
 test: lint browser
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q --durations=15 tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --max-worker-restart=0 -q --durations=15 tests
 
 bench: install
 	$(PY) bench/forward.py

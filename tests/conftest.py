@@ -1,5 +1,6 @@
 """Test set-up: 4 host CPU devices (set before jax is imported) and shared tiny-model fixtures."""
 
+import gc
 import os
 
 # tiny models: compiling dominates, so XLA:CPU generates code without LLVM's optimisation (a third less
@@ -145,3 +146,14 @@ def image_decodes(monkeypatch):
 
     monkeypatch.setattr(Image, "_getdecoder", counting)
     return calls
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Each test file's XLA programs are freed when it ends. XLA:CPU maps every compiled program's code into
+    memory regions of its own (about 3.5 per program), and the programs of module-level jitted functions live
+    as long as the process: an xdist worker that ran a few hundred test files' programs passed Linux's
+    65530-mapping limit (vm.max_map_count), where LLVM's next code allocation segfaulted inside a compile."""
+    yield
+    jax.clear_caches()
+    gc.collect()
