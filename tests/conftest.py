@@ -148,6 +148,18 @@ def image_decodes(monkeypatch):
     return calls
 
 
+@pytest.fixture(autouse=True, scope="session")
+def commands_share_compilations(tmp_path_factory):
+    """The commands the tests start (train.py, infer.py, the benches, each a new process) read and write one
+    persistent compilation cache per test process, through JAX's own variables: a program another command
+    already compiled (the same tiny model's step, again and again) is loaded, not compiled. The test process
+    itself keeps none (JAX read its variables at import), and `IVTLR_JAX_CACHE=off` leaves the commands'
+    own cache folder alone; pytest removes the folder with its other temporary ones."""
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"  # the programs worth loading
+    yield
+
+
 @pytest.fixture(autouse=True, scope="module")
 def release_compiled_programs():
     """Each test file's XLA programs are freed when it ends. XLA:CPU maps every compiled program's code into

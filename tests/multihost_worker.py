@@ -15,7 +15,9 @@ several runs), with two test hooks read from the environment:
   MARK and waits to be killed (the others wait for it in the exchange).
 """
 
+import faulthandler
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -95,6 +97,7 @@ def commands(argv: list[str]) -> list[list[str]]:
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's stack dump of a stalled launch
     hooks()
     for number, (command, *args) in enumerate(commands(sys.argv[1:])):
         command_number[0] = number

@@ -77,10 +77,20 @@ class Launch:
             try:
                 p.wait(timeout=max(deadline - time.time(), 1))
             except subprocess.TimeoutExpired:
+                self.dump_stacks()
                 self.kill()
-                raise
+                stacks = "\n".join(f"process {i}:\n{err.read_text()[-6000:]}" for i, (_, err) in enumerate(self.files))
+                raise AssertionError(f"a launch still running after {timeout} s; its threads then:\n{stacks}") from None
         return [(p.returncode, printed(out.read_text()), err.read_text())
                 for p, (out, err) in zip(self.procs, self.files)]
+
+    def dump_stacks(self) -> None:
+        """Every thread's Python stack of each live process into its stderr (multihost_worker.py asks
+        faulthandler for it on SIGUSR1): where a stalled launch waits."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGUSR1)
+        time.sleep(2)
 
     def kill(self) -> None:
         for p in self.procs:
