@@ -347,6 +347,13 @@ def _build(cls, raw: Any, where: str):
         raise ConfigError(f"{where}.{e}" if where else str(e), keys) from None
 
 
+def replaced(section, changes: dict, where: str):
+    """`section` (one of this module's sections) with `changes` ({key: value}) checked as a configuration file's
+    keys are: an unknown key or a bad value is a ConfigError naming `where.key`."""
+    current = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return _build(type(section), {**current, **changes}, where)
+
+
 def _coerce(tp, value, where: str):
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)

@@ -81,13 +81,18 @@ def test_infer_lists_the_batching_choices_as_strings(tmp_path):
     assert "invalid choice: 'dynamic' (choose from 'auto', 'static', 'continuous')" in proc.stderr
 
 
-def test_an_eval_config_parses_its_choices_as_the_sections_do(tmp_path):
-    from ivtlr_jax.eval.run import EvalConfig, eval_config_from_run
+def test_an_eval_config_holds_the_run_configs_sections_and_parses_a_changed_choice(tmp_path):
+    from ivtlr_jax.eval.run import eval_config_from_run
 
-    cfg = eval_config_from_run(load_config(_config(tmp_path)))
-    assert (type(cfg.patch_order), type(cfg.rope), type(cfg.attention_impl), type(cfg.batching),
-            type(cfg.prompt_format)) == (PatchOrder, Rope, AttentionImpl, Batching, PromptFormat)
-    assert (cfg.patch_order, cfg.batching, cfg.prompt_format) == ("position", "static", "official")
-    with pytest.raises(ConfigError, match=r"^eval config: batching: 'dynamic' is not allowed; choose one of "
+    run = load_config(_config(tmp_path))
+    cfg = eval_config_from_run(run)
+    assert (cfg.data, cfg.latent, cfg.model, cfg.eval) == (run.data, run.latent, run.model, run.eval)
+    changed = eval_config_from_run(run, latent=dict(rope="mrope"), model=dict(attention_impl="fused"),
+                                   eval=dict(batching="continuous", prompt_format="train"))
+    assert (type(changed.latent.rope), type(changed.model.attention_impl), type(changed.eval.batching),
+            type(changed.eval.prompt_format)) == (Rope, AttentionImpl, Batching, PromptFormat)
+    assert (changed.latent.patch_order, changed.eval.batching, changed.eval.prompt_format) == (
+        PatchOrder.POSITION, "continuous", "train")  # the run's patch order kept
+    with pytest.raises(ConfigError, match=r"^eval config: eval.batching: 'dynamic' is not allowed; choose one of "
                                           r"\['auto', 'continuous', 'static'\]$"):
-        EvalConfig("m3cot", "x", batching="dynamic")
+        eval_config_from_run(run, eval=dict(batching="dynamic"))
