@@ -104,7 +104,7 @@ class Predictor:
         if self.special.latent_id is None:
             raise RequestError(f"{folder}: its tokenizer has no <|latent|> token; give an IVT-LR model folder (a "
                                "stage export, ivtlr-convert-official's output)")
-        self.encoder = make_encoder(family, processor)
+        self.encoder = make_encoder(family, processor, image_resize=settings.image_resize)
         self.latent = LatentConfig(self.special.latent_id, settings.num_selected_patches, settings.patch_order,
                                    rope=settings.rope, patch_deepstack=settings.patch_deepstack)
         self.max_length = family_named(family).max_length

@@ -55,6 +55,7 @@ from ..latent import LatentConfig, PatchOrder, Rope
 from ..config import Batching, ConfigError, DataSection, EvalSection, LatentSection, ModelSection
 from ..data import PromptFormat
 from ..models.common.attention import AttentionImpl
+from ..models.common.images import ImageResize
 from ..io import from_pretrained, resolve_folder
 from ..io.atomic import write_atomic
 from ..io.durable import LineLog
@@ -79,6 +80,7 @@ class EvalConfig:
     patch_order: PatchOrder = LatentSection.patch_order
     rope: Rope = LatentSection.rope
     patch_deepstack: bool = LatentSection.patch_deepstack  # Qwen3-VL: the patch copies keep their DeepStack features
+    image_resize: ImageResize = DataSection.image_resize  # the official square or the processor's rules
     batch_size: int = EvalSection.batch_size  # rows per batch over all devices (rounded up to a multiple of them)
     max_new_tokens: int = EvalSection.max_new_tokens
     limit: int | None = None
@@ -95,6 +97,7 @@ class EvalConfig:
         try:  # the sections' own checks (and choice parsing)
             latent = LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order,
                                    rope=self.rope)
+            data = DataSection(image_resize=self.image_resize)
             model = ModelSection(dtype=self.dtype, param_dtype=self.storage_dtype, attention_impl=self.attention_impl)
             ev = EvalSection(num_latents=self.num_latents, batch_size=self.batch_size,
                              max_new_tokens=self.max_new_tokens, batching=self.batching,
@@ -104,7 +107,7 @@ class EvalConfig:
         except ConfigError as e:
             raise ConfigError(f"eval config: {e}", e.keys) from None
         for key, section in (("patch_order", latent), ("rope", latent), ("attention_impl", model),
-                             ("batching", ev), ("prompt_format", ev)):
+                             ("batching", ev), ("prompt_format", ev), ("image_resize", data)):
             object.__setattr__(self, key, getattr(section, key))
 
     @property
@@ -118,7 +121,7 @@ def eval_config_from_run(cfg, **overrides) -> EvalConfig:
     base = dict(dataset=cfg.data.dataset, source=cfg.data.source, split=cfg.data.eval_split,
                 num_selected_patches=cfg.latent.num_selected_patches, patch_order=cfg.latent.patch_order,
                 rope=cfg.latent.rope, patch_deepstack=cfg.latent.patch_deepstack, scan_layers=cfg.model.scan_layers,
-                attention_impl=cfg.model.attention_impl,
+                attention_impl=cfg.model.attention_impl, image_resize=cfg.data.image_resize,
                 dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, **dataclasses.asdict(cfg.eval))
     base.update(overrides)
     return EvalConfig(**base)
@@ -253,7 +256,8 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
                           patch_deepstack=cfg.patch_deepstack)
     sampling = SamplingConfig(cfg.max_new_tokens, eos_token_id=special.eos_token_id, pad_token_id=special.eos_token_id)
     examples, report = load_examples(cfg.dataset, cfg.source, cfg.split, processor, family, limit=cfg.limit,
-                                     max_length=10**9, prompt_format=cfg.prompt_format)
+                                     max_length=10**9, prompt_format=cfg.prompt_format,
+                                     image_resize=cfg.image_resize)
     check_patch_budget(examples, special.image_token_id, cfg)
 
     setup = distributed.agree(lambda: eval_setup(model_dir, cfg, sampling), "eval_setup")  # every process's own

@@ -66,6 +66,8 @@ def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> di
         **({"attention_impl": cfg.attention_impl} if cfg.attention_impl != "xla" else {}),
         # Qwen3-VL's patch copies without their DeepStack features: written only when chosen, as above
         **({"patch_deepstack": False} if not cfg.patch_deepstack else {}),
+        # images sized by the processor's rules: written only when chosen, as above
+        **({"image_resize": cfg.image_resize} if cfg.image_resize != "square" else {}),
     }
     return {key: plain(value) for key, value in setup.items()}  # choices as their strings, as the file has them
 
