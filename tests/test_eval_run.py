@@ -243,6 +243,10 @@ def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
     assert output_setup.eval_setup(assets / "model", eval_cfg(assets, attention_impl="fused"), SamplingConfig()
                                )["attention_impl"] == "fused"
     assert "attention_impl" not in output_setup.eval_setup(assets / "model", eval_cfg(assets), SamplingConfig())
+    # so does one whose images the processor sized (data.image_resize)
+    assert output_setup.eval_setup(assets / "model", eval_cfg(assets, image_resize="processor"), SamplingConfig()
+                               )["image_resize"] == "processor"
+    assert "image_resize" not in output_setup.eval_setup(assets / "model", eval_cfg(assets), SamplingConfig())
     with pytest.raises(ValueError, match=r"attention_impl: 'flash' is not allowed; choose one of \['fused', 'xla'\]"):
         EvalConfig("m3cot", "x", attention_impl="flash")
     assert EvalConfig("m3cot", "x").dtype == "bfloat16"  # the official evaluation's precision by default
