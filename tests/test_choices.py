@@ -14,6 +14,7 @@ from ivtlr_jax.config import Batching, ConfigError, InferenceSettings, LossScale
 from ivtlr_jax.data import Dataset, PromptFormat
 from ivtlr_jax.latent import LatentGrad, PatchOrder, Rope
 from ivtlr_jax.models.common.attention import AttentionImpl
+from ivtlr_jax.models.common.images import ImageResize
 from ivtlr_jax.models.common.run_options import Remat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHOICES = {"model.remat": ("full", Remat), "model.attention_impl": ("fused", AttentionImpl),
            "latent.patch_order": ("position", PatchOrder), "latent.latent_grad": ("full", LatentGrad),
            "latent.rope": ("mrope", Rope), "data.dataset": ("scienceqa", Dataset),
+           "data.image_resize": ("processor", ImageResize),
            "optim.schedule": ("cosine", Schedule), "optim.loss_scale": ("token_mean", LossScale),
            "eval.batching": ("static", Batching), "eval.prompt_format": ("official", PromptFormat)}
 

@@ -271,6 +271,9 @@ def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
         == ('{"version": 2, "dataset": "m3cot", "split": "test", "prompt_format": "official", "num_latents": 2, '
             '"num_selected_patches": 5, "patch_order": "position", "rope": "mrope", "dtype": "float32", '
             '"param_dtype": "bfloat16", "max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "limit": 7}')
+    # so does one whose images the processor sized (data.image_resize); the default one keeps its old keys
+    assert setup_of(data=dict(image_resize="processor"))["image_resize"] == "processor"
+    assert "image_resize" not in setup_of() and "attention_impl" not in setup_of()
     with pytest.raises(ValueError, match=r"attention_impl: 'flash' is not allowed; choose one of \['fused', 'xla'\]"):
         eval_cfg(assets, model=dict(attention_impl="flash"))
     default = EvalConfig(DataSection(source="x")).model  # the official evaluation's precision by default

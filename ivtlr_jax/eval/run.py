@@ -241,7 +241,8 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
                               pad_token_id=special.eos_token_id)
     data, ev, model = cfg.data, cfg.eval, cfg.model
     examples, report = load_examples(data.dataset, data.source, data.eval_split, processor, family, limit=cfg.limit,
-                                     max_length=10**9, prompt_format=ev.prompt_format)
+                                     max_length=10**9, prompt_format=ev.prompt_format,
+                                     image_resize=data.image_resize)
     check_patch_budget(examples, special.image_token_id, cfg)
 
     setup = distributed.agree(lambda: eval_setup(model_dir, cfg, sampling), "eval_setup")  # every process's own

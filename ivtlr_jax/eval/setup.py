@@ -67,6 +67,8 @@ def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> di
         **({"attention_impl": model.attention_impl} if model.attention_impl != "xla" else {}),
         # Qwen3-VL's patch copies without their DeepStack features: written only when chosen, as above
         **({"patch_deepstack": False} if not latent.patch_deepstack else {}),
+        # images sized by the processor's rules: written only when chosen, as above
+        **({"image_resize": data.image_resize} if data.image_resize != "square" else {}),
     }
     return {key: plain(value) for key, value in setup.items()}  # choices as their strings, as the file has them
 
