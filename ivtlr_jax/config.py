@@ -22,6 +22,7 @@ from .data.collate import EVAL_LENGTH_BUCKETS, TRAIN_LENGTH_BUCKETS, TRAIN_PREFI
 from .data.curriculum import CurriculumConfig
 from .models.common.attention import AttentionImpl
 from .models.common.choices import parse, plain
+from .models.common.images import ImageResize
 from .models.common.layers import DTYPES
 from .models.common.lora import LoRAConfig
 from .models.common.run_options import Remat
@@ -167,9 +168,13 @@ class DataSection:
     limit: int | None = None  # optional cap on training rows (the official scripts kept 20 / 10 by accident)
     length_buckets: tuple[int, ...] = TRAIN_LENGTH_BUCKETS
     prefix_buckets: tuple[int, ...] = TRAIN_PREFIX_BUCKETS
+    # square: the official IVT-LR fixed square (Qwen2-VL 280x280, Qwen3-VL 320x320: 100 image tokens);
+    # processor: the processor's own rules (smart_resize), each image its own size and token count
+    image_resize: ImageResize = ImageResize.SQUARE
 
     def __post_init__(self):
         _choose(self, "dataset", Dataset)
+        _choose(self, "image_resize", ImageResize)
         _at_least(self.max_length, 1, "max_length")
         _at_least(self.limit, 1, "limit")
         for key in ("length_buckets", "prefix_buckets"):
@@ -180,8 +185,8 @@ class DataSection:
 class InferenceSettings:
     """How a model folder is asked about one image and question (`predict.Predictor`, `ivtlr-ask`,
     `ivtlr-serve`): the prompt (the dataset whose text format it follows, train or official), the latents,
-    K, patch order, RoPE and the compute dtype. Every stage export and official import holds its own
-    (`io/settings_file.py`: written from the run config or the import's options)."""
+    K, patch order, RoPE, the compute dtype and how images are sized. Every stage export and official import
+    holds its own (`io/settings_file.py`: written from the run config or the import's options)."""
     dataset: Dataset = DataSection.dataset  # the prompt text's format
     prompt_format: PromptFormat = EvalSection.prompt_format  # official: the official evaluation scripts' prompts
     num_latents: int = EvalSection.num_latents
@@ -191,23 +196,26 @@ class InferenceSettings:
     dtype: str = ModelSection.dtype  # compute dtype (the official evaluation: bfloat16)
     max_new_tokens: int = EvalSection.max_new_tokens
     patch_deepstack: bool = LatentSection.patch_deepstack  # Qwen3-VL only: the training run's choice
+    image_resize: ImageResize = DataSection.image_resize  # the training run's image sizing
 
     def __post_init__(self):  # each field's check (and choice parsing) is its section's
-        data = DataSection(dataset=self.dataset)
+        data = DataSection(dataset=self.dataset, image_resize=self.image_resize)
         ev = EvalSection(num_latents=self.num_latents, max_new_tokens=self.max_new_tokens,
                          prompt_format=self.prompt_format)
         latent = LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order,
                                rope=self.rope)
         ModelSection(dtype=self.dtype)
-        for key, section in (("dataset", data), ("prompt_format", ev), ("patch_order", latent), ("rope", latent)):
+        for key, section in (("dataset", data), ("image_resize", data), ("prompt_format", ev),
+                             ("patch_order", latent), ("rope", latent)):
             object.__setattr__(self, key, getattr(section, key))
 
     @classmethod
     def from_run(cls, cfg: "RunConfig") -> "InferenceSettings":
-        """A training run's settings: its dataset, K, patch order, RoPE, DeepStack choice and compute dtype."""
+        """A training run's settings: its dataset, K, patch order, RoPE, DeepStack choice, compute dtype and
+        image sizing."""
         return cls(dataset=cfg.data.dataset, num_selected_patches=cfg.latent.num_selected_patches,
                    patch_order=cfg.latent.patch_order, rope=cfg.latent.rope, dtype=cfg.model.dtype,
-                   patch_deepstack=cfg.latent.patch_deepstack)
+                   patch_deepstack=cfg.latent.patch_deepstack, image_resize=cfg.data.image_resize)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str) -> "InferenceSettings":
@@ -345,6 +353,13 @@ def _build(cls, raw: Any, where: str):
         field = str(e).partition(":")[0]
         keys = (f"{where}.{field}" if where else field,) if field in fields else ()
         raise ConfigError(f"{where}.{e}" if where else str(e), keys) from None
+
+
+def replaced(section, changes: dict, where: str):
+    """`section` (one of this module's sections) with `changes` ({key: value}) checked as a configuration file's
+    keys are: an unknown key or a bad value is a ConfigError naming `where.key`."""
+    current = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return _build(type(section), {**current, **changes}, where)
 
 
 def _coerce(tp, value, where: str):

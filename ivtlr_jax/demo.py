@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     if out.exists():
         out.unlink()
     # the run config's data, latent settings and dtype (configs/tiny.yaml: float32)
-    summary = evaluate(final, eval_config_from_run(cfg, batch_size=16, max_new_tokens=48), out,
+    summary = evaluate(final, eval_config_from_run(cfg, eval=dict(batch_size=16, max_new_tokens=48)), out,
                        save_attention=cfg.run_dir / "attention", events=cfg.log)
     print(f"evaluation records in {out}, summary in {out.with_suffix('.summary.json')}, patch pictures in "
           f"{cfg.run_dir / 'attention'}, TensorBoard files in {cfg.run_dir / 'tensorboard'}")

@@ -64,7 +64,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from .config import ConfigError, RunConfig, load_config  # noqa: E402
-from .latent import LatentConfig, LatentShapes  # noqa: E402
+from .latent import LatentShapes  # noqa: E402
 from .models import FAMILIES, Family  # noqa: E402
 from .models.common.choices import names  # noqa: E402
 from .models.common.run_options import Remat  # noqa: E402
@@ -320,7 +320,7 @@ def plan_generate(cfg: RunConfig, mesh_shape: dict, *, batch: int = 32, new_toke
     prompt = shapes["prefix"] + num_latents
     batch_abs = abstract_batch(family, batch, prompt, shapes["image_tokens"], shapes["image_side"])
     batch_abs.pop("labels")
-    latent = LatentConfig(0, cfg.latent.num_selected_patches)
+    latent = cfg.latent.latent_config(0)  # K, patch order, RoPE and DeepStack choice: the run's, as in training
     sampling = SamplingConfig(max_new_tokens=new_tokens, eos_token_id=None)
     rows = RowSampling(jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype),
                        jax.ShapeDtypeStruct((batch,), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.float32))

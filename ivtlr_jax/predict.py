@@ -8,10 +8,10 @@
 
 A folder is asked the way its model was trained or imported: the prompt of its dataset (M3CoT's or
 ScienceQA's text, in the training or the official evaluation format, the family's chat template and image
-processing: the code that builds `infer.py`'s prompts), its number of latents, K, patch order, RoPE and dtype
-(`config.InferenceSettings`), read from the folder's `ivtlr_settings.json` (stage exports and official
-imports hold one), else from the training run a stage export sits in, else the defaults; any of them
-overridable. So a dataset row asked here gets exactly the tokens `infer.py` generates for it.
+processing: the code that builds `infer.py`'s prompts), its number of latents, K, patch order, RoPE, dtype
+and image sizing (`config.InferenceSettings`), read from the folder's `ivtlr_settings.json` (stage exports
+and official imports hold one), else from the training run a stage export sits in, else the defaults; any
+of them overridable. So a dataset row asked here gets exactly the tokens `infer.py` generates for it.
 
 Prompts decode by continuous batching (`continuous.generate_continuous`, as evaluation does; `from_folder(devices=N)`
 splits the slots over N local devices). The
@@ -104,7 +104,7 @@ class Predictor:
         if self.special.latent_id is None:
             raise RequestError(f"{folder}: its tokenizer has no <|latent|> token; give an IVT-LR model folder (a "
                                "stage export, ivtlr-convert-official's output)")
-        self.encoder = make_encoder(family, processor)
+        self.encoder = make_encoder(family, processor, image_resize=settings.image_resize)
         self.latent = LatentConfig(self.special.latent_id, settings.num_selected_patches, settings.patch_order,
                                    rope=settings.rope, patch_deepstack=settings.patch_deepstack)
         self.max_length = family_named(family).max_length

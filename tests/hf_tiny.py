@@ -298,3 +298,22 @@ def build_qwen3vl(folder, seed: int = 0, tie_word_embeddings=False, **text_overr
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     return model
+
+
+def build_qwen3vl_processor(folder, corpus: list[str], vocab_size: int = 400, max_pixels: int = 320 * 320):
+    """A tiny Qwen3VLProcessor saved in `folder` (and returned): a BPE trained on `corpus` (the tiny
+    Qwen2-VL processor's tokenizer and chat template) and Qwen3-VL's image processing: patches of 16 pixels,
+    mean and std 0.5, images between 64x64 and `max_pixels` pixels (the fixed square: 320x320)."""
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ivtlr_jax.data import build_tiny_qwen2vl_processor
+    from ivtlr_jax.data.tokenizer import build_processor, save_processor
+
+    qwen2 = build_tiny_qwen2vl_processor(folder, corpus, vocab_size=vocab_size)
+    images = Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                      min_pixels=64 * 64, max_pixels=max_pixels)
+    processor = build_processor(Qwen3VLProcessor, image_processor=images, tokenizer=qwen2.tokenizer,
+                                video_processor=None, chat_template=qwen2.chat_template)
+    save_processor(processor, folder)
+    return processor

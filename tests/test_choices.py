@@ -14,6 +14,7 @@ from ivtlr_jax.config import Batching, ConfigError, InferenceSettings, LossScale
 from ivtlr_jax.data import Dataset, PromptFormat
 from ivtlr_jax.latent import LatentGrad, PatchOrder, Rope
 from ivtlr_jax.models.common.attention import AttentionImpl
+from ivtlr_jax.models.common.images import ImageResize
 from ivtlr_jax.models.common.run_options import Remat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHOICES = {"model.remat": ("full", Remat), "model.attention_impl": ("fused", AttentionImpl),
            "latent.patch_order": ("position", PatchOrder), "latent.latent_grad": ("full", LatentGrad),
            "latent.rope": ("mrope", Rope), "data.dataset": ("scienceqa", Dataset),
+           "data.image_resize": ("processor", ImageResize),
            "optim.schedule": ("cosine", Schedule), "optim.loss_scale": ("token_mean", LossScale),
            "eval.batching": ("static", Batching), "eval.prompt_format": ("official", PromptFormat)}
 
@@ -81,13 +83,18 @@ def test_infer_lists_the_batching_choices_as_strings(tmp_path):
     assert "invalid choice: 'dynamic' (choose from 'auto', 'static', 'continuous')" in proc.stderr
 
 
-def test_an_eval_config_parses_its_choices_as_the_sections_do(tmp_path):
-    from ivtlr_jax.eval.run import EvalConfig, eval_config_from_run
+def test_an_eval_config_holds_the_run_configs_sections_and_parses_a_changed_choice(tmp_path):
+    from ivtlr_jax.eval.run import eval_config_from_run
 
-    cfg = eval_config_from_run(load_config(_config(tmp_path)))
-    assert (type(cfg.patch_order), type(cfg.rope), type(cfg.attention_impl), type(cfg.batching),
-            type(cfg.prompt_format)) == (PatchOrder, Rope, AttentionImpl, Batching, PromptFormat)
-    assert (cfg.patch_order, cfg.batching, cfg.prompt_format) == ("position", "static", "official")
-    with pytest.raises(ConfigError, match=r"^eval config: batching: 'dynamic' is not allowed; choose one of "
+    run = load_config(_config(tmp_path))
+    cfg = eval_config_from_run(run)
+    assert (cfg.data, cfg.latent, cfg.model, cfg.eval) == (run.data, run.latent, run.model, run.eval)
+    changed = eval_config_from_run(run, latent=dict(rope="mrope"), model=dict(attention_impl="fused"),
+                                   eval=dict(batching="continuous", prompt_format="train"))
+    assert (type(changed.latent.rope), type(changed.model.attention_impl), type(changed.eval.batching),
+            type(changed.eval.prompt_format)) == (Rope, AttentionImpl, Batching, PromptFormat)
+    assert (changed.latent.patch_order, changed.eval.batching, changed.eval.prompt_format) == (
+        PatchOrder.POSITION, "continuous", "train")  # the run's patch order kept
+    with pytest.raises(ConfigError, match=r"^eval config: eval.batching: 'dynamic' is not allowed; choose one of "
                                           r"\['auto', 'continuous', 'static'\]$"):
-        EvalConfig("m3cot", "x", batching="dynamic")
+        eval_config_from_run(run, eval=dict(batching="dynamic"))

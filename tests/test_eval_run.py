@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from ivtlr_jax.config import DataSection, EvalSection, LatentSection, ModelSection
 from ivtlr_jax.demo import prepare
 from ivtlr_jax.eval import run as eval_run
 from ivtlr_jax.eval import setup as output_setup
@@ -56,10 +57,12 @@ def assets(tmp_path_factory):
     return root
 
 
-def eval_cfg(assets: Path, **kw) -> EvalConfig:
-    base = dict(dataset="m3cot", source=str(assets / "data"), split="test", num_selected_patches=4, batch_size=4,
-                max_new_tokens=6, length_buckets=(256, 384), dtype="float32")
-    return EvalConfig(**{**base, **kw})
+def eval_cfg(assets: Path, **changes) -> EvalConfig:
+    """The tests' evaluation (float32, K=4, 6 new tokens) with `changes` as `EvalConfig.replace` takes them."""
+    base = EvalConfig(DataSection(source=str(assets / "data"), eval_split="test"),
+                      LatentSection(num_selected_patches=4), ModelSection(dtype="float32", param_dtype="float32"),
+                      EvalSection(batch_size=4, max_new_tokens=6, length_buckets=(256, 384)))
+    return base.replace(**changes)
 
 
 def lines(path: Path) -> list[dict]:
@@ -77,7 +80,7 @@ def one_device(assets, tmp_path_factory):
 def test_four_devices_write_the_records_of_one_device(assets, one_device, tmp_path):
     out1, summary1 = one_device
     out4 = tmp_path / "eval4.jsonl"  # static batches, their rows split over the devices
-    summary4 = evaluate(assets / "model", eval_cfg(assets, batching="static"), out4,
+    summary4 = evaluate(assets / "model", eval_cfg(assets, eval=dict(batching="static")), out4,
                         save_attention=tmp_path / "pictures", **QUIET)
     assert (summary1["devices"], summary4["devices"], summary4["batching"]) == (1, 4, "static")
     one, four = lines(out1), lines(out4)
@@ -101,7 +104,7 @@ def test_continuous_batching_writes_the_records_of_one_at_a_time(assets, one_dev
     in the examples' order."""
     out1, summary1 = one_device
     assert summary1["batching"] == "continuous"
-    static = lambda **kw: eval_cfg(assets, devices=1, batch_size=1, batching="static", **kw)
+    static = lambda new=6: eval_cfg(assets, devices=1, eval=dict(batch_size=1, batching="static", max_new_tokens=new))
     alone = tmp_path / "alone.jsonl"
     summary = evaluate(assets / "model", static(), alone, **QUIET)
     assert summary["batching"] == "static" and alone.read_text() == out1.read_text()
@@ -117,14 +120,14 @@ def test_continuous_batching_writes_the_records_of_one_at_a_time(assets, one_dev
         return processor
 
     monkeypatch.setattr(eval_run, "load_processor", spying_processor)
-    evaluate(assets / "model", static(max_new_tokens=12), tmp_path / "free.jsonl", **QUIET)
+    evaluate(assets / "model", static(12), tmp_path / "free.jsonl", **QUIET)
     eos = next(a[2] for a in answers if a[2] not in a[:2])  # an EOS that ends one answer after 2 tokens
     real = eval_run.special_tokens
     monkeypatch.setattr(eval_run, "special_tokens",
                         lambda processor: dataclasses.replace(real(processor), eos_token_id=eos))
     alone_eos, continuous = tmp_path / "alone_eos.jsonl", tmp_path / "continuous.jsonl"
-    evaluate(assets / "model", static(max_new_tokens=12), alone_eos, **QUIET)
-    cfg = eval_cfg(assets, devices=1, batch_size=2, batching="continuous", max_new_tokens=12)
+    evaluate(assets / "model", static(12), alone_eos, **QUIET)
+    cfg = eval_cfg(assets, devices=1, eval=dict(batch_size=2, batching="continuous", max_new_tokens=12))
     evaluate(assets / "model", cfg, continuous, **QUIET)
     lengths = [r["generated_tokens"] for r in lines(alone_eos)]
     assert min(lengths) < 12 and len(set(lengths)) > 1, lengths  # rows finish at different steps
@@ -141,13 +144,26 @@ def test_continuous_batching_on_four_devices_writes_the_records_of_one(assets, o
     assert (summary1["devices"], summary4["devices"], summary4["rows_per_batch"]) == (1, 4, 4)
     assert len(lines(out4)) == 6 and out4.read_text() == out1.read_text()
     slots8 = tmp_path / "slots8.jsonl"  # two slots per device
-    evaluate(assets / "model", eval_cfg(assets, batch_size=8, batching="continuous"), slots8, **QUIET)
+    evaluate(assets / "model", eval_cfg(assets, eval=dict(batch_size=8, batching="continuous")), slots8, **QUIET)
     assert slots8.read_text() == out1.read_text()
 
 
-def test_an_unknown_batching_is_refused(assets):
-    with pytest.raises(ValueError, match=r"batching: 'dynamic' is not allowed"):
-        eval_cfg(assets, batching="dynamic")
+def test_an_eval_config_changes_one_setting_in_its_section_and_refuses_bad_ones(assets):
+    """`replace` changes the keys named under a section and keeps the section's others; a bad value is refused
+    by the section's check, named as its run config key; a key outside any section is a TypeError."""
+    cfg = eval_cfg(assets, eval=dict(batching="static"), latent=dict(rope="mrope"), limit=3)
+    assert (cfg.eval.batching, cfg.eval.batch_size, cfg.latent.rope, cfg.latent.num_selected_patches, cfg.limit) == (
+        "static", 4, "mrope", 4, 3)
+    assert type(cfg.eval.batching).__name__ == "Batching" and cfg.model == eval_cfg(assets).model
+    with pytest.raises(ValueError, match=r"^eval config: eval\.batching: 'dynamic' is not allowed"):
+        eval_cfg(assets, eval=dict(batching="dynamic"))
+    with pytest.raises(ValueError, match=r"^eval config: eval: unknown key\(s\) \['batch_sise'\] \(did you mean "
+                                         r"'batch_size'\?\)"):
+        eval_cfg(assets, eval=dict(batch_sise=2))
+    with pytest.raises(TypeError, match=r"unknown key\(s\) \['batch_size'\]; a section's keys go under its name"):
+        eval_cfg(assets, batch_size=2)
+    with pytest.raises(ValueError, match=r"^eval config: devices: 0 must be >= 1"):
+        eval_cfg(assets, devices=0)
 
 
 def test_resume_redoes_a_torn_last_line_and_counts_the_rest_as_done(assets, one_device, tmp_path, disk_calls):
@@ -186,11 +202,12 @@ def test_an_output_of_another_setup_is_refused(assets, one_device, tmp_path):
 
     copy_output()
     with pytest.raises(EvalSetupError, match=r"prompt_format: 'train' in the output, 'official' now"):
-        evaluate(assets / "model", eval_cfg(assets, prompt_format="official"), out, **QUIET)
+        evaluate(assets / "model", eval_cfg(assets, eval=dict(prompt_format="official")), out, **QUIET)
     with pytest.raises(EvalSetupError, match=r"dtype: 'float32' in the output, 'bfloat16' now"):
-        evaluate(assets / "model", eval_cfg(assets, dtype="bfloat16"), out, **QUIET)
+        evaluate(assets / "model", eval_cfg(assets, model=dict(dtype="bfloat16", param_dtype="bfloat16")), out, **QUIET)
     with pytest.raises(EvalSetupError, match=r"num_latents: 3 in the output, 2 now.*num_selected_patches: 4"):
-        evaluate(assets / "model", eval_cfg(assets, num_latents=2, num_selected_patches=3), out, **QUIET)
+        evaluate(assets / "model", eval_cfg(assets, eval=dict(num_latents=2), latent=dict(num_selected_patches=3)),
+                 out, **QUIET)
     # another model (e.g. stage_0 where stage_3 wrote the output): its weights differ
     other = tmp_path / "stage_0"
     shutil.copytree(assets / "model", other)
@@ -235,19 +252,34 @@ def test_the_run_configs_dtype_reaches_the_model(assets, tmp_path, monkeypatch):
 
     monkeypatch.setattr(eval_run, "from_pretrained", fake_from_pretrained)
     with pytest.raises(Stop):
-        evaluate(assets / "model", eval_cfg(assets, dtype="bfloat16", param_dtype="float32", attention_impl="fused"),
-                 tmp_path / "e.jsonl", **QUIET)
+        evaluate(assets / "model", eval_cfg(assets, model=dict(dtype="bfloat16", param_dtype="float32",
+                                                               attention_impl="fused")), tmp_path / "e.jsonl", **QUIET)
     assert (str(loaded["dtype"]), str(loaded["param_dtype"]), loaded["attention_impl"]) == ("bfloat16", "float32",
                                                                                             "fused")
     # a setup with fused attention says so (it rounds otherwise in bf16); the default one keeps its old keys
-    assert output_setup.eval_setup(assets / "model", eval_cfg(assets, attention_impl="fused"), SamplingConfig()
-                               )["attention_impl"] == "fused"
-    assert "attention_impl" not in output_setup.eval_setup(assets / "model", eval_cfg(assets), SamplingConfig())
+    setup_of = lambda **changes: output_setup.eval_setup(assets / "model", eval_cfg(assets, **changes),
+                                                         SamplingConfig(max_new_tokens=6))
+    assert setup_of(model=dict(attention_impl="fused"))["attention_impl"] == "fused"
+    assert setup_of(latent=dict(patch_deepstack=False))["patch_deepstack"] is False
+    # the keys, order and values older outputs hold (they still resume), each value set apart from the others
+    written = setup_of(eval=dict(num_latents=2, prompt_format="official"), model=dict(param_dtype="bfloat16"),
+                       latent=dict(num_selected_patches=5, patch_order="position", rope="mrope"), limit=7)
+    assert list(written) == ["version", "model", "weights_fingerprint", "dataset", "source", "split",
+                             "data_fingerprint", "prompt_format", "num_latents", "num_selected_patches", "patch_order",
+                             "rope", "dtype", "param_dtype", "max_new_tokens", "temperature", "top_p", "limit"]
+    assert json.dumps({k: v for k, v in written.items() if "fingerprint" not in k and k not in ("model", "source")}) \
+        == ('{"version": 2, "dataset": "m3cot", "split": "test", "prompt_format": "official", "num_latents": 2, '
+            '"num_selected_patches": 5, "patch_order": "position", "rope": "mrope", "dtype": "float32", '
+            '"param_dtype": "bfloat16", "max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "limit": 7}')
+    # so does one whose images the processor sized (data.image_resize); the default one keeps its old keys
+    assert setup_of(data=dict(image_resize="processor"))["image_resize"] == "processor"
+    assert "image_resize" not in setup_of() and "attention_impl" not in setup_of()
     with pytest.raises(ValueError, match=r"attention_impl: 'flash' is not allowed; choose one of \['fused', 'xla'\]"):
-        EvalConfig("m3cot", "x", attention_impl="flash")
-    assert EvalConfig("m3cot", "x").dtype == "bfloat16"  # the official evaluation's precision by default
+        eval_cfg(assets, model=dict(attention_impl="flash"))
+    default = EvalConfig(DataSection(source="x")).model  # the official evaluation's precision by default
+    assert (default.dtype, default.param_dtype) == ("bfloat16", "bfloat16")
     with pytest.raises(ValueError, match=r"dtype: 'fp8' is not allowed; choose one of \['bfloat16', 'float16'"):
-        EvalConfig("m3cot", "x", dtype="fp8")
+        eval_cfg(assets, model=dict(dtype="fp8"))
     with pytest.raises(ValueError, match="devices=8 but only 4 local devices"):
         evaluate(assets / "model", eval_cfg(assets, devices=8), tmp_path / "e8.jsonl", **QUIET)
     assert not (tmp_path / "e8.jsonl").exists()
@@ -288,8 +320,9 @@ def test_infer_takes_overrides_dtype_and_devices(assets, tmp_path, monkeypatch, 
     base = ["--config", str(config), "--checkpoint", str(assets / "model")]
     infer.main(base)
     cfg, out = calls[-1]
-    assert (cfg.dtype, cfg.storage_dtype, cfg.devices) == ("bfloat16", "bfloat16", None)  # the run config's
-    assert (cfg.num_selected_patches, cfg.patch_order, cfg.scan_layers) == (4, "position", False)
+    assert (cfg.model.dtype, cfg.model.param_dtype, cfg.devices) == ("bfloat16", "bfloat16", None)  # the run config's
+    assert (cfg.latent.num_selected_patches, cfg.latent.patch_order, cfg.model.scan_layers) == (4, "position", False)
+    assert (cfg.data.eval_split, cfg.eval.batch_size, cfg.limit) == ("test", 8, None)
     assert out == assets / "model" / "eval_test.jsonl"
     # a stage export's output goes beside it (a re-export replaces the folder); a hub id's cannot shadow it
     monkeypatch.chdir(tmp_path)
@@ -302,9 +335,13 @@ def test_infer_takes_overrides_dtype_and_devices(assets, tmp_path, monkeypatch, 
     assert calls[-1][1] == Path("evals/Qwen--Qwen2-VL-7B-Instruct/eval_test.jsonl") and not Path("Qwen").exists()
     infer.main([*base, "model.dtype=float16", "latent.num_selected_patches=2", "--devices", "1"])
     cfg, _ = calls[-1]
-    assert (cfg.dtype, cfg.storage_dtype, cfg.num_selected_patches, cfg.devices) == ("float16", "bfloat16", 2, 1)
-    infer.main([*base, "--dtype", "float32"])
-    assert (calls[-1][0].dtype, calls[-1][0].storage_dtype) == ("float32", "float32")
+    assert (cfg.model.dtype, cfg.model.param_dtype, cfg.latent.num_selected_patches, cfg.devices) == (
+        "float16", "bfloat16", 2, 1)
+    infer.main([*base, "--dtype", "float32", "--split", "dev", "--batch-size", "3", "--limit", "5"])
+    cfg, out = calls[-1]
+    assert (cfg.model.dtype, cfg.model.param_dtype, cfg.data.eval_split, cfg.eval.batch_size, cfg.limit) == (
+        "float32", "float32", "dev", 3, 5)
+    assert out == assets / "model" / "eval_dev.jsonl" and cfg.eval.num_latents == 3  # the section's default
     capsys.readouterr()
     with pytest.raises(SystemExit):
         infer.main([*base, "--dtype", "fp8"])
@@ -361,8 +398,8 @@ def test_infer_takes_its_defaults_from_the_eval_section_and_refuses_bad_ones(ass
     out = tmp_path / "o.jsonl"
     base = ["--config", str(write_run_config(tmp_path, assets, "float32")), "--checkpoint", str(assets / "model"),
             "--out", str(out)]
-    cases = {"eval config: num_latents: -1 must be >= 0": ["--latents", "-1"],
-             "eval config: batch_size: 0 must be >= 1": ["--batch-size", "0"],
+    cases = {"eval config: eval.num_latents: -1 must be >= 0": ["--latents", "-1"],
+             "eval config: eval.batch_size: 0 must be >= 1": ["--batch-size", "0"],
              "command line 'eval.max_new_tokens=0': eval.max_new_tokens: 0 must be >= 1": ["eval.max_new_tokens=0"]}
     for message, options in cases.items():
         with pytest.raises(SystemExit) as exit_:
@@ -411,7 +448,7 @@ def test_a_reordered_scienceqa_source_resumes_each_record_under_its_question(ass
     resumed output under its own question when the source was reordered meanwhile (ids by position put
     the old answers under new questions); an edited row is refused naming the data's fingerprint."""
     source = scienceqa_source(assets, tmp_path / "sqa")
-    cfg = eval_cfg(assets, dataset="scienceqa", source=str(source), devices=1)
+    cfg = eval_cfg(assets, data=dict(dataset="scienceqa", source=str(source)), devices=1)
     out = tmp_path / "eval.jsonl"
     evaluate(assets / "model", cfg, out, **QUIET)
     out.write_text("".join(out.read_text().splitlines(keepends=True)[:2]))  # stopped after 2 records

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ivtlr_jax.config import load_config
+from ivtlr_jax.config import DataSection, EvalSection, LatentSection, ModelSection, load_config
 from ivtlr_jax.demo import prepare
 from ivtlr_jax.eval.run import EvalConfig, evaluate
 from ivtlr_jax.eval.setup import setup_path
@@ -154,8 +154,9 @@ def runs(assets, tmp_path_factory):
     model = tmp / "eval_model"
     shutil.copytree(assets / "model", model)
     scale_weights(model)  # outputs that depend on the input
-    eval_cfg = EvalConfig("m3cot", str(assets / "data"), "test", num_selected_patches=4, batch_size=4,
-                          max_new_tokens=6, dtype="float32")  # what infer.py makes of eval.yaml below
+    eval_cfg = EvalConfig(DataSection(source=str(assets / "data"), eval_split="test"),  # infer.py's of eval.yaml below
+                          LatentSection(num_selected_patches=4), ModelSection(dtype="float32", param_dtype="float32"),
+                          EvalSection(batch_size=4, max_new_tokens=6))
     evaluate(model, eval_cfg, tmp / "eval1.jsonl", log=quiet)
     records = (tmp / "eval1.jsonl").read_text().splitlines(keepends=True)
     shutil.copy(setup_path(tmp / "eval1.jsonl"), setup_path(tmp / "eval2.jsonl"))

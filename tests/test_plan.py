@@ -152,3 +152,17 @@ def test_the_breakdown_reads_xla_buffers_by_part():
     assert got.gpu_estimate_bytes == 2112 - 640  # both sources (w.1, while.3{1}) are live at the peak
     without_source = peak_breakdown(HLO, LIVE.replace("    while.3{1}: 256 bytes (cumulative: 576 bytes)\n", ""))
     assert without_source.gpu_estimate_bytes == 1856 - 640 + 256  # a GPU keeps while.3{1}'s bf16 instead
+
+
+def test_generation_plans_the_runs_deepstack_choice(tiny_qwen3vl, tmp_path):
+    """plan_generate compiles the run's latent settings as plan_train does: latent.patch_deepstack false zeroes
+    the inserted patch copies' DeepStack columns (`latent.patch_copies`), work XLA counts in the program."""
+    def plan(deepstack: bool):
+        path = tmp_path / f"plan_{deepstack}.yaml"
+        path.write_text(yaml.safe_dump({"model": {"model_id": str(tiny_qwen3vl[0])},
+                                        "latent": {"num_selected_patches": 4, "patch_deepstack": deepstack}}))
+        return plan_generate(load_config(path), {"data": 1, "fsdp": 4, "tensor": 1}, batch=4, new_tokens=2,
+                             num_latents=1, count_flops=False)
+
+    kept, zeroed = plan(True), plan(False)
+    assert zeroed.flops_scanned > kept.flops_scanned > 0

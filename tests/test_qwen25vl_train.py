@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ivtlr_jax.config import load_config
+from ivtlr_jax.config import DataSection, EvalSection, LatentSection, ModelSection, load_config
 from ivtlr_jax.train.loop import train
 from tests.test_train_loop import assert_metrics_once_per_step, assert_same_export, final_params
 
@@ -136,8 +136,10 @@ def test_qwen25vl_resumed_run_equals_uninterrupted_run_and_evaluates(assets, tmp
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 
     out = tmp_path / "eval.jsonl"
-    summary = evaluate(export, EvalConfig("m3cot", str(assets[0]), "test", num_latents=1, num_selected_patches=4,
-                                          batch_size=4, max_new_tokens=6, limit=4, dtype="float32"), out, log=quiet)
+    eval_cfg = EvalConfig(DataSection(source=str(assets[0]), eval_split="test"), LatentSection(num_selected_patches=4),
+                          ModelSection(dtype="float32", param_dtype="float32"),
+                          EvalSection(num_latents=1, batch_size=4, max_new_tokens=6), limit=4)
+    summary = evaluate(export, eval_cfg, out, log=quiet)
     assert summary["examples"] == 4 and 0.0 <= summary["accuracy_strict"] <= 1.0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4 and all(len(step) == 4 for r in records for step in r["selected_patches"])

@@ -31,23 +31,14 @@ def prepare_assets(root: Path) -> tuple[Path, Path]:
     """(data folder, model folder): generated data, a tiny BPE in a Qwen3VLProcessor, and a tiny random
     Qwen3-VL with that vocabulary saved as a Hugging Face folder (model_type qwen3_vl)."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from ivtlr_jax.data import (build_tiny_qwen2vl_processor, make_synthetic_m3cot, special_tokens,
-                                synthetic_corpus, synthetic_rows)
-    from ivtlr_jax.data.tokenizer import build_processor, save_processor
+    from ivtlr_jax.data import make_synthetic_m3cot, special_tokens, synthetic_corpus, synthetic_rows
 
     data, model_dir = root / "data", root / "model"
     make_synthetic_m3cot(data, NUM_TRAIN, NUM_TEST, seed=1, image_size=84, fixed_choices=True)
     corpus = synthetic_corpus(synthetic_rows(NUM_TRAIN, 1, "train", 84, fixed_choices=True))
-    qwen2 = build_tiny_qwen2vl_processor(model_dir, corpus, vocab_size=400)
-    # Qwen3-VL's image processing: patches of 16 pixels, mean and std 0.5 (images are resized to 320x320)
-    images = Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                      min_pixels=64 * 64, max_pixels=320 * 320)
-    processor = build_processor(Qwen3VLProcessor, image_processor=images, tokenizer=qwen2.tokenizer,
-                                video_processor=None, chat_template=qwen2.chat_template)
-    save_processor(processor, model_dir)
+    processor = hf_tiny.build_qwen3vl_processor(model_dir, corpus)  # images are resized to 320x320
     ids = dataclasses.asdict(special_tokens(processor))
     torch.manual_seed(0)
     config = Qwen3VLConfig(

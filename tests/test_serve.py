@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from ivtlr_jax.config import DataSection, EvalSection, LatentSection, ModelSection
 from ivtlr_jax.demo import prepare
 from ivtlr_jax.eval.run import EvalConfig, evaluate
 from ivtlr_jax.generate import ivtlr_generate
@@ -75,8 +76,9 @@ def test_predictor_gives_a_dataset_row_the_tokens_of_infer(assets, predictor, tm
     generate exactly the text and patches `infer.py`'s evaluation writes for them (the same settings)."""
     root, rows = assets
     out = tmp_path / "eval.jsonl"
-    cfg = EvalConfig(dataset="m3cot", source=str(root / "data"), split="test", num_selected_patches=4, batch_size=4,
-                     max_new_tokens=12, dtype="float32", devices=1)
+    cfg = EvalConfig(DataSection(source=str(root / "data"), eval_split="test"), LatentSection(num_selected_patches=4),
+                     ModelSection(dtype="float32", param_dtype="float32"), EvalSection(batch_size=4, max_new_tokens=12),
+                     devices=1)
     evaluate(root / "model", cfg, out, log=lambda *_: None)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     answers = predictor.predict([Question(r["image"]["bytes"], r["question"], r["choices"]) for r in rows],

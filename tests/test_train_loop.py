@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
-from ivtlr_jax.config import load_config
+from ivtlr_jax.config import DataSection, EvalSection, LatentSection, load_config
 from ivtlr_jax.demo import prepare
 from ivtlr_jax.io.lock import lock_path, output_lock, read_holder
 from ivtlr_jax.train.loop import RunFolderError, train
@@ -285,13 +285,12 @@ def test_chameleon_trains_exports_and_evaluates(tmp_path):
     }))
     result = train(load_config(cfg_path), log=lambda *_: None)
     assert result.steps == 4 and len(result.exports) == 2 and all(np.isfinite(result.losses))
-    summary = evaluate(result.exports[-1], EvalConfig("m3cot", str(data), "test", num_latents=1, num_selected_patches=4,
-                                                      batch_size=4, max_new_tokens=6), tmp_path / "eval.jsonl",
-                       log=lambda *_: None)
+    eval_cfg = EvalConfig(DataSection(source=str(data), eval_split="test"), LatentSection(num_selected_patches=4),
+                          eval=EvalSection(num_latents=1, batch_size=4, max_new_tokens=6))
+    summary = evaluate(result.exports[-1], eval_cfg, tmp_path / "eval.jsonl", log=lambda *_: None)
     assert summary["examples"] == 4 and 0.0 <= summary["accuracy_strict"] <= 1.0
     # the official evaluation prompt: BOS and image markers before [Question]:, separator after the latents
-    official_cfg = EvalConfig("m3cot", str(data), "test", num_latents=1, num_selected_patches=4, batch_size=4,
-                              max_new_tokens=6, prompt_format="official")
+    official_cfg = eval_cfg.replace(eval=dict(prompt_format="official"))
     official = evaluate(result.exports[-1], official_cfg, tmp_path / "eval_official.jsonl", log=lambda *_: None)
     assert official["examples"] == 4 and official["prompt_format"] == "official"
     records = [json.loads(line) for line in (tmp_path / "eval_official.jsonl").read_text().splitlines()]

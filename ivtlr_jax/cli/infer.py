@@ -100,16 +100,16 @@ def run(p: argparse.ArgumentParser, args, prog: str) -> None:
     except (ConfigError, FileNotFoundError) as err:  # a bad or missing config: one line
         fail(p, f"{prog}: error: {err}\n")
     enable_compilation_cache(log=print)
-    split = args.split or cfg.data.eval_split
-    out = Path(args.out) if args.out else default_output(args.checkpoint, split)
-    dtypes = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
-    options = dict(num_latents=args.latents, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                   prompt_format=args.prompt_format, batching=args.batching)  # None: the config's eval section
+    given = lambda **options: {k: v for k, v in options.items() if v is not None}  # None: the config's
     try:
-        eval_cfg = eval_config_from_run(cfg, split=split, limit=args.limit, devices=args.devices, **dtypes,
-                                        **{k: v for k, v in options.items() if v is not None})
+        eval_cfg = eval_config_from_run(
+            cfg, limit=args.limit, devices=args.devices, data=given(eval_split=args.split or None),
+            model=given(dtype=args.dtype, param_dtype=args.dtype),
+            eval=given(num_latents=args.latents, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       prompt_format=args.prompt_format, batching=args.batching))
     except ConfigError as err:  # an option out of range (--batch-size 0): one line
         fail(p, f"{prog}: error: {err}\n")
+    out = Path(args.out) if args.out else default_output(args.checkpoint, eval_cfg.data.eval_split)
     try:
         evaluate(args.checkpoint, eval_cfg, out, save_attention=args.save_attention, events=cfg.log)
     # another setup's output, a damaged one, one in use; no such model folder or data source: one line

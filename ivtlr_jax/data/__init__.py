@@ -26,6 +26,7 @@ from .collate import DEFAULT_LENGTH_BUCKETS, DEFAULT_PREFIX_BUCKETS, LatentShape
 from .curriculum import CurriculumConfig, epoch_order, num_latents, stage_of_epoch, stage_tokens
 from .examples import (
     Example,
+    ImageResize,
     open_image,
     LazyImage,
     SkipReport,
@@ -178,8 +179,8 @@ def _batch_rows(batch: dict) -> Iterator[dict]:
 # ---- rows -> examples ---------------------------------------------------------------------------------
 def load_examples(dataset: str, source: str, split: str, processor, family: str, *, max_length: int | None = None,
                   limit: int | None = None, num_image_tokens=None, lazy_images: bool = True,
-                  prompt_format: str = "train",
-                  image_root: str | Path | None = None) -> tuple[list[Example], SkipReport]:
+                  prompt_format: str = "train", image_root: str | Path | None = None,
+                  image_resize: ImageResize = ImageResize.SQUARE) -> tuple[list[Example], SkipReport]:
     """Load a split of M3CoT or ScienceQA as tokenized examples for a model family.
 
     processor: the model folder's processor (Qwen2VLProcessor / ChameleonProcessor; see
@@ -188,7 +189,9 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     question + answer alone exceed it are skipped ("too_long"). limit: stop after this many kept
     examples (rows in split order). num_image_tokens: qwen2vl, the number of merged image tokens
     of the square resize (default 100 = 280x280); chameleon, the `<image>` run length (default
-    processor.image_seq_length). lazy_images: keep only the encoded image bytes and process them on
+    processor.image_seq_length). image_resize: "square" (the official fixed square, above) or "processor"
+    (Qwen families: the processor's own rules size each image, so rows have their own image token
+    counts; `ImageResize`). lazy_images: keep only the encoded image bytes and process them on
     access (a `LazyImage`); False keeps the processed arrays in memory (a dict). prompt_format: "train"
     (docs/method.md section 14, the default for training and evaluation) or "official" (the official evaluation
     scripts' prompts, docs/method.md section 21: M3CoT `A.{...}` options and `Answer:` without a newline; ScienceQA a
@@ -202,7 +205,7 @@ def load_examples(dataset: str, source: str, split: str, processor, family: str,
     if prompt_format not in set(PromptFormat):
         raise ValueError(f"unknown prompt_format {prompt_format!r}; choose from {names(PromptFormat)}")
     module = DATASETS[dataset]
-    encoder = make_encoder(family, processor, num_image_tokens)
+    encoder = make_encoder(family, processor, num_image_tokens, image_resize)
     tokenizer = tokenizer_of(processor)
     cap = family_named(family).max_length if max_length is None else int(max_length)
     report = SkipReport()

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from ..models import family_named
-from ..models.common.images import blend_rgba, decode_image, to_rgb, tokenizer_of  # noqa: F401 (re-exported)
+from ..models.common.images import (ImageResize, blend_rgba, decode_image, to_rgb,  # noqa: F401 (re-exported)
+                                    tokenizer_of)
 
 ANSWER_PREFIX = "Therefore, the answer is "
 
@@ -309,9 +310,10 @@ def materialize(image: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # ---- the families' prompt encoders --------------------------------------------------------------------
-def make_encoder(family: str, processor, num_image_tokens=None):
-    """The prompt encoder of a model family, by its registry name ("qwen2vl", "qwen25vl", "chameleon")."""
-    return family_named(family).encoder(processor, num_image_tokens)
+def make_encoder(family: str, processor, num_image_tokens=None, image_resize: ImageResize = ImageResize.SQUARE):
+    """The prompt encoder of a model family, by its registry name ("qwen2vl", "qwen25vl", "chameleon");
+    `image_resize`: the official fixed square or the processor's own rules (`ImageResize`)."""
+    return family_named(family).encoder(processor, num_image_tokens, image_resize)
 
 
 def encode_text_parts(tokenizer, steps: list[str], answer: str) -> tuple[list[list[int]], list[int]]:

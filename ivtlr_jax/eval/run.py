@@ -4,7 +4,7 @@
 Prompts are `question + <|latent|> x num_latents` in the training format (the default; docs/method.md section 17),
 left-padded to a length bucket so that batches compile once per bucket.
 
-- Batching (`EvalConfig.batching`): "continuous" keeps `batch_size` rows decoding and gives a finished
+- Batching (`EvalConfig.eval.batching`): "continuous" keeps `batch_size` rows decoding and gives a finished
   row's slot to the next example (ivtlr_jax/continuous.py; each prompt padded to its own bucket, the
   prompts of a bucket started `batch_size` at a time; the slots split over the local devices, each
   decoding slots / devices of them with the same jitted step); "static" runs batches of `batch_size`
@@ -14,8 +14,8 @@ left-padded to a length bucket so that batches compile once per bucket.
   every process's slots). Either way a
   record is the one a batch of one writes, up to rounding (as with any batch size; in float32 the
   tests find them equal), and records are written in the examples' order.
-- Precision: the model runs in `EvalConfig.dtype` (the run config's `model.dtype`; the official
-  evaluation uses bfloat16) with its weights stored in `param_dtype` (default: the same).
+- Precision: the model runs in `EvalConfig.model.dtype` (the run config's `model.dtype`; the official
+  evaluation uses bfloat16) with its weights stored in `model.param_dtype`.
 - Devices: each batch's rows are split over the local devices (a 1-D `data` mesh, parameters
   replicated); a short batch is filled with copies of its last row, whose outputs are dropped. Rows
   are independent, so in float32 the records equal a one-device run's (`EvalConfig.devices=1`); in
@@ -51,10 +51,8 @@ from ..data.examples import fewest_image_tokens
 from ..data.collate import left_padded_positions, smallest_bucket, stack_images
 from ..continuous import generate_continuous
 from ..generate import SamplingConfig, ivtlr_generate
-from ..latent import LatentConfig, PatchOrder, Rope
-from ..config import Batching, ConfigError, DataSection, EvalSection, LatentSection, ModelSection
-from ..data import PromptFormat
-from ..models.common.attention import AttentionImpl
+from ..latent import LatentConfig
+from ..config import ConfigError, DataSection, EvalSection, LatentSection, ModelSection, flat_items, replaced, to_dict
 from ..io import from_pretrained, resolve_folder
 from ..io.atomic import write_atomic
 from ..io.durable import LineLog
@@ -66,62 +64,48 @@ from .setup import INFORMATIVE_KEYS, EvalSetupError, eval_setup, prepare_output,
 from .scoring import m3cot_official_correct, m3cot_strict_prediction, scienceqa_prediction
 from .viz import draw_selection, picture_as_seen
 
+SECTIONS = ("data", "latent", "model", "eval")  # EvalConfig's fields that are the run config's sections
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """One evaluation: the data, the run config's latent and model settings it uses, its `eval` section, and
-    what a command alone decides (limit, devices). Each field's default and check is its section's in
-    config.py (`LatentSection`, `ModelSection`, `EvalSection`); `eval_config_from_run` fills them from a run."""
-    dataset: str
-    source: str
-    split: str = DataSection.eval_split
-    num_latents: int = EvalSection.num_latents
-    num_selected_patches: int = LatentSection.num_selected_patches
-    patch_order: PatchOrder = LatentSection.patch_order
-    rope: Rope = LatentSection.rope
-    patch_deepstack: bool = LatentSection.patch_deepstack  # Qwen3-VL: the patch copies keep their DeepStack features
-    batch_size: int = EvalSection.batch_size  # rows per batch over all devices (rounded up to a multiple of them)
-    max_new_tokens: int = EvalSection.max_new_tokens
-    limit: int | None = None
-    length_buckets: tuple[int, ...] = EvalSection.length_buckets
-    scan_layers: bool = ModelSection.scan_layers  # see DecoderLM
-    attention_impl: AttentionImpl = ModelSection.attention_impl  # see DecoderLM
-    prompt_format: PromptFormat = EvalSection.prompt_format
-    dtype: str = ModelSection.dtype  # compute dtype (docs/method.md section 16: the official evaluation: bfloat16)
-    param_dtype: str | None = None  # storage dtype of the weights (None: dtype)
+    """One evaluation: the run config's sections it reads (config.py: each setting's default and check is
+    there) and what a command alone decides. `data`: the dataset, source and `eval_split` (the split
+    evaluated); `latent`: K, patch order, RoPE, patch_deepstack; `model`: the compute dtype, the weights'
+    storage dtype (`param_dtype`), scan_layers, attention_impl; `eval`: the whole section. A test or a
+    command changes single settings with `replace` (`eval=dict(batch_size=4)`)."""
+    data: DataSection
+    latent: LatentSection = LatentSection()
+    model: ModelSection = ModelSection()
+    eval: EvalSection = EvalSection()
+    limit: int | None = None  # evaluate only the first N examples
     devices: int | None = None  # local devices to split each batch's rows over (None: all)
-    batching: Batching = EvalSection.batching  # module docstring
 
     def __post_init__(self):
-        try:  # the sections' own checks (and choice parsing)
-            latent = LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order,
-                                   rope=self.rope)
-            model = ModelSection(dtype=self.dtype, param_dtype=self.storage_dtype, attention_impl=self.attention_impl)
-            ev = EvalSection(num_latents=self.num_latents, batch_size=self.batch_size,
-                             max_new_tokens=self.max_new_tokens, batching=self.batching,
-                             prompt_format=self.prompt_format, length_buckets=self.length_buckets)
-            if self.devices is not None and self.devices < 1:
-                raise ConfigError(f"devices: {self.devices} must be >= 1 (or None for all local devices)")
+        if self.devices is not None and self.devices < 1:
+            raise ConfigError(f"eval config: devices: {self.devices} must be >= 1 (or None for all local devices)")
+
+    def replace(self, **changes) -> EvalConfig:
+        """This config with `changes`: `limit` or `devices`, a section, or a mapping of some of a section's keys
+        under its name (`eval=dict(batch_size=4), model=dict(dtype="float32")`; refused as a run config's keys
+        are, e.g. "eval config: eval.batch_size: 0 must be >= 1"). A mapping reads as the YAML's section does;
+        dotted keywords ("eval.batch_size") cannot be Python keywords."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"EvalConfig: unknown key(s) {unknown}; a section's keys go under its name "
+                            f"({', '.join(SECTIONS)}), e.g. eval=dict(batch_size=4)")
+        try:
+            sections = {name: replaced(getattr(self, name), value, name)
+                        for name, value in changes.items() if name in SECTIONS and isinstance(value, dict)}
         except ConfigError as e:
             raise ConfigError(f"eval config: {e}", e.keys) from None
-        for key, section in (("patch_order", latent), ("rope", latent), ("attention_impl", model),
-                             ("batching", ev), ("prompt_format", ev)):
-            object.__setattr__(self, key, getattr(section, key))
-
-    @property
-    def storage_dtype(self) -> str:
-        return self.param_dtype or self.dtype
+        return dataclasses.replace(self, **{**changes, **sections})
 
 
-def eval_config_from_run(cfg, **overrides) -> EvalConfig:
-    """An EvalConfig from a run configuration (`config.RunConfig`): its data, latent settings, layer
-    scanning, dtypes (`model.dtype`, `model.param_dtype`) and `eval` section; `overrides` replace any field."""
-    base = dict(dataset=cfg.data.dataset, source=cfg.data.source, split=cfg.data.eval_split,
-                num_selected_patches=cfg.latent.num_selected_patches, patch_order=cfg.latent.patch_order,
-                rope=cfg.latent.rope, patch_deepstack=cfg.latent.patch_deepstack, scan_layers=cfg.model.scan_layers,
-                attention_impl=cfg.model.attention_impl,
-                dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, **dataclasses.asdict(cfg.eval))
-    base.update(overrides)
-    return EvalConfig(**base)
+def eval_config_from_run(cfg, **changes) -> EvalConfig:
+    """An EvalConfig of a run configuration (`config.RunConfig`): its data, latent, model and eval sections;
+    `changes` as `EvalConfig.replace` takes them (`data=dict(eval_split="dev"), limit=16`)."""
+    return EvalConfig(cfg.data, cfg.latent, cfg.model, cfg.eval).replace(**changes)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, buckets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,8 +159,8 @@ def evaluate_output(model_dir: str | Path, cfg: EvalConfig, out_file: Path, *, s
         return distributed.broadcast_object(None, "eval_summary")
     summary = write_summary(run, out_file, elapsed, generated_tokens)
     log(result_line(summary))
-    log_evaluation(events, summary, run.model_dir, out_file, split=cfg.split, prompt_format=cfg.prompt_format,
-                   pictures_dir=save_attention)  # ivtlr_jax/events.py
+    log_evaluation(events, summary, run.model_dir, out_file, split=cfg.data.eval_split,
+                   prompt_format=cfg.eval.prompt_format, pictures_dir=save_attention)  # ivtlr_jax/events.py
     return distributed.broadcast_object(summary, "eval_summary")
 
 
@@ -209,7 +193,7 @@ class EvalRun:
         return slice(distributed.process_index() * share, (distributed.process_index() + 1) * share)
 
     def prompt_of(self, ex) -> list[int]:
-        return ex.question_ids + [self.latent.latent_token_id] * self.cfg.num_latents + ex.prompt_suffix
+        return ex.question_ids + [self.latent.latent_token_id] * self.cfg.eval.num_latents + ex.prompt_suffix
 
     def record_line(self, ex, tokens: np.ndarray, length: int, selected: np.ndarray, image: dict) -> str:
         """The JSON line of an example (its picture drawn with `save_attention`); selected [n, K] indexes its
@@ -217,12 +201,13 @@ class EvalRun:
         cfg, tok = self.cfg, self.tok
         generated = tok.decode(tokens[:length], skip_special_tokens=True)
         prompt_text = tok.decode(ex.question_ids + ex.prompt_suffix, skip_special_tokens=True)
-        record = score(cfg.dataset, ex, prompt_text, generated)
+        record = score(cfg.data.dataset, ex, prompt_text, generated)
         steps = image_patches(ex.question_ids, self.model.config.image_token_id, selected)
         record.update(selected_patches=steps, generated_tokens=int(length))
         if self.save_attention:
             save_picture(ex, image, steps, self.family, self.save_attention / f"{ex.id}.png", record=record,
-                         ranked=cfg.patch_order == "score", dataset=cfg.dataset, split=cfg.split)
+                         ranked=cfg.latent.patch_order == "score", dataset=cfg.data.dataset,
+                         split=cfg.data.eval_split)
         return json.dumps(record) + "\n"
 
 
@@ -231,11 +216,12 @@ def evaluation_devices(cfg: EvalConfig) -> tuple[ShardingRules, int, int, bool]:
     procs = distributed.process_count()
     mesh = eval_mesh(cfg.devices)
     devices = mesh.devices.size * procs
-    continuous = cfg.batching == "continuous" or (cfg.batching == "auto" and procs == 1)
+    batching = cfg.eval.batching
+    continuous = batching == "continuous" or (batching == "auto" and procs == 1)
     if continuous and procs > 1:
         raise EvalSetupError(f"eval config: batching='continuous' runs in one process (its slots split over that "
                          f"process's devices); this run has {procs} processes: set batching='static' or 'auto'")
-    rows = -(-cfg.batch_size // devices) * devices  # a multiple of every process's devices
+    rows = -(-cfg.eval.batch_size // devices) * devices  # a multiple of every process's devices
     return ShardingRules(mesh), rows, devices, continuous
 
 
@@ -249,16 +235,19 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
     family = read_config(model_dir)[0].name
     processor = load_processor(model_dir)
     special = special_tokens(processor)
-    latent = LatentConfig(special.latent_id, cfg.num_selected_patches, cfg.patch_order, rope=cfg.rope,
-                          patch_deepstack=cfg.patch_deepstack)
-    sampling = SamplingConfig(cfg.max_new_tokens, eos_token_id=special.eos_token_id, pad_token_id=special.eos_token_id)
-    examples, report = load_examples(cfg.dataset, cfg.source, cfg.split, processor, family, limit=cfg.limit,
-                                     max_length=10**9, prompt_format=cfg.prompt_format)
+    latent = LatentConfig(special.latent_id, cfg.latent.num_selected_patches, cfg.latent.patch_order,
+                          rope=cfg.latent.rope, patch_deepstack=cfg.latent.patch_deepstack)
+    sampling = SamplingConfig(cfg.eval.max_new_tokens, eos_token_id=special.eos_token_id,
+                              pad_token_id=special.eos_token_id)
+    data, ev, model = cfg.data, cfg.eval, cfg.model
+    examples, report = load_examples(data.dataset, data.source, data.eval_split, processor, family, limit=cfg.limit,
+                                     max_length=10**9, prompt_format=ev.prompt_format,
+                                     image_resize=data.image_resize)
     check_patch_budget(examples, special.image_token_id, cfg)
 
     setup = distributed.agree(lambda: eval_setup(model_dir, cfg, sampling), "eval_setup")  # every process's own
     distributed.same_everywhere({**{k: v for k, v in setup.items() if k not in INFORMATIVE_KEYS},
-                                 **{f"eval.{k}": v for k, v in dataclasses.asdict(cfg).items()}},
+                                 **{f"eval config {k}": v for k, v in flat_items(to_dict(cfg)).items()}},
                                 "evaluation settings or files", "eval_same")
     done = distributed.on_writer(lambda: sorted(prepare_output(out_file, setup, [ex.id for ex in examples], log)),
                                  "eval_output", errors=(EvalSetupError,))
@@ -266,14 +255,14 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
     run = EvalRun(cfg, model_dir, family, getattr(processor, "tokenizer", processor), special, latent, sampling, rules,
                   rows, devices, continuous, examples, report, setup, done,
                   [ex for ex in examples if ex.id not in finished], save_attention)
-    run.model = from_pretrained(model_dir, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.storage_dtype),
-                                rules=rules, scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl)
+    run.model = from_pretrained(model_dir, dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype),
+                                rules=rules, scan_layers=model.scan_layers, attention_impl=model.attention_impl)
     procs = distributed.process_count()
-    log(f"evaluating {model_dir} on {cfg.dataset}/{cfg.split} ({cfg.prompt_format} prompts, {cfg.dtype}): "
+    log(f"evaluating {model_dir} on {data.dataset}/{data.eval_split} ({ev.prompt_format} prompts, {model.dtype}): "
         f"{len(examples)} examples ({report}); {len(done)} already in {out_file}, {len(run.todo)} to do; "
         + (f"continuous batching, {rows} slots" if continuous else
            f"{rows} rows per batch over {devices} device(s)" + (f" of {procs} processes" if procs > 1 else ""))
-        + (f" (batch_size {cfg.batch_size} rounded up to a multiple of the devices)" if rows != cfg.batch_size else ""))
+        + (f" (batch_size {ev.batch_size} rounded up to a multiple of the devices)" if rows != ev.batch_size else ""))
     if save_attention:  # each process draws its own rows
         save_attention.mkdir(parents=True, exist_ok=True)
     return run
@@ -281,11 +270,12 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
 
 def check_patch_budget(examples: list, image_token_id: int, cfg: EvalConfig) -> None:
     """Each latent step inserts K of a row's image tokens: refused at the start when a row has fewer."""
-    if examples and cfg.num_latents:
+    if examples and cfg.eval.num_latents:
         fewest, row = fewest_image_tokens(examples, image_token_id)
-        if fewest < cfg.num_selected_patches:
-            raise EvalSetupError(f"latent.num_selected_patches={cfg.num_selected_patches} is larger than the {fewest} "
-                                 f"image tokens of row {row!r} of {cfg.source} ({cfg.split}): each latent step "
+        k = cfg.latent.num_selected_patches
+        if fewest < k:
+            raise EvalSetupError(f"latent.num_selected_patches={k} is larger than the {fewest} image tokens of "
+                                 f"row {row!r} of {cfg.data.source} ({cfg.data.eval_split}): each latent step "
                                  f"inserts K patches of the row's image; choose K <= {fewest}")
 
 
@@ -297,7 +287,7 @@ def run_continuous(run: EvalRun, out: LineLog, progress) -> int:
     def prompts():
         for index, ex in enumerate(run.todo):
             prompt = run.prompt_of(ex)
-            input_ids, mask, pos = left_pad([prompt], run.special.eos_token_id, run.cfg.length_buckets)
+            input_ids, mask, pos = left_pad([prompt], run.special.eos_token_id, run.cfg.eval.length_buckets)
             images[index], pads[index] = materialize(ex.image), input_ids.shape[1] - len(prompt)
             yield {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **stack_images([images[index]])}
 
@@ -322,7 +312,7 @@ def run_static(run: EvalRun, out: LineLog, progress) -> int:
         chunk = run.todo[i : i + run.rows]
         padded = chunk + [chunk[-1]] * (run.rows - len(chunk))  # dummy rows: copies, outputs dropped
         prompts = [run.prompt_of(ex) for ex in padded]
-        input_ids, mask, pos = left_pad(prompts, run.special.eos_token_id, run.cfg.length_buckets)  # the batch's
+        input_ids, mask, pos = left_pad(prompts, run.special.eos_token_id, run.cfg.eval.length_buckets)  # the batch's
         lines = []
         first = mine.start  # the global index of this process's first row
         if first < len(chunk):  # (a process whose rows are all dummies has nothing to run)
@@ -347,12 +337,13 @@ def write_summary(run: EvalRun, out_file: Path, elapsed: float, generated_tokens
     """The output's summary (accuracies over all its records, this call's speed, skips, setup), written
     atomically beside it."""
     cfg, procs = run.cfg, distributed.process_count()
-    summary = summarize(out_file, cfg.dataset)
+    summary = summarize(out_file, cfg.data.dataset)
     skipped = dict(sorted(run.report.counts.items()))
     skipped["already_done"] = len(run.done)
     summary.update(time_per_example_s=elapsed / max(len(run.todo), 1),
-                   generated_tokens_per_s=generated_tokens / max(elapsed, 1e-9), prompt_format=cfg.prompt_format,
-                   dtype=cfg.dtype, param_dtype=cfg.storage_dtype, devices=run.devices, rows_per_batch=run.rows,
+                   generated_tokens_per_s=generated_tokens / max(elapsed, 1e-9), prompt_format=cfg.eval.prompt_format,
+                   dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, devices=run.devices,
+                   rows_per_batch=run.rows,
                    batching="continuous" if run.continuous else "static",
                    rows_read=run.report.rows, examples_in_set=len(run.examples), evaluated_now=len(run.todo),
                    skipped=skipped, setup=run.setup, **({"processes": procs} if procs > 1 else {}))

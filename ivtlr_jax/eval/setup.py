@@ -37,7 +37,8 @@ class EvalSetupError(ValueError):
 
 def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> dict:
     """What decides an output's records: two runs with equal setups write the same records."""
-    source = Path(cfg.source)
+    data, latent, model = cfg.data, cfg.latent, cfg.model
+    source = Path(data.source)
     try:
         weights = weights_fingerprint(model_dir)
     except FingerprintError as err:
@@ -46,26 +47,28 @@ def eval_setup(model_dir: Path, cfg: EvalConfig, sampling: SamplingConfig) -> di
         "version": SETUP_VERSION,
         "model": str(Path(model_dir).resolve()),
         "weights_fingerprint": weights,
-        "dataset": cfg.dataset,
-        "source": str(source.resolve()) if source.exists() else cfg.source,
-        "split": cfg.split,
-        "data_fingerprint": data_fingerprint(cfg.dataset, cfg.source, cfg.split, ordered=False),  # records by id
-        "prompt_format": cfg.prompt_format,
-        "num_latents": cfg.num_latents,
-        "num_selected_patches": cfg.num_selected_patches,
-        "patch_order": cfg.patch_order,
-        "rope": cfg.rope,
-        "dtype": cfg.dtype,
-        "param_dtype": cfg.storage_dtype,
+        "dataset": data.dataset,
+        "source": str(source.resolve()) if source.exists() else data.source,
+        "split": data.eval_split,
+        "data_fingerprint": data_fingerprint(data.dataset, data.source, data.eval_split, ordered=False),  # by id
+        "prompt_format": cfg.eval.prompt_format,
+        "num_latents": cfg.eval.num_latents,
+        "num_selected_patches": latent.num_selected_patches,
+        "patch_order": latent.patch_order,
+        "rope": latent.rope,
+        "dtype": model.dtype,
+        "param_dtype": model.param_dtype,
         "max_new_tokens": sampling.max_new_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "limit": cfg.limit,
         # fused attention (cuDNN on GPU) rounds otherwise than the einsums in bf16; written only when chosen,
         # so the outputs of earlier setups (all "xla") still resume
-        **({"attention_impl": cfg.attention_impl} if cfg.attention_impl != "xla" else {}),
+        **({"attention_impl": model.attention_impl} if model.attention_impl != "xla" else {}),
         # Qwen3-VL's patch copies without their DeepStack features: written only when chosen, as above
-        **({"patch_deepstack": False} if not cfg.patch_deepstack else {}),
+        **({"patch_deepstack": False} if not latent.patch_deepstack else {}),
+        # images sized by the processor's rules: written only when chosen, as above
+        **({"image_resize": data.image_resize} if data.image_resize != "square" else {}),
     }
     return {key: plain(value) for key, value in setup.items()}  # choices as their strings, as the file has them
 

@@ -40,7 +40,8 @@ class Family:
     name: the short name data and evaluation use ("qwen2vl", "chameleon").
     config_cls, model_cls: `config_cls.from_hf(config.json dict)`; `model_cls(config, rngs=..., **options)`.
     weight_specs, hf_renamer, stacked: the Hugging Face weight tables (see `common.loading`).
-    encoder: `encoder(processor, num_image_tokens)`, the prompt and image encoder of the official scripts.
+    encoder: `encoder(processor, num_image_tokens, resize)`, the prompt and image encoder of the official scripts
+      (`resize`: a `common.images.ImageResize`, the official fixed square or the processor's own rules).
     max_length: the official training script's total length cap (the data default).
     official_shapes: the official setup: K (patches) and the planner's batch (image_tokens, prefix, seq_len,
       image_side).

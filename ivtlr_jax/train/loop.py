@@ -386,7 +386,8 @@ def load_training_examples(cfg: RunConfig, processor, family: str, image_token_i
     """The training split's examples and the loading report; refuses no rows, or a K above a row's image
     tokens when a stage has latents."""
     examples, report = load_examples(cfg.data.dataset, cfg.data.source, cfg.data.train_split, processor, family,
-                                     max_length=cfg.data.max_length, limit=cfg.data.limit)
+                                     max_length=cfg.data.max_length, limit=cfg.data.limit,
+                                     image_resize=cfg.data.image_resize)
     if not examples:
         raise ValueError(f"no usable training rows in {cfg.data.source} ({report})")
     if cfg.curriculum.max_latent_stage and cfg.train.num_epochs > cfg.curriculum.epochs_per_stage:  # latents

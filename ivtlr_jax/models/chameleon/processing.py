@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..common.images import blend_rgba, decode_image, tokenizer_of
+from ..common.choices import parse
+from ..common.images import ImageResize, blend_rgba, decode_image, tokenizer_of
 
 MAX_LENGTH = 1400  # docs/method.md section 14: the official training script's total length cap
 # the planner's official training batch: 1024 image tokens of a 512x512 image, p bound, collated length
@@ -20,7 +21,8 @@ class ChameleonEncoder:
 
     image_keys = ("pixel_values",)
 
-    def __init__(self, processor, num_image_tokens: int | None = None):
+    def __init__(self, processor, num_image_tokens: int | None = None, resize: ImageResize = ImageResize.SQUARE):
+        parse(ImageResize, resize, "image_resize")  # either: the processor's own rules make a fixed square
         self.processor = processor
         n = getattr(processor, "image_seq_length", 1024) if num_image_tokens is None else int(num_image_tokens)
         self.num_image_tokens = int(n)

@@ -4,9 +4,18 @@ for Chameleon), each giving a plain RGB image that no installed processor conver
 
 from __future__ import annotations
 
+import enum
 import io
 
 import numpy as np
+
+
+class ImageResize(enum.StrEnum):
+    """How a Qwen-family encoder sizes an image before its processor patchifies it (`data.image_resize`).
+    Chameleon's processor makes its own fixed square either way (shortest edge, then a centre crop)."""
+    SQUARE = "square"  # official IVT-LR: a fixed side x side square, the same token count for every image
+    PROCESSOR = "processor"  # the processor's own rules: smart_resize (aspect kept, sides multiples of
+    # patch x merge, area within the processor's min/max pixels), so the token count follows the image
 
 
 def decode_image(data: bytes):

@@ -1,6 +1,7 @@
-"""Qwen3-VL's prompts and images: Qwen2-VL's encoder (chat template, image first, a square image resized
-to its token count) with this family's patch geometry: patches of 16 pixels, merged 2x2 (32 pixels a
-token), so 100 image tokens are a 320x320 image."""
+"""Qwen3-VL's prompts and images: Qwen2-VL's encoder (chat template, image first; by default a square image
+resized to its token count, with `data.image_resize: processor` the processor's own smart_resize) with this
+family's patch geometry: patches of 16 pixels, merged 2x2 (32 pixels a token), so 100 image tokens are a
+320x320 image."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ PATCH_DIM = 3 * 2 * PATCH_SIDE * PATCH_SIDE  # 3 channels x 2 frames x 16 x 16 p
 # K and the planner's batch as Qwen2-VL's official setup, with this family's image side (10 tokens of 32 pixels)
 OFFICIAL_SHAPES = dict(patches=32, image_tokens=IMAGE_TOKENS, prefix=512, seq_len=1216, image_side=320)
 
-ENCODER = QwenEncoder  # reads the patch and merge sizes from the processor
+ENCODER = QwenEncoder  # reads the patch and merge sizes from the processor; fixed square or the processor's rules
 
 
 def picture_geometry(image: dict) -> tuple[tuple[int, int], tuple[int, int]]:
