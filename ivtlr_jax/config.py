@@ -449,8 +449,10 @@ def flat_items(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def differing_keys(saved: dict, current: dict, ignore: tuple[str, ...] = RESUME_NEUTRAL_KEYS) -> dict[str, tuple]:
-    """{"section.key": (saved value, current value)} for the keys whose values differ, `ignore` left out."""
-    a, b = flat_items(saved), flat_items(current)
+    """{"section.key": (saved value, current value)} for the keys whose values differ, `ignore` left out.
+    A key the saved config lacks (a run folder written before the key existed) reads as its default, the
+    value that run had in effect."""
+    a, b = {**flat_items(to_dict(RunConfig())), **flat_items(saved)}, flat_items(current)
     norm = lambda v: list(v) if isinstance(v, tuple) else v
     ignored = lambda key: key in ignore or any(key.startswith(i) for i in ignore if i.endswith("."))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))

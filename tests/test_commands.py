@@ -2,6 +2,7 @@
 command), the wrappers at the repository root, the persistent compilation cache's settings, and the
 dashboard writers of ivtlr_jax/events.py (Weights & Biases through a stand-in module, evaluation placement)."""
 
+import dataclasses
 import importlib
 import importlib.machinery
 import importlib.util
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from ivtlr_jax.config import ConfigError, LogSection, ModelSection, RunConfig, differing_keys, to_dict
 from tests.event_files import count_points, read_event_scalars
@@ -114,6 +116,23 @@ def test_log_settings_are_checked_and_resume_neutral():
     del saved["log"]  # a run folder written before the log section existed
     now = to_dict(RunConfig(log=LogSection(tensorboard=False, wandb=True, wandb_project="p", wandb_entity="me")))
     assert differing_keys(saved, now) == {}
+
+
+def test_a_run_folder_written_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    """train.py's folder check: keys newer than the run's config.yaml (data.image_resize, latent.patch_deepstack
+    here) are the defaults the run had in effect; a value other than the default still differs."""
+    from ivtlr_jax.config import DataSection
+    from ivtlr_jax.train.loop import RunFolderError, check_run_folder
+
+    cfg = RunConfig(name="old", save_path=str(tmp_path))
+    saved = to_dict(cfg)
+    del saved["data"]["image_resize"], saved["latent"]["patch_deepstack"]
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert check_run_folder(cfg) == cfg.run_dir
+    changed = dataclasses.replace(cfg, data=DataSection(image_resize="processor"))
+    with pytest.raises(RunFolderError, match=r"data\.image_resize: 'square' in the run, 'processor' now"):
+        check_run_folder(changed)
 
 
 def test_wandb_turned_on_but_not_installed_is_refused_at_start(monkeypatch, tmp_path):
