@@ -9,13 +9,11 @@ import re
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from ivtlr_jax.demo import prepare
 from tests.test_train_loop import ROOT, assert_metrics_once_per_step, folder_state, write_config
 
-pytestmark = pytest.mark.xdist_group("train_loop")
 
 
 def train_command(cfg_path, *args) -> subprocess.CompletedProcess:

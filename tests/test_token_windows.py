@@ -5,13 +5,11 @@ stage's optimizer reset counts only its own micro-batches (issue #27 item 10).""
 import json
 
 import numpy as np
-import pytest
 
 from ivtlr_jax.demo import prepare
 from ivtlr_jax.train.token_windows import optimizer_window
 from tests.test_train_loop import run_command_on_devices, write_config
 
-pytestmark = pytest.mark.xdist_group("train_loop")
 
 
 def test_optimizer_windows_follow_the_run_not_the_epoch():
