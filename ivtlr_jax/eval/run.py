@@ -235,11 +235,9 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
     family = read_config(model_dir)[0].name
     processor = load_processor(model_dir)
     special = special_tokens(processor)
-    latent = LatentConfig(special.latent_id, cfg.latent.num_selected_patches, cfg.latent.patch_order,
-                          rope=cfg.latent.rope, patch_deepstack=cfg.latent.patch_deepstack)
-    sampling = SamplingConfig(cfg.eval.max_new_tokens, eos_token_id=special.eos_token_id,
-                              pad_token_id=special.eos_token_id)
     data, ev, model = cfg.data, cfg.eval, cfg.model
+    latent = cfg.latent.latent_config(special.latent_id)  # K, patch order, RoPE, DeepStack: the run's
+    sampling = SamplingConfig(ev.max_new_tokens, eos_token_id=special.eos_token_id, pad_token_id=special.eos_token_id)
     examples, report = load_examples(data.dataset, data.source, data.eval_split, processor, family, limit=cfg.limit,
                                      max_length=10**9, prompt_format=ev.prompt_format,
                                      image_resize=data.image_resize)
