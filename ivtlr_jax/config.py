@@ -23,7 +23,7 @@ from .data.curriculum import CurriculumConfig
 from .models.common.attention import AttentionImpl
 from .models.common.choices import parse, plain
 from .models.common.images import ImageResize
-from .models.common.layers import DTYPES
+from .models.common.layers import DType
 from .models.common.lora import LoRAConfig
 from .models.common.run_options import Remat
 
@@ -68,11 +68,6 @@ class ConfigError(ValueError):
         self.keys = tuple(keys)
 
 
-def _one_of(value, allowed, key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {sorted(allowed)}")
-
-
 def _choose(section, key: str, choices: type[enum.StrEnum]) -> None:
     """Set the field `key` of the frozen `section` to its value as a member of `choices` (or refuse it)."""
     try:
@@ -104,15 +99,15 @@ def _finite(value: float, key: str, *, positive: bool = False, low: float | None
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     model_id: str = ""  # a hub id or a local folder (Hugging Face or converted Flax)
-    dtype: str = "bfloat16"  # compute dtype
-    param_dtype: str = "bfloat16"  # storage of the frozen base weights (trainable ones are fp32)
+    dtype: DType = DType.BFLOAT16  # compute dtype
+    param_dtype: DType = DType.BFLOAT16  # storage of the frozen base weights (trainable ones are fp32)
     remat: Remat = Remat.DOTS
     scan_layers: bool = True  # False: unroll the layers (faster for shallow models, compile time grows with depth)
     attention_impl: AttentionImpl = AttentionImpl.XLA  # fused: jax.nn.dot_product_attention (cuDNN on GPU)
 
     def __post_init__(self):
-        _one_of(self.dtype, DTYPES, "dtype")
-        _one_of(self.param_dtype, DTYPES, "param_dtype")
+        _choose(self, "dtype", DType)
+        _choose(self, "param_dtype", DType)
         _choose(self, "remat", Remat)
         _choose(self, "attention_impl", AttentionImpl)
 
@@ -193,7 +188,7 @@ class InferenceSettings:
     num_selected_patches: int = LatentSection.num_selected_patches  # K
     patch_order: PatchOrder = LatentSection.patch_order
     rope: Rope = LatentSection.rope
-    dtype: str = ModelSection.dtype  # compute dtype (the official evaluation: bfloat16)
+    dtype: DType = ModelSection.dtype  # compute dtype (the official evaluation: bfloat16)
     max_new_tokens: int = EvalSection.max_new_tokens
     patch_deepstack: bool = LatentSection.patch_deepstack  # Qwen3-VL only: the training run's choice
     image_resize: ImageResize = DataSection.image_resize  # the training run's image sizing
@@ -204,9 +199,9 @@ class InferenceSettings:
                          prompt_format=self.prompt_format)
         latent = LatentSection(num_selected_patches=self.num_selected_patches, patch_order=self.patch_order,
                                rope=self.rope)
-        ModelSection(dtype=self.dtype)
+        model = ModelSection(dtype=self.dtype)
         for key, section in (("dataset", data), ("image_resize", data), ("prompt_format", ev),
-                             ("patch_order", latent), ("rope", latent)):
+                             ("patch_order", latent), ("rope", latent), ("dtype", model)):
             object.__setattr__(self, key, getattr(section, key))
 
     @classmethod

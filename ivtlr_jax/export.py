@@ -25,7 +25,8 @@ from .io.model_folder import from_pretrained, resolve_folder, stored_dtype
 from .io.orbax_params import restore_params
 from .io.peft import default_peft_layout, write_adapter
 from .models import read_config
-from .models.common.layers import DTYPES
+from .models.common.choices import names
+from .models.common.layers import DTYPES, DType
 from .models.common.loading import variables_by_path, with_values
 from .models.common.lora import merge_lora, trainable_filter
 from .run_folder import RunFolder
@@ -108,7 +109,7 @@ def export(checkpoint: str | Path, out: str | Path, *, peft: bool = False, dtype
     checkpoint, out = Path(checkpoint), Path(out)
     check_output_folder(out)  # before the (long) load
     if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose auto or one of {sorted(DTYPES)}")
+        raise ValueError(f"dtype {dtype!r}: choose auto or one of {names(DType)}")
     start = time.perf_counter()
     if checkpoint.is_dir() and is_run_folder(checkpoint):
         if peft:

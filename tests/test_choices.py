@@ -15,11 +15,13 @@ from ivtlr_jax.data import Dataset, PromptFormat
 from ivtlr_jax.latent import LatentGrad, PatchOrder, Rope
 from ivtlr_jax.models.common.attention import AttentionImpl
 from ivtlr_jax.models.common.images import ImageResize
+from ivtlr_jax.models.common.layers import DType
 from ivtlr_jax.models.common.run_options import Remat
 
 ROOT = Path(__file__).resolve().parents[1]
 # every choice field, a value other than its default, and its enum
 CHOICES = {"model.remat": ("full", Remat), "model.attention_impl": ("fused", AttentionImpl),
+           "model.dtype": ("float32", DType), "model.param_dtype": ("float16", DType),
            "latent.patch_order": ("position", PatchOrder), "latent.latent_grad": ("full", LatentGrad),
            "latent.rope": ("mrope", Rope), "data.dataset": ("scienceqa", Dataset),
            "data.image_resize": ("processor", ImageResize),
@@ -81,6 +83,18 @@ def test_infer_lists_the_batching_choices_as_strings(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 2
     assert "invalid choice: 'dynamic' (choose from 'auto', 'static', 'continuous')" in proc.stderr
+
+
+@pytest.mark.parametrize("entry", ["ivtlr_jax.cli.infer", "ivtlr_jax.cli.ask", "ivtlr_jax.cli.serve",
+                                   "ivtlr_jax.cli.hf_to_flax"])
+def test_each_command_lists_the_dtype_choices_as_strings(entry):
+    """Every command taking --dtype refuses an unknown one listing the model's DType names as plain strings."""
+    code = f"import sys; from {entry} import main; main(sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", code, "--dtype", "int8"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    listed = proc.stderr.split("(choose from ")[1].split(")")[0]
+    assert sorted(listed.replace("'", "").split(", ")) == sorted(member.value for member in DType), proc.stderr
 
 
 def test_an_eval_config_holds_the_run_configs_sections_and_parses_a_changed_choice(tmp_path):

@@ -30,7 +30,8 @@ complete.
 from __future__ import annotations
 
 from ..io.hf_export import ExportError
-from ..models.common.layers import DTYPES
+from ..models.common.choices import names
+from ..models.common.layers import DType
 from ..models.common.loading import WeightLoadError
 from . import add_output_folder, converter_parser, run_converter
 
@@ -43,7 +44,7 @@ def main(argv=None, prog: str = "ivtlr-convert-flax-to-hf") -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a model folder or a training run folder")
     add_output_folder(p)
     p.add_argument("--peft", action="store_true", help="write base/ + a PEFT adapter/ instead of merging LoRA")
-    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+    p.add_argument("--dtype", default="auto", choices=["auto", *names(DType)],
                    help="storage dtype of the written weights (auto: as loaded / as trained)")
     p.add_argument("--step", type=int, default=None, metavar="N",
                    help="run folder: the checkpoint step (default: the latest)")

@@ -16,12 +16,13 @@ USAGE = "%(prog)s --hf MODEL --out DIR [--dtype DTYPE]"
 
 def main(argv=None, prog: str = "ivtlr-convert-hf-to-flax") -> None:
     from ..io.hf_to_flax import convert
-    from ..models.common.layers import DTYPES
+    from ..models.common.choices import names
+    from ..models.common.layers import DType
 
     p = converter_parser(prog, USAGE, __doc__)
     p.add_argument("--hf", required=True, metavar="MODEL", help="Hugging Face model folder or hub id")
     add_output_folder(p)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+    p.add_argument("--dtype", default="float32", choices=names(DType),
                    help="storage dtype of the parameters (default: %(default)s)")
     args = p.parse_args(argv)
     run_converter(p, prog, lambda: convert(args.hf, args.out, args.dtype),

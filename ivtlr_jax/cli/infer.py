@@ -12,7 +12,8 @@ from ..data import DataSourceError, PromptFormat
 from ..eval.run import eval_config_from_run, evaluate
 from ..eval.setup import EvalSetupError, default_output, setup_path, summary_path
 from ..io.lock import OutputInUseError
-from ..models.common.layers import DTYPES
+from ..models.common.choices import names
+from ..models.common.layers import DType
 from ..events import check_backends
 from . import fail, make_parser
 
@@ -69,7 +70,7 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
                         "unset)")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N local devices (default: all)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+    p.add_argument("--dtype", choices=names(DType), default=None,
                    help="compute and weight-storage dtype (default: model.dtype and model.param_dtype of the config)")
     p.add_argument("--latents", type=int, default=None, metavar="N",
                    help="<|latent|> tokens after the question (default: eval.num_latents of the config, "

@@ -57,7 +57,7 @@ def stored_dtype(folder: Path) -> str:
         dt = np.dtype(src.get(name).dtype)
         for key, value in DTYPES.items():
             if dt == np.dtype(value):
-                return key
+                return key.value
     return "float32"
 
 

@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from ..models import abstract_model, read_config
+from ..models.common.layers import DType
 from ..models.common.loading import WeightLoadError, load_params
 from ..config import InferenceSettings
 from .atomic import atomic_output_folder, check_output_folder, write_atomic
@@ -43,7 +44,7 @@ OFFICIAL_LORA_ALPHA = 16.0  # lora_alpha of the official LoraConfig (r=64)
 WRAPPER_PREFIX = "base_causallm."
 PEFT_PREFIX = "base_model.model."
 WRAPPER_ALIASES = ("embedding.weight",)  # IVTLR.embedding = base_causallm.get_input_embeddings()
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = tuple(member.value for member in DType)
 
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")

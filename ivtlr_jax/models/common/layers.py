@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import enum
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}  # compute / storage dtypes
+
+
+class DType(enum.StrEnum):
+    """A compute or storage dtype (the model options `dtype` and `param_dtype`)."""
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+DTYPES = {DType.FLOAT32: jnp.float32, DType.BFLOAT16: jnp.bfloat16, DType.FLOAT16: jnp.float16}  # DType -> jnp
 
 
 def param(
