@@ -78,6 +78,7 @@ from .plan_memory import MemoryBreakdown, compile_with_breakdown  # noqa: E402
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM (the figure the MFU ceiling is relative to)
 H100_MEMORY_GB = 80.0
+HEADROOM = 0.10  # the share of a device's memory a plan should leave free (fragmentation, the runtime's own)
 # the planner never runs what it compiles, and XLA's memory and cost analyses come from its HLO passes:
 # the CPU code generation after them is done at its cheapest (a third less compile time, the same figures)
 ANALYSIS_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -103,21 +104,40 @@ class Plan:
     step_s_at_peak: float
     mfu_ceiling: float
     flops_scanned: float  # per device: XLA's count of the compiled program (each loop body once)
-    breakdown: MemoryBreakdown | None = None  # the peak by part of the step (--breakdown)
+    breakdown: MemoryBreakdown | None = None  # the peak by part of the step (the training step's)
+    parts_shown: bool = True  # print the breakdown's parts (--breakdown), not only its GPU estimate
+
+    def verdict(self) -> str:
+        """The peak against an H100's memory: XLA CPU's own, and with a breakdown, a GPU's estimate (without
+        the f32 copies only the CPU compiler makes), which decides."""
+        cpu = f"peak ~{self.total_gb:.2f} GB of {H100_MEMORY_GB:.0f} GB"
+        if self.breakdown is None:
+            return f"{cpu} ({fits_in_memory(self.total_gb)})"
+        gpu = self.breakdown.gpu_estimate_bytes / 1e9
+        return (f"{cpu} on XLA CPU, counting its f32 copies of bf16 values; a GPU's estimate without them "
+                f"~{gpu:.2f} GB ({fits_in_memory(gpu)})")
 
     def __str__(self):
-        fits = "fits" if self.total_gb <= H100_MEMORY_GB else "DOES NOT FIT"
         return (f"{self.name} on mesh {self.mesh}:\n"
                 f"  per device: parameters {self.params_gb:.2f} GB, optimizer {self.optimizer_gb:.2f} GB, "
                 f"arguments {self.arguments_gb:.2f} GB, temporaries {self.temporaries_gb:.2f} GB, outputs "
-                f"{self.outputs_gb:.2f} GB -> peak ~{self.total_gb:.2f} GB of {H100_MEMORY_GB:.0f} GB ({fits})\n"
+                f"{self.outputs_gb:.2f} GB -> {self.verdict()}\n"
                 f"  FLOPs per device per step {self.flops_per_device:.3e} (model FLOPs {self.model_flops:.3e} in all)\n"
                 f"  step time at the H100 bf16 peak of {H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s: "
                 f">= {self.step_s_at_peak * 1e3:.3g} ms; "
                 f"MFU ceiling (model FLOPs / executed FLOPs) {self.mfu_ceiling:.1%}"
-                + ("" if self.breakdown is None else
+                + ("" if self.breakdown is None or not self.parts_shown else
                    "\n  the peak by part (XLA's live buffers at its peak, per device):\n"
                    + "\n".join(self.breakdown.lines())))
+
+
+def fits_in_memory(gb: float) -> str:
+    """'fits, 42% headroom' / 'fits, under the 10% headroom' / 'DOES NOT FIT' for a peak of `gb` on an H100."""
+    if gb > H100_MEMORY_GB:
+        return "DOES NOT FIT"
+    if gb > (1 - HEADROOM) * H100_MEMORY_GB:
+        return f"fits, under the {HEADROOM:.0%} headroom"
+    return f"fits, {1 - gb / H100_MEMORY_GB:.0%} headroom"
 
 
 def architecture(cfg: RunConfig) -> dict:
@@ -282,7 +302,7 @@ def sweep_train(cfg: RunConfig, mesh_shape: dict, *, batches: tuple[int, ...], s
 def sweep_row(remat: str, batch: int, plan: Plan) -> str:
     """One line of the sweep's table (SWEEP_HEADER)."""
     gpu = plan.breakdown.gpu_estimate_bytes / 1e9
-    fits = "fits" if gpu <= 0.9 * H100_MEMORY_GB else "no"
+    fits = "fits" if gpu <= (1 - HEADROOM) * H100_MEMORY_GB else "no"
     return (f"  {remat:<14} {batch:>5} {plan.total_gb:>11.3f} {gpu:>13.3f} {fits:>14} "
             f"{plan.flops_scanned:>12.3e}")
 
@@ -364,7 +384,8 @@ def main(argv=None, prog: str = "ivtlr-plan") -> None:
     p.add_argument("--full-finetune", action="store_true", help="also plan full fine-tuning")
     p.add_argument("--generate", action="store_true", help="also plan generation at batch 32")
     p.add_argument("--breakdown", action="store_true",
-                   help="attribute the training step's peak memory to its parts (XLA's buffer analysis)")
+                   help="print the training step's peak memory by part (XLA's buffer analysis, which also gives the "
+                        "GPU estimate the verdict uses)")
     p.add_argument("--sweep", nargs="?", const=",".join(SWEEP_POLICIES), default=None, metavar="POLICIES",
                    help="instead: the training step's memory for each remat policy (default: %(const)s) at micro-batch "
                         "1 and the config's (or --batch's), the global batch kept by accumulation")
@@ -386,11 +407,15 @@ def main(argv=None, prog: str = "ivtlr-plan") -> None:
             p.exit(2, f"{prog}: error: --sweep: unknown remat policies {unknown}; "
                       f"choose from {names(Remat)}\n")
         return print_sweep(cfg, mesh, batch=args.batch, seq_len=args.seq_len, policies=policies)
+    def train_step(full_finetune: bool) -> Plan:  # the verdict: the breakdown's GPU estimate
+        plan = plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, full_finetune=full_finetune,
+                          breakdown=True)
+        return dataclasses.replace(plan, parts_shown=args.breakdown)
+
     phases = [("the training step" + ("" if not cfg.lora.enabled else f" (LoRA r={cfg.lora.rank})"),
-               lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, breakdown=args.breakdown))]
+               lambda: train_step(False))]
     if args.full_finetune:
-        phases.append(("the full fine-tuning step",
-                       lambda: plan_train(cfg, mesh, batch=args.batch, seq_len=args.seq_len, full_finetune=True)))
+        phases.append(("the full fine-tuning step", lambda: train_step(True)))
     if args.generate:
         phases.append(("generation at batch 32", lambda: plan_generate(cfg, mesh)))
     for i, (what, plan) in enumerate(phases, 1):

@@ -87,6 +87,19 @@ def test_the_breakdown_attributes_the_peak_to_the_parts_of_the_step(tiny_qwen2vl
     assert CPU_COPIES not in plans["float32"].breakdown.parts
     bf16 = plans["bfloat16"].breakdown
     assert bf16.parts[CPU_COPIES] > 0 and bf16.gpu_estimate_bytes < bf16.peak_bytes
+    # the verdict is the GPU estimate's (the copies are the CPU compiler's, which a GPU run never makes)
+    verdict = plans["bfloat16"].verdict()
+    assert f"on XLA CPU, counting its f32 copies of bf16 values; a GPU's estimate without them " \
+           f"~{bf16.gpu_estimate_bytes / 1e9:.2f} GB (fits, " in verdict, verdict
+
+
+def test_a_plan_fits_an_h100_with_ten_percent_headroom():
+    from ivtlr_jax.plan import fits_in_memory
+
+    assert fits_in_memory(46.16) == "fits, 42% headroom"
+    assert fits_in_memory(72.0) == "fits, 10% headroom"
+    assert fits_in_memory(75.0) == "fits, under the 10% headroom"
+    assert fits_in_memory(80.5) == "DOES NOT FIT"
 
 
 def test_the_sweep_prints_each_remat_policy_and_refuses_an_unknown_one(tiny_qwen2vl, tmp_path, capsys):
