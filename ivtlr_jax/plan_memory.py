@@ -11,7 +11,10 @@ Each peak buffer goes to one part:
 - `f32 copies for CPU dots`: the CPU compiler computes bf16 dots in fp32 and inserts conversions of their
   bf16 operands (weights hoisted out of the layer loop, saved activations); a GPU multiplies bf16 natively
   and holds none of them, so `gpu_estimate_bytes` leaves them out (the bf16 originals stay counted);
-- `other`: what carries no scope (the optimizer update, gradient accumulation, loop carries).
+  A buffer the compiler made without a scope goes where its source goes, or, when it is the initial value of a
+  loop's carry (the stacked activations a layer loop saves for the backward pass start as a broadcast the loop
+  writes into), where the loop goes;
+- `other`: what carries no scope (the optimizer update, gradient accumulation).
 """
 
 from __future__ import annotations
@@ -87,10 +90,11 @@ def peak_breakdown(hlo_text: str, live_range_text: str) -> MemoryBreakdown:
     instructions = parse_instructions(hlo_text)
     buffers = peak_buffers(live_range_text)
     live = {(name, index) for name, index, _ in buffers}
+    loops = loop_inits(instructions)
     parts: dict[str, int] = {}
     bf16_sources = 0
     for name, _, size in buffers:
-        part = part_of(name, instructions)
+        part = part_of(name, instructions, loops)
         parts[part] = parts.get(part, 0) + size
         if part == CPU_COPIES and buffer_of(instructions[name].operands[0], instructions) not in live:
             bf16_sources += size // 2
@@ -155,7 +159,19 @@ def _shape_end(text: str) -> int:
     return len(text)
 
 
-def part_of(name: str, instructions: dict[str, Instruction]) -> str:
+def loop_inits(instructions: dict[str, Instruction]) -> dict[str, str]:
+    """name -> the op_name of the `while` loop whose initial carry (a `tuple` operand) holds that value."""
+    out = {}
+    for ins in instructions.values():
+        carry = instructions.get(ins.operands[0]) if ins.opcode == "while" and ins.operands else None
+        if carry is not None and carry.opcode == "tuple" and ins.op_name:
+            out.update({operand: ins.op_name for operand in carry.operands})
+    return out
+
+
+def part_of(name: str, instructions: dict[str, Instruction], loops: dict[str, str] | None = None) -> str:
+    """The part a buffer goes to (module docstring); `loops`: `loop_inits(instructions)`."""
+    loops = loops or {}
     ins = instructions.get(name)
     if ins is None:
         return OTHER
@@ -168,10 +184,11 @@ def part_of(name: str, instructions: dict[str, Instruction]) -> str:
         if ins.op_name or ins.opcode not in ("copy", "bitcast") or source is None:
             break
         ins = source
-    scope = next((s for s in SCOPES if re.search(rf"(^|[/(]){s}([/)]|$)", ins.op_name)), None)
+    op_name = ins.op_name or loops.get(name, "")
+    scope = next((s for s in SCOPES if re.search(rf"(^|[/(]){s}([/)]|$)", op_name)), None)
     if scope is None:
         return OTHER
-    return f"{scope} ({'backward' if 'transpose(' in ins.op_name else 'forward'})"
+    return f"{scope} ({'backward' if 'transpose(' in op_name else 'forward'})"
 
 
 def is_cpu_copy(name: str, ins: Instruction, instructions: dict[str, Instruction]) -> bool:

@@ -137,6 +137,10 @@ ENTRY %main.1 (w: bf16[4,8]) -> f32[] {
   %dot.6 = f32[16,8]{1,0} dot(%a, %b), metadata={op_name="jit(step)/transpose(jvp(final_pass))/dot_general"}
   %copy.7 = f32[16,8]{1,0} copy(%dot.6)
   %add.8 = f32[16,8]{1,0} add(%copy.7, %copy.7), metadata={op_name="jit(step)/cond/branch_0_fun/add"}
+  %wrapped_broadcast.9 = bf16[4,16,8]{2,1,0} fusion(%constant.0), kind=kLoop, calls=%wrapped_broadcast_computation.9
+  %copy.10 = bf16[4,16,8]{2,1,0} copy(%wrapped_broadcast.9)
+  %tuple.11 = (s32[], bf16[4,16,8]{2,1,0}, bf16[4,16,8]{2,1,0}) tuple(%constant.1, %wrapped_broadcast.9, %copy.10)
+  %while.12 = (s32[], bf16[4,16,8]{2,1,0}, bf16[4,16,8]{2,1,0}) while(%tuple.11), body=%b.2, metadata={op_name="jit(step)/jvp(final_pass)/while"}
 }
 """
 LIVE = """HloLiveRange (max 9):
@@ -148,23 +152,26 @@ LIVE = """HloLiveRange (max 9):
     wrapped_convert.5{}: 512 bytes (cumulative: 1088 bytes)
     copy.7{}: 512 bytes (cumulative: 1600 bytes)
     add.8{}: 512 bytes (cumulative: 2112 bytes)
-  Stack trace breakdown for peak usage: 2112 bytes
+    wrapped_broadcast.9{}: 1024 bytes (cumulative: 3136 bytes)
+    copy.10{}: 1024 bytes (cumulative: 4160 bytes)
+  Stack trace breakdown for peak usage: 4160 bytes
 """
 
 
 def test_the_breakdown_reads_xla_buffers_by_part():
     """A hand-written module and live-range report: parameters are arguments; a compiler-made f32 copy of a
     bf16 value is a CPU-only copy (its bf16 source counted back in the GPU estimate when it is not live), the
-    program's own astype is not; a copy belongs to its source's scope; a tuple buffer to its instruction."""
+    program's own astype is not; a copy belongs to its source's scope; a tuple buffer to its instruction; the
+    initial carry of a loop (the stacked activations a layer loop saves, a broadcast and its copies) to the loop."""
     from ivtlr_jax.plan_memory import ARGUMENTS, CPU_COPIES, OTHER, peak_breakdown
 
     got = peak_breakdown(HLO, LIVE)
     assert got.parts == {ARGUMENTS: 64, CPU_COPIES: 128 + 512, OTHER: 128 + 512, "latent_chain (forward)": 256,
-                         "final_pass (backward)": 512}
-    assert got.peak_bytes == 2112
-    assert got.gpu_estimate_bytes == 2112 - 640  # both sources (w.1, while.3{1}) are live at the peak
+                         "final_pass (backward)": 512, "final_pass (forward)": 2048}
+    assert got.peak_bytes == 4160
+    assert got.gpu_estimate_bytes == 4160 - 640  # both sources (w.1, while.3{1}) are live at the peak
     without_source = peak_breakdown(HLO, LIVE.replace("    while.3{1}: 256 bytes (cumulative: 576 bytes)\n", ""))
-    assert without_source.gpu_estimate_bytes == 1856 - 640 + 256  # a GPU keeps while.3{1}'s bf16 instead
+    assert without_source.gpu_estimate_bytes == 3904 - 640 + 256  # a GPU keeps while.3{1}'s bf16 instead
 
 
 def test_generation_plans_the_runs_deepstack_choice(tiny_qwen3vl, tmp_path):
