@@ -101,7 +101,7 @@ class ModelSection:
     model_id: str = ""  # a hub id or a local folder (Hugging Face or converted Flax)
     dtype: DType = DType.BFLOAT16  # compute dtype
     param_dtype: DType = DType.BFLOAT16  # storage of the frozen base weights (trainable ones are fp32)
-    remat: Remat = Remat.DOTS
+    remat: Remat = Remat.DOTS_NO_BATCH  # the layer loops keep their projections, recompute attention
     scan_layers: bool = True  # False: unroll the layers (faster for shallow models, compile time grows with depth)
     attention_impl: AttentionImpl = AttentionImpl.XLA  # fused: jax.nn.dot_product_attention (cuDNN on GPU)
 
