@@ -139,8 +139,8 @@ ENTRY %main.1 (w: bf16[4,8]) -> f32[] {
   %add.8 = f32[16,8]{1,0} add(%copy.7, %copy.7), metadata={op_name="jit(step)/cond/branch_0_fun/add"}
   %wrapped_broadcast.9 = bf16[4,16,8]{2,1,0} fusion(%constant.0), kind=kLoop, calls=%wrapped_broadcast_computation.9
   %copy.10 = bf16[4,16,8]{2,1,0} copy(%wrapped_broadcast.9)
-  %tuple.11 = (s32[], bf16[4,16,8]{2,1,0}, bf16[4,16,8]{2,1,0}) tuple(%constant.1, %wrapped_broadcast.9, %copy.10)
-  %while.12 = (s32[], bf16[4,16,8]{2,1,0}, bf16[4,16,8]{2,1,0}) while(%tuple.11), body=%b.2, metadata={op_name="jit(step)/jvp(final_pass)/while"}
+  %tuple.11 = (s32[], bf16[4,16,8], bf16[4,16,8]) tuple(%constant.1, %wrapped_broadcast.9, %copy.10)
+  %while.12 = (s32[], bf16[4,16,8], bf16[4,16,8]) while(%tuple.11), metadata={op_name="jit(step)/jvp(final_pass)/while"}
 }
 """
 LIVE = """HloLiveRange (max 9):
