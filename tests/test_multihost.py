@@ -186,7 +186,8 @@ def runs(assets, tmp_path_factory):
                                *infer("eval3", "continuous"), "--then", "train", "--config", str(fails)], tmp, "second",
                     {"IVTLR_TEST_DECODED": str(tmp / "decoded2"), "IVTLR_TEST_FAIL": "fails:1:1"})
     second = second.wait()
-    stopped = time.time() - (tmp / "runs" / "fails" / "checkpoints" / "1").stat().st_mtime  # failure -> both ended
+    failed_at = tmp / "runs" / "fails" / "checkpoints" / "1"  # (absent when an earlier command stopped the launch)
+    stopped = time.time() - failed_at.stat().st_mtime if failed_at.exists() else float("inf")  # failure -> both ended
     print(f"\n1 x 4 in this process (train, evaluate): {in_process:.1f} s; meanwhile 2 processes (train, train "
           f"until killed): {both:.1f} s in all; 2 processes (the killed run relaunched, evaluate static and "
           f"continuous, a failing run): "
@@ -252,6 +253,34 @@ def test_two_processes_evaluate_like_one(runs):
     assert len((tmp / "decoded2.1.1").read_text().splitlines()) == 2
 
 
+def test_two_processes_evaluate_like_one_in_continuous_batching(runs):
+    """infer.py --batching continuous over 2 processes x 2 devices resumes a 1-process output (its first
+    record): each process runs 2 slots on every other example left (process 0 the 1st, 3rd and 5th, process 1
+    the 2nd and 4th), and process 0 writes the 1-process records byte for byte."""
+    tmp = runs["tmp"]
+    (_, out0, err0), _ = runs["second"]
+    out1, out3 = tmp / "eval1.jsonl", tmp / "eval3.jsonl"
+    assert out3.read_text() == out1.read_text(), err0[-2000:]
+    summary = json.loads(out3.with_suffix(".summary.json").read_text())
+    assert (summary["batching"], summary["processes"], summary["devices"]) == ("continuous", 2, 4)
+    assert summary["evaluated_now"] == 5 and summary["skipped"]["already_done"] == 1 and summary["examples"] == 6
+    decoded = [len((tmp / f"decoded2.2.{p}").read_text().splitlines()) for p in (0, 1)]  # each its own examples
+    assert decoded == [3, 2], decoded
+    assert "continuous batching, 4 slots (2 in each of 2 processes)" in out0, out0
+
+
+def test_auto_batching_is_continuous_in_any_number_of_processes(monkeypatch):
+    """batching 'auto' picks continuous batching in several processes too; 'static' stays static."""
+    from ivtlr_jax import distributed
+    from ivtlr_jax.eval.run import evaluation_devices
+
+    monkeypatch.setattr(distributed, "process_count", lambda: 2)
+    cfg = EvalConfig(DataSection(source="unused"))
+    assert evaluation_devices(cfg)[3] is True
+    assert evaluation_devices(cfg.replace(eval=dict(batching="continuous")))[3] is True
+    assert evaluation_devices(cfg.replace(eval=dict(batching="static")))[3] is False
+
+
 def test_a_failure_mid_run_in_one_process_stops_both_and_is_shown_once(runs):
     """Process 1 raises after micro-step 1 of the run "fails"; process 0, by then inside micro-step 2's
     collectives, is stopped too and prints process 1's error once; process 1 prints nothing."""
@@ -291,34 +320,6 @@ def test_processes_started_with_other_settings_refuse_naming_them(assets, tmp_pa
     assert err0.count(line) == 1 and "different configurations" in err0 and "Traceback" not in err0, err0
     assert "Traceback" not in err1 and out1 == "" and out0 == "", (out0, err1)
     assert not (tmp_path / "runs" / "differs").exists()  # nothing written
-
-
-def test_two_processes_evaluate_like_one_in_continuous_batching(runs):
-    """infer.py --batching continuous over 2 processes x 2 devices resumes a 1-process output (its first
-    record): each process runs 2 slots on every other example left (process 0 the 1st, 3rd and 5th, process 1
-    the 2nd and 4th), and process 0 writes the 1-process records byte for byte."""
-    tmp = runs["tmp"]
-    out1, out3 = tmp / "eval1.jsonl", tmp / "eval3.jsonl"
-    assert out3.read_text() == out1.read_text()
-    summary = json.loads(out3.with_suffix(".summary.json").read_text())
-    assert (summary["batching"], summary["processes"], summary["devices"]) == ("continuous", 2, 4)
-    assert summary["evaluated_now"] == 5 and summary["skipped"]["already_done"] == 1 and summary["examples"] == 6
-    decoded = [len((tmp / f"decoded2.2.{p}").read_text().splitlines()) for p in (0, 1)]  # each its own examples
-    assert decoded == [3, 2], decoded
-    (_, out0, _), _ = runs["second"]
-    assert "continuous batching, 4 slots (2 in each of 2 processes)" in out0, out0
-
-
-def test_auto_batching_is_continuous_in_any_number_of_processes(monkeypatch):
-    """batching 'auto' picks continuous batching in several processes too; 'static' stays static."""
-    from ivtlr_jax import distributed
-    from ivtlr_jax.eval.run import evaluation_devices
-
-    monkeypatch.setattr(distributed, "process_count", lambda: 2)
-    cfg = EvalConfig(DataSection(source="unused"))
-    assert evaluation_devices(cfg)[3] is True
-    assert evaluation_devices(cfg.replace(eval=dict(batching="continuous")))[3] is True
-    assert evaluation_devices(cfg.replace(eval=dict(batching="static")))[3] is False
 
 
 def worker_env(port: int, process: int, **extra) -> dict:
