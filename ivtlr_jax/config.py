@@ -43,7 +43,7 @@ class LossScale(enum.StrEnum):
 
 class Batching(enum.StrEnum):
     """How evaluation batches its rows (eval/run.py's module docstring)."""
-    AUTO = "auto"
+    AUTO = "auto"  # continuous, on any number of devices and processes
     STATIC = "static"
     CONTINUOUS = "continuous"
 

@@ -19,7 +19,9 @@ loop once per slots' cache size (which grows to the largest prompt's, never shri
 Devices: with `rules` (the mesh the model's parameters are replicated on) every slot array's batch axis is
 split over the mesh's data axis (`spread`) and the same jitted step runs on all of them, each device
 decoding slots / devices rows; rows never see each other, so the tokens are one device's (the per-prompt
-sampling keys travel with their rows). One process: the driver decides every slot.
+sampling keys travel with their rows). One process's driver decides its slots: with several processes
+each runs its own engine on its local devices, on its share of the prompts (`indices`: their places in
+the whole set, which their keys fold in; eval/run.py).
 
 The slots and their operations are a `SlotEngine` (start prompts, insert a started row into a free slot,
 decode until a slot frees or for a number of steps, release a slot), which two drivers run:
@@ -199,10 +201,15 @@ class SlotEngine:
 
 def generate_continuous(model: nnx.Module, prompts: Iterable[dict], latent: LatentConfig, sampling: SamplingConfig,
                         *, slots: int = 8, admit: int | None = None, key: jax.Array | None = None,
-                        rules: ShardingRules | None = None) -> Iterator[tuple[int, Finished]]:
+                        rules: ShardingRules | None = None,
+                        indices: Iterable[int] | None = None) -> Iterator[tuple[int, Finished]]:
     """Generate for each prompt (a left-padded batch of one, as `ivtlr_generate` takes), `slots` at a time
     -> (the prompt's index, its `Finished`) in the order prompts finish. Prompt i samples with
     `fold_in(key, i)`, as row i of `ivtlr_generate` on all the prompts with `key` (greedy decoding needs no key).
+
+    indices (default 0, 1, ...): each prompt's index, the one it is yielded with and folds into `key`: a
+    share of a set of prompts given with their indices in the set samples as in a run of the whole set
+    (each process of an evaluation runs its share so).
 
     admit (default: slots): when a slot frees and no started prompt waits, the next `admit` prompts
     start together, as one batch (padded with copies of the last to `admit` rows, so it compiles once),
@@ -215,7 +222,7 @@ def generate_continuous(model: nnx.Module, prompts: Iterable[dict], latent: Late
         raise ValueError(f"continuous batching: admit={admit}; must be >= 1")
     key = jax.random.key(0) if key is None else key
     engine = SlotEngine(model, latent, sampling, slots, rules)
-    pending = enumerate(prompts)
+    pending = enumerate(prompts) if indices is None else zip(indices, prompts)
     ready: collections.deque[Ready] = collections.deque()
     selected: dict[int, np.ndarray] = {}  # prompt index -> its selected patches [c, K]
     exhausted = False

@@ -91,7 +91,8 @@ def test_continuous_batching_generates_what_each_prompt_starts_as(request, famil
 
 def test_continuous_sampling_draws_as_alone(qwen):
     """Sampled (temperature, top-p): prompt i draws with fold_in(key, i), the tokens it draws alone with
-    that key, whichever slot, group and neighbours it gets."""
+    that key, whichever slot, group and neighbours it gets; a share of the prompts given with their indices
+    (as each process of an evaluation runs its share) draws what they draw among all."""
     model = qwen[2]
     prompts, latent_id = single_prompts("qwen2vl", latents=(2, 2, 1), left_pads=(0, 1, 0), seed=3, width=24)
     latent = LatentConfig(latent_id, 2)
@@ -104,6 +105,10 @@ def test_continuous_sampling_draws_as_alone(qwen):
         np.testing.assert_array_equal(out[i].tokens, np.asarray(alone.tokens[0]), err_msg=f"prompt {i}")
         draws.append(tuple(out[i].tokens))
     assert len(set(draws)) == len(draws)
+    share = dict(generate_continuous(model, prompts[1:], latent, sampling, slots=2, key=key, indices=range(1, 3)))
+    assert sorted(share) == [1, 2]
+    for i, row in share.items():
+        np.testing.assert_array_equal(row.tokens, out[i].tokens, err_msg=f"prompt {i} of the share")
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.3])

@@ -5,7 +5,8 @@ on 127.0.0.1 (gloo collectives) against 1 process x 4 devices (this test process
   process decoding only its half of every batch, process 0 alone writing and printing;
 - both processes of a run killed with SIGKILL mid-run and launched again resume exactly (stage exports
   equal to the uninterrupted 2-process run's, metrics once per step);
-- evaluation: 2 processes, resuming an output begun by a 1-process run, write the 1-process records;
+- evaluation: 2 processes, resuming an output begun by a 1-process run, write the 1-process records, in
+  static batches and in continuous batching (`infer.py --batching continuous`, each process its own slots);
 - a failure in one process (mid-run, or a bad setting before any collective) stops both, its message
   printed once (by process 0), the other exiting quietly.
 
@@ -139,8 +140,9 @@ def config(tmp: Path, assets: Path, name: str) -> Path:
 def runs(assets, tmp_path_factory):
     """Everything the tests compare, run once. 2 processes x 2 devices: the training run, then a run killed
     after its first checkpoint; meanwhile in this process (1 x 4 devices) the same training run and an
-    evaluation; then 2 processes again: the killed run relaunched, the evaluation resuming the first 2
-    records of the 1-process one, and a run in which process 1 fails after micro-step 1."""
+    evaluation; then 2 processes again: the killed run relaunched, two evaluations resuming the 1-process
+    one (its first 2 records in static batches, its first record in continuous batching), and a run in
+    which process 1 fails after micro-step 1."""
     from tests.test_eval_run import scale_weights
 
     tmp = tmp_path_factory.mktemp("multihost")
@@ -159,8 +161,9 @@ def runs(assets, tmp_path_factory):
                           EvalSection(batch_size=4, max_new_tokens=6))
     evaluate(model, eval_cfg, tmp / "eval1.jsonl", log=quiet)
     records = (tmp / "eval1.jsonl").read_text().splitlines(keepends=True)
-    shutil.copy(setup_path(tmp / "eval1.jsonl"), setup_path(tmp / "eval2.jsonl"))
-    (tmp / "eval2.jsonl").write_text("".join(records[:2]))
+    for name, begun in (("eval2", 2), ("eval3", 1)):  # outputs the 2-process evaluations resume
+        shutil.copy(setup_path(tmp / "eval1.jsonl"), setup_path(tmp / f"{name}.jsonl"))
+        (tmp / f"{name}.jsonl").write_text("".join(records[:begun]))
     (tmp / "eval.yaml").write_text(json.dumps({
         "model": {"model_id": str(model), "dtype": "float32", "param_dtype": "float32"},
         "latent": {"num_selected_patches": 4},
@@ -176,14 +179,18 @@ def runs(assets, tmp_path_factory):
     first.kill()
     both = time.perf_counter() - start
     start = time.perf_counter()
-    second = Launch(lambda i: ["train", "--config", str(killed), "--then", "infer", "--config", str(tmp / "eval.yaml"),
-                               "--checkpoint", str(model), "--out", str(tmp / "eval2.jsonl"), "--batch-size", "4",
-                               "--max-new-tokens", "6", "--then", "train", "--config", str(fails)], tmp, "second",
+    infer = lambda name, batching: ["--then", "infer", "--config", str(tmp / "eval.yaml"), "--checkpoint", str(model),
+                                    "--out", str(tmp / f"{name}.jsonl"), "--batch-size", "4", "--max-new-tokens", "6",
+                                    "--batching", batching]
+    second = Launch(lambda i: ["train", "--config", str(killed), *infer("eval2", "static"),
+                               *infer("eval3", "continuous"), "--then", "train", "--config", str(fails)], tmp, "second",
                     {"IVTLR_TEST_DECODED": str(tmp / "decoded2"), "IVTLR_TEST_FAIL": "fails:1:1"})
     second = second.wait()
-    stopped = time.time() - (tmp / "runs" / "fails" / "checkpoints" / "1").stat().st_mtime  # failure -> both ended
+    failed_at = tmp / "runs" / "fails" / "checkpoints" / "1"  # (absent when an earlier command stopped the launch)
+    stopped = time.time() - failed_at.stat().st_mtime if failed_at.exists() else float("inf")  # failure -> both ended
     print(f"\n1 x 4 in this process (train, evaluate): {in_process:.1f} s; meanwhile 2 processes (train, train "
-          f"until killed): {both:.1f} s in all; 2 processes (the killed run relaunched, evaluate, a failing run): "
+          f"until killed): {both:.1f} s in all; 2 processes (the killed run relaunched, evaluate static and "
+          f"continuous, a failing run): "
           f"{time.perf_counter() - start:.1f} s")
     print(f"the failure after micro-step 1 stopped both processes within {stopped:.1f} s")
     return {"stopped_s": stopped, "tmp": tmp, "one": one.run_dir, "two": tmp / "runs" / "two",
@@ -232,6 +239,7 @@ def test_both_processes_killed_then_relaunched_resume_exactly(runs):
 
 
 def test_two_processes_evaluate_like_one(runs):
+    """infer.py --batching static over 2 processes resumes a 1-process output: the 1-process records."""
     tmp = runs["tmp"]
     out1, out2 = tmp / "eval1.jsonl", tmp / "eval2.jsonl"
     records = [json.loads(line) for line in out1.read_text().splitlines()]
@@ -239,9 +247,38 @@ def test_two_processes_evaluate_like_one(runs):
     assert out2.read_text() == out1.read_text()  # the 2-process run wrote records 3-6 as one process does
     summary = json.loads(out2.with_suffix(".summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 4 and summary["evaluated_now"] == 4
+    assert summary["batching"] == "static"
     assert summary["skipped"]["already_done"] == 2 and summary["examples"] == 6
     assert len((tmp / "decoded2.1.0").read_text().splitlines()) == 2  # each process its 2 rows of the 4
     assert len((tmp / "decoded2.1.1").read_text().splitlines()) == 2
+
+
+def test_two_processes_evaluate_like_one_in_continuous_batching(runs):
+    """infer.py --batching continuous over 2 processes x 2 devices resumes a 1-process output (its first
+    record): each process runs 2 slots on every other example left (process 0 the 1st, 3rd and 5th, process 1
+    the 2nd and 4th), and process 0 writes the 1-process records byte for byte."""
+    tmp = runs["tmp"]
+    (_, out0, err0), _ = runs["second"]
+    out1, out3 = tmp / "eval1.jsonl", tmp / "eval3.jsonl"
+    assert out3.read_text() == out1.read_text(), err0[-2000:]
+    summary = json.loads(out3.with_suffix(".summary.json").read_text())
+    assert (summary["batching"], summary["processes"], summary["devices"]) == ("continuous", 2, 4)
+    assert summary["evaluated_now"] == 5 and summary["skipped"]["already_done"] == 1 and summary["examples"] == 6
+    decoded = [len((tmp / f"decoded2.2.{p}").read_text().splitlines()) for p in (0, 1)]  # each its own examples
+    assert decoded == [3, 2], decoded
+    assert "continuous batching, 4 slots (2 in each of 2 processes)" in out0, out0
+
+
+def test_auto_batching_is_continuous_in_any_number_of_processes(monkeypatch):
+    """batching 'auto' picks continuous batching in several processes too; 'static' stays static."""
+    from ivtlr_jax import distributed
+    from ivtlr_jax.eval.run import evaluation_devices
+
+    monkeypatch.setattr(distributed, "process_count", lambda: 2)
+    cfg = EvalConfig(DataSection(source="unused"))
+    assert evaluation_devices(cfg)[3] is True
+    assert evaluation_devices(cfg.replace(eval=dict(batching="continuous")))[3] is True
+    assert evaluation_devices(cfg.replace(eval=dict(batching="static")))[3] is False
 
 
 def test_a_failure_mid_run_in_one_process_stops_both_and_is_shown_once(runs):
@@ -283,25 +320,6 @@ def test_processes_started_with_other_settings_refuse_naming_them(assets, tmp_pa
     assert err0.count(line) == 1 and "different configurations" in err0 and "Traceback" not in err0, err0
     assert "Traceback" not in err1 and out1 == "" and out0 == "", (out0, err1)
     assert not (tmp_path / "runs" / "differs").exists()  # nothing written
-
-
-def test_continuous_batching_over_two_processes_is_refused_in_one_line(assets, tmp_path):
-    """infer.py --batching continuous in a 2-process run: both stop before any data or model is read,
-    process 0 printing the one-line reason (its slots are one process's), nothing written."""
-    (tmp_path / "eval.yaml").write_text(json.dumps({
-        "model": {"model_id": str(assets / "model"), "dtype": "float32"}, "latent": {"num_selected_patches": 4},
-        "data": {"dataset": "m3cot", "source": str(assets / "data"), "eval_split": "test"}}))
-    out = tmp_path / "eval.jsonl"
-    command = ["infer", "--config", str(tmp_path / "eval.yaml"), "--checkpoint", str(assets / "model"), "--out",
-               str(out), "--batching", "continuous"]
-    results = Launch(lambda i: command, tmp_path, "continuous").wait(timeout=200)
-    (status0, out0, err0), (status1, out1, err1) = results
-    assert status0 != 0 and status1 != 0, results
-    line = ("error: eval config: batching='continuous' runs in one process (its slots split over that process's "
-            "devices); this run has 2 processes: set batching='static' or 'auto'")
-    assert err0.count(line) == 1 and "Traceback" not in err0, err0
-    assert "Traceback" not in err1 and out1 == "", (err1, out1)
-    assert not out.exists()
 
 
 def worker_env(port: int, process: int, **extra) -> dict:

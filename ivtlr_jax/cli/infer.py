@@ -64,9 +64,9 @@ def main(argv=None, prog: str = "ivtlr-infer") -> None:
                    help=f"rows per batch over all devices (default: eval.batch_size of the config, {EVAL.batch_size} "
                         "when unset)")
     p.add_argument("--batching", choices=[b.value for b in Batching], default=None,
-                   help="continuous: a finished row's slot takes the next example (one process; the slots split "
-                        "over its devices); static: batches decode until their longest answer ends; auto: continuous "
-                        f"in one process, else static (default: eval.batching of the config, {EVAL.batching} when "
+                   help="continuous: a finished row's slot takes the next example (the slots split over the "
+                        "processes and each process's over its devices); static: batches decode until their longest "
+                        f"answer ends; auto: continuous (default: eval.batching of the config, {EVAL.batching} when "
                         "unset)")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N local devices (default: all)")

@@ -4,42 +4,46 @@
 Prompts are `question + <|latent|> x num_latents` in the training format (the default; docs/method.md section 17),
 left-padded to a length bucket so that batches compile once per bucket.
 
-- Batching (`EvalConfig.eval.batching`): "continuous" keeps `batch_size` rows decoding and gives a finished
-  row's slot to the next example (ivtlr_jax/continuous.py; each prompt padded to its own bucket, the
-  prompts of a bucket started `batch_size` at a time; the slots split over the local devices, each
-  decoding slots / devices of them with the same jitted step); "static" runs batches of `batch_size`
-  prompts padded to the batch's bucket, each until its longest answer ends, and splits them over
-  devices and processes. "auto" (the default): continuous in one process (on any number of devices),
-  static over several processes (continuous batching is refused there: one driver would have to decide
-  every process's slots). Either way a
-  record is the one a batch of one writes, up to rounding (as with any batch size; in float32 the
-  tests find them equal), and records are written in the examples' order.
+- Batching (`EvalConfig.eval.batching`): "continuous" (and "auto", the default) keeps `batch_size` rows
+  decoding and gives a finished row's slot to the next example (ivtlr_jax/continuous.py; each prompt
+  padded to its own bucket, the prompts of a bucket started a process's slots at a time; the slots split
+  over the processes, and each process's over its local devices, each decoding slots / devices of them with
+  the same jitted step); "static" runs batches of `batch_size` prompts padded to the batch's bucket, each
+  until its longest answer ends, and splits them over devices and processes. Either way a record is the
+  one a batch of one writes, up to rounding (as with any batch size; in float32 the tests find them
+  equal), and records are written in the examples' order.
 - Precision: the model runs in `EvalConfig.model.dtype` (the run config's `model.dtype`; the official
   evaluation uses bfloat16) with its weights stored in `model.param_dtype`.
 - Devices: each batch's rows are split over the local devices (a 1-D `data` mesh, parameters
   replicated); a short batch is filled with copies of its last row, whose outputs are dropped. Rows
   are independent, so in float32 the records equal a one-device run's (`EvalConfig.devices=1`); in
   bfloat16 they match up to rounding, which varies with the rows per device as with any batch size.
-- Processes (hosts; `ivtlr_jax.distributed`): each process evaluates its contiguous share of every
-  batch on its own devices (prompts padded to the whole batch's bucket, so every row sees what it
-  would in one process), process 0 gathers the records, writes them in order, the setup and the summary.
+- Processes (hosts; `ivtlr_jax.distributed`): process 0 gathers the records, writes them in order, the
+  setup and the summary. Continuous: each process runs its 1/P of the slots, on its own devices, on every
+  P-th example (process p: examples p, p + P, ...; prompt i samples with the key one process gives it);
+  the processes exchange their finished records each time every one has finished as many more as it has
+  slots, and process 0 writes each record once those before it are written. Static: each process
+  evaluates its contiguous share of every batch on its own devices (prompts padded to the whole batch's
+  bucket, so every row sees what it would in one process).
 - Resuming (eval/setup.py): the setup is written beside the output before the first record; re-running
   with the same output skips the examples already written when the setup is the same, and refuses
   (naming the differing keys) when it is not. The summary counts skipped rows by reason (no image, ...,
   already done).
 - One evaluation per output: `<out>.lock` is held while it runs (io/lock.py); the records are fsynced
-  after each static batch and before the summary, which is written atomically.
+  after each static batch, each exchange of several processes and before the summary, which is written
+  atomically.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -217,10 +221,7 @@ def evaluation_devices(cfg: EvalConfig) -> tuple[ShardingRules, int, int, bool]:
     mesh = eval_mesh(cfg.devices)
     devices = mesh.devices.size * procs
     batching = cfg.eval.batching
-    continuous = batching == "continuous" or (batching == "auto" and procs == 1)
-    if continuous and procs > 1:
-        raise EvalSetupError(f"eval config: batching='continuous' runs in one process (its slots split over that "
-                         f"process's devices); this run has {procs} processes: set batching='static' or 'auto'")
+    continuous = batching != "static"  # auto: continuous, on any number of devices and processes
     rows = -(-cfg.eval.batch_size // devices) * devices  # a multiple of every process's devices
     return ShardingRules(mesh), rows, devices, continuous
 
@@ -255,15 +256,22 @@ def set_up_evaluation(model_dir: str | Path, cfg: EvalConfig, out_file: Path, sa
                   [ex for ex in examples if ex.id not in finished], save_attention)
     run.model = from_pretrained(model_dir, dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype),
                                 rules=rules, scan_layers=model.scan_layers, attention_impl=model.attention_impl)
-    procs = distributed.process_count()
     log(f"evaluating {model_dir} on {data.dataset}/{data.eval_split} ({ev.prompt_format} prompts, {model.dtype}): "
         f"{len(examples)} examples ({report}); {len(done)} already in {out_file}, {len(run.todo)} to do; "
-        + (f"continuous batching, {rows} slots" if continuous else
-           f"{rows} rows per batch over {devices} device(s)" + (f" of {procs} processes" if procs > 1 else ""))
+        + batching_words(rows, devices, continuous)
         + (f" (batch_size {ev.batch_size} rounded up to a multiple of the devices)" if rows != ev.batch_size else ""))
     if save_attention:  # each process draws its own rows
         save_attention.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def batching_words(rows: int, devices: int, continuous: bool) -> str:
+    """How the rows run, for the start's log line: "continuous batching, 8 slots (4 in each of 2 processes)"."""
+    procs = distributed.process_count()
+    if continuous:
+        return f"continuous batching, {rows} slots" + (f" ({rows // procs} in each of {procs} processes)"
+                                                       if procs > 1 else "")
+    return f"{rows} rows per batch over {devices} device(s)" + (f" of {procs} processes" if procs > 1 else "")
 
 
 def check_patch_budget(examples: list, image_token_id: int, cfg: EvalConfig) -> None:
@@ -278,28 +286,51 @@ def check_patch_budget(examples: list, image_token_id: int, cfg: EvalConfig) -> 
 
 
 def run_continuous(run: EvalRun, out: LineLog, progress) -> int:
-    """Continuous batching (one process): each prompt padded to its own bucket, `run.rows` slots split over the
-    local devices; records written in the examples' order. -> the tokens generated."""
+    """Continuous batching in every process: process p of P takes examples p, p + P, p + 2P, ... of `run.todo`
+    into its `run.rows // P` slots (split over its local devices). The finished records are exchanged each
+    time every process has finished `slots` more (every process joins each exchange, one with nothing left
+    with none; one process: each record as it finishes, no exchange); process 0 writes each record once those
+    before it are written, so the output is always a prefix of the examples' order. -> the tokens generated."""
+    procs = distributed.process_count()
+    slots = run.rows // procs
+    every = slots if procs > 1 else 1  # a process's records per exchange
+    most = len(range(0, len(run.todo), procs))  # process 0's examples: no process has more
+    finishing = continuous_records(run, range(distributed.process_index(), len(run.todo), procs), slots)
+    waiting, next_index, generated = {}, 0, 0  # records finished but not yet written: index -> line
+    for _ in range(-(-most // every)):  # the same number of exchanges in every process
+        finished = list(itertools.islice(finishing, every))  # [(index, line, tokens)]
+        gathered = [record for part in distributed.allgather_objects(finished, "eval_records") for record in part]
+        for index, line, tokens in gathered:
+            waiting[index] = line
+            generated += tokens
+        progress.update(len(gathered))
+        while next_index in waiting:  # in the examples' order
+            out.write(waiting.pop(next_index))
+            next_index += 1
+        if procs > 1:
+            out.sync()  # an exchange's records survive a power cut (as a static batch's)
+    return generated
+
+
+def continuous_records(run: EvalRun, indices: range, slots: int) -> Iterator[tuple[int, str, int]]:
+    """(index, JSON line, tokens generated) of each example `run.todo[index]` for `index` in `indices`, in the
+    order they finish: continuous batching in `slots` slots split over the local devices, each prompt padded
+    to its own bucket; prompt `index` samples with `fold_in(key, index)`, as in one process."""
     images, pads = {}, {}
 
     def prompts():
-        for index, ex in enumerate(run.todo):
+        for index in indices:
+            ex = run.todo[index]
             prompt = run.prompt_of(ex)
             input_ids, mask, pos = left_pad([prompt], run.special.eos_token_id, run.cfg.eval.length_buckets)
             images[index], pads[index] = materialize(ex.image), input_ids.shape[1] - len(prompt)
             yield {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **stack_images([images[index]])}
 
-    lines, next_index, generated = {}, 0, 0
-    for index, row in generate_continuous(run.model, prompts(), run.latent, run.sampling, slots=run.rows,
-                                          rules=run.rules):
-        lines[index] = run.record_line(run.todo[index], row.tokens, row.length, row.selected - pads.pop(index),
-                                       images.pop(index))
-        generated += row.length
-        progress.update(1)
-        while next_index in lines:  # in the examples' order
-            out.write(lines.pop(next_index))
-            next_index += 1
-    return generated
+    for index, row in generate_continuous(run.model, prompts(), run.latent, run.sampling, slots=slots,
+                                          rules=run.rules, indices=indices):
+        line = run.record_line(run.todo[index], row.tokens, row.length, row.selected - pads.pop(index),
+                               images.pop(index))
+        yield index, line, row.length
 
 
 def run_static(run: EvalRun, out: LineLog, progress) -> int:
