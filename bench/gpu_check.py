@@ -33,8 +33,10 @@ timeout keeps what it finished):
   step, not the later sections) against `compiled.memory_analysis()` of the step.
 - plan: the planner's prediction for the same shapes: `ivtlr_jax.plan.plan_train` compiles the same
   architecture, batch, length, prefix bound and latents abstractly on one CPU device, as `python -m
-  ivtlr_jax.plan` predicts GPU memory (arguments + temporaries + outputs - aliased); `measured_over_predicted`
-  = the train section's peak / that. Its FLOP extrapolation (3 more CPU compiles) only with --plan-flops.
+  ivtlr_jax.plan` predicts GPU memory: XLA's total (arguments + temporaries + outputs - aliased;
+  `measured_over_predicted` = the train section's peak / that) and the GPU estimate its verdict uses (the peak
+  without the f32 copies only a CPU compile makes; `measured_over_gpu_estimate`). Its FLOP extrapolation (3 more
+  CPU compiles) only with --plan-flops.
   Note: plan_train compiles with shared_prefix=0, where the trainer (and the train section) run the
   question slots below the previous prefix bucket once for the chain and the final pass.
 - ratio: the IVT-LR step against the same step on a plain batch of the assembled length (the 3
@@ -528,10 +530,12 @@ def plan_section(check: Check) -> dict:
         with skip:
             result = plan.plan_train(cfg, {"data": 1, "fsdp": 1, "tensor": 1, "devices": devices},
                                      batch=shapes.batch, seq_len=shapes.seq_len, prefix_len=ctx["prefix_len"],
-                                     num_latents=ctx["n"])
-    predicted = result.total_gb * 1e9
+                                     num_latents=ctx["n"], breakdown=True)
+    predicted, estimate = result.total_gb * 1e9, result.breakdown.gpu_estimate_bytes
     measured = ctx.get("peak_bytes")
-    out = {"compiled_on": where, "predicted_bytes": predicted, "arguments_bytes": result.arguments_gb * 1e9,
+    out = {"compiled_on": where, "predicted_bytes": predicted, "gpu_estimate_bytes": estimate,
+           "measured_over_gpu_estimate": measured / estimate if measured and estimate else None,
+           "arguments_bytes": result.arguments_gb * 1e9,
            "temporaries_bytes": result.temporaries_gb * 1e9, "outputs_bytes": result.outputs_gb * 1e9,
            "flops_per_step": result.flops_per_device or None, "model_flops": result.model_flops,
            "flops_note": ("plan_train's extrapolation from unrolled depth-1/2 compiles" if check.args.plan_flops
@@ -659,8 +663,10 @@ def summary(results: dict) -> list[str]:
     row("train", lambda r: f"{r['step_ms']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, MFU {_pct(r['mfu'])}, "
         f"peak {_gb(r['peak_bytes_in_use'])} (XLA {_gb((r['xla_memory_bytes'] or {}).get('total'))}), loss "
         f"{r['loss']:.4f}, compile {r['compile_s']:.0f} s")
-    row("plan", lambda r: f"predicted {_gb(r['predicted_bytes'])}, measured {_gb(r['measured_peak_bytes'])}"
-        + (f" ({r['measured_over_predicted']:.2f}x)" if r.get("measured_over_predicted") else ""))
+    row("plan", lambda r: f"predicted {_gb(r['predicted_bytes'])} (GPU estimate {_gb(r['gpu_estimate_bytes'])}), "
+        f"measured {_gb(r['measured_peak_bytes'])}"
+        + (f" ({r['measured_over_predicted']:.2f}x, {r['measured_over_gpu_estimate']:.2f}x the estimate)"
+           if r.get("measured_over_predicted") else ""))
     row("ratio", lambda r: f"ivtlr / plain {r['ratio']:.2f}x ({r['ivtlr_ms']:.1f} ms vs {r['plain_ms']:.1f} ms; "
         f"goal <= 1.4)")
     row("generate", lambda r: f"batch {r['batch']}: {r['examples_per_s']:.2f} examples/s, "

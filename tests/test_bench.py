@@ -95,7 +95,9 @@ def test_gpu_check_smoke(tmp_path):
     assert train["flops_per_step"] > train["flops_compiled_step"]  # unrolled loops count every iteration
     assert result["meta"]["peak_bf16_flops"] is None and train["mfu"] is None and train["mfu_note"]
     assert positive(train["peak_bytes_in_use"]) or (train["peak_bytes_in_use"] is None and train["peak_note"])
-    assert positive(result["plan"]["predicted_bytes"]), result["plan"]
+    plan = result["plan"]
+    assert positive(plan["predicted_bytes"]) and positive(plan["gpu_estimate_bytes"]), plan
+    assert plan["gpu_estimate_bytes"] <= 1.01 * plan["predicted_bytes"], plan  # the CPU's copies left out
     assert all(positive(result["ratio"][k]) for k in ("ivtlr_ms", "plain_ms", "ratio")), result["ratio"]
     generate = result["generate"]
     assert positive(generate["examples_per_s"]) and positive(generate["generated_tokens_per_s"]), generate
