@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -75,8 +76,37 @@ def final_params(run_dir: Path) -> dict:
     return step, flat
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilations():
+    """JAX's persistent compilation cache on in this process for the module's tests, in the folder the
+    commands they start use (conftest's `commands_share_compilations`), and those commands compile with this
+    process's matmul precision: each `train` call jits its own step, so the runs after `straight` (resumed,
+    moved, damaged, the train.py runs) load the programs it compiled, the same executables, instead of
+    compiling them again, as a resumed train.py does. JAX's settings and the environment are restored after."""
+    from jax._src import compilation_cache as cc
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    precision = os.environ.get("JAX_DEFAULT_MATMUL_PRECISION")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = jax.config.jax_default_matmul_precision  # the same programs
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        if precision is None:
+            os.environ.pop("JAX_DEFAULT_MATMUL_PRECISION")
+        else:
+            os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = precision
+        cc.reset_cache()
+
+
 @pytest.fixture(scope="module")
-def straight(assets, tmp_path_factory):
+def straight(assets, tmp_path_factory, shared_compilations):
     """The uninterrupted run every interrupted one is compared with."""
     result = train(load_config(write_config(tmp_path_factory.mktemp("straight"), assets, "straight")), log=quiet)
     assert result.steps == 3 * 6 and len(result.exports) == 3  # 24 rows / (1 row x 4 devices), 3 stages
