@@ -220,10 +220,11 @@ def test_resume_on_another_device_count_keeps_the_global_batch(assets, straight,
     """A run started on 4 devices (4 rows per micro-step, accumulation 2) and stopped: `train.py` on 3 devices
     is refused at once, naming the devices and the batch, with nothing changed; on 2 devices it resumes with
     the same rows per micro-step (2 on each), order and accumulation, and ends where the 4-device run ends (the
-    same 18 micro-steps; the losses up to the rounding of another device count)."""
+    same 18 micro-steps; the losses up to the rounding of another device count). Stopped after stage 1 (12
+    micro-steps, the programs `straight` compiled), so the 2-device run compiles its last stage's only."""
     cfg_path = write_config(tmp_path, assets, "moved")
     run_dir = tmp_path / "runs" / "moved"
-    train(load_config(cfg_path), max_steps=6, log=quiet)
+    train(load_config(cfg_path), max_steps=12, log=quiet)
     before = {p.relative_to(run_dir): p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     refused = run_command_on_devices(cfg_path, 3)
     assert refused.returncode == 1, refused.stderr[-2000:]
