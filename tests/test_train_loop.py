@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -75,8 +76,37 @@ def final_params(run_dir: Path) -> dict:
     return step, flat
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilations():
+    """JAX's persistent compilation cache on in this process for the module's tests, in the folder the
+    commands they start use (conftest's `commands_share_compilations`), and those commands compile with this
+    process's matmul precision: each `train` call jits its own step, so the runs after `straight` (resumed,
+    moved, damaged, the train.py runs) load the programs it compiled, the same executables, instead of
+    compiling them again, as a resumed train.py does. JAX's settings and the environment are restored after."""
+    from jax._src import compilation_cache as cc
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    precision = os.environ.get("JAX_DEFAULT_MATMUL_PRECISION")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = jax.config.jax_default_matmul_precision  # the same programs
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        if precision is None:
+            os.environ.pop("JAX_DEFAULT_MATMUL_PRECISION")
+        else:
+            os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = precision
+        cc.reset_cache()
+
+
 @pytest.fixture(scope="module")
-def straight(assets, tmp_path_factory):
+def straight(assets, tmp_path_factory, shared_compilations):
     """The uninterrupted run every interrupted one is compared with."""
     result = train(load_config(write_config(tmp_path_factory.mktemp("straight"), assets, "straight")), log=quiet)
     assert result.steps == 3 * 6 and len(result.exports) == 3  # 24 rows / (1 row x 4 devices), 3 stages
@@ -190,10 +220,11 @@ def test_resume_on_another_device_count_keeps_the_global_batch(assets, straight,
     """A run started on 4 devices (4 rows per micro-step, accumulation 2) and stopped: `train.py` on 3 devices
     is refused at once, naming the devices and the batch, with nothing changed; on 2 devices it resumes with
     the same rows per micro-step (2 on each), order and accumulation, and ends where the 4-device run ends (the
-    same 18 micro-steps; the losses up to the rounding of another device count)."""
+    same 18 micro-steps; the losses up to the rounding of another device count). Stopped after stage 1 (12
+    micro-steps, the programs `straight` compiled), so the 2-device run compiles its last stage's only."""
     cfg_path = write_config(tmp_path, assets, "moved")
     run_dir = tmp_path / "runs" / "moved"
-    train(load_config(cfg_path), max_steps=6, log=quiet)
+    train(load_config(cfg_path), max_steps=12, log=quiet)
     before = {p.relative_to(run_dir): p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     refused = run_command_on_devices(cfg_path, 3)
     assert refused.returncode == 1, refused.stderr[-2000:]
